@@ -1,0 +1,435 @@
+//! One backup or restore, start to cleanup: locking, keys, the pipeline per disk,
+//! and the atomic commit of a restore point.
+//!
+//! A backup unwraps the keyring once (id-key and known data keys), registers its
+//! fresh data key in the keyring *before* writing any chunk (so every stored chunk's
+//! key is always recoverable), runs the pipeline per disk into a temporary point
+//! directory, makes chunks durable, writes the manifest and renames the directory
+//! into place. Any failure or cancellation removes the temporary directory; chunks
+//! already written are garbage for `prune`. This module holds no transport logic.
+
+use crate::keys::{KeyId, KeySource, SecretKey};
+use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats};
+use crate::pipeline::restore::{restore_disk, KeyTable, RestoreStats, Target};
+use crate::pipeline::{PipelineConfig, PipelineError};
+use crate::progress::Progress;
+use crate::repo::format::{IndexHeader, IndexWriter};
+use crate::repo::keyring::{DataKeyInfo, Keyring};
+use crate::repo::lock::LockMode;
+use crate::repo::manifest::{self, DiskRecord, DiskSummary, ManifestBody, ManifestHeader};
+use crate::repo::{fsutil, now_rfc3339, RepoError, Repository};
+use crate::transport::DiskSource;
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Job failures.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Repository problem.
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    /// Data plane problem.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// Key problem.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    /// Bad request.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl JobError {
+    /// Whether the failure is a cancellation.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            JobError::Pipeline(PipelineError::Cancelled) | JobError::Repo(RepoError::Cancelled)
+        )
+    }
+}
+
+/// One disk to back up.
+pub struct DiskInput {
+    /// The source.
+    pub source: Box<dyn DiskSource>,
+    /// Label stored in the manifest.
+    pub label: String,
+    /// Why this transport (recorded in the manifest).
+    pub transport_reason: String,
+    /// CBT change id at snapshot time, if any.
+    pub change_id: Option<String>,
+}
+
+/// A backup request.
+pub struct BackupRequest {
+    /// Source name (VM or image set); points of one source form a chain.
+    pub source_name: String,
+    /// Disks in order (disk numbers 0, 1, ...).
+    pub disks: Vec<DiskInput>,
+    /// Threads and buffers.
+    pub pipeline: PipelineConfig,
+    /// Wait this long for the repository lock.
+    pub lock_wait: Duration,
+}
+
+/// What a backup did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BackupReport {
+    /// New point id.
+    pub point_id: String,
+    /// Parent point, if deduplicated against one.
+    pub parent: Option<String>,
+    /// Per-disk results.
+    pub disks: Vec<DiskRecord>,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+fn new_point_id() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let mut r = [0u8; 4];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);
+    format!(
+        "{}-{}",
+        now.format(&fmt)
+            .unwrap_or_else(|_| "00000000T000000Z".into()),
+        hex::encode(r)
+    )
+}
+
+/// Removes the temporary point directory unless committed.
+struct TmpDir(Option<PathBuf>);
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Run a backup of `req` into `repo`, wrapping the new data key with `keys`.
+pub fn backup(
+    repo: &Repository,
+    keys: &dyn KeySource,
+    req: BackupRequest,
+    progress: &Progress,
+) -> Result<BackupReport, JobError> {
+    let started = std::time::Instant::now();
+    if req.disks.is_empty() {
+        return Err(JobError::Invalid(
+            "nothing to back up: no disks given".into(),
+        ));
+    }
+    let _lock = repo.lock(LockMode::Shared, "backup", req.lock_wait)?;
+    let point_id = new_point_id();
+    let span = tracing::info_span!("backup", point = %point_id, source = %req.source_name);
+    let _g = span.enter();
+    let key_ref = keys.current_key()?;
+    let dk = SecretKey::generate();
+    // Wrap first: a key store that is down fails the job before anything is written.
+    let wrapped = keys.wrap(dk.expose())?;
+    let keyring = repo.update_keyring(keys, |kr| {
+        kr.body.keys.insert(
+            dk.id,
+            DataKeyInfo {
+                created: now_rfc3339(),
+                point: point_id.clone(),
+                wrapped_by: key_ref.clone(),
+            },
+        );
+        kr.keys.push(dk.clone());
+        Ok(())
+    })?;
+    tracing::info!(key = %key_ref, data_key = %dk.id, "data key registered in keyring");
+    let keyring = Mutex::new(keyring);
+    let key_known = |k: KeyId| -> bool {
+        let mut kr = keyring.lock().unwrap_or_else(|p| p.into_inner());
+        if kr.key(k).is_some() {
+            return true;
+        }
+        // A concurrent backup may have registered it since we loaded the keyring.
+        match repo.load_keyring(keys) {
+            Ok(fresh) => {
+                *kr = fresh;
+                kr.key(k).is_some()
+            }
+            Err(_) => false,
+        }
+    };
+    let id_key = keyring
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .id_key
+        .clone();
+
+    let parent = repo.latest_point_of(&req.source_name)?;
+    let parent_open = match &parent {
+        Some(h) => {
+            let kr = keyring.lock().unwrap_or_else(|p| p.into_inner());
+            match repo.open_point(&h.point_id, keys, Some(&kr)) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(parent = %h.point_id, error = %e, "previous point unreadable; backing up without it");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+
+    let chunk_size = repo.config.chunk_size;
+    let tmp = repo.tmp_path(&format!("point-{point_id}"));
+    fs::create_dir(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
+    let guard = TmpDir(Some(tmp.clone()));
+    let total: u64 = req.disks.iter().map(|d| d.source.size()).sum();
+    Progress::add(&progress.total, total);
+
+    let mut records = Vec::new();
+    let mut all_keys: BTreeSet<KeyId> = BTreeSet::new();
+    for (n, d) in req.disks.iter().enumerate() {
+        let n = n as u32;
+        let dspan = tracing::info_span!("disk", disk = n, label = %d.label, transport = d.source.transport());
+        let _dg = dspan.enter();
+        let header = IndexHeader {
+            point_id: point_id.clone(),
+            disk: n,
+            chunk_size,
+            disk_size: d.source.size(),
+        };
+        let index_name = format!("disk-{n}.idx");
+        let ipath = tmp.join(&index_name);
+        let file = File::create(&ipath).map_err(|e| RepoError::io(&ipath, e))?;
+        let mut iw = IndexWriter::new(BufWriter::with_capacity(1 << 20, file), header.clone())
+            .map_err(|e| RepoError::io(&ipath, e))?;
+        let previous = match &parent_open {
+            Some(p) if p.body.disks.iter().any(|x| x.disk == n) => match repo.open_index(p, n) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "previous index unusable; no deduplication against it");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let stats: DiskStats = backup_disk(
+            BackupInputs {
+                source: d.source.as_ref(),
+                store: repo,
+                data_key: &dk,
+                id_key: &id_key,
+                previous,
+                key_known: &key_known,
+                config: req.pipeline,
+                progress,
+            },
+            &mut iw,
+            &header,
+        )?;
+        let (bw, hash) = iw.finish().map_err(|e| RepoError::io(&ipath, e))?;
+        let f = bw
+            .into_inner()
+            .map_err(|e| RepoError::io(&ipath, e.into_error()))?;
+        f.sync_all().map_err(|e| RepoError::io(&ipath, e))?;
+        all_keys.extend(stats.keys.iter().copied());
+        tracing::info!(
+            new = stats.chunks_new,
+            reused = stats.chunks_reused,
+            zero = stats.chunks_zero,
+            read = stats.bytes_read,
+            stored = stats.bytes_new_stored,
+            "disk done"
+        );
+        records.push(DiskRecord {
+            disk: n,
+            index: index_name,
+            index_blake3: hex::encode(hash),
+            size: header.disk_size,
+            chunks_total: stats.chunks_total,
+            chunks_zero: stats.chunks_zero,
+            chunks_new: stats.chunks_new,
+            bytes_new_stored: stats.bytes_new_stored,
+            bytes_read: stats.bytes_read,
+            change_id: d.change_id.clone(),
+            transport: d.source.transport().to_string(),
+            transport_reason: d.transport_reason.clone(),
+        });
+    }
+    if progress.cancelled() {
+        return Err(PipelineError::Cancelled.into());
+    }
+
+    // Commit: chunks durable, then manifest, then the directory rename.
+    repo.sync_all()?;
+    let kr = keyring.lock().unwrap_or_else(|p| p.into_inner());
+    let mut point_keys = vec![dk.clone()];
+    for k in &all_keys {
+        if *k == dk.id {
+            continue;
+        }
+        let key = kr.key(*k).ok_or_else(|| {
+            JobError::Invalid(format!(
+                "data key {k} vanished from the keyring during the backup"
+            ))
+        })?;
+        point_keys.push(key.clone());
+    }
+    drop(kr);
+    let now = time::OffsetDateTime::now_utc();
+    let header = ManifestHeader {
+        point_id: point_id.clone(),
+        created: now_rfc3339(),
+        created_unix: now.unix_timestamp(),
+        source: req.source_name.clone(),
+        parent: parent.as_ref().map(|p| p.point_id.clone()),
+        disks: req
+            .disks
+            .iter()
+            .zip(&records)
+            .map(|(d, r)| DiskSummary {
+                disk: r.disk,
+                size: r.size,
+                label: d.label.clone(),
+            })
+            .collect(),
+        data_key_id: dk.id,
+        wrapped_key: wrapped,
+    };
+    let body = ManifestBody {
+        chunk_size,
+        disks: records.clone(),
+    };
+    let bytes = manifest::encode(&header, &body, &point_keys, &id_key, &dk);
+    let mpath = tmp.join("manifest");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&mpath)
+        .map_err(|e| RepoError::io(&mpath, e))?;
+    f.write_all(&bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| RepoError::io(&mpath, e))?;
+    fsutil::fsync_dir(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
+    let final_dir = repo.point_dir(&point_id);
+    fs::rename(&tmp, &final_dir).map_err(|e| RepoError::io(&final_dir, e))?;
+    let mut guard = guard;
+    guard.0 = None;
+    let points = repo.root().join("points");
+    fsutil::fsync_dir(&points).map_err(|e| RepoError::io(&points, e))?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "restore point committed"
+    );
+    Ok(BackupReport {
+        point_id,
+        parent: parent.map(|p| p.point_id),
+        disks: records,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Open the keyring if possible; `None` (with a log line) when it is missing or the
+/// key source cannot open it, so callers fall back to each point's own key.
+pub fn try_keyring(repo: &Repository, keys: &dyn KeySource) -> Option<Keyring> {
+    if !repo.has_keyring() {
+        return None;
+    }
+    match repo.load_keyring(keys) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::info!(error = %e, "keyring not usable; using each restore point's own key");
+            None
+        }
+    }
+}
+
+/// Restore disk `disk` of point `point_id` to `target_path` (file or block device).
+pub fn restore(
+    repo: &Repository,
+    keys: &dyn KeySource,
+    point_id: &str,
+    disk: u32,
+    target_path: &Path,
+    pipeline: PipelineConfig,
+    progress: &Progress,
+) -> Result<RestoreStats, JobError> {
+    let _lock = repo.lock(LockMode::Shared, "restore", Duration::from_secs(5))?;
+    let span = tracing::info_span!("restore", point = %point_id, disk);
+    let _g = span.enter();
+    let keyring = try_keyring(repo, keys);
+    let point = repo.open_point(point_id, keys, keyring.as_ref())?;
+    let index = repo.open_index(&point, disk)?;
+    let size = index.header.disk_size;
+    Progress::add(&progress.total, size);
+    let md = fs::metadata(target_path).ok();
+    let is_block = md
+        .as_ref()
+        .is_some_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+    let (file, sparse) = if is_block {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(target_path)
+            .map_err(|e| RepoError::io(target_path, e))?;
+        let dev_size = {
+            let mut f2 = &f;
+            std::io::Seek::seek(&mut f2, std::io::SeekFrom::End(0))
+                .map_err(|e| RepoError::io(target_path, e))?
+        };
+        if dev_size < size {
+            return Err(JobError::Invalid(format!(
+                "block device {} has {dev_size} bytes, the disk needs {size}",
+                target_path.display()
+            )));
+        }
+        (f, false)
+    } else {
+        if md.is_some() {
+            return Err(JobError::Invalid(format!(
+                "{} exists; refusing to overwrite a file (remove it or restore to a new path)",
+                target_path.display()
+            )));
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target_path)
+            .map_err(|e| RepoError::io(target_path, e))?;
+        f.set_len(size).map_err(|e| RepoError::io(target_path, e))?;
+        (f, true)
+    };
+    let table = KeyTable::new(point.keys.iter());
+    let target = Target {
+        file: &file,
+        name: target_path.display().to_string(),
+        sparse,
+    };
+    let res = restore_disk(
+        repo,
+        index,
+        &table,
+        &point.id_key,
+        &target,
+        pipeline,
+        progress,
+    );
+    let res = res.and_then(|s| {
+        file.sync_all().map_err(|err| PipelineError::Target {
+            path: target.name.clone(),
+            offset: 0,
+            err,
+        })?;
+        Ok(s)
+    });
+    if res.is_err() && !is_block {
+        // Never leave a half-restored file that looks complete.
+        let partial = target_path.with_extension("partial");
+        let _ = fs::rename(target_path, &partial);
+        tracing::error!(kept = %partial.display(), "restore failed; partial output renamed");
+    }
+    Ok(res?)
+}

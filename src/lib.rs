@@ -1,0 +1,22 @@
+//! ferry: a backup proxy agent for VMware vSphere for multi-tenant service providers.
+//!
+//! The library holds everything the `ferry` binary does; the binary only parses
+//! arguments, renders output and maps errors to exit codes. Module map:
+//!
+//! - [`keys`]: data keys, key wrapping and the [`keys::KeySource`] trait.
+//! - [`repo`]: the repository format (see `docs/format.md`), chunk store, indexes,
+//!   manifests, keyring, locking, verify and prune.
+//! - [`transport`]: where disk blocks come from ([`transport::DiskSource`]).
+//! - [`pipeline`]: the multithreaded data plane (read → hash/compress/encrypt → write
+//!   and back).
+//! - [`job`]: one backup or restore, start to cleanup.
+//! - [`progress`]: lock-free progress counters that front ends render.
+//! - [`bench`]: the `ferry bench` measurements.
+
+pub mod bench;
+pub mod job;
+pub mod keys;
+pub mod pipeline;
+pub mod progress;
+pub mod repo;
+pub mod transport;

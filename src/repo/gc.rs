@@ -1,0 +1,169 @@
+//! `ferry prune`: apply a retention policy per source chain, delete dropped points,
+//! and garbage-collect unreferenced chunks and `tmp/` debris. Runs under the
+//! exclusive lock and needs no keys. Refuses to collect garbage when any remaining
+//! index is damaged, so damage can never get live chunks deleted.
+
+use super::format::{self, ChunkId};
+use super::lock::LockMode;
+use super::retention::{self, Decision, Policy};
+use super::{fsutil, RepoError, Repository};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::time::Duration;
+
+/// What prune did (or would do, in a dry run).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    /// Per-point decisions, grouped by source.
+    pub decisions: BTreeMap<String, Vec<Decision>>,
+    /// Points removed.
+    pub points_removed: Vec<String>,
+    /// Chunks that are (or would be) deleted.
+    pub chunks_deleted: u64,
+    /// Bytes freed (or that would be).
+    pub bytes_freed: u64,
+    /// Chunks kept.
+    pub chunks_kept: u64,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+}
+
+/// Prune the repository.
+pub fn prune(
+    repo: &Repository,
+    policy: &Policy,
+    dry_run: bool,
+    lock_wait: Duration,
+) -> Result<PruneReport, RepoError> {
+    if policy.is_empty() {
+        return Err(RepoError::Invalid("no keep rule given (--keep-last/--keep-daily/--keep-weekly/--keep-monthly); refusing to delete every point".into()));
+    }
+    let _lock = repo.lock(
+        LockMode::Exclusive,
+        if dry_run { "prune --dry-run" } else { "prune" },
+        lock_wait,
+    )?;
+    let mut rep = PruneReport {
+        dry_run,
+        ..Default::default()
+    };
+    let mut chains: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    for p in repo.list_points()? {
+        match p.header {
+            Ok(h) => chains
+                .entry(h.source.clone())
+                .or_default()
+                .push((p.id, h.created_unix)),
+            Err(e) => return Err(e), // never guess about a point we cannot read
+        }
+    }
+    let mut remove = Vec::new();
+    for (source, pts) in &chains {
+        let d = retention::apply(policy, pts);
+        remove.extend(d.iter().filter(|d| !d.keep).map(|d| d.point_id.clone()));
+        rep.decisions.insert(source.clone(), d);
+    }
+    let removed: HashSet<&String> = remove.iter().collect();
+    // Mark: every chunk referenced by a point that stays.
+    let mut live: HashSet<ChunkId> = HashSet::new();
+    for id in repo.point_ids()? {
+        if removed.contains(&id) {
+            continue;
+        }
+        let dir = repo.point_dir(&id);
+        for e in fs::read_dir(&dir).map_err(|e| RepoError::io(&dir, e))? {
+            let e = e.map_err(|e| RepoError::io(&dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".idx") {
+                continue;
+            }
+            let p = e.path();
+            let f = fs::File::open(&p).map_err(|e| RepoError::io(&p, e))?;
+            let len = f.metadata().map_err(|e| RepoError::io(&p, e))?.len();
+            let damaged = |source| RepoError::Damaged {
+                path: p.clone(),
+                source,
+            };
+            let mut r =
+                format::IndexReader::new(std::io::BufReader::with_capacity(1 << 20, f), len)
+                    .map_err(|e| match e {
+                        format::IndexReadError::Io(e) => RepoError::io(&p, e),
+                        format::IndexReadError::Format(f) => damaged(f),
+                    })?;
+            let mut ids = Vec::new();
+            loop {
+                match r.next_entry() {
+                    Ok(Some(e)) if !e.id.is_zero_marker() => ids.push(e.id),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(format::IndexReadError::Io(e)) => return Err(RepoError::io(&p, e)),
+                    Err(format::IndexReadError::Format(f)) => return Err(damaged(f)),
+                }
+            }
+            r.finish().map_err(|e| match e {
+                format::IndexReadError::Io(e) => RepoError::io(&p, e),
+                format::IndexReadError::Format(f) => damaged(f),
+            })?;
+            live.extend(ids);
+        }
+    }
+    // Remove dropped points first (so a crash mid-sweep never leaves a point whose
+    // chunks are gone): rename into tmp/, fsync, then delete.
+    if !dry_run {
+        for id in &remove {
+            let from = repo.point_dir(id);
+            let to = repo.tmp_path(&format!("pruned-{id}"));
+            fs::rename(&from, &to).map_err(|e| RepoError::io(&from, e))?;
+            tracing::info!(point = %id, "restore point removed");
+        }
+        let points = repo.root().join("points");
+        fsutil::fsync_dir(&points).map_err(|e| RepoError::io(&points, e))?;
+        let tmp = repo.root().join("tmp");
+        for e in fs::read_dir(&tmp)
+            .map_err(|e| RepoError::io(&tmp, e))?
+            .flatten()
+        {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+        }
+    }
+    rep.points_removed = remove;
+    // Sweep.
+    let chunks = repo.root().join("chunks");
+    for sub in fs::read_dir(&chunks).map_err(|e| RepoError::io(&chunks, e))? {
+        let sub = sub.map_err(|e| RepoError::io(&chunks, e))?.path();
+        if !sub.is_dir() {
+            continue;
+        }
+        for e in fs::read_dir(&sub).map_err(|e| RepoError::io(&sub, e))? {
+            let e = e.map_err(|e| RepoError::io(&sub, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            match ChunkId::from_hex(&name) {
+                Some(id) if live.contains(&id) => rep.chunks_kept += 1,
+                _ => {
+                    rep.chunks_deleted += 1;
+                    rep.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    if !dry_run {
+                        fs::remove_file(e.path()).map_err(|err| RepoError::io(e.path(), err))?;
+                    }
+                }
+            }
+        }
+    }
+    if !dry_run {
+        repo.sync_all()?;
+    }
+    tracing::info!(
+        removed = rep.points_removed.len(),
+        chunks_deleted = rep.chunks_deleted,
+        bytes = rep.bytes_freed,
+        dry_run,
+        "prune done"
+    );
+    Ok(rep)
+}

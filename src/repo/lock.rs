@@ -1,0 +1,148 @@
+//! The repository lock: `flock(2)` on `locks/repo.lock`, shared or exclusive.
+//!
+//! The kernel releases a flock when its holder dies, so a lock left behind by a
+//! crashed or killed ferry is never honoured (stale-lock detection by construction).
+//! The file's content names the current holder for error messages only. This module
+//! must not decide who needs which lock; callers do.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// Lock mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Backup, restore, verify: many at once.
+    Shared,
+    /// Prune and garbage collection: alone.
+    Exclusive,
+}
+
+/// Who holds a lock (informational).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockHolder {
+    /// Process id.
+    pub pid: u32,
+    /// Host name.
+    pub host: String,
+    /// Operation, e.g. "backup".
+    pub operation: String,
+    /// RFC 3339 start time.
+    pub since: String,
+}
+
+/// Lock failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Someone else holds a conflicting lock.
+    #[error("repository is locked by {}", describe(.0))]
+    Busy(Option<LockHolder>),
+    /// I/O error on the lock file.
+    #[error("lock file {path}: {source}")]
+    Io {
+        /// Lock file.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+}
+
+fn describe(h: &Option<LockHolder>) -> String {
+    match h {
+        Some(h) => format!(
+            "'{}' (pid {} on {}, since {}); wait for it to finish",
+            h.operation, h.pid, h.host, h.since
+        ),
+        None => "another ferry process; wait for it to finish".into(),
+    }
+}
+
+/// A held lock; released on drop.
+#[derive(Debug)]
+pub struct RepoLock {
+    _file: File,
+    /// Mode held.
+    pub mode: LockMode,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Acquire a lock on `path` without waiting, or wait up to `wait` for it.
+pub fn acquire(
+    path: &Path,
+    mode: LockMode,
+    operation: &str,
+    wait: std::time::Duration,
+) -> Result<RepoLock, LockError> {
+    let io = |source| LockError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io)?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let r = match mode {
+            LockMode::Shared => f.try_lock_shared(),
+            LockMode::Exclusive => f.try_lock(),
+        };
+        match r {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if std::time::Instant::now() >= deadline {
+                    let mut s = String::new();
+                    let _ = f.read_to_string(&mut s);
+                    let holder = s.lines().next().and_then(|l| serde_json::from_str(l).ok());
+                    return Err(LockError::Busy(holder));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+    }
+    if mode == LockMode::Exclusive {
+        let holder = LockHolder {
+            pid: std::process::id(),
+            host: hostname(),
+            operation: operation.to_string(),
+            since: crate::repo::now_rfc3339(),
+        };
+        let _ = f.set_len(0);
+        let _ = f.rewind();
+        let _ = writeln!(f, "{}", serde_json::to_string(&holder).unwrap_or_default());
+    }
+    Ok(RepoLock { _file: f, mode })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn shared_shared_ok_exclusive_blocks() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l");
+        let a = acquire(&p, LockMode::Shared, "backup", Duration::ZERO).unwrap();
+        let b = acquire(&p, LockMode::Shared, "backup", Duration::ZERO).unwrap();
+        assert!(matches!(
+            acquire(&p, LockMode::Exclusive, "prune", Duration::ZERO),
+            Err(LockError::Busy(_))
+        ));
+        drop((a, b));
+        let x = acquire(&p, LockMode::Exclusive, "prune", Duration::ZERO).unwrap();
+        let e = acquire(&p, LockMode::Shared, "backup", Duration::ZERO).unwrap_err();
+        assert!(e.to_string().contains("prune"), "{e}");
+        drop(x);
+    }
+}

@@ -1,0 +1,236 @@
+//! `ferry verify`: read every restore point's manifest and indexes and every chunk
+//! they reference; authenticate and check each chunk against its id. Reports every
+//! damaged point and file instead of stopping at the first. Read-only.
+
+use super::format::{ChunkId, IndexEntry};
+use super::{RepoError, Repository};
+use crate::keys::KeySource;
+use crate::pipeline::restore::{load_chunk, KeyTable};
+use crate::progress::Progress;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+/// Verification result of one point.
+#[derive(Clone, Debug, Serialize)]
+pub struct PointReport {
+    /// Point id.
+    pub point_id: String,
+    /// Source label (if the header was readable).
+    pub source: Option<String>,
+    /// Whether everything checked out.
+    pub ok: bool,
+    /// Problems: file and what is wrong.
+    pub problems: Vec<Problem>,
+    /// Chunks checked for this point (including ones already checked for others).
+    pub chunks_referenced: u64,
+}
+
+/// One problem.
+#[derive(Clone, Debug, Serialize)]
+pub struct Problem {
+    /// File concerned.
+    pub file: String,
+    /// What is wrong.
+    pub error: String,
+}
+
+/// Whole-repository report.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    /// Per point.
+    pub points: Vec<PointReport>,
+    /// Unique chunks read.
+    pub chunks_checked: u64,
+    /// Damaged chunk files.
+    pub chunks_damaged: u64,
+}
+
+impl VerifyReport {
+    /// True if nothing is damaged.
+    pub fn ok(&self) -> bool {
+        self.points.iter().all(|p| p.ok)
+    }
+}
+
+fn problem_of(e: &RepoError) -> Problem {
+    let file = match e {
+        RepoError::Damaged { path, .. }
+        | RepoError::Io { path, .. }
+        | RepoError::NoSpace { path } => path.display().to_string(),
+        _ => String::new(),
+    };
+    Problem {
+        file,
+        error: e.to_string(),
+    }
+}
+
+/// Verify `points` (all when empty) using `keys` (keyring when usable, else each
+/// point's own key). `workers` threads read chunks.
+pub fn verify(
+    repo: &Repository,
+    keys: &dyn KeySource,
+    points: &[String],
+    workers: usize,
+    progress: &Progress,
+) -> Result<VerifyReport, RepoError> {
+    let _lock = repo.lock(
+        super::lock::LockMode::Shared,
+        "verify",
+        std::time::Duration::from_secs(5),
+    )?;
+    let keyring = crate::job::try_keyring(repo, keys);
+    let ids = if points.is_empty() {
+        repo.point_ids()?
+    } else {
+        points.to_vec()
+    };
+    // Chunk verdicts shared across points: each chunk is read once.
+    let verdicts: Mutex<HashMap<ChunkId, Option<String>>> = Mutex::new(HashMap::new());
+    let mut reports = Vec::new();
+    for id in ids {
+        let mut rep = PointReport {
+            point_id: id.clone(),
+            source: None,
+            ok: true,
+            problems: Vec::new(),
+            chunks_referenced: 0,
+        };
+        let point = match repo.open_point(&id, keys, keyring.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                rep.ok = false;
+                rep.problems.push(problem_of(&e));
+                reports.push(rep);
+                continue;
+            }
+        };
+        rep.source = Some(point.header.source.clone());
+        let table = KeyTable::new(point.keys.iter());
+        for d in &point.body.disks {
+            let mut index = match repo.open_index(&point, d.disk) {
+                Ok(i) => i,
+                Err(e) => {
+                    rep.ok = false;
+                    rep.problems.push(problem_of(&e));
+                    continue;
+                }
+            };
+            Progress::add(&progress.total, d.size);
+            let mut todo: Vec<IndexEntry> = Vec::new();
+            let mut seen_here: HashSet<ChunkId> = HashSet::new();
+            loop {
+                match index.next_entry() {
+                    Ok(Some(e)) => {
+                        Progress::add(&progress.done, point.body.chunk_size as u64);
+                        if e.id.is_zero_marker() {
+                            continue;
+                        }
+                        rep.chunks_referenced += 1;
+                        if seen_here.insert(e.id)
+                            && !verdicts
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .contains_key(&e.id)
+                        {
+                            todo.push(e);
+                        }
+                        if todo.len() >= 4096 {
+                            check_batch(
+                                repo,
+                                &table,
+                                &point.id_key,
+                                &mut todo,
+                                &verdicts,
+                                workers,
+                                progress,
+                            );
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        rep.ok = false;
+                        rep.problems.push(Problem {
+                            file: d.index.clone(),
+                            error: e.to_string(),
+                        });
+                        break;
+                    }
+                }
+            }
+            check_batch(
+                repo,
+                &table,
+                &point.id_key,
+                &mut todo,
+                &verdicts,
+                workers,
+                progress,
+            );
+            let v = verdicts.lock().unwrap_or_else(|p| p.into_inner());
+            let mut bad: Vec<Problem> = seen_here
+                .iter()
+                .filter_map(|c| {
+                    v.get(c).cloned().flatten().map(|err| Problem {
+                        file: repo.chunk_path(c).display().to_string(),
+                        error: err,
+                    })
+                })
+                .collect();
+            bad.sort_by(|a, b| a.file.cmp(&b.file));
+            if !bad.is_empty() {
+                rep.ok = false;
+                rep.problems.extend(bad);
+            }
+        }
+        if rep.ok {
+            tracing::info!(point = %id, "verified");
+        } else {
+            tracing::error!(point = %id, problems = rep.problems.len(), "damaged");
+        }
+        reports.push(rep);
+    }
+    let v = verdicts.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok(VerifyReport {
+        points: reports,
+        chunks_checked: v.len() as u64,
+        chunks_damaged: v.values().filter(|x| x.is_some()).count() as u64,
+    })
+}
+
+fn check_batch(
+    repo: &Repository,
+    table: &KeyTable,
+    id_key: &crate::keys::SecretKey,
+    todo: &mut Vec<IndexEntry>,
+    verdicts: &Mutex<HashMap<ChunkId, Option<String>>>,
+    workers: usize,
+    progress: &Progress,
+) {
+    if todo.is_empty() {
+        return;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let items = &todo[..];
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| {
+                let (mut raw, mut out) = (Vec::new(), Vec::new());
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(e) = items.get(i) else { break };
+                    let verdict = load_chunk(repo, e, table, id_key, &mut raw, &mut out)
+                        .err()
+                        .map(|e| e.to_string());
+                    Progress::add(&progress.read, raw.len() as u64);
+                    verdicts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(e.id, verdict);
+                }
+            });
+        }
+    });
+    todo.clear();
+}

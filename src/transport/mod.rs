@@ -1,0 +1,84 @@
+//! Where disk blocks come from: the [`DiskSource`] trait and its implementations.
+//!
+//! Implementations: [`file::FileSource`] (raw images and block devices). NBD and
+//! HotAdd sources plug in behind the same trait. This module must not know about
+//! repositories or encryption.
+
+pub mod file;
+
+/// A byte range of a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Start offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl Extent {
+    /// End offset (exclusive).
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Errors from a disk source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// I/O error reading the source.
+    #[error("{source_name}: {op} at offset {offset}: {err}")]
+    Io {
+        /// Source label.
+        source_name: String,
+        /// Operation.
+        op: &'static str,
+        /// Offset.
+        offset: u64,
+        /// Error.
+        err: std::io::Error,
+    },
+    /// Source cannot be opened.
+    #[error("cannot open {path}: {err}")]
+    Open {
+        /// Path or URI.
+        path: String,
+        /// Error.
+        err: std::io::Error,
+    },
+    /// Read beyond the end of the disk.
+    #[error("{source_name}: read of {len} bytes at {offset} is beyond the disk size {size}")]
+    OutOfRange {
+        /// Source label.
+        source_name: String,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// Disk size.
+        size: u64,
+    },
+}
+
+/// A readable disk: a raw image, a block device, an NBD export, a hot-added disk.
+///
+/// `read_at` may be called from several threads at once.
+pub trait DiskSource: Send + Sync {
+    /// Label for logs and manifests.
+    fn label(&self) -> String;
+    /// Transport name recorded in manifests ("file", "nbdssl", "hotadd", ...).
+    fn transport(&self) -> &'static str;
+    /// Disk size in bytes.
+    fn size(&self) -> u64;
+    /// The first allocated extent that ends after `from`, or `None` if nothing after
+    /// `from` is allocated. Sources that cannot tell return everything from `from`
+    /// to the end as allocated (the default).
+    fn next_allocated(&self, from: u64) -> Result<Option<Extent>, SourceError> {
+        let size = self.size();
+        Ok((from < size).then_some(Extent {
+            offset: from,
+            len: size - from,
+        }))
+    }
+    /// Fill `buf` from `offset`; the range must lie inside the disk.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+}
