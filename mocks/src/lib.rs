@@ -1,1 +1,12 @@
+//! ferry-mocks: the things ferry is tested and demonstrated against.
+//!
+//! - [`diskgen`]: deterministic disk images (zero / compressible / incompressible
+//!   regions, seeded, sparse) for tests, benchmarks and the demo.
+//! - [`fixtures`]: shared test fixtures (tenant RSA key pairs in PEM files).
+//! - [`demo`]: the `ferry-sim demo` scenario.
+//!
+//! Mock vCenter, mock ESXi NBD server and mock KMS join this crate in later work.
 
+pub mod demo;
+pub mod diskgen;
+pub mod fixtures;

@@ -8,7 +8,7 @@
 mod pem;
 mod wrap;
 
-pub use pem::PemKeySource;
+pub use pem::{generate_pem_pair, PemKeySource};
 pub use wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};
 
 use rand::RngCore;

@@ -1,0 +1,243 @@
+//! Output for humans and scripts: tables, summaries, JSON, progress bars, errors.
+
+use ferry::progress::Progress;
+use ferry::repo::gc::PruneReport;
+use ferry::repo::verify::VerifyReport;
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Where results and errors go.
+pub struct Output {
+    json: bool,
+    bars: bool,
+}
+
+impl Output {
+    pub fn new(json: bool, bars: bool) -> Self {
+        Output {
+            json,
+            bars: bars && std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Print a result: JSON on stdout, or the human text.
+    pub fn result<T: Serialize + ?Sized>(&self, v: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+        } else {
+            println!("{}", human());
+        }
+    }
+
+    /// Print an error with its causes.
+    pub fn error(&self, e: &anyhow::Error, code: u8) {
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        if self.json {
+            println!("{}", serde_json::json!({"error": chain.first(), "causes": &chain[1..], "exit_code": code}));
+        } else {
+            eprintln!("error: {}", chain.join("\n  caused by: "));
+        }
+    }
+
+    /// A progress bar on stderr while the returned guard lives (no-op without a TTY).
+    pub fn progress_bar(&self, p: Arc<Progress>, what: &str) -> Option<BarGuard> {
+        if !self.bars {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
+            ))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let b2 = bar.clone();
+        let h = std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                let snap = p.snapshot();
+                b2.set_length(snap.total);
+                b2.set_position(snap.done);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            b2.finish_and_clear();
+        });
+        Some(BarGuard { stop, handle: Some(h) })
+    }
+}
+
+/// Stops the progress bar on drop.
+pub struct BarGuard {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+impl Drop for BarGuard {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+pub fn dir_usage(dir: &Path) -> (u64, u64) {
+    let mut files = 0;
+    let mut bytes = 0;
+    for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+            files += 1;
+            bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    (files, bytes)
+}
+
+pub fn generate_pem(dir: &Path, name: &str, bits: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
+    Ok(ferry::keys::generate_pem_pair(dir, name, bits)?)
+}
+
+pub fn backup_summary(r: &ferry::job::BackupReport) -> String {
+    let mut s = format!(
+        "restore point {} created in {:.1}s{}\n",
+        r.point_id,
+        r.seconds,
+        r.parent.as_ref().map(|p| format!(" (deduplicated against {p})")).unwrap_or_default()
+    );
+    s.push_str(&format!(
+        "{:<5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10}  transport\n",
+        "disk", "size", "read", "chunks", "new", "zero", "stored", "rate"
+    ));
+    for d in &r.disks {
+        s.push_str(&format!(
+            "{:<5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>8}/s  {}\n",
+            d.disk,
+            human_bytes(d.size),
+            human_bytes(d.bytes_read),
+            d.chunks_total,
+            d.chunks_new,
+            d.chunks_zero,
+            human_bytes(d.bytes_new_stored),
+            human_bytes((d.size as f64 / r.seconds.max(1e-6)) as u64),
+            d.transport
+        ));
+    }
+    s.trim_end().to_string()
+}
+
+pub fn points_table(rows: &[serde_json::Value]) -> String {
+    if rows.is_empty() {
+        return "no restore points".into();
+    }
+    let mut s = format!("{:<26} {:<21} {:<20} {:>5} {:>10}  key\n", "point", "created", "name", "disks", "size");
+    for r in rows {
+        let id = r["point_id"].as_str().unwrap_or("");
+        if let Some(e) = r.get("error") {
+            s.push_str(&format!("{id:<26} DAMAGED: {}\n", e.as_str().unwrap_or("")));
+            continue;
+        }
+        let disks = r["disks"].as_array().map(|d| d.len()).unwrap_or(0);
+        let size: u64 = r["disks"].as_array().map(|d| d.iter().filter_map(|x| x["size"].as_u64()).sum()).unwrap_or(0);
+        s.push_str(&format!(
+            "{id:<26} {:<21} {:<20} {disks:>5} {:>10}  {} {}\n",
+            r["created"].as_str().unwrap_or(""),
+            r["name"].as_str().unwrap_or(""),
+            human_bytes(size),
+            r["key"]["source"].as_str().unwrap_or(""),
+            r["key"]["key_id"].as_str().unwrap_or("")
+        ));
+    }
+    s.trim_end().to_string()
+}
+
+pub fn verify_summary(r: &VerifyReport) -> String {
+    let mut s = String::new();
+    for p in &r.points {
+        s.push_str(&format!(
+            "{} {:<26} {}\n",
+            if p.ok { "ok     " } else { "DAMAGED" },
+            p.point_id,
+            p.source.as_deref().unwrap_or("?")
+        ));
+        for pr in &p.problems {
+            s.push_str(&format!("        {}: {}\n", if pr.file.is_empty() { "-" } else { &pr.file }, pr.error));
+        }
+    }
+    s.push_str(&format!(
+        "{} points, {} unique chunks read, {} damaged chunks: {}",
+        r.points.len(),
+        r.chunks_checked,
+        r.chunks_damaged,
+        if r.ok() { "repository OK" } else { "DAMAGE FOUND" }
+    ));
+    s
+}
+
+pub fn prune_summary(r: &PruneReport) -> String {
+    let mut s = String::new();
+    for (name, ds) in &r.decisions {
+        s.push_str(&format!("{name}:\n"));
+        for d in ds {
+            s.push_str(&format!(
+                "  {} {}  {}\n",
+                if d.keep { "keep  " } else { "remove" },
+                d.point_id,
+                d.reasons.join(", ")
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "{}{} points removed, {} chunks ({}) {}, {} chunks kept",
+        if r.dry_run { "dry run: " } else { "" },
+        r.points_removed.len(),
+        r.chunks_deleted,
+        human_bytes(r.bytes_freed),
+        if r.dry_run { "would be freed" } else { "freed" },
+        r.chunks_kept
+    ));
+    s
+}
+
+pub fn bench_summary(v: &serde_json::Value) -> String {
+    let mut s = format!("chunk size {}\n{:<30} {:<15} {:>12}\n", human_bytes(v["chunk_size"].as_u64().unwrap_or(0)), "stage (one core)", "data", "MiB/s");
+    for st in v["stages"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "{:<30} {:<15} {:>12.0}\n",
+            st["stage"].as_str().unwrap_or(""),
+            st["data"].as_str().unwrap_or(""),
+            st["mib_per_sec"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if let Some(e) = v.get("end_to_end").filter(|e| !e.is_null()) {
+        s.push_str(&format!(
+            "end to end on {} ({}): backup {:.0} MiB/s ({:.1}s), restore {:.0} MiB/s ({:.1}s), stored {}",
+            e["image"].as_str().unwrap_or(""),
+            human_bytes(e["size"].as_u64().unwrap_or(0)),
+            e["backup_mib_s"].as_f64().unwrap_or(0.0),
+            e["backup_seconds"].as_f64().unwrap_or(0.0),
+            e["restore_mib_s"].as_f64().unwrap_or(0.0),
+            e["restore_seconds"].as_f64().unwrap_or(0.0),
+            human_bytes(e["stored_bytes"].as_u64().unwrap_or(0))
+        ));
+    }
+    s.trim_end().to_string()
+}
