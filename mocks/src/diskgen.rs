@@ -101,8 +101,24 @@ impl DiskSpec {
 }
 
 const WORDS: &[&[u8]] = &[
-    b"backup ", b"restore ", b"vSphere ", b"tenant ", b"key ", b"chunk ", b"the ", b"of ", b"and ", b"disk ",
-    b"snapshot ", b"proxy ", b"encrypted ", b"\n", b"0000 ", b"log: ", b"ok ", b"error=none ",
+    b"backup ",
+    b"restore ",
+    b"vSphere ",
+    b"tenant ",
+    b"key ",
+    b"chunk ",
+    b"the ",
+    b"of ",
+    b"and ",
+    b"disk ",
+    b"snapshot ",
+    b"proxy ",
+    b"encrypted ",
+    b"\n",
+    b"0000 ",
+    b"log: ",
+    b"ok ",
+    b"error=none ",
 ];
 
 fn fill_text(rng: &mut SmallRng, buf: &mut [u8]) {
@@ -125,7 +141,11 @@ fn fill_text(rng: &mut SmallRng, buf: &mut [u8]) {
 /// Write the image to `path` (created or truncated; zero regions left as holes).
 /// Returns the number of data bytes written.
 pub fn generate(path: &Path, spec: &DiskSpec) -> io::Result<u64> {
-    let f = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     f.set_len(spec.size)?;
     let mut buf = vec![0u8; spec.region as usize];
     let mut written = 0;
@@ -189,7 +209,11 @@ mod tests {
         assert_eq!(hash_file(&a).unwrap(), hash_file(&b).unwrap());
         assert!(wa < spec.size, "some regions must be holes");
         let kinds: Vec<Region> = (0..spec.regions()).map(|i| spec.region_kind(i)).collect();
-        assert!(kinds.contains(&Region::Zero) && kinds.contains(&Region::Compressible) && kinds.contains(&Region::Incompressible));
+        assert!(
+            kinds.contains(&Region::Zero)
+                && kinds.contains(&Region::Compressible)
+                && kinds.contains(&Region::Incompressible)
+        );
         let other = DiskSpec { seed: 8, ..spec };
         generate(&b, &other).unwrap();
         assert_ne!(hash_file(&a).unwrap(), hash_file(&b).unwrap());

@@ -92,13 +92,15 @@ pub struct BackupReport {
 
 fn new_point_id() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let fmt = time::macros::format_description!(
+        "[year][month][day]T[hour][minute][second].[subsecond digits:3]Z"
+    );
     let mut r = [0u8; 4];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);
     format!(
         "{}-{}",
         now.format(&fmt)
-            .unwrap_or_else(|_| "00000000T000000Z".into()),
+            .unwrap_or_else(|_| "00000000T000000.000Z".into()),
         hex::encode(r)
     )
 }

@@ -163,7 +163,11 @@ impl KeySource for PemKeySource {
 
 /// Generate an RSA key pair and write `<name>.pub.pem` (SPKI) and `<name>.key.pem`
 /// (PKCS#8, mode 0600, created exclusively) into `dir`. Returns both paths.
-pub fn generate_pem_pair(dir: &Path, name: &str, bits: usize) -> Result<(PathBuf, PathBuf), KeyError> {
+pub fn generate_pem_pair(
+    dir: &Path,
+    name: &str,
+    bits: usize,
+) -> Result<(PathBuf, PathBuf), KeyError> {
     use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -179,15 +183,21 @@ pub fn generate_pem_pair(dir: &Path, name: &str, bits: usize) -> Result<(PathBuf
     };
     let sk = RsaPrivateKey::new(&mut rand::rngs::OsRng, bits).map_err(|e| fail(e.to_string()))?;
     let pk = RsaPublicKey::from(&sk);
-    let pem = sk.to_pkcs8_pem(LineEnding::LF).map_err(|e| fail(e.to_string()))?;
+    let pem = sk
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| fail(e.to_string()))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&private)
         .map_err(io(&private))?;
-    f.write_all(pem.as_bytes()).and_then(|_| f.sync_all()).map_err(io(&private))?;
-    let pub_pem = pk.to_public_key_pem(LineEnding::LF).map_err(|e| fail(e.to_string()))?;
+    f.write_all(pem.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io(&private))?;
+    let pub_pem = pk
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| fail(e.to_string()))?;
     std::fs::write(&public, pub_pem).map_err(io(&public))?;
     Ok((public, private))
 }

@@ -24,6 +24,8 @@ pub struct PointReport {
     pub problems: Vec<Problem>,
     /// Chunks checked for this point (including ones already checked for others).
     pub chunks_referenced: u64,
+    /// The point could not be checked because no usable key was available (not damage).
+    pub key_unavailable: bool,
 }
 
 /// One problem.
@@ -38,6 +40,8 @@ pub struct Problem {
 /// Whole-repository report.
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
+    /// Problem with the keyring, if it exists but is damaged.
+    pub keyring: Option<Problem>,
     /// Per point.
     pub points: Vec<PointReport>,
     /// Unique chunks read.
@@ -47,9 +51,14 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// True if nothing is damaged.
+    /// True if damage was found (as opposed to points skipped for lack of a key).
+    pub fn damaged(&self) -> bool {
+        self.keyring.is_some() || self.points.iter().any(|p| !p.ok && !p.key_unavailable)
+    }
+
+    /// True if everything was checked and nothing is damaged.
     pub fn ok(&self) -> bool {
-        self.points.iter().all(|p| p.ok)
+        self.keyring.is_none() && self.points.iter().all(|p| p.ok)
     }
 }
 
@@ -80,7 +89,15 @@ pub fn verify(
         "verify",
         std::time::Duration::from_secs(5),
     )?;
-    let keyring = crate::job::try_keyring(repo, keys);
+    let (keyring, keyring_problem) = match repo.has_keyring().then(|| repo.load_keyring(keys)) {
+        Some(Ok(k)) => (Some(k), None),
+        Some(Err(e)) if e.is_damage() => (None, Some(problem_of(&e))),
+        Some(Err(e)) => {
+            tracing::info!(error = %e, "keyring not usable with this key source; using each point's own key");
+            (None, None)
+        }
+        None => (None, None),
+    };
     let ids = if points.is_empty() {
         repo.point_ids()?
     } else {
@@ -96,11 +113,13 @@ pub fn verify(
             ok: true,
             problems: Vec::new(),
             chunks_referenced: 0,
+            key_unavailable: false,
         };
         let point = match repo.open_point(&id, keys, keyring.as_ref()) {
             Ok(p) => p,
             Err(e) => {
                 rep.ok = false;
+                rep.key_unavailable = matches!(e, RepoError::Key(_));
                 rep.problems.push(problem_of(&e));
                 reports.push(rep);
                 continue;
@@ -193,6 +212,7 @@ pub fn verify(
     }
     let v = verdicts.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok(VerifyReport {
+        keyring: keyring_problem,
         points: reports,
         chunks_checked: v.len() as u64,
         chunks_damaged: v.values().filter(|x| x.is_some()).count() as u64,

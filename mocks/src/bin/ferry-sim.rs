@@ -36,7 +36,12 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Demo { disk_mib, seed, keep, json } => {
+        Cmd::Demo {
+            disk_mib,
+            seed,
+            keep,
+            json,
+        } => {
             let tmp;
             let work = match keep {
                 Some(p) => {
@@ -57,18 +62,34 @@ fn main() -> ExitCode {
                     }
                 },
             };
-            let opts = DemoOptions { disk_size: disk_mib << 20, seed, ..Default::default() };
+            let opts = DemoOptions {
+                disk_size: disk_mib << 20,
+                seed,
+                ..Default::default()
+            };
             let started = std::time::Instant::now();
             match demo::run(&work, &opts, &mut |m| eprintln!("ferry-sim: {m}")) {
                 Ok(rows) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&rows).unwrap_or_default()
+                        );
                     } else {
-                        println!("{:<14} {:<26} {:>10} {:>10} {:>8} {:>9}  check", "step", "point", "read MiB", "wrote MiB", "seconds", "MiB/s");
+                        println!(
+                            "{:<14} {:<26} {:>10} {:>10} {:>8} {:>9}  check",
+                            "step", "point", "read MiB", "wrote MiB", "seconds", "MiB/s"
+                        );
                         for r in &rows {
                             println!(
                                 "{:<14} {:<26} {:>10.1} {:>10.1} {:>8.2} {:>9.0}  {}",
-                                r.step, r.point, r.read as f64 / 1048576.0, r.stored as f64 / 1048576.0, r.seconds, r.rate_mib_s, r.check
+                                r.step,
+                                r.point,
+                                r.read as f64 / 1048576.0,
+                                r.stored as f64 / 1048576.0,
+                                r.seconds,
+                                r.rate_mib_s,
+                                r.check
                             );
                         }
                         println!("demo finished in {:.1}s: every restore is bit-identical and the repository verifies", started.elapsed().as_secs_f64());

@@ -308,7 +308,10 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
         .with_writer(std::io::stderr)
         .init();
     let progress = Arc::new(Progress::default());
@@ -330,9 +333,15 @@ fn main() -> ExitCode {
 
 fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
     match cmd {
-        Cmd::Repo(RepoCmd::Init { repo, keys, chunk_size, tenant }) => {
+        Cmd::Repo(RepoCmd::Init {
+            repo,
+            keys,
+            chunk_size,
+            tenant,
+        }) => {
             let ks = keys.source()?;
-            let cs = u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
+            let cs =
+                u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
             let r = Repository::init(&repo.repo, cs, &tenant, &ks)?;
             out.result(
                 &serde_json::json!({"repository": repo.repo, "repo_id": r.config.repo_id, "chunk_size": cs, "tenant": tenant, "key": ks.current_key()?}),
@@ -402,7 +411,15 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
             let ks = a.keys.source()?;
             let point = resolve_point(&repo, &a.point)?;
             let bar = out.progress_bar(progress.clone(), "restore");
-            let res = job::restore(&repo, &ks, &point, a.disk, &a.target, a.pipe.config(format::MAX_CHUNK_SIZE), progress);
+            let res = job::restore(
+                &repo,
+                &ks,
+                &point,
+                a.disk,
+                &a.target,
+                a.pipe.config(format::MAX_CHUNK_SIZE),
+                progress,
+            );
             drop(bar);
             let st = res?;
             let snap = progress.snapshot();
@@ -415,13 +432,23 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
         Cmd::Verify(a) => {
             let repo = Repository::open(&a.repo.repo)?;
             let ks = a.keys.source()?;
-            let workers = a.workers.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+            let workers = a.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            });
             let bar = out.progress_bar(progress.clone(), "verify");
             let res = verify::verify(&repo, &ks, &a.points, workers, progress);
             drop(bar);
             let rep = res?;
             out.result(&rep, || render::verify_summary(&rep));
-            Ok(if rep.ok() { exit::OK } else { exit::DAMAGED })
+            Ok(if rep.damaged() {
+                exit::DAMAGED
+            } else if !rep.ok() {
+                exit::KEY
+            } else {
+                exit::OK
+            })
         }
         Cmd::Prune(a) => {
             let repo = Repository::open(&a.repo.repo)?;
@@ -436,13 +463,28 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Cmd::Bench(a) => bench(a, out, progress),
-        Cmd::Keys(KeysCmd::GeneratePem { out_dir, name, bits }) => {
-            anyhow::ensure!([2048, 3072, 4096].contains(&bits), "--bits must be 2048, 3072 or 4096");
-            std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        Cmd::Keys(KeysCmd::GeneratePem {
+            out_dir,
+            name,
+            bits,
+        }) => {
+            anyhow::ensure!(
+                [2048, 3072, 4096].contains(&bits),
+                "--bits must be 2048, 3072 or 4096"
+            );
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
             let (public, private) = render::generate_pem(&out_dir, &name, bits)?;
-            out.result(&serde_json::json!({"public": public, "private": private}), || {
-                format!("wrote {} and {} (mode 0600)", public.display(), private.display())
-            });
+            out.result(
+                &serde_json::json!({"public": public, "private": private}),
+                || {
+                    format!(
+                        "wrote {} and {} (mode 0600)",
+                        public.display(),
+                        private.display()
+                    )
+                },
+            );
             Ok(exit::OK)
         }
     }
@@ -492,7 +534,15 @@ fn bench(a: BenchArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result
         let backup_s = t.elapsed().as_secs_f64();
         let target = scratch.path().join("restored.img");
         let t = std::time::Instant::now();
-        job::restore(&repo, &ks, &rep.point_id, 0, &target, a.pipe.config(cs as u32), &Progress::default())?;
+        job::restore(
+            &repo,
+            &ks,
+            &rep.point_id,
+            0,
+            &target,
+            a.pipe.config(cs as u32),
+            &Progress::default(),
+        )?;
         let restore_s = t.elapsed().as_secs_f64();
         e2e = Some(serde_json::json!({
             "image": img, "size": size,
@@ -505,4 +555,3 @@ fn bench(a: BenchArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result
     out.result(&v, || render::bench_summary(&v));
     Ok(exit::OK)
 }
-

@@ -26,7 +26,11 @@ impl Output {
     /// Print a result: JSON on stdout, or the human text.
     pub fn result<T: Serialize + ?Sized>(&self, v: &T, human: impl FnOnce() -> String) {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(v)
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            );
         } else {
             println!("{}", human());
         }
@@ -36,7 +40,10 @@ impl Output {
     pub fn error(&self, e: &anyhow::Error, code: u8) {
         let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
         if self.json {
-            println!("{}", serde_json::json!({"error": chain.first(), "causes": &chain[1..], "exit_code": code}));
+            println!(
+                "{}",
+                serde_json::json!({"error": chain.first(), "causes": &chain[1..], "exit_code": code})
+            );
         } else {
             eprintln!("error: {}", chain.join("\n  caused by: "));
         }
@@ -67,7 +74,10 @@ impl Output {
             }
             b2.finish_and_clear();
         });
-        Some(BarGuard { stop, handle: Some(h) })
+        Some(BarGuard {
+            stop,
+            handle: Some(h),
+        })
     }
 }
 
@@ -104,7 +114,11 @@ pub fn dir_usage(dir: &Path) -> (u64, u64) {
     let mut files = 0;
     let mut bytes = 0;
     for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             files += 1;
             bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
         }
@@ -121,7 +135,10 @@ pub fn backup_summary(r: &ferry::job::BackupReport) -> String {
         "restore point {} created in {:.1}s{}\n",
         r.point_id,
         r.seconds,
-        r.parent.as_ref().map(|p| format!(" (deduplicated against {p})")).unwrap_or_default()
+        r.parent
+            .as_ref()
+            .map(|p| format!(" (deduplicated against {p})"))
+            .unwrap_or_default()
     );
     s.push_str(&format!(
         "{:<5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>10} {:>10}  transport\n",
@@ -148,7 +165,10 @@ pub fn points_table(rows: &[serde_json::Value]) -> String {
     if rows.is_empty() {
         return "no restore points".into();
     }
-    let mut s = format!("{:<26} {:<21} {:<20} {:>5} {:>10}  key\n", "point", "created", "name", "disks", "size");
+    let mut s = format!(
+        "{:<26} {:<21} {:<20} {:>5} {:>10}  key\n",
+        "point", "created", "name", "disks", "size"
+    );
     for r in rows {
         let id = r["point_id"].as_str().unwrap_or("");
         if let Some(e) = r.get("error") {
@@ -156,7 +176,10 @@ pub fn points_table(rows: &[serde_json::Value]) -> String {
             continue;
         }
         let disks = r["disks"].as_array().map(|d| d.len()).unwrap_or(0);
-        let size: u64 = r["disks"].as_array().map(|d| d.iter().filter_map(|x| x["size"].as_u64()).sum()).unwrap_or(0);
+        let size: u64 = r["disks"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|x| x["size"].as_u64()).sum())
+            .unwrap_or(0);
         s.push_str(&format!(
             "{id:<26} {:<21} {:<20} {disks:>5} {:>10}  {} {}\n",
             r["created"].as_str().unwrap_or(""),
@@ -171,15 +194,28 @@ pub fn points_table(rows: &[serde_json::Value]) -> String {
 
 pub fn verify_summary(r: &VerifyReport) -> String {
     let mut s = String::new();
+    if let Some(k) = &r.keyring {
+        s.push_str(&format!("DAMAGED keyring: {}: {}\n", k.file, k.error));
+    }
     for p in &r.points {
         s.push_str(&format!(
             "{} {:<26} {}\n",
-            if p.ok { "ok     " } else { "DAMAGED" },
+            if p.ok {
+                "ok     "
+            } else if p.key_unavailable {
+                "NO KEY "
+            } else {
+                "DAMAGED"
+            },
             p.point_id,
             p.source.as_deref().unwrap_or("?")
         ));
         for pr in &p.problems {
-            s.push_str(&format!("        {}: {}\n", if pr.file.is_empty() { "-" } else { &pr.file }, pr.error));
+            s.push_str(&format!(
+                "        {}: {}\n",
+                if pr.file.is_empty() { "-" } else { &pr.file },
+                pr.error
+            ));
         }
     }
     s.push_str(&format!(
@@ -187,7 +223,13 @@ pub fn verify_summary(r: &VerifyReport) -> String {
         r.points.len(),
         r.chunks_checked,
         r.chunks_damaged,
-        if r.ok() { "repository OK" } else { "DAMAGE FOUND" }
+        if r.ok() {
+            "repository OK"
+        } else if r.damaged() {
+            "DAMAGE FOUND"
+        } else {
+            "some points could not be checked: key unavailable"
+        }
     ));
     s
 }
@@ -218,7 +260,13 @@ pub fn prune_summary(r: &PruneReport) -> String {
 }
 
 pub fn bench_summary(v: &serde_json::Value) -> String {
-    let mut s = format!("chunk size {}\n{:<30} {:<15} {:>12}\n", human_bytes(v["chunk_size"].as_u64().unwrap_or(0)), "stage (one core)", "data", "MiB/s");
+    let mut s = format!(
+        "chunk size {}\n{:<30} {:<15} {:>12}\n",
+        human_bytes(v["chunk_size"].as_u64().unwrap_or(0)),
+        "stage (one core)",
+        "data",
+        "MiB/s"
+    );
     for st in v["stages"].as_array().into_iter().flatten() {
         s.push_str(&format!(
             "{:<30} {:<15} {:>12.0}\n",

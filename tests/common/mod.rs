@@ -1,0 +1,138 @@
+//! Shared helpers for ferry's end-to-end tests: a scratch world with a tenant key
+//! pair, a repository and generated images, plus helpers to run the `ferry` binary.
+#![allow(dead_code)]
+
+use ferry::job::{self, BackupReport, BackupRequest, DiskInput};
+use ferry::keys::PemKeySource;
+use ferry::pipeline::PipelineConfig;
+use ferry::progress::Progress;
+use ferry::repo::Repository;
+use ferry::transport::file::FileSource;
+use ferry_mocks::diskgen::{self, DiskSpec};
+use ferry_mocks::fixtures::{self, PemPair};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+pub const CS: u32 = 256 * 1024;
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub keys: PemPair,
+    pub repo_dir: PathBuf,
+}
+
+impl World {
+    pub fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = fixtures::pem_pair(dir.path(), "tenant", 2048).unwrap();
+        let repo_dir = dir.path().join("repo");
+        let w = World {
+            dir,
+            keys,
+            repo_dir,
+        };
+        Repository::init(&w.repo_dir, CS, "tenant", &w.source()).unwrap();
+        w
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    pub fn source(&self) -> PemKeySource {
+        PemKeySource::open(Some(&self.keys.public), Some(&self.keys.private)).unwrap()
+    }
+    pub fn repo(&self) -> Repository {
+        Repository::open(&self.repo_dir).unwrap()
+    }
+    /// Generate a mixed image.
+    pub fn image(&self, name: &str, size: u64, seed: u64) -> PathBuf {
+        let p = self.path(name);
+        diskgen::generate(&p, &DiskSpec::mixed(size, seed)).unwrap();
+        p
+    }
+    pub fn backup(&self, name: &str, images: &[&Path]) -> BackupReport {
+        let repo = self.repo();
+        let disks = images
+            .iter()
+            .map(|p| DiskInput {
+                source: Box::new(FileSource::open(p).unwrap()),
+                label: p.display().to_string(),
+                transport_reason: "test".into(),
+                change_id: None,
+            })
+            .collect();
+        job::backup(
+            &repo,
+            &self.source(),
+            BackupRequest {
+                source_name: name.into(),
+                disks,
+                pipeline: PipelineConfig::new(Some(2), CS, 16 << 20),
+                lock_wait: Duration::from_secs(10),
+            },
+            &Progress::default(),
+        )
+        .unwrap()
+    }
+    /// Restore and return the result (the target path is removed first).
+    pub fn restore(
+        &self,
+        point: &str,
+        disk: u32,
+        target: &Path,
+    ) -> Result<(), ferry::job::JobError> {
+        let _ = std::fs::remove_file(target);
+        job::restore(
+            &self.repo(),
+            &self.source(),
+            point,
+            disk,
+            target,
+            PipelineConfig::new(Some(2), CS, 16 << 20),
+            &Progress::default(),
+        )
+        .map(|_| ())
+    }
+    /// Run the ferry binary with the world's repo and keys in the environment.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env("FERRY_REPO", &self.repo_dir)
+            .env("FERRY_PUBLIC_KEY", &self.keys.public)
+            .env("FERRY_PRIVATE_KEY", &self.keys.private)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    }
+}
+
+pub fn hash(p: &Path) -> blake3::Hash {
+    diskgen::hash_file(p).unwrap()
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// All regular files under `dir`, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

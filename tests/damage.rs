@@ -1,0 +1,276 @@
+//! Bad input and faults in the repository: any flipped byte in any repository file
+//! is found by `verify`, which names the damaged point and file; a restore of an
+//! affected point fails and never leaves wrong data under the target name; truncated
+//! files, unknown versions and wrong keys give clear errors.
+
+mod common;
+use common::*;
+use ferry::keys::PemKeySource;
+use ferry::progress::Progress;
+use ferry::repo::{verify, RepoError, Repository};
+use std::path::Path;
+
+fn flip(p: &Path, at: usize) -> u8 {
+    let mut b = std::fs::read(p).unwrap();
+    let old = b[at];
+    b[at] ^= 0x20;
+    std::fs::write(p, &b).unwrap();
+    old
+}
+fn put_back(p: &Path, at: usize, old: u8) {
+    let mut b = std::fs::read(p).unwrap();
+    b[at] = old;
+    std::fs::write(p, &b).unwrap();
+}
+
+struct Setup {
+    w: World,
+    /// (point, disk, source hash)
+    points: Vec<(String, u32, blake3::Hash)>,
+}
+
+fn setup() -> Setup {
+    let w = World::new();
+    let a = w.image("a.img", 4 << 20, 11);
+    let b = w.image("b.img", 3 << 20, 12);
+    let p1 = w.backup("vm1", &[&a]);
+    let h1 = hash(&a);
+    ferry_mocks::diskgen::mutate(&a, 5, 0.1, 64 << 10).unwrap();
+    let p2 = w.backup("vm1", &[&a]);
+    let h2 = hash(&a);
+    let p3 = w.backup("vm2", &[&b]);
+    let points = vec![
+        (p1.point_id, 0, h1),
+        (p2.point_id, 0, h2),
+        (p3.point_id, 0, hash(&b)),
+    ];
+    Setup { w, points }
+}
+
+fn verify_all(w: &World) -> verify::VerifyReport {
+    verify::verify(&w.repo(), &w.source(), &[], 2, &Progress::default()).unwrap()
+}
+
+#[test]
+fn every_repository_file_flip_is_detected_and_named() {
+    let s = setup();
+    let w = &s.w;
+    assert!(verify_all(w).ok());
+    let files: Vec<_> = files_under(&w.repo_dir)
+        .into_iter()
+        .filter(|p| !p.starts_with(w.repo_dir.join("locks")))
+        .collect();
+    let chunks: Vec<_> = files
+        .iter()
+        .filter(|p| p.starts_with(w.repo_dir.join("chunks")))
+        .cloned()
+        .collect();
+    let others: Vec<_> = files
+        .iter()
+        .filter(|p| !p.starts_with(w.repo_dir.join("chunks")))
+        .cloned()
+        .collect();
+    assert!(chunks.len() > 10 && others.len() >= 8, "{files:?}");
+    // Every non-chunk file at several positions, and a spread of chunk files.
+    let mut cases = Vec::new();
+    for f in &others {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        for at in [0, 9, 13, len / 3, len / 2, len - 20, len - 1] {
+            cases.push((f.clone(), at));
+        }
+    }
+    for (i, f) in chunks.iter().enumerate().step_by(3) {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        cases.push((f.clone(), [10, 20, 30, 41, 50, len / 2, len - 1][i % 7]));
+    }
+    let mut restore_checked = 0;
+    for (f, at) in cases {
+        let old = flip(&f, at);
+        let name = f.strip_prefix(&w.repo_dir).unwrap().display().to_string();
+        if name == "config" {
+            match Repository::open(&w.repo_dir) {
+                Err(RepoError::Damaged { path, .. }) => assert!(path.ends_with("config")),
+                Err(e) => panic!("config flip at {at}: unexpected {e}"),
+                Ok(_) => panic!("config flip at {at} not detected"),
+            }
+            put_back(&f, at, old);
+            continue;
+        }
+        let rep = verify_all(w);
+        assert!(!rep.ok(), "flip in {name} at {at} not detected");
+        let named = rep
+            .keyring
+            .iter()
+            .chain(rep.points.iter().flat_map(|p| &p.problems))
+            .any(|p| {
+                p.file.contains(&name)
+                    || (name.starts_with("points/")
+                        && p.file.contains(name.split('/').nth(1).unwrap()))
+            });
+        assert!(
+            named,
+            "flip in {name} at {at}: report does not name the file: {:#?}",
+            rep
+        );
+        // Restoring every damaged point fails cleanly and leaves no file at the target.
+        if name != "keyring" && restore_checked < 40 {
+            for (point, disk, want) in &s.points {
+                let damaged = rep.points.iter().any(|p| &p.point_id == point && !p.ok);
+                let t = w.path("restore-check.img");
+                let _ = std::fs::remove_file(t.with_extension("partial"));
+                let r = w.restore(point, *disk, &t);
+                if damaged {
+                    assert!(
+                        r.is_err(),
+                        "restore of damaged {point} succeeded (flip in {name} at {at})"
+                    );
+                    assert!(
+                        !t.exists(),
+                        "a failed restore left {} in place",
+                        t.display()
+                    );
+                    restore_checked += 1;
+                } else {
+                    r.unwrap_or_else(|e| panic!("undamaged {point} failed to restore: {e}"));
+                    assert_eq!(hash(&t), *want);
+                }
+            }
+        }
+        put_back(&f, at, old);
+    }
+    assert!(restore_checked > 10);
+    assert!(verify_all(w).ok());
+}
+
+#[test]
+fn truncated_files_give_clear_errors() {
+    let s = setup();
+    let w = &s.w;
+    let (p1, _, _) = &s.points[0];
+    for rel in ["manifest", "disk-0.idx"] {
+        let f = w.repo_dir.join("points").join(p1).join(rel);
+        let orig = std::fs::read(&f).unwrap();
+        for cut in [0, 5, 12, orig.len() / 2, orig.len() - 1] {
+            std::fs::write(&f, &orig[..cut]).unwrap();
+            let rep = verify_all(w);
+            let p = rep.points.iter().find(|p| &p.point_id == p1).unwrap();
+            assert!(!p.ok, "{rel} cut at {cut}");
+            assert!(p.problems[0].file.ends_with(rel), "{:?}", p.problems);
+            let e = w.restore(p1, 0, &w.path("t.img")).unwrap_err().to_string();
+            assert!(e.contains(rel), "{e}");
+        }
+        std::fs::write(&f, &orig).unwrap();
+    }
+    // A truncated chunk.
+    let chunk = files_under(&w.repo_dir.join("chunks"))
+        .into_iter()
+        .next()
+        .unwrap();
+    let orig = std::fs::read(&chunk).unwrap();
+    std::fs::write(&chunk, &orig[..orig.len() - 7]).unwrap();
+    let rep = verify_all(w);
+    assert_eq!(rep.chunks_damaged, 1);
+    assert!(rep
+        .points
+        .iter()
+        .flat_map(|p| &p.problems)
+        .any(|p| p.file == chunk.display().to_string()));
+    std::fs::write(&chunk, &orig).unwrap();
+    assert!(verify_all(w).ok());
+}
+
+#[test]
+fn unknown_format_version_is_refused_by_name() {
+    let s = setup();
+    let w = &s.w;
+    let cfg = w.repo_dir.join("config");
+    let orig = std::fs::read(&cfg).unwrap();
+    let mut b = orig.clone();
+    b[9] = 9; // version 9
+    std::fs::write(&cfg, &b).unwrap();
+    let e = Repository::open(&w.repo_dir)
+        .err()
+        .expect("must refuse")
+        .to_string();
+    assert!(e.contains("format version 9 is not supported"), "{e}");
+    std::fs::write(&cfg, &orig).unwrap();
+    let m = w
+        .repo_dir
+        .join("points")
+        .join(&s.points[0].0)
+        .join("manifest");
+    let orig = std::fs::read(&m).unwrap();
+    let mut b = orig.clone();
+    b[9] = 2;
+    std::fs::write(&m, &b).unwrap();
+    let e = w
+        .restore(&s.points[0].0, 0, &w.path("x.img"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("version 2 is not supported") && e.contains("manifest"),
+        "{e}"
+    );
+    std::fs::write(&m, &orig).unwrap();
+}
+
+#[test]
+fn wrong_key_is_named_and_harmless() {
+    let s = setup();
+    let w = &s.w;
+    let other = ferry_mocks::fixtures::pem_pair(w.dir.path(), "other", 2048).unwrap();
+    let ks = PemKeySource::open(Some(&other.public), Some(&other.private)).unwrap();
+    let repo = w.repo();
+    let e = ferry::job::restore(
+        &repo,
+        &ks,
+        &s.points[0].0,
+        0,
+        &w.path("x.img"),
+        ferry::pipeline::PipelineConfig::new(Some(1), CS, 8 << 20),
+        &Progress::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("wrong key") && e.contains("fingerprint"), "{e}");
+    assert!(!w.path("x.img").exists());
+    // A backup with the wrong key cannot open the keyring: it fails before writing.
+    let before = files_under(&w.repo_dir).len();
+    let img = w.image("c.img", 1 << 20, 3);
+    let r = ferry::job::backup(
+        &repo,
+        &ks,
+        ferry::job::BackupRequest {
+            source_name: "vm3".into(),
+            disks: vec![ferry::job::DiskInput {
+                source: Box::new(ferry::transport::file::FileSource::open(&img).unwrap()),
+                label: "c".into(),
+                transport_reason: "t".into(),
+                change_id: None,
+            }],
+            pipeline: ferry::pipeline::PipelineConfig::new(Some(1), CS, 8 << 20),
+            lock_wait: std::time::Duration::from_secs(1),
+        },
+        &Progress::default(),
+    );
+    assert!(r.unwrap_err().to_string().contains("wrong key"));
+    assert_eq!(files_under(&w.repo_dir).len(), before);
+    assert!(verify_all(w).ok());
+    // And through the CLI: exit code 5.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "verify",
+            "-r",
+            w.repo_dir.to_str().unwrap(),
+            "--private-key",
+            other.private.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("NO KEY"),
+        "{}",
+        text(&o)
+    );
+}
