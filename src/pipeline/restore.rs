@@ -88,6 +88,10 @@ pub fn load_chunk(
 }
 
 /// Restore one disk from an authenticated index into `target`.
+///
+/// The calling thread reads the index and feeds N decode workers; one writer thread
+/// does every write to the target (concurrent `pwrite`s to one file only contend on
+/// its inode lock). Decoded chunks travel in a fixed pool of reused buffers.
 pub fn restore_disk<R: Read + Send>(
     store: &dyn ChunkStore,
     mut index: IndexReader<R>,
@@ -100,6 +104,14 @@ pub fn restore_disk<R: Read + Send>(
     let header = index.header.clone();
     let cs = header.chunk_size as u64;
     let (tx, rx) = bounded::<(u64, IndexEntry)>(config.buffers);
+    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(config.buffers);
+    for _ in 0..config.buffers {
+        pool_tx
+            .send(Vec::with_capacity(header.chunk_size as usize))
+            .expect("pool has room");
+    }
+    // (offset, buffer or None for zeros, length)
+    let (wtx, wrx) = bounded::<(u64, Option<Vec<u8>>, usize)>(config.buffers);
     let errors = FirstError::<PipelineError>::new();
     let zeros = vec![0u8; header.chunk_size as usize];
     let mut stats = RestoreStats {
@@ -111,59 +123,81 @@ pub fn restore_disk<R: Read + Send>(
     std::thread::scope(|s| {
         let errors = &errors;
         for _ in 0..config.workers {
-            let rx = rx.clone();
-            let (zeros, header, written, zero_count) = (&zeros, &header, &written, &zero_count);
+            let (rx, wtx, pool_rx) = (rx.clone(), wtx.clone(), pool_rx.clone());
+            let (header, zero_count) = (&header, &zero_count);
             s.spawn(move || {
-                let (mut raw, mut out) = (Vec::new(), Vec::new());
+                let mut raw = Vec::new();
                 for (pos, e) in rx {
                     if errors.stopped() {
                         continue;
                     }
                     let len = header.chunk_len(pos);
                     let off = pos * cs;
-                    let data: &[u8] = if e.id.is_zero_marker() {
+                    if e.id.is_zero_marker() {
                         zero_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if target.sparse {
                             Progress::add(&progress.done, len as u64);
-                            continue;
+                        } else {
+                            let _ = wtx.send((off, None, len));
                         }
-                        &zeros[..len]
-                    } else {
-                        if let Err(err) = load_chunk(store, &e, keys, id_key, &mut raw, &mut out) {
-                            errors.set(err.into());
-                            continue;
-                        }
-                        Progress::add(&progress.read, raw.len() as u64);
-                        if out.len() != len {
-                            errors.set(PipelineError::Repo(RepoError::Damaged {
-                                path: store.chunk_location(&e.id),
-                                source: format::FormatError::BadField {
-                                    what: "chunk length",
-                                    detail: format!(
-                                        "{} bytes where the index needs {len}",
-                                        out.len()
-                                    ),
-                                },
-                            }));
-                            continue;
-                        }
-                        &out
-                    };
-                    if let Err(err) = target.file.write_all_at(data, off) {
-                        errors.set(PipelineError::Target {
-                            path: target.name.clone(),
-                            offset: off,
-                            err,
-                        });
                         continue;
                     }
-                    written.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                    Progress::add(&progress.written, len as u64);
-                    Progress::add(&progress.done, len as u64);
+                    let Ok(mut out) = pool_rx.recv() else { return };
+                    if let Err(err) = load_chunk(store, &e, keys, id_key, &mut raw, &mut out) {
+                        errors.set(err.into());
+                        continue;
+                    }
+                    Progress::add(&progress.read, raw.len() as u64);
+                    if out.len() != len {
+                        errors.set(PipelineError::Repo(RepoError::Damaged {
+                            path: store.chunk_location(&e.id),
+                            source: format::FormatError::BadField {
+                                what: "chunk length",
+                                detail: format!("{} bytes where the index needs {len}", out.len()),
+                            },
+                        }));
+                        continue;
+                    }
+                    let _ = wtx.send((off, Some(out), len));
                 }
             });
         }
         drop(rx);
+        drop(wtx);
+        {
+            let (written, zeros, pool_tx) = (&written, &zeros, pool_tx.clone());
+            s.spawn(move || {
+                let mut since_hint = 0u64;
+                for (off, buf, len) in wrx {
+                    if !errors.stopped() {
+                        let data = buf.as_deref().unwrap_or(&zeros[..len]);
+                        match target.file.write_all_at(data, off) {
+                            Ok(()) => {
+                                written.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                                Progress::add(&progress.written, len as u64);
+                                Progress::add(&progress.done, len as u64);
+                                since_hint += len as u64;
+                                if since_hint >= 64 << 20 {
+                                    // Keep the disk busy while we decode instead of
+                                    // flushing everything at the final fsync.
+                                    crate::repo::fsutil::start_writeback(target.file);
+                                    since_hint = 0;
+                                }
+                            }
+                            Err(err) => errors.set(PipelineError::Target {
+                                path: target.name.clone(),
+                                offset: off,
+                                err,
+                            }),
+                        }
+                    }
+                    if let Some(b) = buf {
+                        let _ = pool_tx.send(b);
+                    }
+                }
+            });
+        }
+        drop(pool_tx);
         let mut pos = 0u64;
         loop {
             if errors.stopped() {

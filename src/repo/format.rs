@@ -5,7 +5,7 @@
 //! each failure is a [`FormatError`] that the caller wraps with the file's path.
 
 use crate::keys::{KeyId, SecretKey, KEY_LEN};
-use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::RngCore;
 use serde::de::DeserializeOwned;
@@ -287,7 +287,7 @@ impl ChunkSealer {
     pub fn new(key: &SecretKey) -> Self {
         ChunkSealer {
             key_id: key.id,
-            cipher: Aes256Gcm::new(key.expose().into()),
+            cipher: cipher_for(key),
         }
     }
     /// The key id this sealer uses.
@@ -327,7 +327,7 @@ impl ChunkSealer {
         let (_, body) = out.split_at_mut(CHUNK_HEADER_LEN);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut body[..payload_len])
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut body[..payload_len]).into())
             .expect("AES-GCM encryption of <= 8 MiB cannot fail");
         let end = CHUNK_HEADER_LEN + payload_len;
         out[end..end + TAG_LEN].copy_from_slice(&tag);
@@ -427,11 +427,11 @@ pub fn open_chunk<'k>(
     let (_, rest) = data.split_at_mut(CHUNK_HEADER_LEN);
     let (payload, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
     cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&h.nonce),
+        .decrypt_inout_detached(
+            &Nonce::from(h.nonce),
             &aad,
-            payload,
-            Tag::from_slice(tag),
+            (&mut *payload).into(),
+            &tag_of(tag),
         )
         .map_err(|_| FormatError::AuthFailed { what: "chunk" })?;
     out.clear();
@@ -456,7 +456,13 @@ pub fn open_chunk<'k>(
 
 /// Build the AES-GCM cipher for a data key (for [`open_chunk`]'s `key_for`).
 pub fn cipher_for(key: &SecretKey) -> Aes256Gcm {
-    Aes256Gcm::new(key.expose().into())
+    Aes256Gcm::new(&(*key.expose()).into())
+}
+
+fn tag_of(b: &[u8]) -> Tag {
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(b);
+    Tag::from(t)
 }
 
 // ---------------------------------------------------------------- index
@@ -794,7 +800,7 @@ pub fn encode_sealed<H: Serialize, B: Serialize>(
     let (aad, _) = out.split_at(aad_len);
     let aad = aad.to_vec();
     let tag = cipher
-        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut plain[..])
+        .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut plain[..]).into())
         .expect("sealing a document cannot fail");
     out.extend_from_slice(&plain);
     out.extend_from_slice(&tag);
@@ -859,16 +865,17 @@ pub fn open_sealed<B: DeserializeOwned>(
             have: b.len() as u64,
         });
     }
-    let nonce = &b[nonce_at..nonce_at + 12];
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&b[nonce_at..nonce_at + 12]);
     let sealed = &b[nonce_at + 12..];
     let (ct, tag) = sealed.split_at(sealed.len() - TAG_LEN);
     let mut plain = Zeroizing::new(ct.to_vec());
     cipher_for(seal_key)
-        .decrypt_in_place_detached(
-            Nonce::from_slice(nonce),
+        .decrypt_inout_detached(
+            &Nonce::from(nonce),
             &b[..nonce_at],
-            &mut plain[..],
-            Tag::from_slice(tag),
+            (&mut plain[..]).into(),
+            &tag_of(tag),
         )
         .map_err(|_| FormatError::AuthFailed { what })?;
     parse_body(what, &plain)

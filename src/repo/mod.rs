@@ -287,22 +287,26 @@ impl Repository {
     }
 
     /// Store a sealed chunk unless a chunk with that id exists. Returns whether it was
-    /// written. The file is written under `tmp/` and linked into place, so a crash
-    /// never leaves a partial chunk under its final name.
+    /// written. The data goes into an unnamed file (`O_TMPFILE`) that is linked into
+    /// place only when complete, so a crash never leaves a partial chunk under its
+    /// final name and leaves no debris either. File systems without `O_TMPFILE` get a
+    /// named file under `tmp/` instead.
     pub fn put_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
         let dst = self.chunk_path(id);
-        let tmp = self.tmp_path("chunk");
-        fs::write(&tmp, data).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            RepoError::io(&tmp, e)
-        })?;
-        let mut r = fs::hard_link(&tmp, &dst);
-        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::NotFound) {
-            let dir = dst.parent().expect("chunk path has a parent");
-            fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
-            r = fs::hard_link(&tmp, &dst);
-        }
-        let _ = fs::remove_file(&tmp);
+        let dir = dst.parent().expect("chunk path has a parent");
+        let r = match fsutil::link_new_file(dir, &dst, data) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
+                fsutil::link_new_file(dir, &dst, data)
+            }
+            Err(e) if fsutil::is_unsupported(&e) => {
+                let tmp = self.tmp_path("chunk");
+                let r = fsutil::write_then_link(&tmp, &dst, data);
+                let _ = fs::remove_file(&tmp);
+                r
+            }
+            other => other,
+        };
         match r {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),

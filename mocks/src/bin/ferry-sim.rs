@@ -31,11 +31,97 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a deterministic disk image (sparse where the profile has zeros).
+    GenDisk {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Size in MiB.
+        #[arg(long)]
+        size_mib: u64,
+        /// Generator seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Percentage of zero (hole) regions.
+        #[arg(long, default_value_t = 20)]
+        zero_pct: u8,
+        /// Percentage of compressible regions; the rest is random.
+        #[arg(long, default_value_t = 40)]
+        compressible_pct: u8,
+    },
+    /// Overwrite a fraction of an image with random blocks, as a guest would.
+    Mutate {
+        /// Image file.
+        #[arg(long)]
+        image: PathBuf,
+        /// Fraction to change (0.01 = 1%).
+        #[arg(long, default_value_t = 0.01)]
+        fraction: f64,
+        /// Block size in KiB.
+        #[arg(long, default_value_t = 64)]
+        block_kib: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::GenDisk {
+            out,
+            size_mib,
+            seed,
+            zero_pct,
+            compressible_pct,
+        } => {
+            if zero_pct as u16 + compressible_pct as u16 > 100 {
+                eprintln!("error: --zero-pct + --compressible-pct must not exceed 100");
+                return ExitCode::from(2);
+            }
+            let spec = ferry_mocks::diskgen::DiskSpec {
+                size: size_mib << 20,
+                seed,
+                zero_pct,
+                compressible_pct,
+                region: 1 << 20,
+            };
+            match ferry_mocks::diskgen::generate(&out, &spec) {
+                Ok(n) => {
+                    println!(
+                        "wrote {} ({} MiB, {} MiB of data)",
+                        out.display(),
+                        size_mib,
+                        n >> 20
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Mutate {
+            image,
+            fraction,
+            block_kib,
+            seed,
+        } => match ferry_mocks::diskgen::mutate(&image, seed, fraction, block_kib << 10) {
+            Ok(ch) => {
+                println!(
+                    "changed {} blocks of {block_kib} KiB in {}",
+                    ch.len(),
+                    image.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}: {e}", image.display());
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Demo {
             disk_mib,
             seed,
