@@ -127,3 +127,28 @@ fn usage_and_key_errors_have_distinct_exit_codes() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("is not a ferry repository"));
 }
+
+#[test]
+fn odd_sized_disks_restore_bit_identically() {
+    // Sizes that are not multiples of the chunk size or of the 4 KiB direct-I/O block.
+    let w = World::new();
+    for (i, size) in [(5u64 << 20) + 1000, 4095, (CS as u64) * 3 + 512]
+        .into_iter()
+        .enumerate()
+    {
+        let img = w.path(&format!("odd{i}.img"));
+        ferry_mocks::diskgen::generate(
+            &img,
+            &ferry_mocks::diskgen::DiskSpec {
+                zero_pct: 0,
+                ..ferry_mocks::diskgen::DiskSpec::mixed(size, i as u64)
+            },
+        )
+        .unwrap();
+        let rep = w.backup(&format!("odd{i}"), &[&img]);
+        let t = w.path(&format!("odd{i}.restored"));
+        w.restore(&rep.point_id, 0, &t).unwrap();
+        assert_eq!(std::fs::metadata(&t).unwrap().len(), size);
+        assert_eq!(hash(&t), hash(&img), "size {size}");
+    }
+}

@@ -17,6 +17,9 @@ use std::os::unix::fs::FileExt;
 pub struct Target<'a> {
     /// Open file or block device.
     pub file: &'a File,
+    /// The same target opened with `O_DIRECT`, when the file system supports it:
+    /// block-aligned writes go there, bypassing the page cache.
+    pub direct: Option<&'a File>,
     /// Display name.
     pub name: String,
     /// The target reads as zeros where not written (a fresh regular file): zero
@@ -66,18 +69,40 @@ pub fn load_chunk(
     out: &mut Vec<u8>,
 ) -> Result<(), RepoError> {
     store.read_chunk(&entry.id, raw)?;
+    let len = format::parse_chunk_header(raw, raw.len() as u64)
+        .map_err(|source| RepoError::Damaged {
+            path: store.chunk_location(&entry.id),
+            source,
+        })?
+        .plain_len as usize;
+    out.clear();
+    out.resize(len, 0);
+    decode_loaded(store, entry, keys, id_key, raw, out)
+}
+
+/// Decode an already read chunk file `raw` into `out` (exactly the expected length).
+fn decode_loaded(
+    store: &dyn ChunkStore,
+    entry: &IndexEntry,
+    keys: &KeyTable,
+    id_key: &SecretKey,
+    raw: &mut [u8],
+    out: &mut [u8],
+) -> Result<(), RepoError> {
     let damaged = |source| RepoError::Damaged {
         path: store.chunk_location(&entry.id),
         source,
     };
     let h =
-        format::open_chunk(raw, &entry.id, |k| keys.get(k), id_key, out).map_err(|e| match e {
-            format::FormatError::UnknownKey(key) => RepoError::MissingDataKey {
-                chunk: entry.id,
-                key,
+        format::open_chunk_into(raw, &entry.id, |k| keys.get(k), id_key, out).map_err(
+            |e| match e {
+                format::FormatError::UnknownKey(key) => RepoError::MissingDataKey {
+                    chunk: entry.id,
+                    key,
+                },
+                other => damaged(other),
             },
-            other => damaged(other),
-        })?;
+        )?;
     if h.key_id != entry.key {
         return Err(damaged(format::FormatError::BadField {
             what: "chunk key id",
@@ -86,6 +111,8 @@ pub fn load_chunk(
     }
     Ok(())
 }
+
+use crate::repo::fsutil::{aligned_window as aligned, DIRECT_ALIGN};
 
 /// Restore one disk from an authenticated index into `target`.
 ///
@@ -113,7 +140,8 @@ pub fn restore_disk<R: Read + Send>(
     // (offset, buffer or None for zeros, length)
     let (wtx, wrx) = bounded::<(u64, Option<Vec<u8>>, usize)>(config.buffers);
     let errors = FirstError::<PipelineError>::new();
-    let zeros = vec![0u8; header.chunk_size as usize];
+    let mut zero_buf = Vec::new();
+    let zeros: &[u8] = aligned(&mut zero_buf, header.chunk_size as usize);
     let mut stats = RestoreStats {
         chunks_total: header.entries(),
         ..Default::default()
@@ -143,21 +171,13 @@ pub fn restore_disk<R: Read + Send>(
                         continue;
                     }
                     let Ok(mut out) = pool_rx.recv() else { return };
-                    if let Err(err) = load_chunk(store, &e, keys, id_key, &mut raw, &mut out) {
+                    if let Err(err) = store.read_chunk(&e.id, &mut raw).and_then(|_| {
+                        decode_loaded(store, &e, keys, id_key, &mut raw, aligned(&mut out, len))
+                    }) {
                         errors.set(err.into());
                         continue;
                     }
                     Progress::add(&progress.read, raw.len() as u64);
-                    if out.len() != len {
-                        errors.set(PipelineError::Repo(RepoError::Damaged {
-                            path: store.chunk_location(&e.id),
-                            source: format::FormatError::BadField {
-                                what: "chunk length",
-                                detail: format!("{} bytes where the index needs {len}", out.len()),
-                            },
-                        }));
-                        continue;
-                    }
                     let _ = wtx.send((off, Some(out), len));
                 }
             });
@@ -165,19 +185,22 @@ pub fn restore_disk<R: Read + Send>(
         drop(rx);
         drop(wtx);
         {
-            let (written, zeros, pool_tx) = (&written, &zeros, pool_tx.clone());
+            let (written, pool_tx) = (&written, pool_tx.clone());
             s.spawn(move || {
                 let mut since_hint = 0u64;
-                for (off, buf, len) in wrx {
+                for (off, mut buf, len) in wrx {
                     if !errors.stopped() {
-                        let data = buf.as_deref().unwrap_or(&zeros[..len]);
-                        match target.file.write_all_at(data, off) {
+                        let data: &[u8] = match buf.as_mut() {
+                            Some(b) => aligned(b, len),
+                            None => &zeros[..len],
+                        };
+                        match write_at(target, data, off) {
                             Ok(()) => {
                                 written.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                                 Progress::add(&progress.written, len as u64);
                                 Progress::add(&progress.done, len as u64);
                                 since_hint += len as u64;
-                                if since_hint >= 64 << 20 {
+                                if target.direct.is_none() && since_hint >= 64 << 20 {
                                     // Keep the disk busy while we decode instead of
                                     // flushing everything at the final fsync.
                                     crate::repo::fsutil::start_writeback(target.file);
@@ -231,4 +254,22 @@ pub fn restore_disk<R: Read + Send>(
     stats.bytes_written = written.into_inner();
     stats.chunks_zero = zero_count.into_inner();
     Ok(stats)
+}
+
+/// Write `data` at `off`: the block-aligned part through the `O_DIRECT` handle when
+/// there is one, the rest (a short last chunk) through the buffered one.
+fn write_at(target: &Target<'_>, data: &[u8], off: u64) -> std::io::Result<()> {
+    match target.direct {
+        Some(d) if (off as usize).is_multiple_of(DIRECT_ALIGN) => {
+            let n = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+            if n > 0 {
+                d.write_all_at(&data[..n], off)?;
+            }
+            if n < data.len() {
+                target.file.write_all_at(&data[n..], off + n as u64)?;
+            }
+            Ok(())
+        }
+        _ => target.file.write_all_at(data, off),
+    }
 }

@@ -420,6 +420,27 @@ pub fn open_chunk<'k>(
     out: &mut Vec<u8>,
 ) -> Result<ChunkHeader, FormatError> {
     let h = parse_chunk_header(data, data.len() as u64)?;
+    out.clear();
+    out.resize(h.plain_len as usize, 0);
+    open_chunk_into(data, id, key_for, id_key, out)
+}
+
+/// Like [`open_chunk`], but decodes into `out`, which must be exactly the
+/// plaintext length the header announces (callers know it from the index).
+pub fn open_chunk_into<'k>(
+    data: &mut [u8],
+    id: &ChunkId,
+    key_for: impl Fn(KeyId) -> Option<&'k Aes256Gcm>,
+    id_key: &SecretKey,
+    out: &mut [u8],
+) -> Result<ChunkHeader, FormatError> {
+    let h = parse_chunk_header(data, data.len() as u64)?;
+    if out.len() != h.plain_len as usize {
+        return Err(FormatError::BadField {
+            what: "chunk length",
+            detail: format!("{} bytes where {} are expected", h.plain_len, out.len()),
+        });
+    }
     let cipher = key_for(h.key_id).ok_or(FormatError::UnknownKey(h.key_id))?;
     let mut aad = [0u8; CHUNK_HEADER_LEN + 32];
     aad[..CHUNK_HEADER_LEN].copy_from_slice(&data[..CHUNK_HEADER_LEN]);
@@ -434,19 +455,17 @@ pub fn open_chunk<'k>(
             &tag_of(tag),
         )
         .map_err(|_| FormatError::AuthFailed { what: "chunk" })?;
-    out.clear();
     if h.flags & 1 == 1 {
-        out.resize(h.plain_len as usize, 0);
         let n = lz4_flex::block::decompress_into(payload, out)
             .map_err(|e| FormatError::Decompress(e.to_string()))?;
-        if n != h.plain_len as usize {
+        if n != out.len() {
             return Err(FormatError::Decompress(format!(
                 "{n} bytes instead of {}",
                 h.plain_len
             )));
         }
     } else {
-        out.extend_from_slice(payload);
+        out.copy_from_slice(payload);
     }
     if ChunkId::compute(id_key, out) != *id {
         return Err(FormatError::IdMismatch);
