@@ -123,3 +123,50 @@ fn sigkill_at_random_moments_never_harms_the_repository() {
     assert!(rep.ok());
     assert!(files_under(&w.repo_dir.join("tmp")).is_empty());
 }
+
+#[test]
+fn sigterm_cancels_promptly_and_leaves_no_point() {
+    let w = World::new();
+    let img = w.image("big.img", 256 << 20, 3);
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "backup",
+            "--name",
+            "vm",
+            "--image",
+            img.to_str().unwrap(),
+            "--workers",
+            "1",
+        ])
+        .env("FERRY_REPO", &w.repo_dir)
+        .env("FERRY_PUBLIC_KEY", &w.keys.public)
+        .env("FERRY_PRIVATE_KEY", &w.keys.private)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the pipeline is running (chunks appear), then ask it to stop.
+    let t = Instant::now();
+    while files_under(&w.repo_dir.join("chunks")).len() < 5 {
+        assert!(t.elapsed().as_secs() < 60, "backup never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let sent = Instant::now();
+    // SAFETY: kill(2) with a valid pid and signal number.
+    unsafe { libc::kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    assert!(took.as_secs() < 5, "cancellation took {took:?}");
+    assert!(w.repo().point_ids().unwrap().is_empty());
+    assert!(
+        files_under(&w.repo_dir.join("tmp")).is_empty(),
+        "temporary point left behind"
+    );
+}

@@ -17,7 +17,7 @@ impl Drop for Mount {
 #[test]
 fn full_disk_fails_cleanly_and_harms_nothing() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIPPED full_disk_fails_cleanly_and_harms_nothing: needs root to mount a tmpfs");
         return;
     }
@@ -108,9 +108,4 @@ fn full_disk_fails_cleanly_and_harms_nothing() {
     assert!(pr["chunks_deleted"].as_u64().unwrap() > 0, "{pr}");
     let o = ferry(&["verify"]);
     assert!(o.status.success(), "{}", text(&o));
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
