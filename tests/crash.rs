@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 #[test]
@@ -17,23 +17,19 @@ fn sigkill_at_random_moments_never_harms_the_repository() {
     let mut expected: HashMap<String, blake3::Hash> = HashMap::new();
 
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args([
-                "backup",
-                "--name",
-                "vm",
-                "--image",
-                img.to_str().unwrap(),
-                "--workers",
-                "2",
-            ])
-            .env("FERRY_REPO", &w.repo_dir)
-            .env("FERRY_PUBLIC_KEY", &w.keys.public)
-            .env("FERRY_PRIVATE_KEY", &w.keys.private)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        w.command(&[
+            "backup",
+            "--name",
+            "vm",
+            "--image",
+            img.to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
     };
     assert!(run().wait().unwrap().success());
     expected.insert(w.repo().point_ids().unwrap()[0].clone(), hash(&img));
@@ -128,8 +124,8 @@ fn sigkill_at_random_moments_never_harms_the_repository() {
 fn sigterm_cancels_promptly_and_leaves_no_point() {
     let w = World::new();
     let img = w.image("big.img", 256 << 20, 3);
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
+    let child = w
+        .command(&[
             "backup",
             "--name",
             "vm",
@@ -138,9 +134,6 @@ fn sigterm_cancels_promptly_and_leaves_no_point() {
             "--workers",
             "1",
         ])
-        .env("FERRY_REPO", &w.repo_dir)
-        .env("FERRY_PUBLIC_KEY", &w.keys.public)
-        .env("FERRY_PRIVATE_KEY", &w.keys.private)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

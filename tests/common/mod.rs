@@ -93,16 +93,19 @@ impl World {
         )
         .map(|_| ())
     }
-    /// Run the ferry binary with the world's repo and keys in the environment.
-    pub fn ferry(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
+    /// The ferry binary with the world's repo and keys in the environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.args(args)
             .env("FERRY_REPO", &self.repo_dir)
             .env("FERRY_PUBLIC_KEY", &self.keys.public)
             .env("FERRY_PRIVATE_KEY", &self.keys.private)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
+            .env_remove("RUST_LOG");
+        c
+    }
+    /// Run the ferry binary to completion.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
 }
 
