@@ -274,3 +274,25 @@ fn wrong_key_is_named_and_harmless() {
         text(&o)
     );
 }
+
+#[test]
+fn missing_keyring_blocks_backups_with_a_clear_message_but_not_restores() {
+    let s = setup();
+    let w = &s.w;
+    std::fs::rename(w.repo_dir.join("keyring"), w.path("keyring.saved")).unwrap();
+    let img = w.image("d.img", 1 << 20, 4);
+    let o = w.ferry(&["backup", "--name", "vm9", "--image", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is missing: backups need it"),
+        "{}",
+        text(&o)
+    );
+    // Every point still restores with its own wrapped key.
+    for (point, disk, want) in &s.points {
+        let t = w.path("k.img");
+        w.restore(point, *disk, &t).unwrap();
+        assert_eq!(hash(&t), *want);
+    }
+    assert!(verify_all(w).ok());
+}

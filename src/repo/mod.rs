@@ -498,7 +498,16 @@ impl Repository {
     /// Read and open the keyring with `keys`.
     pub fn load_keyring(&self, keys: &dyn KeySource) -> Result<Keyring> {
         let p = self.keyring_path();
-        let b = fs::read(&p).map_err(|e| RepoError::io(&p, e))?;
+        let b = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(RepoError::Invalid(format!(
+                    "the keyring {} is missing: backups need it (it holds the repository id-key); restore it from a copy of the repository. Restores and verify still work with each point's own key",
+                    p.display()
+                )))
+            }
+            Err(e) => return Err(RepoError::io(&p, e)),
+        };
         let damaged = |source| RepoError::Damaged {
             path: p.clone(),
             source,
