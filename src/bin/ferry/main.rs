@@ -20,7 +20,14 @@ use std::time::Duration;
 
 /// ferry: backup proxy agent for VMware vSphere with per-tenant KMS keys.
 #[derive(Parser)]
-#[command(name = "ferry", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "ferry",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Exit codes: 0 ok, 1 failed, 2 usage, 3 damage found, 4 repository locked, 5 key problem, 6 no space, 130 cancelled.\nDocs: docs/operations.md"
+)]
 struct Cli {
     /// Print results as JSON on stdout (for scripts); logs stay on stderr.
     #[arg(long, global = true)]
