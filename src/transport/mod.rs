@@ -1,10 +1,12 @@
-//! Where disk blocks come from: the [`DiskSource`] trait and its implementations.
+//! Where disk blocks come from: the [`DiskSource`] trait and its implementations,
+//! and [`select`], the pure key-provider-aware choice of proxy and transport mode.
 //!
 //! Implementations: [`file::FileSource`] (raw images and block devices). NBD and
 //! HotAdd sources plug in behind the same trait. This module must not know about
 //! repositories or encryption.
 
 pub mod file;
+pub mod select;
 
 /// A byte range of a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
