@@ -5,9 +5,11 @@
 //! wrapping. Must not write key material anywhere, and must never format key bytes
 //! into `Debug`/`Display` output.
 
+mod multi;
 mod pem;
 mod wrap;
 
+pub use multi::MultiKeySource;
 pub use pem::{generate_pem_pair, PemKeySource};
 pub use wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};
 

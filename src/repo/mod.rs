@@ -8,6 +8,7 @@
 pub mod format;
 pub mod fsutil;
 pub mod gc;
+pub mod keycheck;
 pub mod keyring;
 pub mod lock;
 pub mod manifest;

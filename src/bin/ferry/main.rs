@@ -6,7 +6,7 @@ mod render;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ferry::job::{self, BackupRequest, DiskInput, JobError};
-use ferry::keys::{KeyError, KeySource, PemKeySource};
+use ferry::keys::{KeyError, KeySource, MultiKeySource, PemKeySource};
 use ferry::pipeline::{PipelineConfig, PipelineError};
 use ferry::progress::Progress;
 use ferry::repo::retention::Policy;
@@ -80,11 +80,23 @@ struct KeyArgs {
     /// Tenant private key (PEM: PKCS#8 or PKCS#1). Read only to unwrap, then wiped.
     #[arg(long, env = "FERRY_PRIVATE_KEY")]
     private_key: Option<PathBuf>,
+    /// More private keys for restore points wrapped by older or other tenant keys
+    /// (rotated keys, keys exported from a KMS by hand). Repeatable.
+    #[arg(long = "extra-private-key")]
+    extra_private_keys: Vec<PathBuf>,
 }
 
 impl KeyArgs {
-    fn source(&self) -> Result<PemKeySource, KeyError> {
-        PemKeySource::open(self.public_key.as_deref(), self.private_key.as_deref())
+    fn source(&self) -> Result<Box<dyn KeySource>, KeyError> {
+        let first = PemKeySource::open(self.public_key.as_deref(), self.private_key.as_deref())?;
+        if self.extra_private_keys.is_empty() {
+            return Ok(Box::new(first));
+        }
+        let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(first)];
+        for p in &self.extra_private_keys {
+            all.push(Box::new(PemKeySource::open(None, Some(p))?));
+        }
+        Ok(Box::new(MultiKeySource::new(all)?))
     }
 }
 
@@ -123,6 +135,15 @@ enum RepoCmd {
     Info {
         #[command(flatten)]
         repo: RepoArg,
+    },
+    /// Disaster recovery: check which tenant key every restore point needs and
+    /// whether the configured keys open it on their own (no keyring). Lists the
+    /// missing keys (KMS, key id, fingerprint) to obtain. Changes nothing.
+    Import {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
 }
 
@@ -350,12 +371,39 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
             let ks = keys.source()?;
             let cs =
                 u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
-            let r = Repository::init(&repo.repo, cs, &tenant, &ks)?;
+            let r = Repository::init(&repo.repo, cs, &tenant, &*ks)?;
             out.result(
                 &serde_json::json!({"repository": repo.repo, "repo_id": r.config.repo_id, "chunk_size": cs, "tenant": tenant, "key": ks.current_key()?}),
                 || format!("initialised repository {} (tenant {tenant}, chunk size {}, key {})", repo.repo.display(), human_bytes(cs as u64), ks.current_key().map(|k| k.to_string()).unwrap_or_default()),
             );
             Ok(exit::OK)
+        }
+        Cmd::Repo(RepoCmd::Import { repo, keys }) => {
+            let r = Repository::open(&repo.repo)?;
+            let ks = keys.source()?;
+            let rep = ferry::repo::keycheck::check(&r, &*ks)?;
+            out.result(
+                &serde_json::json!({"report": rep, "missing_keys": rep.missing_keys()}),
+                || render::keycheck_summary(&rep),
+            );
+            use ferry::repo::keycheck::PointKeyStatus as S;
+            Ok(
+                if rep
+                    .points
+                    .iter()
+                    .any(|p| matches!(p.status, S::Damaged { .. }))
+                {
+                    exit::DAMAGED
+                } else if rep
+                    .points
+                    .iter()
+                    .any(|p| matches!(p.status, S::KeyMissing { .. }))
+                {
+                    exit::KEY
+                } else {
+                    exit::OK
+                },
+            )
         }
         Cmd::Repo(RepoCmd::Info { repo }) => {
             let r = Repository::open(&repo.repo)?;
@@ -390,7 +438,7 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
                 lock_wait: Duration::from_secs(a.lock_wait),
             };
             let bar = out.progress_bar(progress.clone(), "backup");
-            let res = job::backup(&repo, &ks, req, progress);
+            let res = job::backup(&repo, &*ks, req, progress);
             drop(bar);
             let rep = res?;
             out.result(&rep, || render::backup_summary(&rep));
@@ -421,7 +469,7 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
             let bar = out.progress_bar(progress.clone(), "restore");
             let res = job::restore(
                 &repo,
-                &ks,
+                &*ks,
                 &point,
                 a.disk,
                 &a.target,
@@ -446,7 +494,7 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
                     .unwrap_or(2)
             });
             let bar = out.progress_bar(progress.clone(), "verify");
-            let res = verify::verify(&repo, &ks, &a.points, workers, progress);
+            let res = verify::verify(&repo, &*ks, &a.points, workers, progress);
             drop(bar);
             let rep = res?;
             out.result(&rep, || render::verify_summary(&rep));

@@ -289,3 +289,56 @@ pub fn bench_summary(v: &serde_json::Value) -> String {
     }
     s.trim_end().to_string()
 }
+
+pub fn keycheck_summary(r: &ferry::repo::keycheck::KeyCheckReport) -> String {
+    use ferry::repo::keycheck::PointKeyStatus as S;
+    let mut s = format!(
+        "keyring: {}\n{:<30} {:<16} {:<8} {:<18} {:<6} {:<18} status\n",
+        if r.keyring_opens {
+            "opens with the configured keys (every point decrypts through it)".to_string()
+        } else {
+            format!("not usable ({})", r.keyring_error.as_deref().unwrap_or("?"))
+        },
+        "point",
+        "name",
+        "source",
+        "key id",
+        "ver",
+        "fingerprint"
+    );
+    for p in &r.points {
+        let (src, kid, ver, fp) = match &p.key {
+            Some(k) => (
+                k.source.clone(),
+                k.key_id.clone(),
+                k.key_version.to_string(),
+                k.fingerprint.chars().take(16).collect::<String>(),
+            ),
+            None => ("?".into(), "?".into(), "?".into(), "?".into()),
+        };
+        let st = match &p.status {
+            S::Opens => "opens".to_string(),
+            S::KeyMissing { .. } => "KEY MISSING".to_string(),
+            S::Damaged { why } => format!("DAMAGED: {why}"),
+        };
+        s.push_str(&format!(
+            "{:<30} {:<16} {src:<8} {kid:<18} {ver:<6} {fp:<18} {st}\n",
+            p.point_id,
+            p.source.as_deref().unwrap_or("?")
+        ));
+    }
+    let missing = r.missing_keys();
+    if missing.is_empty() {
+        s.push_str("every restore point opens with the configured keys");
+    } else {
+        s.push_str("keys to obtain (export them from the KMS, then pass --extra-private-key):\n");
+        for (k, pts) in missing {
+            s.push_str(&format!(
+                "  {k}\n    needed by {} point(s): {}\n",
+                pts.len(),
+                pts.join(", ")
+            ));
+        }
+    }
+    s.trim_end().to_string()
+}
