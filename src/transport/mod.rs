@@ -6,6 +6,7 @@
 //! repositories or encryption.
 
 pub mod file;
+pub mod nbd;
 pub mod select;
 
 /// A byte range of a disk.

@@ -160,8 +160,15 @@ struct BackupArgs {
     #[arg(long)]
     name: String,
     /// Raw disk image or block device; repeat for several disks (disk 0, 1, ...).
-    #[arg(long = "image", required = true)]
+    #[arg(long = "image", required_unless_present = "nbd")]
     images: Vec<PathBuf>,
+    /// NBD export to back up (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH);
+    /// repeatable; numbered after the --image disks.
+    #[arg(long = "nbd")]
+    nbd: Vec<String>,
+    /// NBD connections per export (reads in flight).
+    #[arg(long, default_value_t = 4)]
+    nbd_connections: usize,
     /// Seconds to wait for the repository lock.
     #[arg(long, default_value_t = 30)]
     lock_wait: u64,
@@ -428,6 +435,15 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
                     label: img.display().to_string(),
                     source: Box::new(src),
                     transport_reason: "file source given on the command line".into(),
+                    change_id: None,
+                });
+            }
+            for uri in &a.nbd {
+                let src = ferry::transport::nbd::NbdSource::connect(uri, a.nbd_connections)?;
+                disks.push(DiskInput {
+                    label: uri.clone(),
+                    source: Box::new(src),
+                    transport_reason: "NBD export given on the command line".into(),
                     change_id: None,
                 });
             }

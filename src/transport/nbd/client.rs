@@ -1,0 +1,406 @@
+//! One NBD connection: fixed-newstyle handshake (structured replies,
+//! `base:allocation` meta context, OPT_GO), reads and block-status queries, one
+//! request in flight. Generic over the byte stream so TLS plugs in underneath.
+//! Every length from the server is checked before it sizes a read.
+
+use super::proto::{self, Descriptor, Info, ProtoError, ReplyHeader};
+use std::io::{self, Read, Write};
+
+/// Connection errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Socket error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Protocol violation or server error.
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+}
+
+/// A `base:allocation` extent: (offset, length, flags).
+pub type StatusExtent = (u64, u64, u32);
+
+/// An established NBD connection in the transmission phase.
+pub struct NbdConn<S> {
+    s: S,
+    /// Export size.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    /// Whether structured replies were negotiated.
+    pub structured: bool,
+    /// Context id of `base:allocation`, when the server offers it.
+    pub allocation_ctx: Option<u32>,
+    /// Largest request the server accepts.
+    pub max_request: u32,
+    cookie: u64,
+}
+
+const BASE_ALLOCATION: &str = "base:allocation";
+const MAX_BLOCK_STATUS_PAYLOAD: u32 = 4 + 8 * (1 << 17);
+const MAX_ERROR_PAYLOAD: u32 = 6 + 4096 + 8;
+
+fn read_payload<S: Read>(
+    s: &mut S,
+    len: u32,
+    max: u32,
+    what: &'static str,
+) -> Result<Vec<u8>, ConnError> {
+    if len > max {
+        return Err(ProtoError::TooLarge {
+            what,
+            len: len as u64,
+            max: max as u64,
+        }
+        .into());
+    }
+    let mut v = vec![0u8; len as usize];
+    s.read_exact(&mut v)?;
+    Ok(v)
+}
+
+impl<S: Read + Write> NbdConn<S> {
+    /// Run the handshake on `s` (already connected, and already TLS-wrapped when TLS
+    /// is wanted) and enter the transmission phase for `export`.
+    pub fn handshake(mut s: S, export: &str) -> Result<Self, ConnError> {
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g)?;
+        let hflags = proto::parse_greeting(&g)?;
+        let mut cflags = proto::CFLAG_FIXED_NEWSTYLE;
+        if hflags & proto::FLAG_NO_ZEROES != 0 {
+            cflags |= proto::CFLAG_NO_ZEROES;
+        }
+        s.write_all(&cflags.to_be_bytes())?;
+        Self::negotiate(s, export)
+    }
+
+    /// Continue a handshake after the greeting (used after STARTTLS).
+    pub fn negotiate(mut s: S, export: &str) -> Result<Self, ConnError> {
+        // Structured replies (needed for block status and sparse reads).
+        s.write_all(&proto::option(proto::OPT_STRUCTURED_REPLY, &[]))?;
+        let mut structured = false;
+        loop {
+            let (r, p) = Self::option_reply(&mut s)?;
+            if r.reply == proto::REP_ACK {
+                structured = true;
+                break;
+            }
+            if r.reply & proto::REP_FLAG_ERROR != 0 {
+                let _ = p;
+                break; // the server speaks simple replies only
+            }
+        }
+        let mut allocation_ctx = None;
+        if structured {
+            s.write_all(&proto::option(
+                proto::OPT_SET_META_CONTEXT,
+                &proto::meta_context_data(export, &[BASE_ALLOCATION]),
+            ))?;
+            loop {
+                let (r, p) = Self::option_reply(&mut s)?;
+                match r.reply {
+                    proto::REP_META_CONTEXT => {
+                        let (id, name) = proto::parse_meta_context(&p)?;
+                        if name == BASE_ALLOCATION {
+                            allocation_ctx = Some(id);
+                        }
+                    }
+                    proto::REP_ACK => break,
+                    t if t & proto::REP_FLAG_ERROR != 0 => break, // no block status; reads still work
+                    _ => {}
+                }
+            }
+        }
+        s.write_all(&proto::option(proto::OPT_GO, &proto::go_data(export)))?;
+        let (mut size, mut flags, mut max_request) = (None, 0u16, 32u32 << 20);
+        loop {
+            let (r, p) = Self::option_reply(&mut s)?;
+            match r.reply {
+                proto::REP_INFO => match proto::parse_info(&p)? {
+                    Info::Export { size: sz, flags: f } => {
+                        size = Some(sz);
+                        flags = f;
+                    }
+                    Info::BlockSize { max, .. } => {
+                        if max > 0 {
+                            max_request = max_request.min(max);
+                        }
+                    }
+                    Info::Other(_) => {}
+                },
+                proto::REP_ACK => break,
+                t if t & proto::REP_FLAG_ERROR != 0 => {
+                    return Err(proto::option_error(&r, &p).into())
+                }
+                _ => {}
+            }
+        }
+        let size = size.ok_or(ProtoError::Unsupported("export size in the OPT_GO reply"))?;
+        Ok(NbdConn {
+            s,
+            size,
+            flags,
+            structured,
+            allocation_ctx,
+            max_request,
+            cookie: 1,
+        })
+    }
+
+    fn option_reply(s: &mut S) -> Result<(proto::OptionReply, Vec<u8>), ConnError> {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h)?;
+        let r = proto::parse_option_reply(&h)?;
+        let p = read_payload(s, r.len, proto::MAX_OPTION_REPLY, "option reply")?;
+        Ok((r, p))
+    }
+
+    fn next_reply(&mut self, cookie: u64) -> Result<ReplyHeader, ConnError> {
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m)?;
+        let magic = u32::from_be_bytes(m);
+        let mut rest = [0u8; 16];
+        let n = proto::reply_rest_len(magic)?;
+        self.s.read_exact(&mut rest[..n])?;
+        let h = proto::parse_reply(magic, &rest[..n])?;
+        let c = match h {
+            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => cookie,
+        };
+        if c != cookie {
+            return Err(ProtoError::UnknownCookie(c).into());
+        }
+        Ok(h)
+    }
+
+    fn structured_error(&mut self, len: u32, what: &'static str) -> Result<ConnError, ConnError> {
+        let p = read_payload(&mut self.s, len, MAX_ERROR_PAYLOAD, "error chunk")?;
+        let (errno, message) = proto::parse_error_payload(&p)?;
+        Ok(ProtoError::Command {
+            what,
+            errno,
+            name: proto::errno_name(errno),
+            message,
+        }
+        .into())
+    }
+
+    /// Read `buf.len()` bytes at `offset` (split into requests the server accepts).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ConnError> {
+        let max = self.max_request as usize;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(max);
+            self.read_one(offset + done as u64, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_one(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ConnError> {
+        let cookie = self.cookie;
+        self.cookie += 1;
+        self.s.write_all(&proto::request(
+            0,
+            proto::CMD_READ,
+            cookie,
+            offset,
+            buf.len() as u32,
+        ))?;
+        let mut covered = 0usize;
+        loop {
+            match self.next_reply(cookie)? {
+                ReplyHeader::Simple { error, .. } => {
+                    if error != 0 {
+                        return Err(ProtoError::Command {
+                            what: "read",
+                            errno: error,
+                            name: proto::errno_name(error),
+                            message: String::new(),
+                        }
+                        .into());
+                    }
+                    self.s.read_exact(buf)?;
+                    return Ok(());
+                }
+                ReplyHeader::Structured {
+                    flags, kind, len, ..
+                } => {
+                    match kind {
+                        proto::REPLY_TYPE_OFFSET_DATA => {
+                            if len < 8 {
+                                return Err(ProtoError::Truncated {
+                                    what: "data chunk",
+                                    need: 8,
+                                    have: len as usize,
+                                }
+                                .into());
+                            }
+                            let mut o = [0u8; 8];
+                            self.s.read_exact(&mut o)?;
+                            let at = u64::from_be_bytes(o);
+                            let dlen = (len - 8) as usize;
+                            let start = at.checked_sub(offset).map(|x| x as usize);
+                            match start {
+                                Some(st)
+                                    if st.checked_add(dlen).is_some_and(|e| e <= buf.len()) =>
+                                {
+                                    self.s.read_exact(&mut buf[st..st + dlen])?;
+                                    covered += dlen;
+                                }
+                                _ => {
+                                    return Err(ProtoError::Invalid(format!(
+                                        "data chunk at {at}+{dlen} outside the request {offset}+{}",
+                                        buf.len()
+                                    ))
+                                    .into())
+                                }
+                            }
+                        }
+                        proto::REPLY_TYPE_OFFSET_HOLE => {
+                            let p = read_payload(&mut self.s, len, 12, "hole chunk")?;
+                            if p.len() != 12 {
+                                return Err(ProtoError::Truncated {
+                                    what: "hole chunk",
+                                    need: 12,
+                                    have: p.len(),
+                                }
+                                .into());
+                            }
+                            let at = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+                            let hlen =
+                                u32::from_be_bytes(p[8..12].try_into().expect("4 bytes")) as usize;
+                            match at.checked_sub(offset).map(|x| x as usize) {
+                                Some(st)
+                                    if st.checked_add(hlen).is_some_and(|e| e <= buf.len()) =>
+                                {
+                                    buf[st..st + hlen].fill(0);
+                                    covered += hlen;
+                                }
+                                _ => {
+                                    return Err(ProtoError::Invalid(format!(
+                                        "hole chunk at {at}+{hlen} outside the request"
+                                    ))
+                                    .into())
+                                }
+                            }
+                        }
+                        proto::REPLY_TYPE_NONE => {
+                            if len != 0 {
+                                return Err(ProtoError::Invalid(
+                                    "NONE chunk with a payload".into(),
+                                )
+                                .into());
+                            }
+                        }
+                        k if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
+                            return Err(self.structured_error(len, "read")?)
+                        }
+                        k => {
+                            return Err(ProtoError::Invalid(format!(
+                                "unexpected reply chunk type {k} to a read"
+                            ))
+                            .into())
+                        }
+                    }
+                    if flags & proto::REPLY_FLAG_DONE != 0 {
+                        if covered != buf.len() {
+                            return Err(ProtoError::Invalid(format!(
+                                "read reply covered {covered} of {} bytes",
+                                buf.len()
+                            ))
+                            .into());
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// `base:allocation` extents from `offset` for at most `len` bytes:
+    /// `(offset, length, flags)` in order. `None` if the server offers no block status.
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Option<Vec<StatusExtent>>, ConnError> {
+        let Some(ctx) = self.allocation_ctx else {
+            return Ok(None);
+        };
+        let cookie = self.cookie;
+        self.cookie += 1;
+        self.s.write_all(&proto::request(
+            0,
+            proto::CMD_BLOCK_STATUS,
+            cookie,
+            offset,
+            len,
+        ))?;
+        let mut out = Vec::new();
+        loop {
+            match self.next_reply(cookie)? {
+                ReplyHeader::Simple { error, .. } => {
+                    return Err(ProtoError::Command {
+                        what: "block status",
+                        errno: error,
+                        name: proto::errno_name(error),
+                        message: "simple reply to block status".into(),
+                    }
+                    .into());
+                }
+                ReplyHeader::Structured {
+                    flags,
+                    kind,
+                    len: plen,
+                    ..
+                } => {
+                    match kind {
+                        proto::REPLY_TYPE_BLOCK_STATUS => {
+                            let p = read_payload(
+                                &mut self.s,
+                                plen,
+                                MAX_BLOCK_STATUS_PAYLOAD,
+                                "block status chunk",
+                            )?;
+                            let (c, ds) = proto::parse_block_status(&p)?;
+                            if c == ctx {
+                                let mut at = offset;
+                                for Descriptor { len: l, flags: f } in ds {
+                                    if l == 0 {
+                                        return Err(ProtoError::Invalid(
+                                            "zero-length block status extent".into(),
+                                        )
+                                        .into());
+                                    }
+                                    out.push((at, l as u64, f));
+                                    at += l as u64;
+                                }
+                            }
+                        }
+                        proto::REPLY_TYPE_NONE => {}
+                        k if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
+                            return Err(self.structured_error(plen, "block status")?)
+                        }
+                        k => {
+                            return Err(ProtoError::Invalid(format!(
+                                "unexpected reply chunk type {k} to block status"
+                            ))
+                            .into())
+                        }
+                    }
+                    if flags & proto::REPLY_FLAG_DONE != 0 {
+                        return Ok(Some(out));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Say goodbye (best effort).
+    pub fn disconnect(&mut self) {
+        let _ = self
+            .s
+            .write_all(&proto::request(0, proto::CMD_DISC, 0, 0, 0));
+        let _ = self.s.flush();
+    }
+}
