@@ -183,3 +183,101 @@ fn nbdkit_sparse_random_4g_block_status_and_backup_match_nbdcopy() {
     assert!(st.success());
     assert_eq!(hash(&t), hash(&copy));
 }
+
+#[test]
+fn nbd_ssl_against_qemu_nbd_and_nbdkit_with_x509() {
+    let w = World::new();
+    let certs = w.path("certs");
+    ferry_mocks::fixtures::tls_certs(&certs).unwrap();
+    let img = w.image("tls.img", 12 << 20, 12);
+
+    // qemu-nbd over TCP with TLS required.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off",
+        certs.display()
+    );
+    let _q = qemu_nbd(
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--object",
+            &creds,
+            "--tls-creds",
+            "tls0",
+        ],
+        &img,
+    );
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        certs.display()
+    );
+    let src = wait_connect(&uri);
+    assert_eq!(src.transport(), "nbdssl");
+    let (bytes, _) = read_all(&src);
+    assert_eq!(blake3::hash(&bytes), hash(&img));
+    drop(src);
+    // Clear text against a TLS-only server is refused by the server, with its reason.
+    let e = NbdSource::connect(&format!("nbd://127.0.0.1:{port}/"), 1)
+        .err()
+        .expect("must be refused")
+        .to_string();
+    assert!(e.contains("TLS_REQD") || e.contains("ERR_"), "{e}");
+    // A CA that did not sign the server certificate is rejected by ferry.
+    let other = w.path("other-ca");
+    ferry_mocks::fixtures::tls_certs(&other).unwrap();
+    let e = NbdSource::connect(
+        &format!(
+            "nbds://127.0.0.1:{port}/?tls-certificates={}",
+            other.display()
+        ),
+        1,
+    )
+    .err()
+    .expect("must fail verification")
+    .to_string();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+
+    // nbdkit over a Unix socket, TLS required, client certificate presented.
+    let sock = w.path("kit-tls.sock");
+    let _k = nbdkit(
+        &w,
+        &sock,
+        &[
+            "--tls=require",
+            &format!("--tls-certificates={}", certs.display()),
+            "file",
+            img.to_str().unwrap(),
+        ],
+    );
+    let uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        sock.display(),
+        certs.display()
+    );
+    let src = wait_connect(&uri);
+    let (bytes, _) = read_all(&src);
+    assert_eq!(blake3::hash(&bytes), hash(&img));
+    drop(src);
+    // And a whole backup over NBD-SSL restores bit for bit.
+    let o = w.ferry(&["--json", "backup", "--name", "tlsvm", "--nbd", &uri]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["disks"][0]["transport"], "nbdssl");
+    let t = w.path("tls.restored");
+    let o = w.ferry(&[
+        "restore",
+        "--point",
+        "latest:tlsvm",
+        "--target",
+        t.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hash(&t), hash(&img));
+}

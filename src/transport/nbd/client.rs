@@ -37,6 +37,34 @@ pub struct NbdConn<S> {
 }
 
 const BASE_ALLOCATION: &str = "base:allocation";
+
+/// Read the server greeting and send the client flags (start of every handshake).
+pub fn greet<S: Read + Write>(s: &mut S) -> Result<(), ConnError> {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g)?;
+    let hflags = proto::parse_greeting(&g)?;
+    let mut cflags = proto::CFLAG_FIXED_NEWSTYLE;
+    if hflags & proto::FLAG_NO_ZEROES != 0 {
+        cflags |= proto::CFLAG_NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes())?;
+    Ok(())
+}
+
+/// Ask for TLS (NBD_OPT_STARTTLS) after [`greet`]; on success the caller runs the
+/// TLS handshake on the same stream and continues with [`NbdConn::negotiate`].
+pub fn start_tls<S: Read + Write>(s: &mut S) -> Result<(), ConnError> {
+    s.write_all(&proto::option(proto::OPT_STARTTLS, &[]))?;
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h)?;
+    let r = proto::parse_option_reply(&h)?;
+    let p = read_payload(s, r.len, proto::MAX_OPTION_REPLY, "option reply")?;
+    match r.reply {
+        proto::REP_ACK if r.option == proto::OPT_STARTTLS => Ok(()),
+        t if t & proto::REP_FLAG_ERROR != 0 => Err(proto::option_error(&r, &p).into()),
+        t => Err(ProtoError::Invalid(format!("unexpected reply {t} to STARTTLS")).into()),
+    }
+}
 const MAX_BLOCK_STATUS_PAYLOAD: u32 = 4 + 8 * (1 << 17);
 const MAX_ERROR_PAYLOAD: u32 = 6 + 4096 + 8;
 
@@ -63,14 +91,7 @@ impl<S: Read + Write> NbdConn<S> {
     /// Run the handshake on `s` (already connected, and already TLS-wrapped when TLS
     /// is wanted) and enter the transmission phase for `export`.
     pub fn handshake(mut s: S, export: &str) -> Result<Self, ConnError> {
-        let mut g = [0u8; 18];
-        s.read_exact(&mut g)?;
-        let hflags = proto::parse_greeting(&g)?;
-        let mut cflags = proto::CFLAG_FIXED_NEWSTYLE;
-        if hflags & proto::FLAG_NO_ZEROES != 0 {
-            cflags |= proto::CFLAG_NO_ZEROES;
-        }
-        s.write_all(&cflags.to_be_bytes())?;
+        greet(&mut s)?;
         Self::negotiate(s, export)
     }
 

@@ -3,7 +3,9 @@
 //! connections so that several reads are in flight at once. A dropped connection
 //! is re-established and the read retried (bounded).
 //!
-//! TLS (NBD-SSL, `nbds://`) plugs in under [`client::NbdConn`] through STARTTLS.
+//! NBD-SSL (`nbds://`): STARTTLS, then rustls with the server certificate verified
+//! against a pinned CA (`tls-certificates=DIR` holding `ca-cert.pem`, and optionally
+//! `client-cert.pem` + `client-key.pem` for a client certificate: the libnbd layout).
 
 pub mod client;
 pub mod proto;
@@ -25,41 +27,62 @@ pub enum Endpoint {
     Unix(String),
 }
 
-/// A parsed NBD URI: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
+/// TLS settings of an `nbds` URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// Directory with `ca-cert.pem` (required) and optionally `client-cert.pem` and
+    /// `client-key.pem`.
+    pub certs_dir: std::path::PathBuf,
+    /// Name the server certificate must carry.
+    pub server_name: String,
+}
+
+/// A parsed NBD URI: `nbd[s]://host[:port]/export[?tls-certificates=DIR]` or
+/// `nbd[s]+unix:///export?socket=PATH[&tls-certificates=DIR&tls-hostname=NAME]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NbdUri {
     /// Endpoint.
     pub endpoint: Endpoint,
     /// Export name ("" = default export).
     pub export: String,
+    /// TLS (NBD-SSL), when the scheme is `nbds`.
+    pub tls: Option<TlsOptions>,
 }
 
 impl NbdUri {
     /// Parse a URI.
     pub fn parse(uri: &str) -> Result<Self, String> {
         let bad = |why: &str| {
-            format!("bad NBD URI {uri:?}: {why} (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")
+            format!("bad NBD URI {uri:?}: {why} (nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH; TLS needs tls-certificates=DIR)")
         };
-        if let Some(rest) = uri.strip_prefix("nbd+unix://") {
-            let (path, query) = rest
-                .split_once('?')
-                .ok_or_else(|| bad("missing ?socket="))?;
-            let socket = query
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        let (tls, unix) = match scheme {
+            "nbd" => (false, false),
+            "nbds" => (true, false),
+            "nbd+unix" => (false, true),
+            "nbds+unix" => (true, true),
+            _ => return Err(bad("unknown scheme")),
+        };
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let param = |k: &str| {
+            query
                 .split('&')
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .ok_or_else(|| bad("missing socket="))?;
+                .find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+        };
+        let (endpoint, export, host) = if unix {
+            let socket = param("socket").ok_or_else(|| bad("missing socket="))?;
             let export = path.strip_prefix('/').unwrap_or(path).to_string();
-            return Ok(NbdUri {
-                endpoint: Endpoint::Unix(socket.to_string()),
+            (
+                Endpoint::Unix(socket.to_string()),
                 export,
-            });
-        }
-        if let Some(rest) = uri.strip_prefix("nbd://") {
-            let (host, export) = rest.split_once('/').unwrap_or((rest, ""));
+                "localhost".to_string(),
+            )
+        } else {
+            let (host, export) = path.split_once('/').unwrap_or((path, ""));
             if host.is_empty() {
                 return Err(bad("missing host"));
             }
-            let host = if host
+            let hp = if host
                 .rsplit_once(':')
                 .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
             {
@@ -67,42 +90,121 @@ impl NbdUri {
             } else {
                 format!("{host}:10809")
             };
-            return Ok(NbdUri {
-                endpoint: Endpoint::Tcp(host),
-                export: export.to_string(),
-            });
+            let name = hp
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(&hp)
+                .trim_matches(['[', ']'])
+                .to_string();
+            (Endpoint::Tcp(hp), export.to_string(), name)
+        };
+        let tls = if tls {
+            let dir = param("tls-certificates").ok_or_else(|| bad("nbds needs tls-certificates=DIR with ca-cert.pem: ferry always verifies the server"))?;
+            Some(TlsOptions {
+                certs_dir: dir.into(),
+                server_name: param("tls-hostname").map(str::to_string).unwrap_or(host),
+            })
+        } else {
+            None
+        };
+        Ok(NbdUri {
+            endpoint,
+            export,
+            tls,
+        })
+    }
+}
+
+fn tls_config(t: &TlsOptions) -> Result<std::sync::Arc<rustls::ClientConfig>, ConnError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: String| ConnError::Io(io::Error::other(what));
+    let ca = t.certs_dir.join("ca-cert.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        CertificateDer::pem_file_iter(&ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?
+    {
+        let c = c.map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| bad(format!("{}: {e}", ca.display())))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots);
+    let (cc, ck) = (
+        t.certs_dir.join("client-cert.pem"),
+        t.certs_dir.join("client-key.pem"),
+    );
+    let cfg = if cc.exists() && ck.exists() {
+        let chain = CertificateDer::pem_file_iter(&cc)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad(format!("{}: {e}", cc.display())))?;
+        let key =
+            PrivateKeyDer::from_pem_file(&ck).map_err(|e| bad(format!("{}: {e}", ck.display())))?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad(format!("client certificate: {e}")))?
+    } else {
+        builder.with_no_client_auth()
+    };
+    Ok(std::sync::Arc::new(cfg))
+}
+
+enum Plain {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Plain {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Plain::Tcp(s) => s.read(b),
+            Plain::Unix(s) => s.read(b),
         }
-        if uri.starts_with("nbds://") || uri.starts_with("nbds+unix://") {
-            return Err(bad("TLS (nbds) is not supported by this build yet"));
+    }
+}
+impl Write for Plain {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Plain::Tcp(s) => s.write(b),
+            Plain::Unix(s) => s.write(b),
         }
-        Err(bad("unknown scheme"))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Plain::Tcp(s) => s.flush(),
+            Plain::Unix(s) => s.flush(),
+        }
     }
 }
 
 enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Plain(Plain),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Plain>>),
 }
 
 impl Read for Stream {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.read(b),
-            Stream::Unix(s) => s.read(b),
+            Stream::Plain(s) => s.read(b),
+            Stream::Tls(s) => s.read(b),
         }
     }
 }
 impl Write for Stream {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write(b),
-            Stream::Unix(s) => s.write(b),
+            Stream::Plain(s) => s.write(b),
+            Stream::Tls(s) => s.write(b),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.flush(),
-            Stream::Unix(s) => s.flush(),
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }
@@ -112,22 +214,44 @@ const READ_ATTEMPTS: usize = 3;
 const STATUS_WINDOW: u64 = 1 << 30;
 
 fn connect(uri: &NbdUri) -> Result<NbdConn<Stream>, ConnError> {
-    let s = match &uri.endpoint {
+    let mut s = match &uri.endpoint {
         Endpoint::Tcp(hp) => {
             let s = TcpStream::connect(hp)?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             s.set_write_timeout(Some(IO_TIMEOUT))?;
-            Stream::Tcp(s)
+            Plain::Tcp(s)
         }
         Endpoint::Unix(p) => {
             let s = UnixStream::connect(p)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             s.set_write_timeout(Some(IO_TIMEOUT))?;
-            Stream::Unix(s)
+            Plain::Unix(s)
         }
     };
-    NbdConn::handshake(s, &uri.export)
+    client::greet(&mut s)?;
+    let stream = match &uri.tls {
+        None => Stream::Plain(s),
+        Some(t) => {
+            client::start_tls(&mut s)?;
+            let name =
+                rustls_pki_types::ServerName::try_from(t.server_name.clone()).map_err(|e| {
+                    ConnError::Io(io::Error::other(format!(
+                        "TLS server name {:?}: {e}",
+                        t.server_name
+                    )))
+                })?;
+            let conn = rustls::ClientConnection::new(tls_config(t)?, name)
+                .map_err(|e| ConnError::Io(io::Error::other(e)))?;
+            let mut tls = rustls::StreamOwned::new(conn, s);
+            // Finish the TLS handshake now so certificate errors surface here.
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.sock)?;
+            }
+            Stream::Tls(Box::new(tls))
+        }
+    };
+    NbdConn::negotiate(stream, &uri.export)
 }
 
 /// An NBD export as a disk source.
@@ -247,7 +371,11 @@ impl DiskSource for NbdSource {
         self.label.clone()
     }
     fn transport(&self) -> &'static str {
-        "nbd"
+        if self.uri.tls.is_some() {
+            "nbdssl"
+        } else {
+            "nbd"
+        }
     }
     fn size(&self) -> u64 {
         self.size
@@ -337,26 +465,45 @@ mod tests {
 
     #[test]
     fn uri_parsing() {
+        let tcp = NbdUri::parse("nbd://127.0.0.1:10810/disk").unwrap();
         assert_eq!(
-            NbdUri::parse("nbd://127.0.0.1:10810/disk").unwrap(),
+            tcp,
             NbdUri {
                 endpoint: Endpoint::Tcp("127.0.0.1:10810".into()),
-                export: "disk".into()
+                export: "disk".into(),
+                tls: None
             }
         );
         assert_eq!(
             NbdUri::parse("nbd://host").unwrap().endpoint,
             Endpoint::Tcp("host:10809".into())
         );
+        let unix = NbdUri::parse("nbd+unix:///?socket=/tmp/s").unwrap();
         assert_eq!(
-            NbdUri::parse("nbd+unix:///?socket=/tmp/s").unwrap(),
+            unix,
             NbdUri {
                 endpoint: Endpoint::Unix("/tmp/s".into()),
-                export: String::new()
+                export: String::new(),
+                tls: None
             }
         );
+        let t = NbdUri::parse("nbds://127.0.0.1:10810/d?tls-certificates=/c")
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(
+            (t.certs_dir.to_str().unwrap(), t.server_name.as_str()),
+            ("/c", "127.0.0.1")
+        );
+        let t = NbdUri::parse("nbds+unix:///?socket=/s&tls-certificates=/c&tls-hostname=esx1")
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!(t.server_name, "esx1");
         assert!(NbdUri::parse("http://x").is_err());
         assert!(NbdUri::parse("nbd+unix:///x").is_err());
-        assert!(NbdUri::parse("nbds://h/x").unwrap_err().contains("TLS"));
+        assert!(NbdUri::parse("nbds://h/x")
+            .unwrap_err()
+            .contains("tls-certificates"));
     }
 }
