@@ -110,3 +110,77 @@ pub fn stages(chunk_size: usize, seconds: f64) -> Vec<StageResult> {
     }
     res
 }
+
+/// Result of reading a whole source.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReadResult {
+    /// What was read.
+    pub source: String,
+    /// Transport.
+    pub transport: String,
+    /// Disk size.
+    pub size: u64,
+    /// Bytes actually read (allocated extents).
+    pub bytes_read: u64,
+    /// Seconds.
+    pub seconds: f64,
+    /// MiB/s of bytes read.
+    pub mib_per_sec: f64,
+}
+
+/// Read every allocated byte of `source` with `threads` readers in `block`-sized
+/// requests and discard it: the transport's raw read speed, nothing else.
+pub fn read_source(
+    source: &dyn crate::transport::DiskSource,
+    threads: usize,
+    block: usize,
+) -> Result<ReadResult, crate::transport::SourceError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    let start = Instant::now();
+    // Work list: allocated extents cut into blocks, handed out from a shared cursor.
+    let mut work = Vec::new();
+    let mut at = 0;
+    while let Some(e) = source.next_allocated(at)? {
+        let mut o = e.offset;
+        while o < e.end() {
+            let n = (e.end() - o).min(block as u64);
+            work.push((o, n as usize));
+            o += n;
+        }
+        at = e.end();
+    }
+    let next = AtomicU64::new(0);
+    let read = AtomicU64::new(0);
+    let err = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; block];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&(o, n)) = work.get(i) else { break };
+                    if let Err(e) = source.read_at(o, &mut buf[..n]) {
+                        *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        break;
+                    }
+                    std::hint::black_box(&buf);
+                    read.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    if let Some(e) = err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let bytes_read = read.into_inner();
+    Ok(ReadResult {
+        source: source.label(),
+        transport: source.transport().to_string(),
+        size: source.size(),
+        bytes_read,
+        seconds,
+        mib_per_sec: bytes_read as f64 / seconds.max(1e-9) / 1048576.0,
+    })
+}

@@ -257,6 +257,13 @@ struct BenchArgs {
     /// Scratch directory for --image (default: system temp dir).
     #[arg(long)]
     scratch: Option<PathBuf>,
+    /// Only read this source (an image/device path or an nbd[s]:// URI): every
+    /// allocated byte, discarded; reports the transport's read speed.
+    #[arg(long)]
+    read: Option<String>,
+    /// Readers (and NBD connections) for --read.
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
     #[command(flatten)]
     pipe: PipeArgs,
 }
@@ -574,6 +581,26 @@ fn resolve_point(repo: &Repository, spec: &str) -> anyhow::Result<String> {
 
 fn bench(a: BenchArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
     let cs = a.chunk_size as usize;
+    if let Some(what) = &a.read {
+        let src: Box<dyn ferry::transport::DiskSource> = if what.starts_with("nbd") {
+            Box::new(ferry::transport::nbd::NbdSource::connect(what, a.readers)?)
+        } else {
+            Box::new(FileSource::open(std::path::Path::new(what))?)
+        };
+        let r = ferry::bench::read_source(src.as_ref(), a.readers, cs)?;
+        out.result(&r, || {
+            format!(
+                "read {} of {} from {} ({}) in {:.2}s: {:.1} MiB/s",
+                human_bytes(r.bytes_read),
+                human_bytes(r.size),
+                r.source,
+                r.transport,
+                r.seconds,
+                r.mib_per_sec
+            )
+        });
+        return Ok(exit::OK);
+    }
     let stages = ferry::bench::stages(cs, a.seconds);
     let mut e2e = None;
     if let Some(img) = &a.image {

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# NBD-SSL read path, side by side in one run: ferry's NBD client vs nbdcopy, both
+# reading the same image from the same nbdkit server over TLS (x509) on a Unix
+# socket; plus the HotAdd-style local read (ferry reading the file) vs dd bs=4M.
+# Each figure is the median of $REPEAT runs with the image in the page cache.
+#
+# usage: bench/compare-nbd.sh [WORKDIR] [IMAGE_MIB]   (defaults: /var/tmp/ferry-nbd 2048)
+# needs: nbdkit, libnbd-bin (nbdcopy), openssl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/var/tmp/ferry-nbd}
+MIB=${2:-2048}
+REPEAT=${REPEAT:-3}
+cargo build --release -q --bin ferry --bin ferry-sim
+FERRY=$PWD/target/release/ferry
+SIM=$PWD/target/release/ferry-sim
+rm -rf "$WORK" && mkdir -p "$WORK/certs"
+IMG=$WORK/disk.img
+# Fully allocated (no holes) so both tools move the same bytes.
+"$SIM" gen-disk --out "$IMG" --size-mib "$MIB" --seed 3 --zero-pct 0 >/dev/null
+bash ../shared/peers/gen-certs.sh "$WORK/certs" >/dev/null 2>&1 || {
+  # Fallback when shared/ is not beside the checkout: same layout via openssl.
+  (cd "$WORK/certs" && openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=ca" -keyout ca-key.pem -out ca-cert.pem 2>/dev/null \
+   && openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server-key.pem -out s.csr 2>/dev/null \
+   && openssl x509 -req -in s.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 30 -extfile <(printf "subjectAltName=DNS:localhost") -out server-cert.pem 2>/dev/null)
+}
+SOCK=$WORK/nbd.sock
+nbdkit -f -r --tls=require --tls-certificates="$WORK/certs" -U "$SOCK" --threads 16 file "$IMG" &
+KIT=$!
+trap 'kill $KIT 2>/dev/null; rm -rf "$WORK"' EXIT
+for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+cat "$IMG" > /dev/null
+
+median() { sort -n | awk -v k="$REPEAT" '{a[NR]=$1} END {print a[int((k+1)/2)]}'; }
+time_cmd() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); awk -v a="$t0" -v z="$t1" 'BEGIN{print z-a}'; }
+report() { awk -v n="$1" -v s="$2" -v m="$MIB" 'BEGIN { printf "%-36s %8.1f MiB/s  (%.2f s, median of '"$REPEAT"')\n", n, m/s, s }'; }
+
+URI_KIT="nbds+unix:///?socket=$SOCK&tls-certificates=$WORK/certs"
+s=$(for _ in $(seq "$REPEAT"); do time_cmd nbdcopy --connections=4 "nbds+unix:///?socket=$SOCK&tls-certificates=$WORK/certs" null:; done | median)
+report "nbdcopy over TLS (4 connections)" "$s"
+s=$(for _ in $(seq "$REPEAT"); do time_cmd "$FERRY" bench --read "$URI_KIT" --readers 4 --chunk-size 4M; done | median)
+report "ferry NBD-SSL read (4 connections)" "$s"
+s=$(for _ in $(seq "$REPEAT"); do time_cmd dd if="$IMG" of=/dev/null bs=4M; done | median)
+report "dd bs=4M of the image" "$s"
+s=$(for _ in $(seq "$REPEAT"); do time_cmd "$FERRY" bench --read "$IMG" --readers 2 --chunk-size 4M; done | median)
+report "ferry local read (HotAdd path)" "$s"
