@@ -425,3 +425,196 @@ impl<S: Read + Write> NbdConn<S> {
         let _ = self.s.flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A scripted server on a socket pair: hostile or broken replies give clean
+    //! errors, never panics or oversized allocations.
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::thread;
+
+    fn opt_reply(opt: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = proto::REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&opt.to_be_bytes());
+        v.extend_from_slice(&reply.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Serve a handshake (structured replies, base:allocation id 7, a 1 MiB export),
+    /// then answer the first request with `reply(cookie)`.
+    fn server(reply: impl FnOnce(u64) -> Vec<u8> + Send + 'static) -> UnixStream {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let mut g = proto::NBDMAGIC.to_be_bytes().to_vec();
+            g.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+            g.extend_from_slice(&3u16.to_be_bytes());
+            b.write_all(&g).unwrap();
+            let mut cf = [0u8; 4];
+            b.read_exact(&mut cf).unwrap();
+            loop {
+                let mut h = [0u8; 16];
+                if b.read_exact(&mut h).is_err() {
+                    return;
+                }
+                let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let mut d = vec![0u8; len as usize];
+                b.read_exact(&mut d).unwrap();
+                match opt {
+                    proto::OPT_STRUCTURED_REPLY => {
+                        b.write_all(&opt_reply(opt, proto::REP_ACK, &[])).unwrap()
+                    }
+                    proto::OPT_SET_META_CONTEXT => {
+                        let mut p = 7u32.to_be_bytes().to_vec();
+                        p.extend_from_slice(b"base:allocation");
+                        b.write_all(&opt_reply(opt, proto::REP_META_CONTEXT, &p))
+                            .unwrap();
+                        b.write_all(&opt_reply(opt, proto::REP_ACK, &[])).unwrap();
+                    }
+                    proto::OPT_GO => {
+                        let mut p = proto::INFO_EXPORT.to_be_bytes().to_vec();
+                        p.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                        p.extend_from_slice(&3u16.to_be_bytes());
+                        b.write_all(&opt_reply(opt, proto::REP_INFO, &p)).unwrap();
+                        b.write_all(&opt_reply(opt, proto::REP_ACK, &[])).unwrap();
+                        break;
+                    }
+                    _ => b
+                        .write_all(&opt_reply(opt, proto::REP_FLAG_ERROR | 1, &[]))
+                        .unwrap(),
+                }
+            }
+            let mut req = [0u8; 28];
+            if b.read_exact(&mut req).is_ok() {
+                let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap());
+                let _ = b.write_all(&reply(cookie));
+            }
+        });
+        a
+    }
+
+    fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8], declared: Option<u32>) -> Vec<u8> {
+        let mut v = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&declared.unwrap_or(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn read_with(
+        reply: impl FnOnce(u64) -> Vec<u8> + Send + 'static,
+    ) -> Result<Vec<u8>, ConnError> {
+        let mut c = NbdConn::handshake(server(reply), "").unwrap();
+        assert_eq!(
+            (c.size, c.allocation_ctx, c.structured),
+            (1 << 20, Some(7), true)
+        );
+        let mut buf = vec![0xAA; 4096];
+        c.read(0, &mut buf).map(|_| buf)
+    }
+
+    #[test]
+    fn good_structured_read_with_data_and_hole() {
+        let buf = read_with(|c| {
+            let mut d = 0u64.to_be_bytes().to_vec();
+            d.extend_from_slice(&[5u8; 1024]);
+            let mut h = 1024u64.to_be_bytes().to_vec();
+            h.extend_from_slice(&3072u32.to_be_bytes());
+            let mut v = chunk(0, proto::REPLY_TYPE_OFFSET_DATA, c, &d, None);
+            v.extend(chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_HOLE,
+                c,
+                &h,
+                None,
+            ));
+            v
+        })
+        .unwrap();
+        assert!(buf[..1024].iter().all(|&b| b == 5) && buf[1024..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn hostile_replies_are_clean_errors() {
+        // Oversized declared length: refused before any allocation.
+        let e = read_with(|c| {
+            chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                c,
+                &[],
+                Some(u32::MAX),
+            )
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("exceeds the limit"), "{e}");
+        // Wrong cookie.
+        let e = read_with(|c| {
+            chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                c + 99,
+                &[],
+                None,
+            )
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown cookie"), "{e}");
+        // Data outside the requested range.
+        let e = read_with(|c| {
+            let mut d = 8192u64.to_be_bytes().to_vec();
+            d.extend_from_slice(&[1u8; 16]);
+            chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                c,
+                &d,
+                None,
+            )
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("outside the request"), "{e}");
+        // DONE before the whole range was covered.
+        let e = read_with(|c| {
+            let mut d = 0u64.to_be_bytes().to_vec();
+            d.extend_from_slice(&[1u8; 16]);
+            chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                c,
+                &d,
+                None,
+            )
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("covered 16 of 4096"), "{e}");
+        // A server error mid-stream with its message.
+        let e = read_with(|c| {
+            let mut p = 5u32.to_be_bytes().to_vec();
+            p.extend_from_slice(&4u16.to_be_bytes());
+            p.extend_from_slice(b"disk");
+            chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_ERROR_BIT | 1,
+                c,
+                &p,
+                None,
+            )
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("EIO") && e.to_string().contains("disk"),
+            "{e}"
+        );
+        // Garbage instead of a reply, and a connection that just closes.
+        let e = read_with(|_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+        let e = read_with(|_| Vec::new()).unwrap_err();
+        assert!(matches!(e, ConnError::Io(_)), "{e}");
+    }
+}
