@@ -281,3 +281,107 @@ fn nbd_ssl_against_qemu_nbd_and_nbdkit_with_x509() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(hash(&t), hash(&img));
 }
+
+/// A TCP proxy to `upstream` that cuts the first `drops` connections after
+/// `after` bytes from the server, as a flaky network would.
+fn flaky_proxy(upstream: u16, drops: usize, after: usize) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, c) in l.incoming().enumerate() {
+            let Ok(mut c) = c else { return };
+            let Ok(mut u) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                return;
+            };
+            let (mut c2, mut u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+            });
+            let limit = if n < drops { Some(after) } else { None };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let mut sent = 0;
+                loop {
+                    let k = match u.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => k,
+                    };
+                    if limit.is_some_and(|l| sent + k > l) {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                        let _ = u.shutdown(std::net::Shutdown::Both);
+                        break;
+                    }
+                    if c.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    sent += k;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn dropped_connection_mid_disk_is_resumed() {
+    let w = World::new();
+    let img = w.image("flaky.img", 16 << 20, 31);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _srv = qemu_nbd(&["--bind", "127.0.0.1", "--port", &port.to_string()], &img);
+    wait_connect(&format!("nbd://127.0.0.1:{port}/"));
+    // The first connection dies after 3 MiB of replies; ferry reconnects and goes on.
+    let proxy = flaky_proxy(port, 1, 3 << 20);
+    let uri = format!("nbd://127.0.0.1:{proxy}/");
+    let o = w.ferry(&[
+        "--json",
+        "backup",
+        "--name",
+        "flaky",
+        "--nbd",
+        &uri,
+        "--nbd-connections",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = w.path("flaky.restored");
+    let o = w.ferry(&[
+        "restore",
+        "--point",
+        "latest:flaky",
+        "--target",
+        t.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hash(&t), hash(&img));
+    // A connection that always dies fails the disk cleanly: no point is committed.
+    let dead = flaky_proxy(port, usize::MAX, 64 << 10); // less than one chunk read
+    let o = w.ferry(&[
+        "backup",
+        "--name",
+        "dead",
+        "--nbd",
+        &format!("nbd://127.0.0.1:{dead}/"),
+        "--nbd-connections",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("gave up after 3 attempts"),
+        "{}",
+        text(&o)
+    );
+    let o = w.ferry(&["--json", "points", "list", "--name", "dead"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
