@@ -10,12 +10,14 @@
 //! - [`pipeline`]: the multithreaded data plane (read → hash/compress/encrypt → write
 //!   and back).
 //! - [`job`]: one backup or restore, start to cleanup.
+//! - [`kmip`]: the KMIP TTLV codec (the KMS client builds on it).
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
 
 pub mod bench;
 pub mod job;
 pub mod keys;
+pub mod kmip;
 pub mod pipeline;
 pub mod progress;
 pub mod repo;
