@@ -13,6 +13,7 @@
 //! - [`kmip`]: the KMIP TTLV codec (the KMS client builds on it).
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
+//! - [`tls`]: rustls client configuration (pinned CA, client certificates).
 
 pub mod bench;
 pub mod job;
@@ -21,4 +22,5 @@ pub mod kmip;
 pub mod pipeline;
 pub mod progress;
 pub mod repo;
+pub mod tls;
 pub mod transport;

@@ -96,3 +96,57 @@ pub fn tls_certs(dir: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Replace the server certificate in `dir` (made by [`tls_certs`]) with an ECDSA
+/// P-256 one signed by the same CA: PyKMIP's TLS 1.2 cipher list has no
+/// ECDHE-RSA-GCM suite, so rustls peers need ECDSA there (shared/PEERS.md).
+pub fn ec_server_cert(dir: &Path) -> std::io::Result<()> {
+    let run = |args: &[&str]| -> std::io::Result<()> {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if !o.status.success() {
+            return Err(std::io::Error::other(format!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )));
+        }
+        Ok(())
+    };
+    std::fs::write(dir.join("ec.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n")?;
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server-key.pem",
+        "-out",
+        "ec.csr",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "ec.csr",
+        "-CA",
+        "ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-extfile",
+        "ec.ext",
+        "-out",
+        "server-cert.pem",
+    ])?;
+    std::fs::remove_file(dir.join("ec.csr"))?;
+    std::fs::remove_file(dir.join("ec.ext"))?;
+    Ok(())
+}

@@ -5,10 +5,12 @@
 //! wrapping. Must not write key material anywhere, and must never format key bytes
 //! into `Debug`/`Display` output.
 
+mod kms;
 mod multi;
 mod pem;
 mod wrap;
 
+pub use kms::{public_from as kms_public_from, KmsKeySource};
 pub use multi::MultiKeySource;
 pub use pem::{generate_pem_pair, PemKeySource};
 pub use wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};

@@ -116,41 +116,13 @@ impl NbdUri {
 }
 
 fn tls_config(t: &TlsOptions) -> Result<std::sync::Arc<rustls::ClientConfig>, ConnError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: String| ConnError::Io(io::Error::other(what));
-    let ca = t.certs_dir.join("ca-cert.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in
-        CertificateDer::pem_file_iter(&ca).map_err(|e| bad(format!("{}: {e}", ca.display())))?
-    {
-        let c = c.map_err(|e| bad(format!("{}: {e}", ca.display())))?;
-        roots
-            .add(c)
-            .map_err(|e| bad(format!("{}: {e}", ca.display())))?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(e.to_string()))?
-        .with_root_certificates(roots);
     let (cc, ck) = (
         t.certs_dir.join("client-cert.pem"),
         t.certs_dir.join("client-key.pem"),
     );
-    let cfg = if cc.exists() && ck.exists() {
-        let chain = CertificateDer::pem_file_iter(&cc)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| bad(format!("{}: {e}", cc.display())))?;
-        let key =
-            PrivateKeyDer::from_pem_file(&ck).map_err(|e| bad(format!("{}: {e}", ck.display())))?;
-        builder
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| bad(format!("client certificate: {e}")))?
-    } else {
-        builder.with_no_client_auth()
-    };
-    Ok(std::sync::Arc::new(cfg))
+    let client = (cc.exists() && ck.exists()).then_some((cc.as_path(), ck.as_path()));
+    crate::tls::client_config(&t.certs_dir.join("ca-cert.pem"), client)
+        .map_err(|e| ConnError::Io(io::Error::other(e)))
 }
 
 enum Plain {

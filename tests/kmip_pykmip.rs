@@ -1,0 +1,208 @@
+//! ferry's KMIP client against a real KMS, the PyKMIP server, over mutual TLS:
+//! DiscoverVersions, Query, CreateKeyPair, Activate, Locate, Get (public and
+//! private), GetAttributes, Decrypt (PyKMIP refuses RSA: the Get-private fallback is
+//! proven instead), Revoke, Destroy; then a full backup and restore with PyKMIP
+//! holding the tenant key. The server comes from the venv .ci/run creates.
+
+mod common;
+use common::*;
+use ferry::keys::{KeySource, KmsKeySource};
+use ferry::kmip::client::{KmsClient, KmsConfig};
+use ferry::kmip::tags::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct PyKmip {
+    child: Child,
+    port: u16,
+    certs: PathBuf,
+}
+impl Drop for PyKmip {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pykmip(dir: &Path) -> PyKmip {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/pykmip-server");
+    assert!(bin.exists(), "{} missing: .ci/run creates the venv (python3 -m venv .venv && .venv/bin/pip install pykmip)", bin.display());
+    let certs = dir.join("kms-certs");
+    ferry_mocks::fixtures::tls_certs(&certs).unwrap();
+    ferry_mocks::fixtures::ec_server_cert(&certs).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    let conf = dir.join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[server]\nhostname=127.0.0.1\nport={port}\ncertificate_path={c}/server-cert.pem\nkey_path={c}/server-key.pem\nca_path={c}/ca-cert.pem\nauth_suite=TLS1.2\nenable_tls_client_auth=True\npolicy_path={d}/policies\nlogging_level=INFO\ndatabase_path={d}/pykmip.db\ntls_cipher_suites=\n    TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384\n    TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\n",
+            c = certs.display(),
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(bin)
+        .arg("-f")
+        .arg(&conf)
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "PyKMIP did not start; see {}",
+            dir.join("server.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    PyKmip { child, port, certs }
+}
+
+fn client(k: &PyKmip) -> KmsClient {
+    KmsClient::new(KmsConfig {
+        address: format!("127.0.0.1:{}", k.port),
+        server_name: Some("localhost".into()),
+        ca: k.certs.join("ca-cert.pem"),
+        client_cert: k.certs.join("client-cert.pem"),
+        client_key: k.certs.join("client-key.pem"),
+        timeout: Duration::from_secs(20),
+    })
+    .unwrap()
+}
+
+#[test]
+fn pykmip_operations_and_a_kms_held_backup() {
+    let w = World::new();
+    let kms = pykmip(w.dir.path());
+    let c = client(&kms);
+
+    let versions = c.discover_versions().unwrap();
+    assert!(versions.contains(&(1, 4)), "{versions:?}");
+    assert_eq!(c.version(), (1, 4));
+    let q = c.query().unwrap();
+    for op in [
+        OP_CREATE_KEY_PAIR,
+        OP_LOCATE,
+        OP_GET,
+        OP_GET_ATTRIBUTES,
+        OP_ACTIVATE,
+        OP_REVOKE,
+        OP_DESTROY,
+    ] {
+        assert!(
+            q.operations.contains(&op),
+            "PyKMIP should support {}: {:?}",
+            operation_name(op),
+            q.operations
+        );
+    }
+
+    let (sk, pk) = c.create_rsa_key_pair("ferry/acme/test", 2048).unwrap();
+    assert_eq!(c.state(&pk).unwrap(), STATE_PRE_ACTIVE);
+    c.activate(&sk).unwrap();
+    c.activate(&pk).unwrap();
+    assert_eq!(c.state(&pk).unwrap(), STATE_ACTIVE);
+    assert_eq!(
+        c.locate("ferry/acme/test", OBJ_PUBLIC_KEY, None).unwrap(),
+        vec![pk.clone()]
+    );
+    assert_eq!(
+        c.locate("ferry/acme/test", OBJ_PRIVATE_KEY, Some(STATE_ACTIVE))
+            .unwrap(),
+        vec![sk.clone()]
+    );
+    let public = c.get(&pk, None).unwrap();
+    assert_eq!(public.format, FMT_PKCS1);
+    let private = c.get(&sk, None).unwrap();
+    assert_eq!(private.format, FMT_PKCS8);
+    // The two halves belong together.
+    use rsa::pkcs8::DecodePrivateKey;
+    let rsk = rsa::RsaPrivateKey::from_pkcs8_der(&private.material).unwrap();
+    let rpk = ferry::keys::rsa_oaep_wrap(
+        &ferry::keys::kms_public_from(public.format, &public.material).unwrap(),
+        &[9u8; 32],
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        &ferry::keys::rsa_oaep_unwrap(&rsk, &rpk, "t").unwrap()[..],
+        &[9u8; 32]
+    );
+    let attrs = c
+        .get_attributes(&pk, &["Name", "Cryptographic Length"])
+        .unwrap();
+    assert!(
+        attrs.iter().any(|(n, _)| n == "Cryptographic Length"),
+        "{attrs:?}"
+    );
+    // PyKMIP decrypts symmetric keys only: a clear, typed refusal.
+    let e = c.decrypt_rsa_oaep_sha1(&sk, &rpk).unwrap_err();
+    assert!(e.reason().is_some(), "{e}");
+
+    // A backup and restore with PyKMIP holding the tenant key (Get-private fallback).
+    let ks = KmsKeySource::open(client(&kms), "ferry/acme/repo", true, 2048).unwrap();
+    assert_eq!(ks.current_key().unwrap().source, "kmip");
+    let repo_dir = w.path("kms-repo");
+    let repo = ferry::repo::Repository::init(&repo_dir, CS, "acme", &ks).unwrap();
+    let img = w.image("k.img", 6 << 20, 17);
+    let rep = ferry::job::backup(
+        &repo,
+        &ks,
+        ferry::job::BackupRequest {
+            source_name: "vm".into(),
+            disks: vec![ferry::job::DiskInput {
+                source: Box::new(ferry::transport::file::FileSource::open(&img).unwrap()),
+                label: "d".into(),
+                transport_reason: "test".into(),
+                change_id: None,
+            }],
+            pipeline: ferry::pipeline::PipelineConfig::new(Some(2), CS, 16 << 20),
+            lock_wait: Duration::from_secs(5),
+        },
+        &ferry::progress::Progress::default(),
+    )
+    .unwrap();
+    let t = w.path("k.restored");
+    ferry::job::restore(
+        &repo,
+        &ks,
+        &rep.point_id,
+        0,
+        &t,
+        ferry::pipeline::PipelineConfig::new(Some(2), CS, 16 << 20),
+        &ferry::progress::Progress::default(),
+    )
+    .unwrap();
+    assert_eq!(hash(&t), hash(&img));
+    // Without the keyring too (the point's own KMS-wrapped key).
+    std::fs::remove_file(repo_dir.join("keyring")).unwrap();
+    let t2 = w.path("k.restored2");
+    ferry::job::restore(
+        &repo,
+        &ks,
+        &rep.point_id,
+        0,
+        &t2,
+        ferry::pipeline::PipelineConfig::new(Some(1), CS, 8 << 20),
+        &ferry::progress::Progress::default(),
+    )
+    .unwrap();
+    assert_eq!(hash(&t2), hash(&img));
+
+    // Revoke and Destroy (operator actions; ferry never does this by itself).
+    c.revoke(&sk, REVOKE_CESSATION, Some("test done")).unwrap();
+    assert_ne!(c.state(&sk).unwrap(), STATE_ACTIVE);
+    c.destroy(&sk).unwrap();
+    let e = c.get(&sk, None).unwrap_err();
+    assert!(e.to_string().contains("KMS 127.0.0.1"), "{e}");
+}
