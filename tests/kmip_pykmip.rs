@@ -206,3 +206,76 @@ fn pykmip_operations_and_a_kms_held_backup() {
     let e = c.get(&sk, None).unwrap_err();
     assert!(e.to_string().contains("KMS 127.0.0.1"), "{e}");
 }
+
+#[test]
+fn cli_with_pykmip_keys_test_create_backup_restore_and_kms_down() {
+    let w = World::new();
+    let kms = pykmip(w.dir.path());
+    let repo = w.path("cli-repo");
+    let (port, certs) = (kms.port, kms.certs.clone());
+    let env = |c: &mut Command| {
+        c.env("FERRY_KMS", format!("127.0.0.1:{port}"))
+            .env("FERRY_KMS_CA", certs.join("ca-cert.pem"))
+            .env("FERRY_KMS_CERT", certs.join("client-cert.pem"))
+            .env("FERRY_KMS_CLIENT_KEY", certs.join("client-key.pem"))
+            .env("FERRY_KMS_SERVER_NAME", "localhost")
+            .env("FERRY_KMS_KEY", "ferry/acme/cli")
+            .env("FERRY_REPO", &repo)
+            .env_remove("FERRY_PUBLIC_KEY")
+            .env_remove("FERRY_PRIVATE_KEY");
+    };
+    let run = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.args(args);
+        env(&mut c);
+        c.output().unwrap()
+    };
+    let o = run(&["--json", "keys", "test"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(t["using"], serde_json::json!([1, 4]));
+    assert_eq!(t["key"]["public_keys"], serde_json::json!([]));
+    let o = run(&["keys", "create"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&["repo", "init", "--tenant", "acme"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let img = w.image("c.img", 4 << 20, 3);
+    let o = run(&[
+        "--json",
+        "backup",
+        "--name",
+        "vm",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&["--json", "points", "list"]);
+    let pts: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(pts[0]["key"]["source"], "kmip");
+    let t = w.path("c.restored");
+    let o = run(&[
+        "restore",
+        "--point",
+        "latest:vm",
+        "--target",
+        t.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hash(&t), hash(&img));
+
+    // The KMS goes down: a backup fails before writing anything, naming the KMS.
+    let before = files_under(&repo).len();
+    drop(kms);
+    let o = run(&["backup", "--name", "vm", "--image", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("unreachable"),
+        "{err}"
+    );
+    assert_eq!(
+        files_under(&repo).len(),
+        before,
+        "nothing may be written while the KMS is down"
+    );
+}

@@ -84,10 +84,96 @@ struct KeyArgs {
     /// (rotated keys, keys exported from a KMS by hand). Repeatable.
     #[arg(long = "extra-private-key")]
     extra_private_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    kms: KmsArgs,
+}
+
+/// The tenant's KMS (KMIP over mutual TLS). When given, it holds the tenant key.
+#[derive(Args, Clone)]
+struct KmsArgs {
+    /// KMS address HOST:PORT (KMIP, usually port 5696).
+    #[arg(long, env = "FERRY_KMS")]
+    kms: Option<String>,
+    /// CA certificate that signed the KMS server certificate (PEM).
+    #[arg(long, env = "FERRY_KMS_CA")]
+    kms_ca: Option<PathBuf>,
+    /// Client certificate presented to the KMS (PEM).
+    #[arg(long, env = "FERRY_KMS_CERT")]
+    kms_cert: Option<PathBuf>,
+    /// Client certificate's private key (PEM).
+    #[arg(long, env = "FERRY_KMS_CLIENT_KEY")]
+    kms_client_key: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the host of --kms).
+    #[arg(long, env = "FERRY_KMS_SERVER_NAME")]
+    kms_server_name: Option<String>,
+    /// Name of the tenant key pair on the KMS, e.g. ferry/<tenant>/<repository>.
+    #[arg(long, env = "FERRY_KMS_KEY")]
+    kms_key: Option<String>,
+    /// Create (and activate) the key pair when the KMS has none of that name.
+    #[arg(long)]
+    kms_create: bool,
+    /// RSA size for --kms-create: 2048, 3072 or 4096.
+    #[arg(long, default_value_t = 2048)]
+    kms_bits: i32,
+}
+
+impl KmsArgs {
+    fn client(&self) -> Result<Option<ferry::kmip::client::KmsClient>, KeyError> {
+        let Some(addr) = &self.kms else {
+            return Ok(None);
+        };
+        let need = |v: &Option<PathBuf>, flag: &str| {
+            v.clone().ok_or_else(|| KeyError::Backend {
+                kms: addr.clone(),
+                detail: format!("{flag} is required with --kms"),
+            })
+        };
+        let cfg = ferry::kmip::client::KmsConfig {
+            address: addr.clone(),
+            server_name: self.kms_server_name.clone(),
+            ca: need(&self.kms_ca, "--kms-ca")?,
+            client_cert: need(&self.kms_cert, "--kms-cert")?,
+            client_key: need(&self.kms_client_key, "--kms-client-key")?,
+            timeout: std::time::Duration::from_secs(30),
+        };
+        ferry::kmip::client::KmsClient::new(cfg)
+            .map(Some)
+            .map_err(|e| KeyError::Backend {
+                kms: addr.clone(),
+                detail: e.to_string(),
+            })
+    }
+
+    fn source(&self) -> Result<Option<ferry::keys::KmsKeySource>, KeyError> {
+        let Some(client) = self.client()? else {
+            return Ok(None);
+        };
+        let name = self.kms_key.clone().ok_or_else(|| KeyError::Backend {
+            kms: client.address().to_string(),
+            detail: "--kms-key NAME is required with --kms".into(),
+        })?;
+        if ![2048, 3072, 4096].contains(&self.kms_bits) {
+            return Err(KeyError::KeySize {
+                key: name,
+                bits: self.kms_bits as usize,
+            });
+        }
+        ferry::keys::KmsKeySource::open(client, &name, self.kms_create, self.kms_bits).map(Some)
+    }
 }
 
 impl KeyArgs {
     fn source(&self) -> Result<Box<dyn KeySource>, KeyError> {
+        if let Some(k) = self.kms.source()? {
+            if self.extra_private_keys.is_empty() {
+                return Ok(Box::new(k));
+            }
+            let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(k)];
+            for p in &self.extra_private_keys {
+                all.push(Box::new(PemKeySource::open(None, Some(p))?));
+            }
+            return Ok(Box::new(MultiKeySource::new(all)?));
+        }
         let first = PemKeySource::open(self.public_key.as_deref(), self.private_key.as_deref())?;
         if self.extra_private_keys.is_empty() {
             return Ok(Box::new(first));
@@ -270,6 +356,19 @@ struct BenchArgs {
 
 #[derive(Subcommand)]
 enum KeysCmd {
+    /// Check the KMS: TLS and client certificate, protocol versions, supported
+    /// operations (Query) and a Locate probe for the tenant key, as Veeam's Test
+    /// Connection does. Changes nothing.
+    Test {
+        #[command(flatten)]
+        kms: KmsArgs,
+    },
+    /// Make sure the tenant key pair exists on the KMS (create and activate it if
+    /// absent) and show it.
+    Create {
+        #[command(flatten)]
+        kms: KmsArgs,
+    },
     /// Generate an RSA key pair as PEM files (for PEM key sources and tests).
     GeneratePem {
         /// Output directory.
@@ -542,6 +641,56 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Cmd::Bench(a) => bench(a, out, progress),
+        Cmd::Keys(KeysCmd::Test { kms }) => {
+            let client = kms
+                .client()?
+                .ok_or_else(|| anyhow::anyhow!("--kms HOST:PORT is required"))?;
+            let versions = client.discover_versions()?;
+            let q = client.query()?;
+            let ops: Vec<&str> = q
+                .operations
+                .iter()
+                .map(|&o| ferry::kmip::tags::operation_name(o))
+                .filter(|n| *n != "operation")
+                .collect();
+            let probe = match &kms.kms_key {
+                Some(n) => Some((
+                    n.clone(),
+                    client.locate(n, ferry::kmip::tags::OBJ_PUBLIC_KEY, None)?,
+                )),
+                None => None,
+            };
+            let decrypt = q.operations.contains(&ferry::kmip::tags::OP_DECRYPT);
+            out.result(
+                &serde_json::json!({"kms": client.address(), "versions": versions, "using": client.version(), "vendor": q.vendor, "operations": ops, "decrypt_listed": decrypt, "key": probe.as_ref().map(|(n, ids)| serde_json::json!({"name": n, "public_keys": ids}))}),
+                || {
+                    let mut s = format!(
+                        "KMS {}: TLS and client certificate OK\n  vendor      {}\n  versions    {}\n  using       KMIP {}.{}\n  operations  {}\n",
+                        client.address(),
+                        q.vendor.as_deref().unwrap_or("?"),
+                        versions.iter().map(|v| format!("{}.{}", v.0, v.1)).collect::<Vec<_>>().join(", "),
+                        client.version().0,
+                        client.version().1,
+                        ops.join(", ")
+                    );
+                    if let Some((n, ids)) = &probe {
+                        s.push_str(&format!("  key {n:?}: {}", if ids.is_empty() { "not found (ferry keys create makes it)".to_string() } else { format!("public key object(s) {}", ids.join(", ")) }));
+                    }
+                    s
+                },
+            );
+            Ok(exit::OK)
+        }
+        Cmd::Keys(KeysCmd::Create { kms }) => {
+            let mut kms = kms;
+            kms.kms_create = true;
+            let ks = kms
+                .source()?
+                .ok_or_else(|| anyhow::anyhow!("--kms HOST:PORT is required"))?;
+            let k = ks.current_key()?;
+            out.result(&k, || format!("tenant key {:?} ready: {k}", ks.key_name()));
+            Ok(exit::OK)
+        }
         Cmd::Keys(KeysCmd::GeneratePem {
             out_dir,
             name,
