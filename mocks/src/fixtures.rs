@@ -24,19 +24,7 @@ pub fn pem_pair(dir: &Path, name: &str, bits: usize) -> Result<PemPair, ferry::k
 /// `client-cert.pem`/`client-key.pem` (clientAuth). RSA 2048, 10 years.
 pub fn tls_certs(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let run = |args: &[&str]| -> std::io::Result<()> {
-        let o = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        if !o.status.success() {
-            return Err(std::io::Error::other(format!(
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            )));
-        }
-        Ok(())
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     run(&[
         "req",
         "-x509",
@@ -101,19 +89,7 @@ pub fn tls_certs(dir: &Path) -> std::io::Result<()> {
 /// P-256 one signed by the same CA: PyKMIP's TLS 1.2 cipher list has no
 /// ECDHE-RSA-GCM suite, so rustls peers need ECDSA there (shared/PEERS.md).
 pub fn ec_server_cert(dir: &Path) -> std::io::Result<()> {
-    let run = |args: &[&str]| -> std::io::Result<()> {
-        let o = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        if !o.status.success() {
-            return Err(std::io::Error::other(format!(
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            )));
-        }
-        Ok(())
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     std::fs::write(dir.join("ec.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n")?;
     run(&[
         "req",
@@ -148,5 +124,20 @@ pub fn ec_server_cert(dir: &Path) -> std::io::Result<()> {
     ])?;
     std::fs::remove_file(dir.join("ec.csr"))?;
     std::fs::remove_file(dir.join("ec.ext"))?;
+    Ok(())
+}
+
+/// Run `openssl ARGS` in `dir`, turning a failure into an error with its stderr.
+fn openssl(dir: &Path, args: &[&str]) -> std::io::Result<()> {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !o.status.success() {
+        return Err(std::io::Error::other(format!(
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )));
+    }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! with Get, used in memory for that one unwrap and zeroized (seed 000). ferry never
 //! rotates or destroys tenant keys on its own.
 
-use super::wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};
+use super::wrap::{fingerprint_spki, rsa_oaep_unwrap, wrap_for, wrapped_bytes};
 use super::{KeyError, KeyRef, KeySource, WrappedKey};
 use crate::kmip::client::{KmsClient, KmsError};
 use crate::kmip::tags::*;
@@ -153,26 +153,10 @@ impl KeySource for KmsKeySource {
         Ok(self.key_ref.clone())
     }
     fn wrap(&self, secret: &[u8]) -> Result<WrappedKey, KeyError> {
-        let w = rsa_oaep_wrap(&self.public, secret, &self.key_ref.to_string())?;
-        Ok(WrappedKey {
-            scheme: WRAP_SCHEME_RSA_OAEP_SHA1.into(),
-            key_ref: self.key_ref.clone(),
-            wrapped: hex::encode(w),
-        })
+        wrap_for(&self.public, &self.key_ref, secret)
     }
     fn unwrap(&self, wrapped: &WrappedKey) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        if wrapped.scheme != WRAP_SCHEME_RSA_OAEP_SHA1 {
-            return Err(KeyError::UnknownScheme(wrapped.scheme.clone()));
-        }
-        if !self.holds(&wrapped.key_ref) {
-            return Err(KeyError::WrongKey {
-                wanted: wrapped.key_ref.to_string(),
-                have: self.key_ref.to_string(),
-            });
-        }
-        let bytes = hex::decode(&wrapped.wrapped).map_err(|_| KeyError::UnwrapFailed {
-            key: wrapped.key_ref.to_string(),
-        })?;
+        let bytes = wrapped_bytes(wrapped, self.holds(&wrapped.key_ref), &self.key_ref)?;
         self.unwrap_with(
             &wrapped.key_ref.key_id,
             &bytes,

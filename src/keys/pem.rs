@@ -5,7 +5,7 @@
 //! `rsa` crate zeroizes private key limbs on drop; the PEM text is zeroized too).
 //! Must not cache the private key or log any key material.
 
-use super::wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};
+use super::wrap::{fingerprint_spki, rsa_oaep_unwrap, wrap_for, wrapped_bytes};
 use super::{KeyError, KeyRef, KeySource, WrappedKey};
 use rsa::pkcs1::{DecodeRsaPrivateKey, DecodeRsaPublicKey};
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
@@ -130,27 +130,11 @@ impl KeySource for PemKeySource {
     }
 
     fn wrap(&self, secret: &[u8]) -> Result<WrappedKey, KeyError> {
-        let w = rsa_oaep_wrap(&self.public, secret, &self.key_ref.to_string())?;
-        Ok(WrappedKey {
-            scheme: WRAP_SCHEME_RSA_OAEP_SHA1.into(),
-            key_ref: self.key_ref.clone(),
-            wrapped: hex::encode(w),
-        })
+        wrap_for(&self.public, &self.key_ref, secret)
     }
 
     fn unwrap(&self, wrapped: &WrappedKey) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        if wrapped.scheme != WRAP_SCHEME_RSA_OAEP_SHA1 {
-            return Err(KeyError::UnknownScheme(wrapped.scheme.clone()));
-        }
-        if !self.holds(&wrapped.key_ref) {
-            return Err(KeyError::WrongKey {
-                wanted: wrapped.key_ref.to_string(),
-                have: self.key_ref.to_string(),
-            });
-        }
-        let bytes = hex::decode(&wrapped.wrapped).map_err(|_| KeyError::UnwrapFailed {
-            key: wrapped.key_ref.to_string(),
-        })?;
+        let bytes = wrapped_bytes(wrapped, self.holds(&wrapped.key_ref), &self.key_ref)?;
         let sk = self.load_private()?;
         rsa_oaep_unwrap(&sk, &bytes, &wrapped.key_ref.to_string())
         // `sk` dropped here: rsa zeroizes the private exponent and primes.

@@ -1,7 +1,7 @@
 //! RSA-OAEP (SHA-1, MGF1-SHA-1) wrapping of small secrets by a tenant RSA key, and
 //! public key fingerprints. Pure functions: no files, no logging.
 
-use super::KeyError;
+use super::{KeyError, KeyRef, WrappedKey};
 use rsa::pkcs8::EncodePublicKey;
 use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
 use sha2::Digest;
@@ -9,6 +9,41 @@ use zeroize::Zeroizing;
 
 /// The scheme name stored in [`super::WrappedKey::scheme`].
 pub const WRAP_SCHEME_RSA_OAEP_SHA1: &str = "rsa-oaep-sha1";
+
+/// Wrap `secret` by `key` (RSA-OAEP-SHA1) into the stored form naming `key_ref`.
+pub fn wrap_for(
+    key: &RsaPublicKey,
+    key_ref: &KeyRef,
+    secret: &[u8],
+) -> Result<WrappedKey, KeyError> {
+    let w = rsa_oaep_wrap(key, secret, &key_ref.to_string())?;
+    Ok(WrappedKey {
+        scheme: WRAP_SCHEME_RSA_OAEP_SHA1.into(),
+        key_ref: key_ref.clone(),
+        wrapped: hex::encode(w),
+    })
+}
+
+/// Check that `wrapped` is RSA-OAEP-SHA1 and held by a source whose current key is
+/// `have` (`holds` says whether it can unwrap it); return the wrapped bytes.
+pub fn wrapped_bytes(
+    wrapped: &WrappedKey,
+    holds: bool,
+    have: &KeyRef,
+) -> Result<Vec<u8>, KeyError> {
+    if wrapped.scheme != WRAP_SCHEME_RSA_OAEP_SHA1 {
+        return Err(KeyError::UnknownScheme(wrapped.scheme.clone()));
+    }
+    if !holds {
+        return Err(KeyError::WrongKey {
+            wanted: wrapped.key_ref.to_string(),
+            have: have.to_string(),
+        });
+    }
+    hex::decode(&wrapped.wrapped).map_err(|_| KeyError::UnwrapFailed {
+        key: wrapped.key_ref.to_string(),
+    })
+}
 
 /// SHA-256 of the SubjectPublicKeyInfo DER of `key`, as hex.
 pub fn fingerprint_spki(key: &RsaPublicKey) -> String {
