@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NBD-SSL read path, side by side in one run: ferry's NBD client vs nbdcopy, both
 # reading the same image from the same nbdkit server over TLS (x509) on a Unix
-# socket; plus the HotAdd-style local read (ferry reading the file) vs dd bs=4M.
+# socket; the HotAdd-style local read (ferry reading the file) vs dd bs=4M; and a
+# whole ferry backup (hash, LZ4, AES-GCM, store) from the file vs over NBD-SSL.
 # Each figure is the median of $REPEAT runs with the image in the page cache.
 #
 # usage: bench/compare-nbd.sh [WORKDIR] [IMAGE_MIB]   (defaults: /var/tmp/ferry-nbd 2048)
@@ -44,3 +45,11 @@ s=$(for _ in $(seq "$REPEAT"); do time_cmd dd if="$IMG" of=/dev/null bs=4M; done
 report "dd bs=4M of the image" "$s"
 s=$(for _ in $(seq "$REPEAT"); do time_cmd "$FERRY" bench --read "$IMG" --readers 2 --chunk-size 4M; done | median)
 report "ferry local read (HotAdd path)" "$s"
+
+"$FERRY" keys generate-pem --out-dir "$WORK" --name k >/dev/null
+export FERRY_PUBLIC_KEY=$WORK/k.pub.pem FERRY_PRIVATE_KEY=$WORK/k.key.pem
+fresh() { rm -rf "$WORK/repo"; "$FERRY" repo init -r "$WORK/repo" >/dev/null; sync; }
+s=$(for _ in $(seq "$REPEAT"); do fresh; time_cmd "$FERRY" --no-progress backup -r "$WORK/repo" --name f --image "$IMG"; done | median)
+report "ferry backup from the file" "$s"
+s=$(for _ in $(seq "$REPEAT"); do fresh; time_cmd "$FERRY" --no-progress backup -r "$WORK/repo" --name n --nbd "$URI_KIT" ${NBD_WORKERS:+--workers $NBD_WORKERS}; done | median)
+report "ferry backup over NBD-SSL" "$s"

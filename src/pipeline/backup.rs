@@ -8,7 +8,7 @@ use crate::repo::format::{
 };
 use crate::repo::RepoError;
 use crate::transport::{DiskSource, Extent};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Sender};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,9 +53,10 @@ pub struct BackupInputs<'a, P: Read + Send> {
     pub progress: &'a Progress,
 }
 
+/// One allocated chunk position for a worker to read and process.
 struct Task {
     pos: u64,
-    buf: Vec<u8>,
+    start: u64,
     len: usize,
     prev: Option<IndexEntry>,
 }
@@ -81,12 +82,6 @@ pub fn backup_disk<W: Write, P: Read + Send>(
             inp.previous = None;
         }
     }
-    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(inp.config.buffers);
-    for _ in 0..inp.config.buffers {
-        pool_tx
-            .send(Vec::with_capacity(header.chunk_size as usize))
-            .expect("pool has room");
-    }
     let (task_tx, task_rx) = bounded::<Task>(inp.config.buffers);
     let (res_tx, res_rx) = bounded::<(u64, Outcome)>(inp.config.buffers * 4 + 64);
     let errors = FirstError::<PipelineError>::new();
@@ -111,31 +106,38 @@ pub fn backup_disk<W: Write, P: Read + Send>(
         let (source, progress) = (inp.source, inp.progress);
         {
             let res_tx = res_tx.clone();
-            let pool_rx = pool_rx.clone();
             s.spawn(move || {
-                if let Err(e) = read_stage(
-                    source, header, previous, &pool_rx, &task_tx, &res_tx, errors, committed,
-                    progress,
+                if let Err(e) = dispatch_stage(
+                    source, header, previous, &task_tx, &res_tx, errors, committed, progress,
                 ) {
                     errors.set(e);
                 }
             });
         }
         for _ in 0..inp.config.workers {
-            let (task_rx, res_tx, pool_tx) = (task_rx.clone(), res_tx.clone(), pool_tx.clone());
+            let (task_rx, res_tx) = (task_rx.clone(), res_tx.clone());
             let ctx = &ctx;
             s.spawn(move || {
-                let mut out = Vec::new();
+                // Each worker owns its two buffers for the whole disk: memory is
+                // workers x (chunk + sealed chunk), whatever the disk size.
+                let (mut buf, mut out) =
+                    (Vec::with_capacity(header.chunk_size as usize), Vec::new());
                 for t in task_rx {
-                    if !errors.stopped() {
-                        match ctx.work(&t, &mut out) {
-                            Ok(o) => {
-                                let _ = res_tx.send((t.pos, o));
-                            }
-                            Err(e) => errors.set(e),
-                        }
+                    if errors.stopped() {
+                        continue;
                     }
-                    let _ = pool_tx.send(t.buf);
+                    buf.resize(t.len, 0);
+                    if let Err(e) = source.read_at(t.start, &mut buf) {
+                        errors.set(e.into());
+                        continue;
+                    }
+                    Progress::add(&progress.read, t.len as u64);
+                    match ctx.work(&t, &buf, &mut out) {
+                        Ok(o) => {
+                            let _ = res_tx.send((t.pos, o));
+                        }
+                        Err(e) => errors.set(e),
+                    }
                 }
             });
         }
@@ -180,7 +182,6 @@ pub fn backup_disk<W: Write, P: Read + Send>(
             errors.set(PipelineError::Cancelled);
         }
     });
-    drop(pool_rx);
     if let Some(e) = errors.take() {
         return Err(e);
     }
@@ -189,11 +190,10 @@ pub fn backup_disk<W: Write, P: Read + Send>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn read_stage<P: Read>(
+fn dispatch_stage<P: Read>(
     source: &dyn DiskSource,
     header: &IndexHeader,
     mut previous: Option<IndexReader<P>>,
-    pool: &Receiver<Vec<u8>>,
     tasks: &Sender<Task>,
     results: &Sender<(u64, Outcome)>,
     errors: &FirstError<PipelineError>,
@@ -244,18 +244,10 @@ fn read_stage<P: Read>(
             }
             continue;
         }
-        let Ok(mut buf) = pool.recv() else {
-            return Ok(());
-        };
-        buf.resize(len, 0);
-        if let Err(e) = source.read_at(start, &mut buf) {
-            return Err(e.into());
-        }
-        Progress::add(&progress.read, len as u64);
         if tasks
             .send(Task {
                 pos,
-                buf,
+                start,
                 len,
                 prev,
             })
@@ -286,8 +278,7 @@ impl WorkCtx<'_> {
         }
     }
 
-    fn work(&self, t: &Task, out: &mut Vec<u8>) -> Result<Outcome, PipelineError> {
-        let data = &t.buf[..t.len];
+    fn work(&self, t: &Task, data: &[u8], out: &mut Vec<u8>) -> Result<Outcome, PipelineError> {
         if is_all_zero(data) {
             return Ok(Outcome::Zero);
         }

@@ -1,12 +1,14 @@
 //! The data plane: multithreaded backup and restore of one disk.
 //!
-//! Backup: a reader thread reads chunk-sized blocks (skipping unallocated ranges)
-//! into a fixed pool of reused buffers → N worker threads detect zero chunks,
-//! compute chunk ids, skip chunks already stored, LZ4-compress and AES-GCM-seal new
-//! ones and store them → the calling thread, the single writer, commits index
-//! entries strictly in disk order. Restore runs the reverse. Memory is bounded by
-//! [`PipelineConfig`], never by disk size. Plain threads and crossbeam channels: this
-//! is CPU work, not async I/O.
+//! Backup: a dispatcher thread walks the disk's allocation (skipping unallocated
+//! ranges, which become zero entries without a read) and hands chunk positions to N
+//! worker threads; each worker reads its chunk into its own reused buffer (so N
+//! reads are in flight, which matters for network sources), detects zero chunks,
+//! computes the chunk id, skips chunks already stored, LZ4-compresses and
+//! AES-GCM-seals new ones and stores them; the calling thread, the single writer,
+//! commits index entries strictly in disk order. Restore runs the reverse. Memory is
+//! bounded by [`PipelineConfig`], never by disk size. Plain threads and crossbeam
+//! channels: this is CPU work, not async I/O.
 //!
 //! This module does not create restore points or touch manifests; see [`crate::job`].
 

@@ -232,8 +232,15 @@ pub struct NbdSource {
     label: String,
     size: u64,
     has_status: bool,
-    pool: Mutex<Vec<NbdConn<Stream>>>,
+    /// Idle connections, and how many exist in all (idle + in use).
+    pool: Mutex<Pool>,
     ready: Condvar,
+}
+
+struct Pool {
+    idle: Vec<NbdConn<Stream>>,
+    live: usize,
+    max: usize,
 }
 
 impl NbdSource {
@@ -267,9 +274,44 @@ impl NbdSource {
             label: uri.to_string(),
             size,
             has_status,
-            pool: Mutex::new(pool),
+            pool: Mutex::new(Pool {
+                live: pool.len(),
+                max: pool.len(),
+                idle: pool,
+            }),
             ready: Condvar::new(),
         })
+    }
+
+    /// Take an idle connection, or the right to open a new one (`None`) when fewer
+    /// than the maximum exist; otherwise wait for one to be returned or dropped.
+    fn checkout(&self) -> Option<NbdConn<Stream>> {
+        let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(c) = p.idle.pop() {
+                return Some(c);
+            }
+            if p.live < p.max {
+                p.live += 1;
+                return None;
+            }
+            p = self.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn checkin(&self, c: NbdConn<Stream>) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .idle
+            .push(c);
+        self.ready.notify_one();
+    }
+
+    /// A connection (checked out, or the right to open one) is gone.
+    fn forget(&self) {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).live -= 1;
+        self.ready.notify_one();
     }
 
     fn with_conn<T>(
@@ -280,39 +322,26 @@ impl NbdSource {
     ) -> Result<T, SourceError> {
         let mut last = None;
         for attempt in 0..READ_ATTEMPTS {
-            let mut conn = {
-                let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-                loop {
-                    if let Some(c) = pool.pop() {
-                        break Some(c);
-                    }
-                    if attempt > 0 {
-                        break None; // a broken connection was dropped: make a new one
-                    }
-                    pool = self.ready.wait(pool).unwrap_or_else(|p| p.into_inner());
-                }
-            };
-            if conn.is_none() {
-                match connect(&self.uri) {
-                    Ok(c) => conn = Some(c),
+            let mut c = match self.checkout() {
+                Some(c) => c,
+                None => match connect(&self.uri) {
+                    Ok(c) => c,
                     Err(e) => {
+                        self.forget();
                         last = Some(e);
                         std::thread::sleep(Duration::from_millis(200 << attempt));
                         continue;
                     }
-                }
-            }
-            let mut c = conn.expect("connection present");
+                },
+            };
             match f(&mut c) {
                 Ok(v) => {
-                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(c);
-                    self.ready.notify_one();
+                    self.checkin(c);
                     return Ok(v);
                 }
                 Err(ConnError::Proto(e @ proto::ProtoError::Command { .. })) => {
                     // The server answered: the connection is fine, the request failed.
-                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(c);
-                    self.ready.notify_one();
+                    self.checkin(c);
                     return Err(SourceError::Io {
                         source_name: self.label.clone(),
                         op,
@@ -322,6 +351,8 @@ impl NbdSource {
                 }
                 Err(e) => {
                     tracing::warn!(uri = %self.label, offset, attempt, error = %e, "NBD connection failed; reconnecting");
+                    drop(c);
+                    self.forget();
                     last = Some(e);
                 }
             }
@@ -424,6 +455,7 @@ impl Drop for NbdSource {
             .pool
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
+            .idle
             .iter_mut()
         {
             c.disconnect();
