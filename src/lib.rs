@@ -13,9 +13,11 @@
 //! - [`kmip`]: the KMIP TTLV codec (the KMS client builds on it).
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
+//! - [`config`]: the TOML configuration file.
 //! - [`tls`]: rustls client configuration (pinned CA, client certificates).
 
 pub mod bench;
+pub mod config;
 pub mod job;
 pub mod keys;
 pub mod kmip;

@@ -30,7 +30,6 @@ fn pykmip(dir: &Path) -> PyKmip {
     assert!(bin.exists(), "{} missing: .ci/run creates the venv (python3 -m venv .venv && .venv/bin/pip install pykmip)", bin.display());
     let certs = dir.join("kms-certs");
     ferry_mocks::fixtures::tls_certs(&certs).unwrap();
-    ferry_mocks::fixtures::ec_server_cert(&certs).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

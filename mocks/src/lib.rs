@@ -2,7 +2,8 @@
 //!
 //! - [`diskgen`]: deterministic disk images (zero / compressible / incompressible
 //!   regions, seeded, sparse) for tests, benchmarks and the demo.
-//! - [`fixtures`]: shared test fixtures (tenant RSA key pairs in PEM files).
+//! - [`fixtures`]: shared test fixtures (tenant RSA key pairs in PEM files, TLS layouts).
+//! - [`pki`]: an in-process test CA (rcgen) issuing server and client certificates.
 //! - [`demo`]: the `ferry-sim demo` scenario.
 //!
 //! Mock vCenter, mock ESXi NBD server and mock KMS join this crate in later work.
@@ -10,3 +11,4 @@
 pub mod demo;
 pub mod diskgen;
 pub mod fixtures;
+pub mod pki;

@@ -167,6 +167,7 @@ pub struct ProxyInfo {
 
 /// Job policy for transport selection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Allow NBD-SSL / NBD when HotAdd is impossible (automatic mode only).
     pub failover_to_network: bool,

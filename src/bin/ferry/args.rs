@@ -1,0 +1,170 @@
+//! Arguments shared by several commands (repository, keys, KMS, pipeline) and the
+//! key source they build. Command-specific arguments live with their command.
+
+use clap::Args;
+use ferry::keys::{KeyError, KeySource, MultiKeySource, PemKeySource};
+use ferry::pipeline::PipelineConfig;
+use ferry::repo::Repository;
+use std::path::PathBuf;
+
+#[derive(Args, Clone)]
+pub struct RepoArg {
+    /// Repository directory.
+    #[arg(long, short = 'r', env = "FERRY_REPO")]
+    pub repo: PathBuf,
+}
+
+#[derive(Args, Clone)]
+pub struct KeyArgs {
+    /// Tenant public key (PEM: SPKI or PKCS#1). Wraps new data keys.
+    #[arg(long, env = "FERRY_PUBLIC_KEY")]
+    pub public_key: Option<PathBuf>,
+    /// Tenant private key (PEM: PKCS#8 or PKCS#1). Read only to unwrap, then wiped.
+    #[arg(long, env = "FERRY_PRIVATE_KEY")]
+    pub private_key: Option<PathBuf>,
+    /// More private keys for restore points wrapped by older or other tenant keys
+    /// (rotated keys, keys exported from a KMS by hand). Repeatable.
+    #[arg(long = "extra-private-key")]
+    pub extra_private_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+/// The tenant's KMS (KMIP over mutual TLS). When given, it holds the tenant key.
+#[derive(Args, Clone)]
+pub struct KmsArgs {
+    /// KMS address HOST:PORT (KMIP, usually port 5696).
+    #[arg(long, env = "FERRY_KMS")]
+    pub kms: Option<String>,
+    /// CA certificate that signed the KMS server certificate (PEM).
+    #[arg(long, env = "FERRY_KMS_CA")]
+    pub kms_ca: Option<PathBuf>,
+    /// Client certificate presented to the KMS (PEM).
+    #[arg(long, env = "FERRY_KMS_CERT")]
+    pub kms_cert: Option<PathBuf>,
+    /// Client certificate's private key (PEM).
+    #[arg(long, env = "FERRY_KMS_CLIENT_KEY")]
+    pub kms_client_key: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the host of --kms).
+    #[arg(long, env = "FERRY_KMS_SERVER_NAME")]
+    pub kms_server_name: Option<String>,
+    /// Name of the tenant key pair on the KMS, e.g. ferry/<tenant>/<repository>.
+    #[arg(long, env = "FERRY_KMS_KEY")]
+    pub kms_key: Option<String>,
+    /// Create (and activate) the key pair when the KMS has none of that name.
+    #[arg(long)]
+    pub kms_create: bool,
+    /// RSA size for --kms-create: 2048, 3072 or 4096.
+    #[arg(long, default_value_t = 2048)]
+    pub kms_bits: i32,
+}
+
+impl KmsArgs {
+    pub fn client(&self) -> Result<Option<ferry::kmip::client::KmsClient>, KeyError> {
+        let Some(addr) = &self.kms else {
+            return Ok(None);
+        };
+        let need = |v: &Option<PathBuf>, flag: &str| {
+            v.clone().ok_or_else(|| KeyError::Backend {
+                kms: addr.clone(),
+                detail: format!("{flag} is required with --kms"),
+            })
+        };
+        let cfg = ferry::kmip::client::KmsConfig {
+            address: addr.clone(),
+            server_name: self.kms_server_name.clone(),
+            ca: need(&self.kms_ca, "--kms-ca")?,
+            client_cert: need(&self.kms_cert, "--kms-cert")?,
+            client_key: need(&self.kms_client_key, "--kms-client-key")?,
+            timeout: std::time::Duration::from_secs(30),
+        };
+        ferry::kmip::client::KmsClient::new(cfg)
+            .map(Some)
+            .map_err(|e| KeyError::Backend {
+                kms: addr.clone(),
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn source(&self) -> Result<Option<ferry::keys::KmsKeySource>, KeyError> {
+        let Some(client) = self.client()? else {
+            return Ok(None);
+        };
+        let name = self.kms_key.clone().ok_or_else(|| KeyError::Backend {
+            kms: client.address().to_string(),
+            detail: "--kms-key NAME is required with --kms".into(),
+        })?;
+        if ![2048, 3072, 4096].contains(&self.kms_bits) {
+            return Err(KeyError::KeySize {
+                key: name,
+                bits: self.kms_bits as usize,
+            });
+        }
+        ferry::keys::KmsKeySource::open(client, &name, self.kms_create, self.kms_bits).map(Some)
+    }
+}
+
+impl KeyArgs {
+    pub fn source(&self) -> Result<Box<dyn KeySource>, KeyError> {
+        if let Some(k) = self.kms.source()? {
+            if self.extra_private_keys.is_empty() {
+                return Ok(Box::new(k));
+            }
+            let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(k)];
+            for p in &self.extra_private_keys {
+                all.push(Box::new(PemKeySource::open(None, Some(p))?));
+            }
+            return Ok(Box::new(MultiKeySource::new(all)?));
+        }
+        let first = PemKeySource::open(self.public_key.as_deref(), self.private_key.as_deref())?;
+        if self.extra_private_keys.is_empty() {
+            return Ok(Box::new(first));
+        }
+        let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(first)];
+        for p in &self.extra_private_keys {
+            all.push(Box::new(PemKeySource::open(None, Some(p))?));
+        }
+        Ok(Box::new(MultiKeySource::new(all)?))
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct PipeArgs {
+    /// Worker threads (default: number of cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Memory budget for chunk buffers, in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub memory_mib: u64,
+}
+
+impl PipeArgs {
+    pub fn config(&self, chunk_size: u32) -> PipelineConfig {
+        PipelineConfig::new(self.workers, chunk_size, self.memory_mib << 20)
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K') | Some('k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') | Some('m') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') | Some('g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("invalid size {s:?} (examples: 1M, 256K, 4194304)"))
+}
+
+/// A point id, or `latest:<name>` resolved to the newest point of that name.
+pub fn resolve_point(repo: &Repository, spec: &str) -> anyhow::Result<String> {
+    if let Some(name) = spec.strip_prefix("latest:") {
+        return repo
+            .latest_point_of(name)?
+            .map(|h| h.point_id)
+            .ok_or_else(|| anyhow::anyhow!("no restore point named {name:?}"));
+    }
+    Ok(spec.to_string())
+}

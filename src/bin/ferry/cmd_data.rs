@@ -1,0 +1,230 @@
+//! The data commands: `backup`, `points list`, `restore`, `verify`, `prune`.
+
+use crate::args::*;
+use crate::exit;
+use crate::render::{self, human_bytes, Output};
+use clap::{Args, Subcommand};
+use ferry::job::{self, BackupRequest, DiskInput};
+use ferry::progress::Progress;
+use ferry::repo::retention::Policy;
+use ferry::repo::{format, gc, verify, Repository};
+use ferry::transport::file::FileSource;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub pipe: PipeArgs,
+    /// Name of what is backed up (VM or image set). Points of one name form a chain
+    /// and each backup deduplicates against the previous point of the same name.
+    #[arg(long)]
+    pub name: String,
+    /// Raw disk image or block device; repeat for several disks (disk 0, 1, ...).
+    #[arg(long = "image", required_unless_present = "nbd")]
+    pub images: Vec<PathBuf>,
+    /// NBD export to back up (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH);
+    /// repeatable; numbered after the --image disks.
+    #[arg(long = "nbd")]
+    pub nbd: Vec<String>,
+    /// NBD connections per export (reads in flight).
+    #[arg(long, default_value_t = 4)]
+    pub nbd_connections: usize,
+    /// Seconds to wait for the repository lock.
+    #[arg(long, default_value_t = 30)]
+    pub lock_wait: u64,
+}
+
+#[derive(Subcommand)]
+pub enum PointsCmd {
+    /// List restore points (needs no keys).
+    List {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Only points of this name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub pipe: PipeArgs,
+    /// Restore point id, or "latest:<name>".
+    #[arg(long)]
+    pub point: String,
+    /// Disk number.
+    #[arg(long, default_value_t = 0)]
+    pub disk: u32,
+    /// Target: a new file (written sparse) or an existing block device.
+    #[arg(long)]
+    pub target: PathBuf,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Points to verify (default: all).
+    #[arg(long = "point")]
+    pub points: Vec<String>,
+    /// Worker threads.
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub repo: RepoArg,
+    /// Keep the newest N points of each name.
+    #[arg(long)]
+    pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the last N days.
+    #[arg(long)]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest point of each of the last N ISO weeks.
+    #[arg(long)]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the last N months.
+    #[arg(long)]
+    pub keep_monthly: Option<u32>,
+    /// Show what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to wait for running backups to finish.
+    #[arg(long, default_value_t = 30)]
+    pub lock_wait: u64,
+}
+
+/// `ferry backup`.
+pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
+    let repo = Repository::open(&a.repo.repo)?;
+    let ks = a.keys.source()?;
+    let mut disks = Vec::new();
+    for img in &a.images {
+        let src = FileSource::open(img)?;
+        disks.push(DiskInput {
+            label: img.display().to_string(),
+            source: Box::new(src),
+            transport_reason: "file source given on the command line".into(),
+            change_id: None,
+        });
+    }
+    for uri in &a.nbd {
+        let src = ferry::transport::nbd::NbdSource::connect(uri, a.nbd_connections)?;
+        disks.push(DiskInput {
+            label: uri.clone(),
+            source: Box::new(src),
+            transport_reason: "NBD export given on the command line".into(),
+            change_id: None,
+        });
+    }
+    let req = BackupRequest {
+        source_name: a.name.clone(),
+        disks,
+        pipeline: a.pipe.config(repo.config.chunk_size),
+        lock_wait: Duration::from_secs(a.lock_wait),
+    };
+    let bar = out.progress_bar(progress.clone(), "backup");
+    let res = job::backup(&repo, &*ks, req, progress);
+    drop(bar);
+    let rep = res?;
+    out.result(&rep, || render::backup_summary(&rep));
+    Ok(exit::OK)
+}
+
+/// `ferry points`.
+pub fn points(cmd: PointsCmd, out: &Output) -> anyhow::Result<u8> {
+    let PointsCmd::List { repo, name } = cmd;
+    let r = Repository::open(&repo.repo)?;
+    let list = r.list_points()?;
+    let rows: Vec<serde_json::Value> = list
+            .iter()
+            .filter(|p| match (&name, &p.header) {
+                (Some(n), Ok(h)) => &h.source == n,
+                _ => true,
+            })
+            .map(|p| match &p.header {
+                Ok(h) => serde_json::json!({"point_id": p.id, "created": h.created, "name": h.source, "parent": h.parent, "disks": h.disks, "key": h.wrapped_key.key_ref}),
+                Err(e) => serde_json::json!({"point_id": p.id, "error": e.to_string()}),
+            })
+            .collect();
+    let damaged = rows.iter().any(|r| r.get("error").is_some());
+    out.result(&rows, || render::points_table(&rows));
+    Ok(if damaged { exit::DAMAGED } else { exit::OK })
+}
+
+/// `ferry restore`.
+pub fn restore(a: RestoreArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
+    let repo = Repository::open(&a.repo.repo)?;
+    let ks = a.keys.source()?;
+    let point = resolve_point(&repo, &a.point)?;
+    let bar = out.progress_bar(progress.clone(), "restore");
+    let res = job::restore(
+        &repo,
+        &*ks,
+        &point,
+        a.disk,
+        &a.target,
+        a.pipe.config(format::MAX_CHUNK_SIZE),
+        progress,
+    );
+    drop(bar);
+    let st = res?;
+    let snap = progress.snapshot();
+    out.result(
+            &serde_json::json!({"point_id": point, "disk": a.disk, "target": a.target, "bytes_written": st.bytes_written, "chunks": st.chunks_total, "zero_chunks": st.chunks_zero, "seconds": snap.elapsed_secs}),
+            || format!("restored {point} disk {} to {} ({} written, {} zero chunks skipped) in {:.1}s", a.disk, a.target.display(), human_bytes(st.bytes_written), st.chunks_zero, snap.elapsed_secs),
+        );
+    Ok(exit::OK)
+}
+
+/// `ferry verify`.
+pub fn verify(a: VerifyArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
+    let repo = Repository::open(&a.repo.repo)?;
+    let ks = a.keys.source()?;
+    let workers = a.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let bar = out.progress_bar(progress.clone(), "verify");
+    let res = verify::verify(&repo, &*ks, &a.points, workers, progress);
+    drop(bar);
+    let rep = res?;
+    out.result(&rep, || render::verify_summary(&rep));
+    Ok(if rep.damaged() {
+        exit::DAMAGED
+    } else if !rep.ok() {
+        exit::KEY
+    } else {
+        exit::OK
+    })
+}
+
+/// `ferry prune`.
+pub fn prune(a: PruneArgs, out: &Output) -> anyhow::Result<u8> {
+    let repo = Repository::open(&a.repo.repo)?;
+    let policy = Policy {
+        keep_last: a.keep_last,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+    };
+    let rep = gc::prune(&repo, &policy, a.dry_run, Duration::from_secs(a.lock_wait))?;
+    out.result(&rep, || render::prune_summary(&rep));
+    Ok(exit::OK)
+}
