@@ -167,6 +167,10 @@ pub struct NbdSection {
     /// Connections (reads in flight) per export.
     #[serde(default = "default_connections")]
     pub connections: usize,
+    /// TCP port of the ESXi hosts' NBD service (the host name comes with the
+    /// ticket vCenter hands out).
+    #[serde(default = "default_nbd_port")]
+    pub port: u16,
 }
 
 impl Default for NbdSection {
@@ -174,12 +178,16 @@ impl Default for NbdSection {
         NbdSection {
             tls_certificates: None,
             connections: default_connections(),
+            port: default_nbd_port(),
         }
     }
 }
 
 fn default_connections() -> usize {
     4
+}
+fn default_nbd_port() -> u16 {
+    10809
 }
 
 /// `[pipeline]`.

@@ -11,9 +11,10 @@
 //!   and back).
 //! - [`job`]: one backup or restore, start to cleanup.
 //! - [`kmip`]: the KMIP TTLV codec (the KMS client builds on it).
+//! - [`nbd_server`]: serving disks over NBD (`ferry export`, the mock ESXi host).
+//! - [`config`]: the TOML configuration file.
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
-//! - [`config`]: the TOML configuration file.
 //! - [`tls`]: rustls client configuration (pinned CA, client certificates).
 
 pub mod bench;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod job;
 pub mod keys;
 pub mod kmip;
+pub mod nbd_server;
 pub mod pipeline;
 pub mod progress;
 pub mod repo;
