@@ -238,6 +238,11 @@ pub struct ServerCertificate {
     pub sha256: String,
     /// Its SHA-1 fingerprint (informational: older vSphere screens show it).
     pub sha1: String,
+    /// Set when the server sent this certificate but the handshake then failed, e.g.
+    /// its signature could not be verified because the key is too weak (RSA below
+    /// 2048 bits): ferry would refuse to connect to it even with the thumbprint
+    /// pinned.
+    pub handshake_error: Option<String>,
 }
 
 /// Connect to `host:port`, complete a TLS handshake and return the server's
@@ -268,31 +273,44 @@ pub async fn fetch_server_certificate(
     } else {
         format!("{host}:{port}")
     };
-    let conn = async {
-        let tcp = tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|e| TlsError::Config(format!("connecting to {addr}: {e}")))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| TlsError::Config(format!("TLS handshake with {addr}: {e}")))?;
-        drop(tls);
-        Ok::<(), TlsError>(())
-    };
-    tokio::time::timeout(timeout, conn)
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
         .await
-        .map_err(|_| TlsError::Config(format!("{addr}: no TLS handshake within {timeout:?}")))??;
-    let der = verifier
-        .seen
-        .lock()
-        .ok()
-        .and_then(|mut s| s.take())
-        .ok_or_else(|| TlsError::Config(format!("{addr} presented no certificate")))?;
+        .map_err(|_| TlsError::Config(format!("{addr}: no TCP connection within {timeout:?}")))?
+        .map_err(|e| TlsError::Config(format!("connecting to {addr}: {e}")))?;
+    let handshake = tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| TlsError::Config(format!("{addr}: no TLS handshake within {timeout:?}")))?;
+    let der = verifier.seen.lock().ok().and_then(|mut s| s.take());
+    let handshake_error = match handshake {
+        Ok(_) => None,
+        Err(e) => match &der {
+            // The certificate arrived but the handshake failed afterwards.
+            Some(_) => Some(explain_tls_error(&e.to_string())),
+            None => return Err(TlsError::Config(format!("TLS handshake with {addr}: {e}"))),
+        },
+    };
+    let der = der.ok_or_else(|| TlsError::Config(format!("{addr} presented no certificate")))?;
     Ok(ServerCertificate {
         sha256: format_thumbprint(&sha256_fingerprint(der.as_ref())),
         sha1: format_thumbprint(&sha1_fingerprint(der.as_ref())),
         der: der.as_ref().to_vec(),
+        handshake_error,
     })
+}
+
+/// Add the likely cause to a rustls error message an operator will read.
+pub fn explain_tls_error(msg: &str) -> String {
+    if msg.contains("BadSignature") {
+        format!(
+            "{msg} (the server's handshake signature did not verify: its key is probably too weak; \
+             ferry requires RSA of at least 2048 bits or ECDSA P-256/P-384, as current vCenter certificates are)"
+        )
+    } else {
+        msg.to_string()
+    }
 }
 
 #[cfg(test)]

@@ -175,19 +175,31 @@ fn strip_userinfo(url: &str) -> String {
     }
 }
 
-/// Does this error chain contain a rustls error (certificate or handshake)?
+/// Does this error chain contain a rustls error (certificate or handshake)? The
+/// connector layers do not always keep the typed error reachable, so rustls' own
+/// messages are recognised too.
 fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    const RUSTLS: &[&str] = &[
+        "invalid peer certificate",
+        "server certificate thumbprint",
+        "peer is incompatible",
+        "peer misbehaved",
+        "received fatal alert",
+        "peer sent no certificates",
+    ];
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
         if let Some(r) = c.downcast_ref::<rustls::Error>() {
             return Some(r.to_string());
         }
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                    return Some(r.to_string());
-                }
+            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Some(r.to_string());
             }
+        }
+        let msg = c.to_string();
+        if RUSTLS.iter().any(|m| msg.contains(m)) {
+            return Some(msg.trim_start_matches("unexpected error: ").to_string());
         }
         cur = c.source();
     }
@@ -624,7 +636,7 @@ impl Client {
             return Err(VsphereError::Tls {
                 vcenter: self.inner.url.clone(),
                 doing: doing.to_string(),
-                detail: t,
+                detail: crate::tls::explain_tls_error(&t),
             });
         }
         let detail = error_chain(e);
