@@ -119,7 +119,11 @@ impl Client {
         let before = self.logins();
         match f().await {
             Err(e)
-                if self.logins() != before && !matches!(e, VsphereError::InvalidLogin { .. }) =>
+                if self.logins() != before
+                    && !matches!(
+                        e,
+                        VsphereError::InvalidLogin { .. } | VsphereError::NotAuthenticated { .. }
+                    ) =>
             {
                 tracing::info!(vcenter = %self.url(), error = %e, "collection interrupted by a re-login; starting it over");
                 f().await

@@ -119,7 +119,7 @@ pub struct Fault {
     pub message: String,
     /// The fault object's fields (for `ManagedObjectNotFound.obj`,
     /// `NoPermission.privilegeId`...).
-    pub detail: Option<Element>,
+    pub detail: Option<Box<Element>>,
 }
 
 impl Fault {
@@ -132,7 +132,7 @@ impl Fault {
                 .map(|f| f.type_name().to_string())
                 .unwrap_or_else(|| "MethodFault".into()),
             message: e.child_text("localizedMessage").unwrap_or("").to_string(),
-            detail: inner.cloned(),
+            detail: inner.cloned().map(Box::new),
         }
     }
 
@@ -204,7 +204,11 @@ pub fn parse_response(
 fn parse_fault(f: &Element) -> Fault {
     let code = f.child_text("faultcode").unwrap_or("").to_string();
     let message = f.child_text("faultstring").unwrap_or("").to_string();
-    let detail = f.child("detail").and_then(|d| d.children.first()).cloned();
+    let detail = f
+        .child("detail")
+        .and_then(|d| d.children.first())
+        .cloned()
+        .map(Box::new);
     let fault_type = match &detail {
         Some(d) => match &d.xsi_type {
             Some(t) => t.clone(),
