@@ -687,6 +687,46 @@ mod tests {
     }
 
     #[test]
+    fn config_from_the_vcenter_section() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\nignored\n").unwrap();
+        let tp = "AA:".repeat(31) + "AA";
+        let section = |ca: Option<&str>, thumb: Option<&str>| crate::config::VcenterSection {
+            url: "https://vc.example/sdk".into(),
+            user: "svc@vsphere.local".into(),
+            password_file: dir.path().join("pw"),
+            ca: ca.map(|c| dir.path().join(c)),
+            thumbprint: thumb.map(str::to_string),
+            proxy_vm: None,
+            timeout_secs: 7,
+        };
+        let c = ClientConfig::from_section(&section(None, Some(&tp))).unwrap();
+        assert_eq!(c.password.as_str(), "s3cret");
+        assert_eq!(c.trust, ServerTrust::Thumbprint([0xAA; 32]));
+        assert_eq!(c.timeout, Duration::from_secs(7));
+        let c = ClientConfig::from_section(&section(Some("ca.pem"), None)).unwrap();
+        assert_eq!(c.trust, ServerTrust::Ca(dir.path().join("ca.pem")));
+        for (ca, t, want) in [
+            (None, None, "thumbprint"),
+            (Some("ca.pem"), Some(tp.as_str()), "not both"),
+            (None, Some("zz"), "SHA-256"),
+        ] {
+            match ClientConfig::from_section(&section(ca, t)) {
+                Err(VsphereError::Config { detail, .. }) => {
+                    assert!(detail.contains(want), "{detail}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut s = section(None, Some(&tp));
+        s.password_file = dir.path().join("missing");
+        assert!(matches!(
+            ClientConfig::from_section(&s),
+            Err(VsphereError::Config { .. })
+        ));
+    }
+
+    #[test]
     fn config_debug_hides_the_password() {
         let c = ClientConfig::new(
             "https://vc/sdk",
