@@ -507,7 +507,25 @@ impl Client {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let (kind, detail, safe_for_all) = match self.attempt(method, body, doing).await? {
+            let outcome = match self.attempt(method, body, doing).await {
+                Err(VsphereError::Transport {
+                    vcenter,
+                    doing,
+                    kind,
+                    detail,
+                    ..
+                }) => {
+                    return Err(VsphereError::Transport {
+                        vcenter,
+                        doing,
+                        kind,
+                        attempts: attempt,
+                        detail,
+                    })
+                }
+                other => other?,
+            };
+            let (kind, detail, safe_for_all) = match outcome {
                 Attempt::Done(r) => return Ok(r),
                 Attempt::Retry {
                     kind,
