@@ -15,7 +15,9 @@
 //! - [`config`]: the TOML configuration file.
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
-//! - [`tls`]: rustls client configuration (pinned CA, client certificates).
+//! - [`tls`]: rustls client configuration (pinned CA or thumbprint, client certificates).
+//! - [`vsphere`]: the vim25 SOAP client for vCenter (session, inventory, snapshots,
+//!   CBT, HotAdd, NBD tickets).
 
 pub mod bench;
 pub mod config;
@@ -28,3 +30,4 @@ pub mod progress;
 pub mod repo;
 pub mod tls;
 pub mod transport;
+pub mod vsphere;

@@ -5,6 +5,7 @@ mod cmd_bench;
 mod cmd_data;
 mod cmd_keys;
 mod cmd_repo;
+mod cmd_vsphere;
 mod exit;
 mod render;
 
@@ -58,6 +59,9 @@ enum Cmd {
     /// Key utilities.
     #[command(subcommand)]
     Keys(cmd_keys::KeysCmd),
+    /// vCenter: list VMs and disks, snapshots, certificate thumbprints.
+    #[command(subcommand)]
+    Vsphere(cmd_vsphere::VsphereCmd),
 }
 
 fn main() -> ExitCode {
@@ -102,5 +106,6 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
         Cmd::Prune(a) => cmd_data::prune(a, out),
         Cmd::Bench(a) => cmd_bench::bench(a, out, progress),
         Cmd::Keys(c) => cmd_keys::run(c, out),
+        Cmd::Vsphere(c) => cmd_vsphere::run(c, out),
     }
 }

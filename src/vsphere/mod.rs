@@ -1,0 +1,52 @@
+//! ferry's vSphere control plane: a vim25 SOAP client for vCenter (reqwest on
+//! ferry's own rustls configuration + quick-xml), giving the backup job everything it
+//! asks of vCenter. See `docs/vsphere.md` (methods, privileges, certificate pinning,
+//! troubleshooting) and `VSPHERE-CONTRACT.md` (the shapes ferry and its mock share).
+//!
+//! Layout, one job per file:
+//! - [`xml`]: hardened XML → bounded element tree (size/depth/count caps, no DTD).
+//! - [`soap`]: envelope writing, response/fault unwrapping (pure).
+//! - [`types`]: typed vim25 values and their decoders (pure).
+//! - [`error`]: [`VsphereError`] and the fault → error mapping (pure).
+//! - [`client`]: session: TLS, login, cookie, re-login, retries, timeouts.
+//! - [`collector`]: property collector with container views and paging.
+//! - [`inventory`]: VMs, hosts, clusters, datastores.
+//! - [`tasks`]: waiting for tasks.
+//! - [`snapshot`]: create/remove/read snapshots, leftover `ferry-*` snapshots.
+//! - [`cbt`]: enable CBT, QueryChangedDiskAreas with paging.
+//! - [`hotadd`]: attach/detach a snapshot disk to the proxy VM.
+//! - [`ticket`]: NBD tickets.
+//!
+//! A backup job uses, in order: [`Client::connect`], [`Client::vm_by_name`] (config,
+//! disks, key provider, CBT), [`Client::enable_cbt`] if needed,
+//! [`Client::create_snapshot`], [`Client::snapshot_disks`], then per disk
+//! [`Client::changed_areas`] and either [`Client::attach_disk`] /
+//! [`Client::detach_disk`] or [`Client::nbd_ticket`], and always
+//! [`Client::remove_snapshot`] and [`Client::logout`]. [`Client::ferry_snapshots`]
+//! lists what crashed jobs left behind.
+
+pub mod cbt;
+pub mod client;
+pub mod collector;
+pub mod error;
+pub mod hotadd;
+pub mod inventory;
+pub mod snapshot;
+pub mod soap;
+pub mod tasks;
+pub mod ticket;
+pub mod types;
+pub mod xml;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{Client, ClientConfig, Replay, ServerTrust};
+pub use error::VsphereError;
+pub use hotadd::AttachedDisk;
+pub use inventory::glob_match;
+pub use snapshot::{snapshot_name, LeftoverSnapshot, SNAPSHOT_DESCRIPTION_PREFIX, SNAPSHOT_PREFIX};
+pub use types::{
+    Cluster, CryptoKeyId, Datastore, DiskArea, DiskChangeInfo, Host, MoRef, NbdTicket,
+    SnapshotNode, TaskInfo, TaskState, VirtualDisk, Vm,
+};
