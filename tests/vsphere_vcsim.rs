@@ -1,6 +1,6 @@
 //! ferry's vSphere SOAP client against a real vim25 server: govmomi's **vcsim**
 //! (built by .ci/run from Debian's govmomi into `.peers/vcsim`; shared/PEERS.md).
-//! Each test starts its own vcsim on a free port (behind a TLS front, see [`vcsim`])
+//! Each test starts its own vcsim on a free port (serving TLS with a test-PKI certificate, see [`vcsim`])
 //! and pins the certificate by the SHA-256 thumbprint ferry itself reads from the
 //! server (`ferry::tls::fetch_server_certificate`, `ferry vsphere thumbprint`).
 //!
@@ -27,26 +27,21 @@
 use ferry::vsphere::error::VsphereError;
 use ferry::vsphere::soap;
 use ferry::vsphere::{Client, ClientConfig, Replay, ServerTrust};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
 struct Vcsim {
     child: Child,
-    /// ferry's URL: the TLS front below.
+    /// vcsim's SDK URL.
     url: String,
-    /// Port of the TLS front.
+    /// Its port.
     port: u16,
-    /// CA that signed the front's certificate (for CA pinning).
+    /// CA that signed vcsim's certificate (for CA pinning).
     ca: PathBuf,
     _dir: tempfile::TempDir,
-    /// Runs the TLS front; dropped with the struct.
-    _front: tokio::runtime::Runtime,
 }
 
 impl Drop for Vcsim {
@@ -59,8 +54,9 @@ impl Drop for Vcsim {
     }
 }
 
-/// Start vcsim on a free port; returns the process and the URL it prints.
-fn spawn_vcsim(tls: bool) -> (Child, reqwest::Url) {
+/// Start vcsim on a free port with `extra` arguments; returns the process and the
+/// URL it prints.
+fn spawn_vcsim(extra: &[&str]) -> (Child, reqwest::Url) {
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/vcsim");
     assert!(
         bin.exists(),
@@ -68,7 +64,8 @@ fn spawn_vcsim(tls: bool) -> (Child, reqwest::Url) {
         bin.display()
     );
     let mut child = Command::new(&bin)
-        .args(["-listen", "127.0.0.1:0", &format!("-tls={tls}")])
+        .args(["-listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -77,70 +74,41 @@ fn spawn_vcsim(tls: bool) -> (Child, reqwest::Url) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .expect("vcsim prints its URL");
-    // http(s)://user:pass@127.0.0.1:PORT/sdk
+    // https://user:pass@127.0.0.1:PORT/sdk
     let url = reqwest::Url::parse(line.trim()).expect("vcsim URL");
     (child, url)
 }
 
-/// vcsim behind a TLS front with a proper certificate.
+/// vcsim serving TLS with a certificate from the test PKI.
 ///
-/// vcsim's own TLS uses Go's built-in test certificate, whose key is RSA-1024: ferry
-/// (rustls/ring) refuses to verify handshake signatures made with keys that weak, as
-/// it should (`vcsim_native_tls_is_refused_as_too_weak` shows it). So vcsim serves
-/// plain HTTP on loopback and this in-process front terminates TLS with a
-/// certificate from the test PKI; every SOAP byte still comes from vcsim.
+/// By default vcsim uses Go's built-in test certificate, whose key is RSA-1024:
+/// ferry (rustls/ring) refuses to verify handshake signatures made with keys that
+/// weak, as it should (`vcsim_native_tls_is_refused_as_too_weak` shows it). ferry's
+/// build of vcsim (.ci/vcsim-main.go) takes `-tls-cert`/`-tls-key`, so vcsim itself
+/// terminates TLS with a proper certificate.
 fn vcsim() -> Vcsim {
-    let (child, backend) = spawn_vcsim(false);
-    let backend_port = backend.port().expect("port");
     let dir = tempfile::tempdir().unwrap();
-    let ca = ferry_mocks::pki::Ca::new("vcsim front CA").unwrap();
+    let ca = ferry_mocks::pki::Ca::new("vcsim test CA").unwrap();
     let srv = ca.server(&["127.0.0.1", "localhost"]).unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca.cert_pem()).unwrap();
-    let certs = CertificateDer::pem_slice_iter(srv.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(srv.key_pem.as_bytes()).unwrap();
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let front = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = front
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    front.spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", backend_port)).await
-                else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
-            });
-        }
-    });
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &srv.cert_pem).unwrap();
+    std::fs::write(&key, &srv.key_pem).unwrap();
+    let (child, url) = spawn_vcsim(&[
+        "-tls=true",
+        "-tls-cert",
+        cert.to_str().unwrap(),
+        "-tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let port = url.port().expect("port");
     Vcsim {
         child,
         url: format!("https://127.0.0.1:{port}/sdk"),
         port,
         ca: ca_path,
         _dir: dir,
-        _front: front,
     }
 }
 
@@ -671,7 +639,7 @@ fn vcsim_native_tls_is_refused_as_too_weak() {
     // vcsim's own certificate (Go's test certificate) has an RSA-1024 key. ferry reads
     // its thumbprint, says why it cannot be used, and refuses to connect even with it
     // pinned: the handshake signature check stays on.
-    let (mut child, url) = spawn_vcsim(true);
+    let (mut child, url) = spawn_vcsim(&["-tls=true"]);
     let port = url.port().unwrap();
     let r = rt().block_on(async {
         let cert = ferry::tls::fetch_server_certificate("127.0.0.1", port, Duration::from_secs(10))
