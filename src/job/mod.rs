@@ -8,6 +8,8 @@
 //! into place. Any failure or cancellation removes the temporary directory; chunks
 //! already written are garbage for `prune`. This module holds no transport logic.
 
+pub mod vm;
+
 use crate::keys::{KeyId, KeySource, SecretKey};
 use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats};
 use crate::pipeline::restore::{restore_disk, KeyTable, RestoreStats, Target};

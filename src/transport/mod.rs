@@ -1,11 +1,13 @@
 //! Where disk blocks come from: the [`DiskSource`] trait and its implementations,
 //! and [`select`], the pure key-provider-aware choice of proxy and transport mode.
 //!
-//! Implementations: [`file::FileSource`] (raw images and block devices). NBD and
-//! HotAdd sources plug in behind the same trait. This module must not know about
+//! Implementations: [`file::FileSource`] (raw images and block devices),
+//! [`hotadd::HotAddSource`] (a snapshot disk hot-added to this proxy VM) and
+//! [`nbd::NbdSource`] (NBD and NBD-SSL). This module must not know about
 //! repositories or encryption.
 
 pub mod file;
+pub mod hotadd;
 pub mod nbd;
 pub mod select;
 

@@ -502,6 +502,44 @@ pub struct DiskDecision {
     pub candidates: Vec<CandidateVerdict>,
 }
 
+impl DiskDecision {
+    /// One line for manifests and job logs: the decision, the accepted candidate's
+    /// reason, and why every earlier mode was not used (e.g. "nbdssl via px-shared:
+    /// chosen; hotadd not used: px-a: proxy VM and disk are encrypted under
+    /// different key providers ...").
+    pub fn reason_summary(&self) -> String {
+        let Outcome::Assigned { proxy, mode } = &self.outcome else {
+            if let Outcome::Refused { reason } = &self.outcome {
+                return format!("refused: {reason}");
+            }
+            unreachable!()
+        };
+        let mut s = format!("{mode} via {proxy}");
+        if let Some(c) = self.candidates.iter().find(|c| c.accepted) {
+            s.push_str(&format!(": {}", c.reason));
+        }
+        let mut earlier: Vec<Mode> = Vec::new();
+        for c in &self.candidates {
+            if c.mode == *mode {
+                break;
+            }
+            if !earlier.contains(&c.mode) {
+                earlier.push(c.mode);
+            }
+        }
+        for m in earlier {
+            let why: Vec<String> = self
+                .candidates
+                .iter()
+                .filter(|c| c.mode == m)
+                .map(|c| format!("{}: {}", c.proxy, c.reason))
+                .collect();
+            s.push_str(&format!("; {m} not used ({})", why.join("; ")));
+        }
+        s
+    }
+}
+
 /// The plan for one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Selection {
@@ -2126,5 +2164,26 @@ mod tests {
             serde_json::from_str(r#"{"failover_to_network":false,"allow_cleartext_nbd":false}"#)
                 .unwrap();
         assert_eq!(pol.preferred, None);
+    }
+
+    #[test]
+    fn reason_summary_names_the_choice_and_why_earlier_modes_were_not_used() {
+        let v = vm(
+            "db",
+            true,
+            Some("KMS-B"),
+            vec![disk(2000, "ds1", true, None)],
+        );
+        let proxies = [
+            hotadd_proxy("px-a", Some("KMS-A"), &["ds1"], 2),
+            nbd_proxy("px-shared", 2),
+        ];
+        let sel = select(&v, &proxies, &policy(true, false, None));
+        let r = sel.disks[0].reason_summary();
+        assert!(r.starts_with("nbdssl via px-shared"), "{r}");
+        assert!(r.contains("hotadd not used (px-a:"), "{r}");
+        assert!(r.contains("KMS-A") && r.contains("KMS-B"), "{r}");
+        let refused = select(&v, &proxies[..1], &policy(false, false, None));
+        assert!(refused.disks[0].reason_summary().starts_with("refused: "));
     }
 }

@@ -186,6 +186,28 @@ pub fn find_attached<'a>(
     })
 }
 
+/// Disks ferry hot-added to `proxy` (and that are still there): ferry attaches
+/// snapshot disks as `independent_nonpersistent`, which a proxy's own disks never are.
+/// The orphan sweep detaches these after a crash.
+pub fn ferry_attached(proxy: &Vm) -> Vec<AttachedDisk> {
+    proxy
+        .disks
+        .iter()
+        .filter(|d| d.disk_mode.as_deref() == Some("independent_nonpersistent"))
+        .filter_map(|d| {
+            Some(AttachedDisk {
+                proxy: proxy.moref.clone(),
+                key: d.key,
+                controller_key: d.controller_key?,
+                unit_number: d.unit_number?,
+                file_name: d.file_name.clone(),
+                capacity_bytes: d.capacity_bytes,
+                uuid: d.uuid.clone(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,585 @@
+//! Backup of one vSphere VM on this proxy, start to cleanup: read the VM from
+//! vCenter, run the key-provider-aware selector *before* any snapshot, snapshot,
+//! open each disk by HotAdd or NBD(-SSL), run the pipeline ([`super::backup`]),
+//! commit, and always detach, remove the snapshot and log out — on success, error or
+//! cancellation. Also the orphan sweep for what a crashed job left behind.
+//!
+//! Owns the order of control-plane steps and the fallback from a refused HotAdd to
+//! NBD-SSL. Must not: decide transports itself (that is [`crate::transport::select`]),
+//! know SOAP (that is [`crate::vsphere`]), or touch repository files directly.
+
+use super::{BackupReport, BackupRequest, DiskInput, JobError};
+use crate::keys::KeySource;
+use crate::pipeline::PipelineConfig;
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::transport::hotadd::HotAddSource;
+use crate::transport::nbd::NbdSource;
+use crate::transport::select::{
+    self, DiskInfo, HostReach, Mode, Outcome, Policy, ProxyInfo, Selection, VmInfo,
+};
+use crate::transport::{DiskSource, SourceError};
+use crate::vsphere::{AttachedDisk, Client, MoRef, VirtualDisk, Vm, VsphereError};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Failures of a VM job. Each says which step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmJobError {
+    /// vCenter refused or failed.
+    #[error(transparent)]
+    Vsphere(#[from] VsphereError),
+    /// The selector found no allowed transport for some disk: nothing was snapshotted.
+    #[error("VM {vm} refused before any snapshot: {summary}")]
+    Refused {
+        /// VM name.
+        vm: String,
+        /// Why, disk by disk, candidate by candidate.
+        summary: String,
+    },
+    /// A disk could not be opened by the chosen transport (and no fallback applied).
+    #[error("disk {disk} of VM {vm}: {source}")]
+    Source {
+        /// VM name.
+        vm: String,
+        /// Disk label.
+        disk: String,
+        /// The error.
+        source: SourceError,
+    },
+    /// Backup pipeline or repository.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// Bad request or configuration.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl VmJobError {
+    /// Whether the job was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, VmJobError::Job(j) if j.is_cancelled())
+    }
+}
+
+/// How this proxy reaches ESXi hosts' NBD service.
+#[derive(Clone, Debug)]
+pub struct NbdSettings {
+    /// Directory with `ca-cert.pem` (and optional client pair) for NBD-SSL.
+    pub tls_certificates: Option<PathBuf>,
+    /// Port of the hosts' NBD service.
+    pub port: u16,
+    /// Connections per export.
+    pub connections: usize,
+}
+
+/// This proxy, as the job sees it.
+#[derive(Clone, Debug)]
+pub struct ThisProxy {
+    /// Proxy id (the agent id).
+    pub id: String,
+    /// Name of the proxy's own VM, when it is one (required for HotAdd).
+    pub vm_name: Option<String>,
+    /// Where hot-added disks appear.
+    pub device_dir: Option<PathBuf>,
+    /// Modes enabled here.
+    pub modes: Vec<Mode>,
+    /// Free slots (one per disk).
+    pub free_slots: u32,
+}
+
+/// A VM backup request.
+#[derive(Clone, Debug)]
+pub struct VmBackupRequest {
+    /// Job id (names the snapshot `ferry-<job id>`).
+    pub job_id: String,
+    /// VM name in vCenter.
+    pub vm: String,
+    /// Transport policy.
+    pub policy: Policy,
+    /// NBD settings.
+    pub nbd: NbdSettings,
+    /// Enable CBT on the VM when it is off.
+    pub enable_cbt: bool,
+    /// Quiesce the guest for the snapshot.
+    pub quiesce: bool,
+    /// Data-plane settings.
+    pub pipeline: PipelineConfig,
+    /// Repository lock wait.
+    pub lock_wait: Duration,
+    /// How long to wait for a hot-added disk to appear.
+    pub hotadd_wait: Duration,
+}
+
+/// What happened to one disk.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskOutcome {
+    /// Disk number in the restore point.
+    pub disk: u32,
+    /// Device key in vCenter.
+    pub device_key: i32,
+    /// Label.
+    pub label: String,
+    /// Mode used.
+    pub mode: Mode,
+    /// Why (selector decision, and any fallback).
+    pub reason: String,
+}
+
+/// Result of a VM backup.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmBackupOutcome {
+    /// The selector's plan (with every candidate's verdict).
+    pub selection: Selection,
+    /// Per-disk mode and reason actually used.
+    pub disks: Vec<DiskOutcome>,
+    /// The committed point.
+    pub report: BackupReport,
+}
+
+/// Selector inputs for `vm` from what vCenter reports.
+pub fn vm_info(vm: &Vm) -> VmInfo {
+    let vm_provider = vm.key_id.as_ref().and_then(|k| k.provider_id.clone());
+    VmInfo {
+        name: vm.name.clone(),
+        moref: vm.moref.value.clone(),
+        host: vm
+            .host
+            .as_ref()
+            .map(|h| h.value.clone())
+            .unwrap_or_default(),
+        encrypted: vm.key_id.is_some(),
+        key_provider: vm_provider,
+        disks: vm
+            .disks
+            .iter()
+            .map(|d| DiskInfo {
+                key: d.key,
+                label: d.label.clone(),
+                datastore: d
+                    .datastore
+                    .as_ref()
+                    .map(|m| m.value.clone())
+                    .unwrap_or_default(),
+                encrypted: d.key_id.is_some(),
+                key_provider: d.key_id.as_ref().and_then(|k| k.provider_id.clone()),
+            })
+            .collect(),
+    }
+}
+
+/// This proxy as a selector candidate: its VM's host, the datastores that host sees
+/// and its own key provider come from vCenter.
+pub async fn proxy_info(
+    client: &Client,
+    me: &ThisProxy,
+) -> Result<(ProxyInfo, Option<Vm>), VmJobError> {
+    let mut info = ProxyInfo {
+        id: me.id.clone(),
+        is_vm: false,
+        host: None,
+        reachable_hosts: HostReach::Any,
+        datastores: Vec::new(),
+        key_provider: None,
+        modes: me.modes.clone(),
+        free_slots: me.free_slots,
+    };
+    let Some(name) = &me.vm_name else {
+        return Ok((info, None));
+    };
+    let pvm = client.vm_by_name(name).await?;
+    info.is_vm = true;
+    info.key_provider = pvm.key_id.as_ref().and_then(|k| k.provider_id.clone());
+    if let Some(h) = &pvm.host {
+        info.host = Some(h.value.clone());
+        let hosts = client.hosts().await?;
+        if let Some(host) = hosts.iter().find(|x| x.moref == *h) {
+            info.datastores = host.datastores.iter().map(|d| d.value.clone()).collect();
+        }
+    }
+    Ok((info, Some(pvm)))
+}
+
+/// Plan `vm` on this proxy without changing anything (`--dry-run`).
+pub async fn plan(
+    client: &Client,
+    me: &ThisProxy,
+    vm: &str,
+    policy: &Policy,
+) -> Result<Selection, VmJobError> {
+    let vm = client.vm_by_name(vm).await?;
+    let (proxy, _) = proxy_info(client, me).await?;
+    Ok(select::select(&vm_info(&vm), &[proxy], policy))
+}
+
+/// Back up one VM. Cleanup (detach, snapshot removal) runs whatever happens inside;
+/// cancel through `progress`.
+pub async fn backup_vm(
+    client: &Client,
+    me: &ThisProxy,
+    repo: Arc<Repository>,
+    keys: Arc<dyn KeySource>,
+    req: &VmBackupRequest,
+    progress: Arc<Progress>,
+) -> Result<VmBackupOutcome, VmJobError> {
+    let span = tracing::info_span!("vm_backup", job = %req.job_id, vm = %req.vm);
+    let _g = span.enter();
+    let mut vm = client.vm_by_name(&req.vm).await?;
+    let (proxy, proxy_vm) = proxy_info(client, me).await?;
+    let selection = select::select(&vm_info(&vm), &[proxy], &req.policy);
+    if let Some(summary) = selection.refusal_summary() {
+        tracing::warn!(%summary, "VM refused before snapshot");
+        return Err(VmJobError::Refused {
+            vm: vm.name.clone(),
+            summary,
+        });
+    }
+    for d in &selection.disks {
+        tracing::info!(disk = d.disk_key, label = %d.label, decision = %d.reason_summary(), "transport chosen");
+    }
+    if req.enable_cbt && vm.change_tracking != Some(true) {
+        client.enable_cbt(&vm).await?;
+        vm = client.vm(&vm.moref).await?;
+    }
+    if progress.cancelled() {
+        return Err(JobError::Pipeline(crate::pipeline::PipelineError::Cancelled).into());
+    }
+    let snap_name = crate::vsphere::snapshot_name(&req.job_id);
+    let snap = client
+        .create_snapshot(
+            &vm,
+            &snap_name,
+            &format!(
+                "{} {}",
+                crate::vsphere::SNAPSHOT_DESCRIPTION_PREFIX,
+                req.job_id
+            ),
+            req.quiesce,
+        )
+        .await?;
+    let mut attached: Vec<AttachedDisk> = Vec::new();
+    let result = with_snapshot(
+        client,
+        &vm,
+        proxy_vm.as_ref(),
+        me,
+        &snap,
+        &selection,
+        repo,
+        keys,
+        req,
+        progress,
+        &mut attached,
+    )
+    .await;
+    // Cleanup, always: detach every hot-added disk, then remove the snapshot.
+    let mut cleanup_err = None;
+    for a in attached.iter().rev() {
+        if let Err(e) = client.detach_disk(a).await {
+            tracing::error!(error = %e, file = %a.file_name, "detaching a hot-added disk failed; the orphan sweep will retry");
+            cleanup_err.get_or_insert(e);
+        }
+    }
+    if let Err(e) = client.remove_snapshot(&snap).await {
+        tracing::error!(error = %e, snapshot = %snap_name, "removing the snapshot failed; the orphan sweep will retry");
+        cleanup_err.get_or_insert(e);
+    }
+    let (disks, report) = result?;
+    if let Some(e) = cleanup_err {
+        // The point is committed and good; the leftover is reported, not hidden.
+        tracing::warn!(error = %e, "backup committed but cleanup failed");
+    }
+    Ok(VmBackupOutcome {
+        selection,
+        disks,
+        report,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn with_snapshot(
+    client: &Client,
+    vm: &Vm,
+    proxy_vm: Option<&Vm>,
+    me: &ThisProxy,
+    snap: &MoRef,
+    selection: &Selection,
+    repo: Arc<Repository>,
+    keys: Arc<dyn KeySource>,
+    req: &VmBackupRequest,
+    progress: Arc<Progress>,
+    attached: &mut Vec<AttachedDisk>,
+) -> Result<(Vec<DiskOutcome>, BackupReport), VmJobError> {
+    let snap_disks = client.snapshot_disks(snap).await?;
+    let host = vm.host.clone().ok_or_else(|| {
+        VmJobError::Invalid(format!("vCenter reports no host for VM {}", vm.name))
+    })?;
+    let mut inputs = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut disks: Vec<&VirtualDisk> = snap_disks.iter().collect();
+    disks.sort_by_key(|d| d.key);
+    for (n, disk) in disks.into_iter().enumerate() {
+        let decision = selection
+            .disks
+            .iter()
+            .find(|d| d.disk_key == disk.key)
+            .ok_or_else(|| {
+                VmJobError::Invalid(format!(
+                    "disk {} ({}) appeared after selection",
+                    disk.key, disk.label
+                ))
+            })?;
+        let Outcome::Assigned { mode, .. } = &decision.outcome else {
+            unreachable!("refused selections return before the snapshot");
+        };
+        let mut mode = *mode;
+        let mut reason = decision.reason_summary();
+        let label = format!("{} (key {})", disk.label, disk.key);
+        let source: Box<dyn DiskSource> = loop {
+            match mode {
+                Mode::HotAdd => {
+                    let pvm = proxy_vm.ok_or_else(|| {
+                        VmJobError::Invalid(
+                            "HotAdd chosen but this proxy has no VM configured".into(),
+                        )
+                    })?;
+                    match hotadd(client, pvm, me, disk, req, attached).await {
+                        Ok(s) => break s,
+                        Err(e)
+                            if e.is_crypto()
+                                && req.policy.failover_to_network
+                                && me.modes.contains(&Mode::NbdSsl) =>
+                        {
+                            tracing::warn!(disk = disk.key, error = %e, "HotAdd refused by vCenter; continuing by NBD-SSL as policy allows");
+                            reason = format!("{reason}; HotAdd then refused by vCenter ({e}), failed over to NBD-SSL");
+                            mode = Mode::NbdSsl;
+                        }
+                        Err(HotAddError::Source(source)) => {
+                            return Err(VmJobError::Source {
+                                vm: vm.name.clone(),
+                                disk: label.clone(),
+                                source,
+                            })
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Mode::NbdSsl | Mode::Nbd => {
+                    let s = nbd(client, &host, vm, snap, disk, mode, &req.nbd)
+                        .await
+                        .map_err(|e| match e {
+                            NbdOpenError::Vsphere(v) => VmJobError::Vsphere(v),
+                            NbdOpenError::Source(source) => VmJobError::Source {
+                                vm: vm.name.clone(),
+                                disk: label.clone(),
+                                source,
+                            },
+                            NbdOpenError::Invalid(m) => VmJobError::Invalid(m),
+                        })?;
+                    break s;
+                }
+            }
+        };
+        outcomes.push(DiskOutcome {
+            disk: n as u32,
+            device_key: disk.key,
+            label: label.clone(),
+            mode,
+            reason: reason.clone(),
+        });
+        inputs.push(DiskInput {
+            source,
+            label,
+            transport_reason: reason,
+            change_id: disk.change_id.clone(),
+        });
+    }
+    let breq = BackupRequest {
+        source_name: vm.name.clone(),
+        disks: inputs,
+        pipeline: req.pipeline,
+        lock_wait: req.lock_wait,
+    };
+    let report =
+        tokio::task::spawn_blocking(move || super::backup(&repo, keys.as_ref(), breq, &progress))
+            .await
+            .map_err(|e| VmJobError::Invalid(format!("backup thread failed: {e}")))??;
+    Ok((outcomes, report))
+}
+
+async fn hotadd(
+    client: &Client,
+    pvm: &Vm,
+    me: &ThisProxy,
+    disk: &VirtualDisk,
+    req: &VmBackupRequest,
+    attached: &mut Vec<AttachedDisk>,
+) -> Result<Box<dyn DiskSource>, HotAddError> {
+    let dir = me
+        .device_dir
+        .clone()
+        .ok_or_else(|| HotAddError::Invalid("HotAdd needs [agent] hotadd_device_dir".into()))?;
+    let a = client
+        .attach_disk(&pvm.moref, disk)
+        .await
+        .map_err(HotAddError::Vsphere)?;
+    let name = a.device_name();
+    attached.push(a);
+    let name = name.ok_or_else(|| {
+        HotAddError::Invalid("vCenter reported the hot-added disk without a backing uuid".into())
+    })?;
+    let size = disk.capacity_bytes;
+    let wait = req.hotadd_wait;
+    let src = tokio::task::spawn_blocking(move || HotAddSource::open(&dir, &name, size, wait))
+        .await
+        .map_err(|e| HotAddError::Invalid(format!("hot-add wait failed: {e}")))?
+        .map_err(HotAddError::Source)?;
+    Ok(Box::new(src))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HotAddError {
+    #[error(transparent)]
+    Vsphere(VsphereError),
+    #[error(transparent)]
+    Source(SourceError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl HotAddError {
+    fn is_crypto(&self) -> bool {
+        matches!(self, HotAddError::Vsphere(v) if v.is_crypto())
+    }
+}
+
+impl From<HotAddError> for VmJobError {
+    fn from(e: HotAddError) -> Self {
+        match e {
+            HotAddError::Vsphere(v) => VmJobError::Vsphere(v),
+            HotAddError::Source(source) => VmJobError::Source {
+                vm: "?".into(),
+                disk: "?".into(),
+                source,
+            },
+            HotAddError::Invalid(m) => VmJobError::Invalid(m),
+        }
+    }
+}
+
+enum NbdOpenError {
+    Vsphere(VsphereError),
+    Source(SourceError),
+    Invalid(String),
+}
+
+async fn nbd(
+    client: &Client,
+    host: &MoRef,
+    vm: &Vm,
+    snap: &MoRef,
+    disk: &VirtualDisk,
+    mode: Mode,
+    s: &NbdSettings,
+) -> Result<Box<dyn DiskSource>, NbdOpenError> {
+    let ticket = client
+        .nbd_ticket(host, &vm.moref, snap, disk.key)
+        .await
+        .map_err(NbdOpenError::Vsphere)?;
+    let uri = match mode {
+        Mode::NbdSsl => {
+            let dir = s.tls_certificates.as_ref().ok_or_else(|| {
+                NbdOpenError::Invalid(
+                    "NBD-SSL needs [nbd] tls_certificates (a directory with ca-cert.pem)".into(),
+                )
+            })?;
+            format!(
+                "{}?tls-certificates={}",
+                ticket.nbds_url(s.port),
+                dir.display()
+            )
+        }
+        Mode::Nbd => {
+            if vm.key_id.is_some() || disk.key_id.is_some() {
+                // The selector never picks it; this is the last line of defence.
+                return Err(NbdOpenError::Invalid(format!(
+                    "refusing clear-text NBD for encrypted VM {}",
+                    vm.name
+                )));
+            }
+            ticket.nbds_url(s.port).replacen("nbds://", "nbd://", 1)
+        }
+        Mode::HotAdd => unreachable!("nbd() is called for network modes"),
+    };
+    let conns = s.connections;
+    let src = tokio::task::spawn_blocking(move || NbdSource::connect(&uri, conns))
+        .await
+        .map_err(|e| NbdOpenError::Invalid(format!("NBD connect thread failed: {e}")))?
+        .map_err(NbdOpenError::Source)?;
+    Ok(Box::new(src))
+}
+
+/// What an orphan sweep found and did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SweepReport {
+    /// Hot-added disks detached from this proxy VM (file names).
+    pub detached: Vec<String>,
+    /// ferry snapshots removed (VM name, snapshot name).
+    pub snapshots_removed: Vec<(String, String)>,
+    /// Failures, for the log and the operator.
+    pub errors: Vec<String>,
+}
+
+/// Job ids of this proxy start with its id, so snapshot names tell which proxy's
+/// job made them: `ferry-<proxy id>-<n>`.
+pub fn job_id_prefix(proxy_id: &str) -> String {
+    format!("{proxy_id}-")
+}
+
+/// Remove what this proxy's crashed jobs left behind, at agent start before any job
+/// runs: every disk ferry hot-added to this proxy VM, and this proxy's `ferry-*`
+/// snapshots (other proxies' running jobs are left alone) whose job id is not in
+/// `running`.
+pub async fn sweep_orphans(
+    client: &Client,
+    me: &ThisProxy,
+    running: &[String],
+) -> Result<SweepReport, VmJobError> {
+    let mut rep = SweepReport::default();
+    let keep: Vec<String> = running
+        .iter()
+        .map(|j| crate::vsphere::snapshot_name(j))
+        .collect();
+    let mine = crate::vsphere::snapshot_name(&job_id_prefix(&me.id));
+    if let (Some(name), true) = (&me.vm_name, running.is_empty()) {
+        let pvm = client.vm_by_name(name).await?;
+        for d in crate::vsphere::hotadd::ferry_attached(&pvm) {
+            match client.detach_disk(&d).await {
+                Ok(()) => rep.detached.push(d.file_name.clone()),
+                Err(e) => rep.errors.push(format!("detach {}: {e}", d.file_name)),
+            }
+        }
+    }
+    for s in client.ferry_snapshots().await? {
+        if !s.name.starts_with(&mine) || keep.contains(&s.name) {
+            continue;
+        }
+        match client.remove_snapshot(&s.snapshot).await {
+            Ok(()) => rep
+                .snapshots_removed
+                .push((s.vm_name.clone(), s.name.clone())),
+            Err(e) => rep
+                .errors
+                .push(format!("remove snapshot {} of {}: {e}", s.name, s.vm_name)),
+        }
+    }
+    tracing::info!(
+        detached = rep.detached.len(),
+        snapshots = rep.snapshots_removed.len(),
+        errors = rep.errors.len(),
+        "orphan sweep done"
+    );
+    Ok(rep)
+}
