@@ -134,12 +134,11 @@ pub fn dispatch(c: &Call<'_>) -> Result<Reply, Fault> {
             let token = arg(req, "token")?;
             let mut s = lock(&c.world.sessions);
             let sess = s.active(Some(&session_key))?;
-            let items = sess.pages.remove(token).ok_or_else(|| {
+            let (size, items) = sess.pages.remove(token).ok_or_else(|| {
                 vim::invalid_argument(Some("token"), format!("unknown token {token:?}"))
             })?;
-            let size = items.len();
-            let (page, rest) = propcoll::page(items, size.min(propcoll::DEFAULT_PAGE));
-            let next = store_rest(sess, rest);
+            let (page, rest) = propcoll::page(items, size);
+            let next = store_rest(sess, size, rest);
             ok(Returns::Typed(propcoll::retrieve_result(page, next)))
         }
         "CancelRetrievePropertiesEx" => {
@@ -263,7 +262,7 @@ fn create_view(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
     ok(Returns::Typed(Val::r("ContainerView", id)))
 }
 
-fn store_rest(sess: &mut super::session::Session, rest: Vec<Val>) -> Option<String> {
+fn store_rest(sess: &mut super::session::Session, size: usize, rest: Vec<Val>) -> Option<String> {
     if rest.is_empty() {
         return None;
     }
@@ -275,7 +274,7 @@ fn store_rest(sess: &mut super::session::Session, rest: Vec<Val>) -> Option<Stri
             sess.pages.remove(&k);
         }
     }
-    sess.pages.insert(token.clone(), rest);
+    sess.pages.insert(token.clone(), (size, rest));
     Some(token)
 }
 
@@ -311,7 +310,7 @@ fn retrieve(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
     let (page, rest) = propcoll::page(items, size);
     let mut s = lock(&c.world.sessions);
     let sess = s.active(Some(key))?;
-    let token = store_rest(sess, rest);
+    let token = store_rest(sess, size, rest);
     ok(Returns::Typed(propcoll::retrieve_result(page, token)))
 }
 

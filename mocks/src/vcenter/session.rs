@@ -46,8 +46,9 @@ pub struct Session {
     pub call_count: i64,
     /// Container views it created.
     pub views: Vec<View>,
-    /// RetrievePropertiesEx continuation: token → remaining `ObjectContent`s.
-    pub pages: HashMap<String, Vec<Val>>,
+    /// RetrievePropertiesEx continuation: token → (page size, remaining
+    /// `ObjectContent`s).
+    pub pages: HashMap<String, (usize, Vec<Val>)>,
 }
 
 impl Session {
