@@ -148,6 +148,25 @@ pub fn dispatch(c: &Call<'_>) -> Result<Reply, Fault> {
             s.active(Some(&session_key))?.pages.remove(token);
             ok(Returns::Void)
         }
+        "CreateFilter" => create_filter(c, &session_key),
+        "DestroyPropertyFilter" => {
+            expect_this(req, "PropertyFilter")?;
+            let mut s = lock(&c.world.sessions);
+            let sess = s.active(Some(&session_key))?;
+            let before = sess.filters.len();
+            sess.filters.retain(|f| f.id != req.this.value);
+            if sess.filters.len() == before {
+                return Err(vim::not_found(&req.this));
+            }
+            ok(Returns::Void)
+        }
+        "WaitForUpdatesEx" | "WaitForUpdates" | "CheckForUpdates" => {
+            wait_for_updates(c, &session_key)
+        }
+        "CancelWaitForUpdates" => {
+            expect_this(req, "PropertyCollector")?;
+            ok(Returns::Void)
+        }
         "CreateSnapshot_Task" => create_snapshot(c, &user),
         "RemoveSnapshot_Task" => remove_snapshot(c, &user),
         "ReconfigVM_Task" => reconfigure(c, &user),
@@ -312,6 +331,104 @@ fn retrieve(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
     let sess = s.active(Some(key))?;
     let token = store_rest(sess, size, rest);
     ok(Returns::Typed(propcoll::retrieve_result(page, token)))
+}
+
+fn create_filter(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
+    let req = c.req;
+    expect_this(req, "PropertyCollector")?;
+    let spec = req
+        .body
+        .child("spec")
+        .ok_or_else(|| vim::invalid_argument(Some("spec"), "argument spec is missing"))?
+        .clone();
+    arg_bool(req, "partialUpdates", false)?;
+    let mut s = lock(&c.world.sessions);
+    let sess = s.active(Some(key))?;
+    {
+        // Check the spec now, as vCenter does.
+        let inv = lock(&c.world.inv);
+        let tasks = lock(&c.world.tasks);
+        let ctx = Ctx {
+            inv: &inv,
+            tasks: &tasks,
+            session: Some(&*sess),
+        };
+        propcoll::collect(&ctx, &[&spec])?;
+    }
+    if sess.filters.len() >= 1000 {
+        return Err(vim::invalid_state(
+            "this session has 1000 property filters; destroy some (DestroyPropertyFilter)",
+        ));
+    }
+    let id = format!("session[{key}]{}", super::ids::uuid());
+    sess.filters
+        .push(super::updates::Filter::new(id.clone(), spec));
+    ok(Returns::Typed(Val::r("PropertyFilter", id)))
+}
+
+/// Longest a WaitForUpdates call blocks.
+const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn wait_for_updates(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
+    use std::time::{Duration, Instant};
+    let req = c.req;
+    expect_this(req, "PropertyCollector")?;
+    let version = req.body.text_of("version").unwrap_or("");
+    let wait = match req.method.as_str() {
+        "CheckForUpdates" => Duration::ZERO,
+        "WaitForUpdatesEx" => match req.body.child("options") {
+            Some(o) => match num::<i64>(o, "maxWaitSeconds")? {
+                Some(s) => Duration::from_secs(s.max(0) as u64).min(MAX_WAIT),
+                None => MAX_WAIT,
+            },
+            None => MAX_WAIT,
+        },
+        _ => MAX_WAIT,
+    };
+    if version.is_empty() {
+        let mut s = lock(&c.world.sessions);
+        for f in &mut s.live_mut(key)?.filters {
+            f.reset();
+        }
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let (ver, sets) = {
+            let mut s = lock(&c.world.sessions);
+            let sess = s.live_mut(key)?;
+            let mut filters = std::mem::take(&mut sess.filters);
+            let result = {
+                let inv = lock(&c.world.inv);
+                let tasks = lock(&c.world.tasks);
+                let ctx = Ctx {
+                    inv: &inv,
+                    tasks: &tasks,
+                    session: Some(&*sess),
+                };
+                filters
+                    .iter_mut()
+                    .map(|f| f.changes(&ctx))
+                    .collect::<Result<Vec<_>, Fault>>()
+            };
+            sess.filters = filters;
+            let sets: Vec<Val> = result?.into_iter().flatten().collect();
+            if !sets.is_empty() {
+                sess.update_version += 1;
+            }
+            (sess.update_version, sets)
+        };
+        if !sets.is_empty() {
+            return ok(Returns::Typed(super::updates::update_set(ver, sets)));
+        }
+        if Instant::now() >= deadline {
+            return if req.method == "WaitForUpdates" {
+                ok(Returns::Typed(super::updates::update_set(ver, Vec::new())))
+            } else {
+                ok(Returns::Void)
+            };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn vm_of(c: &Call<'_>) -> Result<(usize, String, Arc<std::sync::Mutex<()>>), Fault> {
@@ -537,6 +654,281 @@ fn query_changed(c: &Call<'_>) -> Result<Reply, Fault> {
 mod tests {
     use super::*;
     use crate::vcenter::codec::parse;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        rt: tokio::runtime::Runtime,
+        world: Arc<World>,
+        key: String,
+    }
+
+    fn fixture() -> &'static Fixture {
+        static F: OnceLock<Fixture> = OnceLock::new();
+        F.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let sc = crate::vcenter::scenario::Scenario::parse(
+                r#"
+[[cluster]]
+name = "c"
+[[host]]
+name = "h"
+cluster = "c"
+datastores = ["d"]
+[[datastore]]
+name = "d"
+[[key_provider]]
+id = "K"
+[[vm]]
+name = "v"
+host = "h"
+key_provider = "K"
+cbt = true
+[[vm.disk]]
+size_mib = 1
+[[proxy]]
+name = "p"
+host = "h"
+"#,
+                std::path::Path::new("fuzz.toml"),
+            )
+            .unwrap();
+            let inv = crate::vcenter::inventory::Inventory::build(&sc, dir.path()).unwrap();
+            let world = Arc::new(World::new(
+                inv,
+                crate::vcenter::world::WorldConfig {
+                    user: "u".into(),
+                    password: "p".into(),
+                    qcda_max_areas: 4,
+                    remove_wait: std::time::Duration::from_millis(10),
+                },
+                std::time::Duration::from_secs(3600),
+                std::time::Duration::from_secs(3600),
+                dir.path().to_path_buf(),
+            ));
+            let key = lock(&world.sessions).login("u", "", "");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            Fixture {
+                _dir: dir,
+                rt,
+                world,
+                key,
+            }
+        })
+    }
+
+    /// (method, its `_this`, well-formed arguments) for the fixture's world
+    /// (ids: datastore-7, domain-c8, host-9, vm-10 = "v", vm-11 = proxy "p").
+    const METHODS: &[(&str, (&str, &str), &str)] = &[
+        (
+            "RetrieveServiceContent",
+            ("ServiceInstance", "ServiceInstance"),
+            "",
+        ),
+        (
+            "Login",
+            ("SessionManager", "SessionManager"),
+            "<userName>u</userName><password>p</password>",
+        ),
+        ("Logout", ("SessionManager", "SessionManager"), ""),
+        (
+            "SessionIsActive",
+            ("SessionManager", "SessionManager"),
+            "<sessionID>x</sessionID><userName>u</userName>",
+        ),
+        ("CurrentTime", ("ServiceInstance", "ServiceInstance"), ""),
+        (
+            "Fetch",
+            ("VirtualMachine", "vm-10"),
+            "<prop>config.hardware.device</prop>",
+        ),
+        (
+            "CreateContainerView",
+            ("ViewManager", "ViewManager"),
+            r#"<container type="Folder">group-d1</container><type>VirtualMachine</type><recursive>true</recursive>"#,
+        ),
+        ("DestroyView", ("ContainerView", "x"), ""),
+        (
+            "RetrievePropertiesEx",
+            ("PropertyCollector", "propertyCollector"),
+            r#"<specSet><propSet><type>VirtualMachine</type><all>true</all></propSet><objectSet><obj type="Folder">group-d1</obj><selectSet xsi:type="TraversalSpec"><name>f</name><type>Folder</type><path>childEntity</path><selectSet><name>f</name></selectSet></selectSet></objectSet></specSet><options><maxObjects>1</maxObjects></options>"#,
+        ),
+        (
+            "RetrieveProperties",
+            ("PropertyCollector", "propertyCollector"),
+            r#"<specSet><propSet><type>Task</type><all>true</all></propSet><objectSet><obj type="TaskManager">TaskManager</obj><selectSet xsi:type="TraversalSpec"><type>TaskManager</type><path>recentTask</path></selectSet></objectSet></specSet>"#,
+        ),
+        (
+            "ContinueRetrievePropertiesEx",
+            ("PropertyCollector", "propertyCollector"),
+            "<token>t</token>",
+        ),
+        (
+            "CancelRetrievePropertiesEx",
+            ("PropertyCollector", "propertyCollector"),
+            "<token>t</token>",
+        ),
+        (
+            "CreateFilter",
+            ("PropertyCollector", "propertyCollector"),
+            r#"<spec><propSet><type>VirtualMachine</type><pathSet>snapshot</pathSet></propSet><objectSet><obj type="VirtualMachine">vm-10</obj></objectSet></spec><partialUpdates>false</partialUpdates>"#,
+        ),
+        ("DestroyPropertyFilter", ("PropertyFilter", "x"), ""),
+        (
+            "CheckForUpdates",
+            ("PropertyCollector", "propertyCollector"),
+            "<version></version>",
+        ),
+        (
+            "CreateSnapshot_Task",
+            ("VirtualMachine", "vm-10"),
+            "<name>s</name><memory>false</memory><quiesce>false</quiesce>",
+        ),
+        (
+            "RemoveSnapshot_Task",
+            ("VirtualMachineSnapshot", "snapshot-12"),
+            "<removeChildren>true</removeChildren>",
+        ),
+        (
+            "ReconfigVM_Task",
+            ("VirtualMachine", "vm-11"),
+            r#"<spec><deviceChange><operation>add</operation><device xsi:type="VirtualDisk"><key>-1</key><controllerKey>1000</controllerKey><backing><fileName>[d] v/v.vmdk</fileName><diskMode>independent_nonpersistent</diskMode></backing></device></deviceChange><changeTrackingEnabled>true</changeTrackingEnabled></spec>"#,
+        ),
+        (
+            "QueryChangedDiskAreas",
+            ("VirtualMachine", "vm-10"),
+            r#"<snapshot type="VirtualMachineSnapshot">snapshot-12</snapshot><deviceKey>2000</deviceKey><startOffset>0</startOffset><changeId>*</changeId>"#,
+        ),
+        (
+            "AcquireGenericServiceTicket",
+            ("SessionManager", "SessionManager"),
+            "<spec><method>httpGet</method><url>nbd://host-9/vm-10/snapshot-12/2000</url></spec>",
+        ),
+        ("Bogus", ("VirtualMachine", "vm-10"), ""),
+    ];
+    const TYPES: &[(&str, &str)] = &[
+        ("ServiceInstance", "ServiceInstance"),
+        ("SessionManager", "SessionManager"),
+        ("PropertyCollector", "propertyCollector"),
+        ("ViewManager", "ViewManager"),
+        ("VirtualMachine", "vm-10"),
+        ("VirtualMachine", "vm-11"),
+        ("Folder", "group-d1"),
+        ("VirtualMachineSnapshot", "snapshot-12"),
+        ("Task", "task-13"),
+        ("ContainerView", "x"),
+    ];
+    const ARGS: &[&str] = &[
+        "prop",
+        "specSet",
+        "spec",
+        "token",
+        "version",
+        "deviceKey",
+        "startOffset",
+        "changeId",
+        "snapshot",
+        "userName",
+        "password",
+        "container",
+        "type",
+        "recursive",
+        "options",
+        "removeChildren",
+        "name",
+        "quiesce",
+        "memory",
+        "deviceChange",
+        "operation",
+        "device",
+        "backing",
+        "fileName",
+        "key",
+        "unitNumber",
+        "controllerKey",
+        "propSet",
+        "pathSet",
+        "objectSet",
+        "obj",
+        "selectSet",
+        "path",
+        "skip",
+        "all",
+        "maxObjects",
+        "url",
+        "method",
+        "changeTrackingEnabled",
+        "diskMode",
+        "sessionID",
+    ];
+    const TEXTS: &[&str] = &[
+        "",
+        "name",
+        "config.hardware.device",
+        "*",
+        "-1",
+        "2000",
+        "99999999999999999999",
+        "true",
+        "x",
+        "VirtualMachine",
+        "vm-9",
+        "nbd://host-8/vm-9/snapshot-1/2000",
+        "add",
+        "remove",
+        "httpGet",
+        "[d] v/v.vmdk",
+        "independent_nonpersistent",
+        "0",
+    ];
+
+    fn element() -> impl Strategy<Value = String> {
+        let leaf = (0..ARGS.len(), 0..TEXTS.len(), any::<bool>()).prop_map(|(a, t, typed)| {
+            let attr = if typed {
+                " type=\"VirtualMachine\" xsi:type=\"VirtualDisk\""
+            } else {
+                ""
+            };
+            format!("<{0}{attr}>{1}</{0}>", ARGS[a], TEXTS[t])
+        });
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            (0..ARGS.len(), proptest::collection::vec(inner, 0..4))
+                .prop_map(|(a, kids)| format!("<{0}>{1}</{0}>", ARGS[a], kids.concat()))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn well_formed_but_arbitrary_calls_never_panic(
+            m in 0..METHODS.len(), t in proptest::option::weighted(0.2, 0..TYPES.len()),
+            good in any::<bool>(),
+            args in proptest::collection::vec(element(), 0..4), with_session in proptest::bool::weighted(0.9))
+        {
+            let f = fixture();
+            let (method, this, template) = METHODS[m];
+            let this = t.map(|t| TYPES[t]).unwrap_or(this);
+            let body = format!(
+                r#"<Envelope><Body><{method} xmlns="urn:vim25"><_this type="{}">{}</_this>{}{}</{method}></Body></Envelope>"#,
+                this.0, this.1, if good { template } else { "" }, args.concat()
+            );
+            let req = crate::vcenter::codec::parse_request(body.as_bytes()).unwrap();
+            // Logout would end the shared session: run it on a throwaway one.
+            let cookie = if req.method == "Logout" {
+                Some(lock(&f.world.sessions).login("u", "", ""))
+            } else {
+                with_session.then(|| f.key.clone())
+            };
+            let handle = f.rt.handle().clone();
+            let call = Call { world: &f.world, rt: &handle, req: &req, cookie, peer: String::new(), user_agent: String::new() };
+            let _ = dispatch(&call);
+        }
+    }
 
     #[test]
     fn config_specs() {

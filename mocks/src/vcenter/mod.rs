@@ -9,7 +9,7 @@
 //! - [`inventory`]: the model and vSphere's rules.
 //! - [`disk`] (+ [`extents`]): layer chains, snapshots, consolidation, CBT.
 //! - [`codec`]: SOAP parsing and vim25 XML writing; [`vim`]: vim25 shapes and faults.
-//! - [`handlers`], [`propcoll`], [`session`], [`tasks`]: the SOAP methods.
+//! - [`handlers`], [`propcoll`], [`updates`], [`session`], [`tasks`]: the SOAP methods.
 //! - [`tickets`]: NBD tickets and the [`ferry::nbd_server::ExportProvider`].
 //! - [`admin`]: admin endpoints and the in-process [`Admin`] handle; [`faults`]:
 //!   fault injection.
@@ -31,6 +31,7 @@ pub mod server;
 pub mod session;
 pub mod tasks;
 pub mod tickets;
+pub mod updates;
 pub mod vim;
 pub mod world;
 

@@ -373,8 +373,12 @@ fn refs_of(v: &Val) -> Vec<MoRef> {
     }
 }
 
-/// Run `specSet` and return the `ObjectContent`s, in traversal order.
-pub fn retrieve(ctx: &Ctx<'_>, spec_set: &[&Element]) -> Result<Vec<Val>, Fault> {
+/// Objects found by a filter, with the requested properties that are set.
+pub type Collected = Vec<(MoRef, Vec<(String, Val)>)>;
+
+/// Run `specSet`: every object reached, in traversal order, with its requested
+/// properties (unset ones left out).
+pub fn collect(ctx: &Ctx<'_>, spec_set: &[&Element]) -> Result<Collected, Fault> {
     if spec_set.is_empty() {
         return Err(vim::invalid_argument(Some("specSet"), "specSet is empty"));
     }
@@ -401,7 +405,7 @@ pub fn retrieve(ctx: &Ctx<'_>, spec_set: &[&Element]) -> Result<Vec<Val>, Fault>
                 continue;
             }
             let props = ctx.props(&obj)?;
-            let mut set: Vec<Val> = Vec::new();
+            let mut set: Vec<(String, Val)> = Vec::new();
             let mut names: Vec<String> = Vec::new();
             for p in specs {
                 let wanted: Vec<String> = if p.all {
@@ -414,23 +418,39 @@ pub fn retrieve(ctx: &Ctx<'_>, spec_set: &[&Element]) -> Result<Vec<Val>, Fault>
                         continue;
                     }
                     if let Some(v) = get_path(&props, &path)? {
-                        set.push(Val::Obj(
-                            Obj::new("DynamicProperty")
-                                .f("name", Val::s(path.as_str()))
-                                .f("val", Val::Any(Box::new(v))),
-                        ));
+                        set.push((path.clone(), v));
                     }
                     names.push(path);
                 }
             }
-            out.push(Val::Obj(
-                Obj::new("ObjectContent")
-                    .f("obj", Val::Ref(obj))
-                    .f("propSet", Val::Arr("DynamicProperty", set)),
-            ));
+            out.push((obj, set));
         }
     }
     Ok(out)
+}
+
+/// Run `specSet` and return the `ObjectContent`s, in traversal order.
+pub fn retrieve(ctx: &Ctx<'_>, spec_set: &[&Element]) -> Result<Vec<Val>, Fault> {
+    Ok(collect(ctx, spec_set)?
+        .into_iter()
+        .map(|(obj, set)| {
+            let set = set
+                .into_iter()
+                .map(|(name, v)| {
+                    Val::Obj(
+                        Obj::new("DynamicProperty")
+                            .f("name", Val::Str(name))
+                            .f("val", Val::Any(Box::new(v))),
+                    )
+                })
+                .collect();
+            Val::Obj(
+                Obj::new("ObjectContent")
+                    .f("obj", Val::Ref(obj))
+                    .f("propSet", Val::Arr("DynamicProperty", set)),
+            )
+        })
+        .collect())
 }
 
 fn walk(

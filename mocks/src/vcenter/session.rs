@@ -49,6 +49,10 @@ pub struct Session {
     /// RetrievePropertiesEx continuation: token → (page size, remaining
     /// `ObjectContent`s).
     pub pages: HashMap<String, (usize, Vec<Val>)>,
+    /// PropertyCollector filters (CreateFilter).
+    pub filters: Vec<super::updates::Filter>,
+    /// Version of the last UpdateSet sent.
+    pub update_version: u64,
 }
 
 impl Session {
@@ -108,6 +112,8 @@ impl Sessions {
                 call_count: 1,
                 views: Vec::new(),
                 pages: HashMap::new(),
+                filters: Vec::new(),
+                update_version: 0,
             },
         );
         key
@@ -131,6 +137,15 @@ impl Sessions {
         s.last_active_time = ids::now();
         s.call_count += 1;
         Ok(s)
+    }
+
+    /// A live session without counting a call (for long waits).
+    pub fn live_mut(&mut self, key: &str) -> Result<&mut Session, Fault> {
+        let idle = self.idle;
+        match self.map.get_mut(key) {
+            Some(s) if s.last_active.elapsed() <= idle => Ok(s),
+            _ => Err(vim::not_authenticated()),
+        }
     }
 
     /// Read-only access to a live session.

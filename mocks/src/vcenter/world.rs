@@ -445,6 +445,7 @@ impl World {
                     key_prefix: s.key.chars().take(8).collect(),
                     views: s.views.len(),
                     pending_pages: s.pages.len(),
+                    filters: s.filters.len(),
                 })
                 .collect()
         };
@@ -604,6 +605,8 @@ pub struct SessionState {
     pub views: usize,
     /// RetrievePropertiesEx tokens not fully read.
     pub pending_pages: usize,
+    /// PropertyCollector filters not destroyed.
+    pub filters: usize,
 }
 
 /// Task counts.

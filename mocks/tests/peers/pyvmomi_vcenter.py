@@ -5,9 +5,9 @@ Driven by mocks/tests/vcenter_pyvmomi.rs, which starts the mock on the `small`
 scenario and passes its connection details as JSON on stdin. Every check raises on
 failure; the last line of stdout is a JSON summary the Rust test asserts on too.
 
-Tasks are polled through Task.info (as ferry does). pyVim.task.WaitForTask is not
-used: it needs PropertyCollector.CreateFilter/WaitForUpdates, which the mock does
-not implement.
+Most tasks are polled through Task.info, as ferry does; some go through pyVim's
+WaitForTask, which uses PropertyCollector.CreateFilter / WaitForUpdates /
+DestroyPropertyFilter.
 """
 import json
 import os
@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 from pyVim.connect import SmartConnect
+from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
 cfg = json.load(sys.stdin)
@@ -101,6 +102,8 @@ while res.token:
     res = pc.ContinueRetrievePropertiesEx(res.token)
     objects += res.objects
     pages += 1
+contents = pc.RetrieveContents([spec])  # RetrieveProperties: no paging
+check(len(contents) == len(objects), "RetrieveContents sees the same VMs")
 view.DestroyView()
 inventory = {}
 for oc in objects:
@@ -128,9 +131,9 @@ check(vms["tenant-a-web"].config.keyId.providerId.id == "KMS-A", "Fetch of confi
 # ---- snapshots and CBT -------------------------------------------------------
 web = vms["tenant-a-web"]
 cap = inventory["tenant-a-web"]["disks"][0]["capacity"]
-info = wait(web.CreateSnapshot_Task("ferry-1", "ferry backup job 1", False, False))
-check(info.state == "success", "CreateSnapshot_Task succeeds: %s" % info.error)
-s1 = info.result
+task = web.CreateSnapshot_Task("ferry-1", "ferry backup job 1", False, False)
+check(WaitForTask(task) == "success", "WaitForTask (filters + WaitForUpdates)")
+s1 = task.info.result
 check(isinstance(s1, vim.vm.Snapshot), "the task result is the snapshot")
 check(web.snapshot.rootSnapshotList[0].name == "ferry-1", "snapshot tree")
 d1 = disks_of(s1.config.hardware.device)[0]
@@ -232,8 +235,7 @@ check(not os.path.exists(entry), "device entry disappears on detach")
 check(not [d for d in disks_of(proxy_a.config.hardware.device) if d.key == att.key], "device gone")
 
 for s in (s2, sb):
-    info = wait(s.RemoveSnapshot_Task(False, True))
-    check(info.state == "success", "cleanup removal: %s" % info.error)
+    check(WaitForTask(s.RemoveSnapshot_Task(False, True)) == "success", "cleanup removal")
 check(web.snapshot is None and db.snapshot is None, "no snapshot left")
 
 state = admin("state")
