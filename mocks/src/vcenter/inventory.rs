@@ -795,13 +795,7 @@ impl Inventory {
                     };
                     units.push(unit);
                     let key = if a.key < 0 {
-                        let k = keys
-                            .iter()
-                            .copied()
-                            .filter(|k| *k >= FIRST_DISK_KEY)
-                            .max()
-                            .map_or(FIRST_DISK_KEY, |k| k + 1);
-                        k
+                        vim::next_disk_key(&keys)
                     } else if keys.contains(&a.key) {
                         return Err(vim::invalid_device(
                             i,

@@ -48,7 +48,24 @@ pub fn el(name: &str, text: &str) -> String {
 impl Soap {
     /// A client for `mock` (not logged in).
     pub fn new(mock: &VcenterMock) -> Soap {
-        let tls = ferry::tls::client_config(mock.ca_path(), None).unwrap();
+        Soap::connect(
+            &mock.addr().to_string(),
+            mock.ca_path(),
+            mock.user(),
+            mock.password(),
+            mock.admin_token(),
+        )
+    }
+
+    /// A client for a mock at `addr` (`host:port`) whose certificate chains to `ca`.
+    pub fn connect(
+        addr: &str,
+        ca: &std::path::Path,
+        user: &str,
+        password: &str,
+        token: &str,
+    ) -> Soap {
+        let tls = ferry::tls::client_config(ca, None).unwrap();
         let http = reqwest::Client::builder()
             .use_preconfigured_tls((*tls).clone())
             .build()
@@ -59,11 +76,11 @@ impl Soap {
                 .build()
                 .unwrap(),
             http,
-            base: format!("https://{}", mock.addr()),
+            base: format!("https://{addr}"),
             cookie: None,
-            user: mock.user().to_string(),
-            password: mock.password().to_string(),
-            token: mock.admin_token().to_string(),
+            user: user.to_string(),
+            password: password.to_string(),
+            token: token.to_string(),
         }
     }
 
