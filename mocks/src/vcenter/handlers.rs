@@ -149,6 +149,35 @@ pub fn dispatch(c: &Call<'_>) -> Result<Reply, Fault> {
             ok(Returns::Void)
         }
         "CreateFilter" => create_filter(c, &session_key),
+        "CreatePropertyCollector" => {
+            expect_this(req, "PropertyCollector")?;
+            let mut s = lock(&c.world.sessions);
+            let sess = s.active(Some(&session_key))?;
+            if !sess.has_collector(&req.this.value) {
+                return Err(vim::not_found(&req.this));
+            }
+            if sess.collectors.len() >= 100 {
+                return Err(vim::invalid_state(
+                    "this session has 100 property collectors; destroy some",
+                ));
+            }
+            let id = format!("session[{session_key}]{}", super::ids::uuid());
+            sess.collectors.push(id.clone());
+            ok(Returns::Typed(Val::r("PropertyCollector", id)))
+        }
+        "DestroyPropertyCollector" => {
+            expect_this(req, "PropertyCollector")?;
+            let mut s = lock(&c.world.sessions);
+            let sess = s.active(Some(&session_key))?;
+            let id = &req.this.value;
+            if !sess.collectors.iter().any(|x| x == id) {
+                return Err(vim::not_found(&req.this));
+            }
+            sess.collectors.retain(|x| x != id);
+            sess.filters.retain(|f| &f.collector != id);
+            sess.update_version.remove(id);
+            ok(Returns::Void)
+        }
         "DestroyPropertyFilter" => {
             expect_this(req, "PropertyFilter")?;
             let mut s = lock(&c.world.sessions);
@@ -344,6 +373,9 @@ fn create_filter(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
     arg_bool(req, "partialUpdates", false)?;
     let mut s = lock(&c.world.sessions);
     let sess = s.active(Some(key))?;
+    if !sess.has_collector(&req.this.value) {
+        return Err(vim::not_found(&req.this));
+    }
     {
         // Check the spec now, as vCenter does.
         let inv = lock(&c.world.inv);
@@ -361,8 +393,11 @@ fn create_filter(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
         ));
     }
     let id = format!("session[{key}]{}", super::ids::uuid());
-    sess.filters
-        .push(super::updates::Filter::new(id.clone(), spec));
+    sess.filters.push(super::updates::Filter::new(
+        id.clone(),
+        req.this.value.clone(),
+        spec,
+    ));
     ok(Returns::Typed(Val::r("PropertyFilter", id)))
 }
 
@@ -385,10 +420,17 @@ fn wait_for_updates(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
         },
         _ => MAX_WAIT,
     };
-    if version.is_empty() {
+    let collector = req.this.value.as_str();
+    {
         let mut s = lock(&c.world.sessions);
-        for f in &mut s.live_mut(key)?.filters {
-            f.reset();
+        let sess = s.live_mut(key)?;
+        if !sess.has_collector(collector) {
+            return Err(vim::not_found(&req.this));
+        }
+        if version.is_empty() {
+            for f in sess.filters.iter_mut().filter(|f| f.collector == collector) {
+                f.reset();
+            }
         }
     }
     let deadline = Instant::now() + wait;
@@ -407,15 +449,20 @@ fn wait_for_updates(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
                 };
                 filters
                     .iter_mut()
+                    .filter(|f| f.collector == collector)
                     .map(|f| f.changes(&ctx))
                     .collect::<Result<Vec<_>, Fault>>()
             };
             sess.filters = filters;
             let sets: Vec<Val> = result?.into_iter().flatten().collect();
+            let v = sess
+                .update_version
+                .entry(collector.to_string())
+                .or_insert(0);
             if !sets.is_empty() {
-                sess.update_version += 1;
+                *v += 1;
             }
-            (sess.update_version, sets)
+            (*v, sets)
         };
         if !sets.is_empty() {
             return ok(Returns::Typed(super::updates::update_set(ver, sets)));

@@ -269,14 +269,14 @@ impl Vm {
     }
 }
 
-/// Allocates moref ids (`vm-12`, `snapshot-40`...) from one counter.
+/// Allocates moref ids (`vm-12`, `domain-c9`, `snapshot-40`...) from one counter.
 #[derive(Debug)]
 pub struct IdGen(AtomicU64);
 
 impl IdGen {
-    /// Next id with `prefix`.
+    /// Next id: `prefix` followed by the number (`"vm-"` gives `vm-12`).
     pub fn next(&self, prefix: &str) -> String {
-        format!("{prefix}-{}", self.0.fetch_add(1, Ordering::SeqCst))
+        format!("{prefix}{}", self.0.fetch_add(1, Ordering::SeqCst))
     }
 }
 
@@ -357,7 +357,7 @@ impl Inventory {
             .datastores
             .iter()
             .map(|d| Datastore {
-                id: ids.next("datastore"),
+                id: ids.next("datastore-"),
                 name: d.name.clone(),
                 dir: resolve(
                     state_dir,
@@ -390,7 +390,7 @@ impl Inventory {
                 .unwrap_or(0);
             clusters[cluster].hosts.push(i);
             hosts.push(Host {
-                id: ids.next("host"),
+                id: ids.next("host-"),
                 name: h.name.clone(),
                 cluster,
                 datastores: h.datastores.iter().filter_map(|d| ds_index(d)).collect(),
@@ -495,7 +495,7 @@ impl Inventory {
                 mkdir(dir)?;
                 clean_stale_entries(dir)?;
             }
-            let id = inv.ids.next("vm");
+            let id = inv.ids.next("vm-");
             inv.vms.push(Vm {
                 id,
                 name: name.clone(),
@@ -557,7 +557,7 @@ impl Inventory {
         description: &str,
         quiesce: bool,
     ) -> Result<String, Fault> {
-        let id = self.ids.next("snapshot");
+        let id = self.ids.next("snapshot-");
         let vm = &mut self.vms[vi];
         let mut disks: Vec<SnapDisk> = Vec::new();
         for d in &vm.disks {

@@ -83,10 +83,28 @@ impl Ctx<'_> {
                 "recentTask",
                 Some(Val::refs("Task", self.tasks.all().map(|t| t.id.clone()))),
             )]),
-            "PropertyCollector" if id == vim::PROPERTY_COLLECTOR => Some(vec![(
-                "filter",
-                Some(Val::Arr("ManagedObjectReference", Vec::new())),
-            )]),
+            "PropertyCollector"
+                if id == vim::PROPERTY_COLLECTOR
+                    || self
+                        .session
+                        .is_some_and(|s| s.collectors.iter().any(|c| c == id)) =>
+            {
+                Some(vec![(
+                    "filter",
+                    Some(Val::refs(
+                        "PropertyFilter",
+                        self.session
+                            .map(|s| {
+                                s.filters
+                                    .iter()
+                                    .filter(|f| f.collector == id)
+                                    .map(|f| f.id.clone())
+                                    .collect::<Vec<_>>()
+                            })
+                            .unwrap_or_default(),
+                    )),
+                )])
+            }
             _ => None,
         };
         found.ok_or_else(|| vim::not_found(r))

@@ -51,8 +51,17 @@ pub struct Session {
     pub pages: HashMap<String, (usize, Vec<Val>)>,
     /// PropertyCollector filters (CreateFilter).
     pub filters: Vec<super::updates::Filter>,
-    /// Version of the last UpdateSet sent.
-    pub update_version: u64,
+    /// Version of the last UpdateSet sent, per PropertyCollector.
+    pub update_version: HashMap<String, u64>,
+    /// PropertyCollectors created by this session (CreatePropertyCollector).
+    pub collectors: Vec<String>,
+}
+
+impl Session {
+    /// True when `id` is the service's PropertyCollector or one this session made.
+    pub fn has_collector(&self, id: &str) -> bool {
+        id == super::vim::PROPERTY_COLLECTOR || self.collectors.iter().any(|c| c == id)
+    }
 }
 
 impl Session {
@@ -113,7 +122,8 @@ impl Sessions {
                 views: Vec::new(),
                 pages: HashMap::new(),
                 filters: Vec::new(),
-                update_version: 0,
+                update_version: HashMap::new(),
+                collectors: Vec::new(),
             },
         );
         key

@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 pub struct Filter {
     /// Moref id (`PropertyFilter`).
     pub id: String,
+    /// The PropertyCollector it was created on.
+    pub collector: String,
     /// The `PropertyFilterSpec` as sent.
     pub spec: Element,
     /// Last reported values: object → property path → value as XML.
@@ -23,10 +25,11 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// A new filter on `spec`.
-    pub fn new(id: String, spec: Element) -> Filter {
+    /// A new filter on `spec`, created on `collector`.
+    pub fn new(id: String, collector: String, spec: Element) -> Filter {
         Filter {
             id,
+            collector,
             spec,
             seen: BTreeMap::new(),
         }

@@ -107,7 +107,7 @@ impl World {
     where
         F: FnOnce(&Arc<World>) -> Result<Option<Val>, Fault> + Send + 'static,
     {
-        let id = self.ids.next("task");
+        let id = self.ids.next("task-");
         let task = lock(&self.tasks).create(id.clone(), t.method, t.entity, t.entity_name, t.user);
         let (injected, delay) = {
             let mut f = lock(&self.faults);
