@@ -333,6 +333,7 @@ impl Disk {
     ) -> Result<Disk, DiskError> {
         let folder = loc.datastore_dir.join(&loc.folder);
         std::fs::create_dir_all(&folder).map_err(io_err(&folder))?;
+        remove_stale_deltas(&folder, &loc.stem)?;
         let (path, name) = loc.file("");
         let layer = match content {
             Some(spec) => {
@@ -778,6 +779,25 @@ impl Disk {
     }
 }
 
+/// Delete `<stem>-NNNNNN.vmdk` deltas left in `folder` by an earlier run.
+fn remove_stale_deltas(folder: &Path, stem: &str) -> Result<(), DiskError> {
+    let rd = std::fs::read_dir(folder).map_err(io_err(folder))?;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let is_delta = name
+            .strip_prefix(stem)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.strip_suffix(".vmdk"))
+            .is_some_and(|n| n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()));
+        if is_delta {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(io_err(&p))?;
+        }
+    }
+    Ok(())
+}
+
 /// Union of the allocation of `layers` within block range `[lo, hi)`.
 fn union_alloc(layers: &[Arc<Layer>], lo: u64, hi: u64) -> RangeSet {
     let mut set = RangeSet::new();
@@ -981,6 +1001,24 @@ mod tests {
         let mut b = vec![0u8; cap as usize];
         d.read(snap, 0, &mut b).unwrap();
         b
+    }
+
+    #[test]
+    fn a_new_disk_clears_deltas_of_an_earlier_run() {
+        let t = tempfile::tempdir().unwrap();
+        let d = Disk::create(loc(t.path()), 1 << 20, None).unwrap();
+        d.snapshot().unwrap();
+        d.snapshot().unwrap();
+        drop(d);
+        std::fs::write(t.path().join("vm1/vm1_1.vmdk"), b"other disk").unwrap();
+        let d = Disk::create(loc(t.path()), 1 << 20, None).unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(t.path().join("vm1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["vm1.vmdk", "vm1_1.vmdk"]);
+        assert_eq!(d.snapshot_ids(), Vec::<u64>::new());
     }
 
     #[test]

@@ -397,7 +397,9 @@ impl Inventory {
                 address: h.address.clone(),
             });
         }
+        // Flattened hot-add devices of an earlier run in the same state directory.
         let hotadd_dir = state_dir.join("hotadd");
+        let _ = std::fs::remove_dir_all(&hotadd_dir);
         mkdir(&hotadd_dir)?;
         let mut inv = Inventory {
             scenario: sc.name.clone(),
