@@ -1,5 +1,5 @@
 //! `ferry-sim`: ferry's simulated world. `demo` runs the main job end to end on
-//! embedded mocks with no setup.
+//! embedded mocks with no setup; `vcenter` runs the mock vCenter standalone.
 
 use clap::{Parser, Subcommand};
 use ferry_mocks::demo::{self, DemoOptions};
@@ -49,6 +49,28 @@ enum Cmd {
         #[arg(long, default_value_t = 40)]
         compressible_pct: u8,
     },
+    /// Run the mock vCenter (vim25 SOAP over HTTPS) on a scenario until interrupted.
+    Vcenter {
+        /// Scenario file (TOML; see docs/mocks.md and mocks/scenarios/).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// HTTPS port (0 picks a free one).
+        #[arg(long, default_value_t = 8989)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// State directory (datastores, hot-add device directories, ca-cert.pem);
+        /// a temporary directory, removed at exit, when absent.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Admin API token (random when absent).
+        #[arg(long)]
+        admin_token: Option<String>,
+        /// Print the connection details as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Overwrite a fraction of an image with random blocks, as a guest would.
     Mutate {
         /// Image file.
@@ -66,9 +88,100 @@ enum Cmd {
     },
 }
 
+fn run_vcenter(
+    scenario: PathBuf,
+    port: u16,
+    bind: std::net::IpAddr,
+    dir: Option<PathBuf>,
+    admin_token: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use ferry_mocks::vcenter::{VcenterMock, VcenterOptions};
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ferry_mocks=info")),
+        )
+        .try_init();
+    let mut opts = VcenterOptions::from_file(&scenario)?;
+    opts.port = port;
+    opts.bind = bind;
+    opts.state_dir = dir;
+    opts.admin_token = admin_token;
+    let mock = VcenterMock::start(opts)
+        .with_context(|| format!("starting the mock vCenter on {bind}:{port}"))?;
+    let state = mock.admin().state();
+    let proxies: Vec<(String, String)> = state
+        .vms
+        .iter()
+        .filter_map(|v| Some((v.name.clone(), v.device_dir.clone()?)))
+        .collect();
+    if json {
+        let v = serde_json::json!({
+            "url": mock.url(),
+            "user": mock.user(),
+            "password": mock.password(),
+            "admin_token": mock.admin_token(),
+            "admin_url": format!("https://{}/admin/", mock.addr()),
+            "ca": mock.ca_path(),
+            "state_dir": mock.state_dir(),
+            "vms": state.vms.len(),
+            "device_dirs": proxies.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "mock vCenter ({} VMs and proxies, scenario {:?})",
+            state.vms.len(),
+            state.scenario
+        );
+        println!("url:         {}", mock.url());
+        println!("user:        {}", mock.user());
+        println!("password:    {}", mock.password());
+        println!("admin token: {}", mock.admin_token());
+        println!("admin api:   https://{}/admin/", mock.addr());
+        println!("ca:          {}", mock.ca_path().display());
+        println!("state dir:   {}", mock.state_dir().display());
+        for (name, dir) in &proxies {
+            println!("proxy {name}: hot-add devices in {dir}");
+        }
+        println!("press Ctrl-C to stop");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    })?;
+    mock.stop();
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Vcenter {
+            scenario,
+            port,
+            bind,
+            dir,
+            admin_token,
+            json,
+        } => match run_vcenter(scenario, port, bind, dir, admin_token, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::GenDisk {
             out,
             size_mib,
