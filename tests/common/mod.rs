@@ -2,6 +2,8 @@
 //! pair, a repository and generated images, plus helpers to run the `ferry` binary.
 #![allow(dead_code)]
 
+pub mod vsphere;
+
 use ferry::job::{self, BackupReport, BackupRequest, DiskInput};
 use ferry::keys::PemKeySource;
 use ferry::pipeline::PipelineConfig;

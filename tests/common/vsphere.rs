@@ -1,0 +1,84 @@
+//! A vSphere world for end-to-end tests: the mock vCenter on a scenario, ferry's SOAP
+//! client logged in to it (CA pinned), and helpers to build VM job requests.
+
+use ferry::job::vm::{NbdSettings, ThisProxy, VmBackupRequest};
+use ferry::pipeline::PipelineConfig;
+use ferry::transport::select::{Mode, Policy};
+use ferry::vsphere::{Client, ClientConfig, ServerTrust};
+use ferry_mocks::vcenter::{VcenterMock, VcenterOptions};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// The mock vCenter on `mocks/scenarios/<name>.toml`.
+pub fn vcenter(name: &str) -> VcenterMock {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("mocks/scenarios")
+        .join(format!("{name}.toml"));
+    let mut o = VcenterOptions::from_file(&path).unwrap();
+    o.port = 0;
+    VcenterMock::start(o).unwrap()
+}
+
+/// ferry's client configuration for `vc`.
+pub fn client_config(vc: &VcenterMock) -> ClientConfig {
+    let mut c = ClientConfig::new(
+        &vc.url(),
+        vc.user(),
+        Zeroizing::new(vc.password().to_string()),
+        ServerTrust::Ca(vc.ca_path().to_path_buf()),
+    );
+    c.backoff = Duration::from_millis(20);
+    c
+}
+
+/// A logged-in client.
+pub async fn client(vc: &VcenterMock) -> Client {
+    Client::connect(client_config(vc)).await.unwrap()
+}
+
+/// This proxy: `vm_name` (a proxy VM of the scenario, or none for a physical
+/// proxy) with `modes`.
+pub fn proxy(vc: &VcenterMock, id: &str, vm_name: Option<&str>, modes: &[Mode]) -> ThisProxy {
+    ThisProxy {
+        id: id.to_string(),
+        vm_name: vm_name.map(str::to_string),
+        device_dir: vm_name.and_then(|n| vc.device_dir(n)),
+        modes: modes.to_vec(),
+        free_slots: 4,
+    }
+}
+
+/// A backup request for `vm` with job id `job`.
+pub fn request(
+    job: &str,
+    vm: &str,
+    policy: Policy,
+    nbd_port: u16,
+    certs: Option<PathBuf>,
+) -> VmBackupRequest {
+    VmBackupRequest {
+        job_id: job.to_string(),
+        vm: vm.to_string(),
+        policy,
+        nbd: NbdSettings {
+            tls_certificates: certs,
+            port: nbd_port,
+            connections: 2,
+        },
+        enable_cbt: true,
+        quiesce: false,
+        pipeline: PipelineConfig::new(Some(2), super::CS, 16 << 20),
+        lock_wait: Duration::from_secs(10),
+        hotadd_wait: Duration::from_secs(10),
+    }
+}
+
+/// A current-thread runtime for one test.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,156 @@
+//! The VM backup job end to end through ferry's SOAP client and the mock vCenter:
+//! selection before any snapshot, HotAdd through the tenant's own proxy, refusal
+//! across key providers, cleanup, and the orphan sweep.
+
+mod common;
+
+use common::vsphere::{self, client, proxy, request, rt};
+use common::World;
+use ferry::job::vm::{self, VmJobError};
+use ferry::transport::select::{Mode, Policy};
+use std::sync::Arc;
+
+fn policy(failover: bool) -> Policy {
+    Policy {
+        failover_to_network: failover,
+        allow_cleartext_nbd: false,
+        preferred: None,
+    }
+}
+
+#[test]
+fn hotadd_through_the_tenants_own_proxy_restores_bit_identically_and_cleans_up() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
+    let req = request("px-a-1", "tenant-a-web", policy(false), 0, None);
+    let out = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap();
+    assert_eq!(out.disks.len(), 2);
+    for d in &out.disks {
+        assert_eq!(d.mode, Mode::HotAdd, "{d:?}");
+        assert!(d.reason.starts_with("hotadd via px-a"), "{}", d.reason);
+    }
+    for r in &out.report.disks {
+        assert_eq!(r.transport, "hotadd");
+        assert!(r.transport_reason.contains("hotadd via px-a"));
+    }
+    // Nothing left behind on vCenter.
+    let st = vc.admin().state();
+    assert_eq!(st.snapshot_count(), 0, "{st:?}");
+    assert_eq!(st.attached_count(), 0, "{st:?}");
+    // Every disk restores to exactly what the VM held at snapshot time.
+    for d in &out.disks {
+        let target = w.path(&format!("restored-{}", d.disk));
+        w.restore(&out.report.point_id, d.disk, &target).unwrap();
+        let (want, _) = vc
+            .admin()
+            .digest("tenant-a-web", &d.device_key.to_string(), None)
+            .unwrap();
+        assert_eq!(
+            common::hash(&target).to_hex().to_string(),
+            want,
+            "disk {}",
+            d.disk
+        );
+    }
+    rt.block_on(c.logout());
+}
+
+#[test]
+fn a_wrong_kms_proxy_with_failover_off_is_refused_before_any_snapshot() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    // proxy-a is encrypted under KMS-A; tenant-b-db under KMS-B.
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
+    let mut req = request("px-a-2", "tenant-b-db", policy(false), 0, None);
+    req.enable_cbt = false;
+    let err = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap_err();
+    let VmJobError::Refused { summary, .. } = &err else {
+        panic!("expected a refusal, got {err}");
+    };
+    assert!(
+        summary.contains("KMS-A") && summary.contains("KMS-B"),
+        "{summary}"
+    );
+    assert!(summary.contains("failover"), "{summary}");
+    let st = vc.admin().state();
+    assert_eq!(st.snapshot_count(), 0);
+    assert_eq!(
+        st.tasks.success + st.tasks.error + st.tasks.running,
+        0,
+        "no task may run: {st:?}"
+    );
+    assert!(w.repo().point_ids().unwrap().is_empty());
+    // The dry-run plan says the same without touching anything.
+    let sel = rt
+        .block_on(vm::plan(&c, &me, "tenant-b-db", &policy(false)))
+        .unwrap();
+    assert!(!sel.is_runnable());
+}
+
+#[test]
+fn orphan_sweep_removes_this_proxys_leftovers_and_nothing_else() {
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    rt.block_on(async {
+        // A crashed job of px-a: its snapshot, and the snapshot disk still attached.
+        let web = c.vm_by_name("tenant-a-web").await.unwrap();
+        let snap = c
+            .create_snapshot(
+                &web,
+                &ferry::vsphere::snapshot_name("px-a-7"),
+                "ferry backup px-a-7",
+                false,
+            )
+            .await
+            .unwrap();
+        let disks = c.snapshot_disks(&snap).await.unwrap();
+        let pxa = c.vm_by_name("proxy-a").await.unwrap();
+        c.attach_disk(&pxa.moref, &disks[0]).await.unwrap();
+        // Another proxy's running job on another VM must survive.
+        let app = c.vm_by_name("plain-app").await.unwrap();
+        c.create_snapshot(
+            &app,
+            &ferry::vsphere::snapshot_name("px-b-3"),
+            "ferry backup px-b-3",
+            false,
+        )
+        .await
+        .unwrap();
+    });
+    assert_eq!(vc.admin().state().attached_count(), 1);
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
+    let rep = rt.block_on(vm::sweep_orphans(&c, &me, &[])).unwrap();
+    assert_eq!(rep.detached.len(), 1, "{rep:?}");
+    assert_eq!(
+        rep.snapshots_removed,
+        vec![("tenant-a-web".to_string(), "ferry-px-a-7".to_string())]
+    );
+    assert!(rep.errors.is_empty(), "{rep:?}");
+    let st = vc.admin().state();
+    assert_eq!(st.attached_count(), 0);
+    assert_eq!(st.snapshot_count(), 1, "px-b's snapshot stays");
+}
