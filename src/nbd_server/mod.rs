@@ -212,3 +212,6 @@ impl NbdServer {
         transmission::run(self, io, export, shutdown).await
     }
 }
+
+#[cfg(test)]
+mod tests;
