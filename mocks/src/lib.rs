@@ -5,10 +5,13 @@
 //! - [`fixtures`]: shared test fixtures (tenant RSA key pairs in PEM files, TLS layouts).
 //! - [`pki`]: an in-process test CA (rcgen) issuing server and client certificates.
 //! - [`demo`]: the `ferry-sim demo` scenario.
+//! - [`esxi`]: the mock ESXi NBD service (TLS required, exports by name/ticket,
+//!   fault injection).
 //!
-//! Mock vCenter, mock ESXi NBD server and mock KMS join this crate in later work.
+//! Mock vCenter and mock KMS join this crate in later work.
 
 pub mod demo;
 pub mod diskgen;
+pub mod esxi;
 pub mod fixtures;
 pub mod pki;

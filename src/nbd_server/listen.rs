@@ -53,11 +53,12 @@ impl LocalAddr {
     }
 }
 
-/// Export names in URIs: keep unreserved characters, escape the rest.
+/// Export names in URI paths: keep what a path may hold (unreserved characters,
+/// sub-delimiters except `&`, `:`, `@`, `/`), escape the rest.
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"-._~!$'()*+,;=:@/".contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
