@@ -284,3 +284,51 @@ fn tls_over_tcp_with_client_certificates_and_over_a_unix_socket() {
     check(&w, &e, &img, &opts, Some(&certs), "tls-unix");
     e.stop();
 }
+
+#[test]
+fn a_damaged_chunk_fails_only_its_range_and_the_export_lists_its_name() {
+    use ferry::export::{ExportOptions, PointExport, PointExportProvider};
+    use ferry::nbd_server::{ExportBackend, ExportProvider};
+    let (w, img, spec) = world_with_point();
+    let repo = w.repo();
+    let point = repo.latest_point_of("vm").unwrap().unwrap().point_id;
+    let open = || PointExport::open(w.repo(), &w.source(), &point, 0, ExportOptions::default());
+    let e = std::sync::Arc::new(open().unwrap());
+    let mut all = vec![0u8; 20 << 20];
+    e.read_at(0, &mut all).unwrap();
+    assert_eq!(blake3::hash(&all), hash(&img));
+    let provider = PointExportProvider::new(e.clone());
+    assert_eq!(provider.list().unwrap(), vec![e.export_name()]);
+    assert!(provider.open("").is_ok() && provider.open("other").is_err());
+    drop((e, provider));
+
+    // Damage the chunk behind the first data region (found through the index).
+    let region = (0..spec.regions())
+        .find(|&i| spec.region_kind(i) != Region::Zero)
+        .unwrap();
+    let at = region * spec.region;
+    let opened = repo.open_point(&point, &w.source(), None).unwrap();
+    let mut index = repo.open_index(&opened, 0).unwrap();
+    let entry = (0..=at / CS as u64)
+        .map(|_| index.next_entry().unwrap().unwrap())
+        .last()
+        .unwrap();
+    let victim = repo.chunk_path(&entry.id);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let e = open().unwrap();
+    let mut b = vec![0u8; 4096];
+    let err = e.read_at(at, &mut b).unwrap_err().to_string();
+    assert!(err.contains(&entry.id.to_hex()), "{err}");
+    // Other chunks still read correctly.
+    let far = (0..spec.regions())
+        .rev()
+        .find(|&i| spec.region_kind(i) != Region::Zero && i != region)
+        .unwrap()
+        * spec.region;
+    e.read_at(far, &mut b).unwrap();
+    assert_eq!(&b[..], &all[far as usize..far as usize + 4096]);
+}
