@@ -12,6 +12,7 @@
 //! - [`job`]: one backup or restore, start to cleanup.
 //! - [`kmip`]: the KMIP TTLV codec (the KMS client builds on it).
 //! - [`nbd_server`]: serving disks over NBD (`ferry export`, the mock ESXi host).
+//! - [`export`]: instant access, a restore point disk as an NBD export backend.
 //! - [`config`]: the TOML configuration file.
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
@@ -21,6 +22,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod export;
 pub mod job;
 pub mod keys;
 pub mod kmip;

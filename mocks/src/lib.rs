@@ -7,11 +7,12 @@
 //! - [`demo`]: the `ferry-sim demo` scenario.
 //! - [`vcenter`]: the mock vCenter (vim25 SOAP over HTTPS, scenarios, snapshots, CBT,
 //!   hot-add rules, NBD tickets, admin API).
-//!
-//! Mock ESXi NBD server and mock KMS join this crate in later work.
+//! - [`esxi`]: the mock ESXi NBD service (TLS required, exports by name/ticket,
+//!   fault injection).
 
 pub mod demo;
 pub mod diskgen;
+pub mod esxi;
 pub mod fixtures;
 pub mod pki;
 pub mod vcenter;

@@ -3,6 +3,7 @@
 mod args;
 mod cmd_bench;
 mod cmd_data;
+mod cmd_export;
 mod cmd_keys;
 mod cmd_repo;
 mod cmd_vsphere;
@@ -50,6 +51,8 @@ enum Cmd {
     Points(cmd_data::PointsCmd),
     /// Restore one disk of a restore point to a new file or a block device.
     Restore(cmd_data::RestoreArgs),
+    /// Serve one disk of a restore point read-only over NBD (instant access).
+    Export(cmd_export::ExportArgs),
     /// Read and authenticate every chunk of every (or the given) restore point.
     Verify(cmd_data::VerifyArgs),
     /// Apply retention and garbage-collect unreferenced chunks.
@@ -102,6 +105,7 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
         Cmd::Backup(a) => cmd_data::backup(a, out, progress),
         Cmd::Points(c) => cmd_data::points(c, out),
         Cmd::Restore(a) => cmd_data::restore(a, out, progress),
+        Cmd::Export(a) => cmd_export::export(a, out, progress),
         Cmd::Verify(a) => cmd_data::verify(a, out, progress),
         Cmd::Prune(a) => cmd_data::prune(a, out),
         Cmd::Bench(a) => cmd_bench::bench(a, out, progress),

@@ -36,7 +36,7 @@ pub struct NbdConn<S> {
     cookie: u64,
 }
 
-const BASE_ALLOCATION: &str = "base:allocation";
+use proto::BASE_ALLOCATION;
 
 /// Read the server greeting and send the client flags (start of every handshake).
 pub fn greet<S: Read + Write>(s: &mut S) -> Result<(), ConnError> {
