@@ -154,3 +154,196 @@ fn orphan_sweep_removes_this_proxys_leftovers_and_nothing_else() {
     assert_eq!(st.attached_count(), 0);
     assert_eq!(st.snapshot_count(), 1, "px-b's snapshot stays");
 }
+
+fn restore_matches(
+    w: &World,
+    vc: &ferry_mocks::vcenter::VcenterMock,
+    vm_name: &str,
+    out: &vm::VmBackupOutcome,
+) {
+    for d in &out.disks {
+        let target = w.path(&format!("restored-{vm_name}-{}", d.disk));
+        w.restore(&out.report.point_id, d.disk, &target).unwrap();
+        let (want, _) = vc
+            .admin()
+            .digest(vm_name, &d.device_key.to_string(), None)
+            .unwrap();
+        assert_eq!(
+            common::hash(&target).to_hex().to_string(),
+            want,
+            "{vm_name} disk {}",
+            d.disk
+        );
+    }
+}
+
+#[test]
+fn an_encrypted_vm_without_a_matching_hotadd_proxy_goes_nbd_ssl() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let (esx, certs) = vsphere::esxi(&vc, w.dir.path());
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    // proxy-a (KMS-A) may not hot-add tenant-b-db (KMS-B): NBD-SSL, said up front.
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
+    let req = request(
+        "px-a-3",
+        "tenant-b-db",
+        policy(true),
+        esx.port(),
+        Some(certs),
+    );
+    let out = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap();
+    for d in &out.disks {
+        assert_eq!(d.mode, Mode::NbdSsl);
+        assert!(d.reason.starts_with("nbdssl via px-a"), "{}", d.reason);
+        assert!(
+            d.reason.contains("hotadd not used") && d.reason.contains("KMS-B"),
+            "{}",
+            d.reason
+        );
+    }
+    assert!(
+        out.report.disks.iter().all(|r| r.transport == "nbdssl"),
+        "{:?}",
+        out.report.disks
+    );
+    let st = vc.admin().state();
+    assert_eq!(
+        (
+            st.snapshot_count(),
+            st.attached_count(),
+            st.open_nbd_exports
+        ),
+        (0, 0, 0),
+        "{st:?}"
+    );
+    restore_matches(&w, &vc, "tenant-b-db", &out);
+}
+
+#[test]
+fn a_hotadd_refused_by_vcenter_at_attach_time_fails_over_to_nbd_ssl() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let (esx, certs) = vsphere::esxi(&vc, w.dir.path());
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    // The selector sees a valid HotAdd; vCenter then refuses the attach with a
+    // crypto fault (as when the proxy was re-keyed in between).
+    vc.admin().fail_tasks(ferry_mocks::vcenter::FailTasks {
+        count: 1,
+        method: Some("ReconfigVM_Task".into()),
+        fault: Some("GenericVmConfigFault".into()),
+        message: Some("Cannot hot-add an encrypted disk: the virtual machine and the disk use different key providers".into()),
+    });
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
+    let mut req = request(
+        "px-a-4",
+        "tenant-a-web",
+        policy(true),
+        esx.port(),
+        Some(certs),
+    );
+    req.enable_cbt = false;
+    let out = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap();
+    assert_eq!(out.disks[0].mode, Mode::NbdSsl, "{:?}", out.disks[0]);
+    assert!(
+        out.disks[0].reason.contains("refused by vCenter")
+            && out.disks[0].reason.contains("failed over to NBD-SSL"),
+        "{}",
+        out.disks[0].reason
+    );
+    assert_eq!(out.report.disks[0].transport, "nbdssl");
+    assert_eq!(
+        out.disks[1].mode,
+        Mode::HotAdd,
+        "only the refused disk moves"
+    );
+    let st = vc.admin().state();
+    assert_eq!((st.snapshot_count(), st.attached_count()), (0, 0), "{st:?}");
+    restore_matches(&w, &vc, "tenant-a-web", &out);
+}
+
+#[test]
+fn an_unreachable_esxi_host_fails_the_job_and_still_removes_the_snapshot() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let (esx, certs) = vsphere::esxi(&vc, w.dir.path());
+    let port = esx.port();
+    esx.stop().unwrap(); // the host's NBD service is down
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    let me = proxy(&vc, "px-n", None, &[Mode::NbdSsl]);
+    let req = request("px-n-5", "tenant-b-db", policy(true), port, Some(certs));
+    let err = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap_err();
+    assert!(matches!(err, VmJobError::Source { .. }), "{err}");
+    assert!(err.to_string().contains("tenant-b-db"), "{err}");
+    let st = vc.admin().state();
+    assert_eq!((st.snapshot_count(), st.attached_count()), (0, 0), "{st:?}");
+    assert!(
+        st.tasks.success >= 2,
+        "a snapshot was taken and removed: {st:?}"
+    );
+    assert!(w.repo().point_ids().unwrap().is_empty(), "no point");
+}
+
+#[test]
+fn a_cancelled_job_detaches_removes_the_snapshot_and_commits_nothing() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
+    let req = request("px-a-6", "tenant-a-web", policy(false), 0, None);
+    let progress = Arc::new(ferry::progress::Progress::default());
+    let p = progress.clone();
+    // Cancel as soon as the first bytes moved (the disk is hot-added by then).
+    let canceller = std::thread::spawn(move || {
+        while p.snapshot().done == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        p.request_cancel();
+    });
+    let err = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            progress,
+        ))
+        .unwrap_err();
+    canceller.join().unwrap();
+    assert!(err.is_cancelled(), "{err}");
+    let st = vc.admin().state();
+    assert_eq!((st.snapshot_count(), st.attached_count()), (0, 0), "{st:?}");
+    assert!(w.repo().point_ids().unwrap().is_empty(), "no point");
+}

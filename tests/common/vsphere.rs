@@ -82,3 +82,13 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// The mock ESXi NBD service serving `vc`'s tickets over TLS, and the directory (libnbd
+/// layout) whose `ca-cert.pem` ferry verifies it with.
+pub fn esxi(vc: &VcenterMock, dir: &Path) -> (ferry_mocks::esxi::MockEsxi, PathBuf) {
+    let certs = dir.join("esxi-certs");
+    ferry_mocks::fixtures::tls_certs(&certs).unwrap();
+    let tls = ferry_mocks::esxi::ServerTls::from_dir(&certs, false).unwrap();
+    let esx = ferry_mocks::esxi::MockEsxi::start(vc.export_provider(), &tls).unwrap();
+    (esx, certs)
+}
