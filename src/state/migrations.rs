@@ -1,0 +1,67 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` counts how many ran.
+//! Append only: never edit a migration that has shipped, add a new one.
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: jobs, key registry, orchestrator runs.
+    r#"
+CREATE TABLE jobs (
+    id            TEXT PRIMARY KEY NOT NULL,
+    kind          TEXT NOT NULL CHECK (kind IN ('backup', 'restore')),
+    spec          TEXT NOT NULL,                       -- request as JSON
+    tenant        TEXT NOT NULL,
+    subject       TEXT NOT NULL,                       -- VM name, or point for restores
+    state         TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    created_at    INTEGER NOT NULL,                    -- Unix milliseconds
+    started_at    INTEGER,
+    finished_at   INTEGER,
+    bytes_done    INTEGER NOT NULL DEFAULT 0,
+    bytes_total   INTEGER NOT NULL DEFAULT 0,
+    disks         TEXT NOT NULL DEFAULT '[]',          -- per-disk plan/results as JSON
+    notes         TEXT NOT NULL DEFAULT '[]',          -- runner notes as a JSON array
+    error_code    TEXT,
+    error_message TEXT,
+    cleanup       TEXT,                                -- what the orphan sweep did
+    point_id      TEXT                                 -- restore point made or read
+);
+CREATE INDEX jobs_state ON jobs (state);
+CREATE INDEX jobs_created ON jobs (created_at);
+
+CREATE TABLE key_registry (
+    tenant      TEXT NOT NULL,
+    kms         TEXT NOT NULL,                         -- KMS address (host:port) or key source name
+    key_name    TEXT NOT NULL,
+    key_id      TEXT NOT NULL,                         -- KMS object id, never key material
+    version     INTEGER NOT NULL,
+    checked_at  INTEGER NOT NULL,
+    changed_at  INTEGER NOT NULL,
+    PRIMARY KEY (tenant, kms)
+);
+
+CREATE TABLE orch_runs (
+    id          TEXT PRIMARY KEY NOT NULL,
+    job         TEXT NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('backup', 'key_sync')),
+    state       TEXT NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    summary     TEXT NOT NULL DEFAULT '{}',
+    error       TEXT
+);
+CREATE INDEX orch_runs_job ON orch_runs (job, kind, started_at);
+
+CREATE TABLE orch_run_items (
+    run_id       TEXT NOT NULL REFERENCES orch_runs (id) ON DELETE CASCADE,
+    item         TEXT NOT NULL,                        -- VM moref, or agent id for key sync
+    agent        TEXT,
+    agent_job_id TEXT,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'dispatched', 'succeeded', 'failed', 'cancelled', 'refused')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    detail       TEXT NOT NULL DEFAULT '{}',
+    error        TEXT,
+    bytes        INTEGER NOT NULL DEFAULT 0,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (run_id, item)
+);
+"#,
+];
