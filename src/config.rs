@@ -114,6 +114,33 @@ pub struct AgentSection {
     /// Where hot-added disks appear on this proxy (like `/dev/disk/by-id`).
     #[serde(default)]
     pub hotadd_device_dir: Option<PathBuf>,
+    /// Whether this proxy is a VM (HotAdd needs one). Default true.
+    #[serde(default = "default_true")]
+    pub is_vm: bool,
+    /// Key provider (vSphere KMS cluster id) the proxy VM itself is encrypted
+    /// under; unset = the proxy VM is not encrypted. HotAdd of an encrypted disk
+    /// needs the same provider.
+    #[serde(default)]
+    pub key_provider: Option<String>,
+    /// ESXi host the proxy VM runs on (informational).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Datastores the proxy's host sees (HotAdd candidates).
+    #[serde(default)]
+    pub datastores: Vec<String>,
+    /// ESXi hosts this proxy reaches for NBD/NBD-SSL; unset = every host.
+    #[serde(default)]
+    pub reachable_hosts: Option<Vec<String>>,
+    /// Seconds to wait for cancelled jobs to clean up at shutdown (SIGTERM).
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_grace() -> u64 {
+    60
 }
 
 fn default_listen() -> String {
@@ -369,6 +396,21 @@ impl Config {
                     self.invalid("agent.tls_cert".into(), "tls_cert and tls_key go together")
                 );
             }
+            if a.key_provider
+                .as_deref()
+                .is_some_and(|k| k.trim().is_empty())
+            {
+                return Err(self.invalid(
+                    "agent.key_provider".into(),
+                    "must not be empty (omit it for an unencrypted proxy VM)",
+                ));
+            }
+            if a.client_ca.is_some() && a.tls_cert.is_none() {
+                return Err(self.invalid(
+                    "agent.client_ca".into(),
+                    "client certificates need TLS: set tls_cert and tls_key",
+                ));
+            }
             if a.tls_cert.is_none() && !a.insecure_http {
                 return Err(self.invalid(
                     "agent.tls_cert".into(),
@@ -573,6 +615,8 @@ public_key = "b.pub.pem"
             ("[[tenant]]\nname = \"a\"\nrepository = \"r\"\n[tenant.kms]\naddress = \"kms:5696\"\nca = \"c\"\nkey_name = \"n\"\n", "tenant[0].kms.client_cert"),
             ("[agent]\nid = \"p\"\ntoken_file = \"t\"\nstate_dir = \"s\"\n", "agent.tls_cert"),
             ("[agent]\nid = \"p\"\ninsecure_http = true\ntoken_file = \"t\"\nstate_dir = \"s\"\nslots = 0\n", "agent.slots"),
+            ("[agent]\nid = \"p\"\ninsecure_http = true\ntoken_file = \"t\"\nstate_dir = \"s\"\nclient_ca = \"ca.pem\"\n", "agent.client_ca"),
+            ("[agent]\nid = \"p\"\ninsecure_http = true\ntoken_file = \"t\"\nstate_dir = \"s\"\nkey_provider = \" \"\n", "agent.key_provider"),
         ];
         for (text, key) in cases {
             match Config::parse(text, Path::new("x.toml")) {

@@ -19,7 +19,14 @@
 //! - [`tls`]: rustls client configuration (pinned CA or thumbprint, client certificates).
 //! - [`vsphere`]: the vim25 SOAP client for vCenter (session, inventory, snapshots,
 //!   CBT, HotAdd, NBD tickets).
+//! - [`agent`]: the HTTP/JSON API of one backup proxy (`ferry agent`) and the
+//!   [`agent::JobRunner`] seam the VM backup job plugs into.
+//! - [`orchestrator`]: places VMs on agents, dispatches, polls, schedules and
+//!   runs the key sync (`ferry orchestrator`), over the agents' HTTP API.
+//! - [`state`]: SQLite state of the agent and the orchestrator (jobs, key registry,
+//!   run history) with crash recovery.
 
+pub mod agent;
 pub mod bench;
 pub mod config;
 pub mod export;
@@ -27,9 +34,11 @@ pub mod job;
 pub mod keys;
 pub mod kmip;
 pub mod nbd_server;
+pub mod orchestrator;
 pub mod pipeline;
 pub mod progress;
 pub mod repo;
+pub mod state;
 pub mod tls;
 pub mod transport;
 pub mod vsphere;
