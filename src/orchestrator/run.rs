@@ -1,0 +1,880 @@
+//! Running the plan: dispatch VMs to agents (respecting their slots), retry on
+//! another valid agent when one is down or refuses, poll the agents' jobs,
+//! record the history in SQLite, run the key sync system job, and schedule it
+//! all.
+//!
+//! Must not: hold tenant key material (agents do the key work; the orchestrator
+//! only records key ids and versions), decide transports (the planner and the
+//! agents' own selector do).
+
+use super::client::{AgentApi, ClientError, ClientSetupError, HttpAgent};
+use super::config::{JobConfig, OrchestratorConfig, Schedule};
+use super::inventory::{Inventory, InventoryVm};
+use super::plan::{
+    candidates, free_slots, plan_job, plan_vm, AgentStatus, Decision, JobPlan, PlanReport,
+};
+use super::schedule::{is_due, select_vms};
+use crate::agent::api::{BackupRequest, PolicySpec, VmSpec};
+use crate::state::{
+    now_ms, rfc3339_ms, ItemState, JobState, KeyObservation, Recovered, RunItem, RunKind, RunState,
+    StateError, StateStore,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+/// Name under which key sync runs are recorded.
+pub const KEY_SYNC_JOB: &str = "key-sync";
+/// File name of the orchestrator's database inside `state_dir`.
+pub const STATE_FILE: &str = "orchestrator.sqlite";
+/// File name of the lock a running orchestrator holds inside `state_dir`.
+pub const LOCK_FILE: &str = "orchestrator.lock";
+
+/// Orchestrator errors.
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    /// An agent client cannot be built.
+    #[error(transparent)]
+    Setup(#[from] ClientSetupError),
+    /// The state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The request does not match the configuration.
+    #[error("{0}")]
+    Config(String),
+    /// A background task failed.
+    #[error("orchestrator task: {0}")]
+    Task(String),
+}
+
+/// One item of a run, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemSummary {
+    /// VM moref, or agent id for key sync.
+    pub item: String,
+    /// Agent.
+    pub agent: Option<String>,
+    /// Job id on the agent.
+    pub agent_job_id: Option<String>,
+    /// State.
+    pub state: ItemState,
+    /// Dispatch attempts.
+    pub attempts: u32,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Error.
+    pub error: Option<String>,
+    /// Plan and results (VM name, folder, per-disk proxy, mode, reason...).
+    pub detail: serde_json::Value,
+}
+
+/// A run, for output.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: String,
+    /// Job name (or `key-sync`).
+    pub job: String,
+    /// Kind.
+    pub kind: RunKind,
+    /// State.
+    pub state: RunState,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    /// Run-level error.
+    pub error: Option<String>,
+    /// Items.
+    pub items: Vec<ItemSummary>,
+}
+
+impl RunSummary {
+    /// Plain text: one line per item.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "{} run {} ({}): {}",
+            self.kind, self.run_id, self.job, self.state
+        );
+        if let Some(e) = &self.error {
+            s.push_str(&format!(" - {e}"));
+        }
+        s.push('\n');
+        for i in &self.items {
+            let name = i.detail["vm"].as_str().unwrap_or(&i.item);
+            let modes: Vec<String> = i.detail["result"]
+                .as_array()
+                .or_else(|| i.detail["plan"].as_array())
+                .map(|d| {
+                    d.iter()
+                        .map(|x| format!("{}:{}", x["disk_key"], x["mode"].as_str().unwrap_or("-")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "  {name:<20} {:<10} {:<14} {:<9} {:>12} B  {}{}\n",
+                i.state.as_str(),
+                i.agent.as_deref().unwrap_or("-"),
+                if modes.is_empty() {
+                    "-".to_string()
+                } else {
+                    modes.join(",")
+                },
+                i.bytes,
+                i.attempts,
+                i.error
+                    .as_deref()
+                    .map(|e| format!(" attempt(s); {}", e.lines().next().unwrap_or("")))
+                    .unwrap_or_else(|| " attempt(s)".into())
+            ));
+        }
+        s
+    }
+}
+
+/// The orchestrator.
+pub struct Orchestrator {
+    cfg: Arc<OrchestratorConfig>,
+    inventory: Arc<dyn Inventory>,
+    agents: BTreeMap<String, Arc<dyn AgentApi>>,
+    store: Arc<StateStore>,
+    active: Mutex<BTreeSet<String>>,
+    _lock: Option<crate::state::StateLock>,
+}
+
+fn new_run_id() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let f = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let mut r = [0u8; 4];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);
+    format!(
+        "run-{}-{}",
+        now.format(&f).unwrap_or_else(|_| "00000000T000000Z".into()),
+        hex::encode(r)
+    )
+}
+
+/// A VM being worked on in a run.
+struct Item {
+    inv: InventoryVm,
+    state: ItemState,
+    agent: Option<String>,
+    agent_job_id: Option<String>,
+    attempts: u32,
+    tried: BTreeSet<String>,
+    error: Option<String>,
+    bytes: u64,
+    note: Option<String>,
+    waiting: Option<String>,
+    selector: serde_json::Value,
+    plan: serde_json::Value,
+    result: serde_json::Value,
+    poll_failures: u32,
+}
+
+impl Item {
+    fn new(inv: InventoryVm) -> Item {
+        Item {
+            inv,
+            state: ItemState::Pending,
+            agent: None,
+            agent_job_id: None,
+            attempts: 0,
+            tried: BTreeSet::new(),
+            error: None,
+            bytes: 0,
+            note: None,
+            waiting: None,
+            selector: serde_json::Value::Null,
+            plan: serde_json::Value::Null,
+            result: serde_json::Value::Null,
+            poll_failures: 0,
+        }
+    }
+    fn record(&self, run_id: &str) -> RunItem {
+        RunItem {
+            run_id: run_id.to_string(),
+            item: self.inv.vm.moref.clone(),
+            agent: self.agent.clone(),
+            agent_job_id: self.agent_job_id.clone(),
+            state: self.state,
+            attempts: self.attempts,
+            detail: serde_json::json!({
+                "vm": self.inv.vm.name,
+                "folder": self.inv.folder,
+                "note": self.note,
+                "waiting": self.waiting,
+                "tried": self.tried,
+                "selector": self.selector,
+                "plan": self.plan,
+                "result": self.result,
+            }),
+            error: self.error.clone(),
+            bytes: self.bytes,
+            updated_at: 0,
+        }
+    }
+    fn open(&self) -> bool {
+        matches!(self.state, ItemState::Pending | ItemState::Dispatched)
+    }
+}
+
+impl Orchestrator {
+    /// An orchestrator over explicit agent clients (tests use scripted ones).
+    pub fn new(
+        cfg: OrchestratorConfig,
+        inventory: Arc<dyn Inventory>,
+        agents: Vec<Arc<dyn AgentApi>>,
+        store: Arc<StateStore>,
+    ) -> Orchestrator {
+        Orchestrator {
+            cfg: Arc::new(cfg),
+            inventory,
+            agents: agents
+                .into_iter()
+                .map(|a| (a.id().to_string(), a))
+                .collect(),
+            store,
+            active: Mutex::new(BTreeSet::new()),
+            _lock: None,
+        }
+    }
+
+    fn clients(cfg: &OrchestratorConfig) -> Result<Vec<Arc<dyn AgentApi>>, OrchestratorError> {
+        let mut agents: Vec<Arc<dyn AgentApi>> = Vec::new();
+        for a in &cfg.agents {
+            agents.push(Arc::new(HttpAgent::new(
+                a,
+                cfg.orchestrator.request_timeout,
+            )?));
+        }
+        Ok(agents)
+    }
+
+    /// For `plan` and `history`: the HTTPS agent clients and the state database
+    /// opened without taking ownership (no lock, no crash recovery), so it is
+    /// safe next to a running orchestrator. Must not be used to run jobs.
+    pub async fn open_reader(
+        cfg: OrchestratorConfig,
+        inventory: Arc<dyn Inventory>,
+    ) -> Result<Orchestrator, OrchestratorError> {
+        let agents = Self::clients(&cfg)?;
+        let path = cfg.orchestrator.state_dir.join(STATE_FILE);
+        let store = tokio::task::spawn_blocking(move || StateStore::open_no_recovery(&path))
+            .await
+            .map_err(|e| OrchestratorError::Task(e.to_string()))??;
+        Ok(Orchestrator::new(cfg, inventory, agents, Arc::new(store)))
+    }
+
+    /// For `run`: build the HTTPS agent clients, take the state directory's
+    /// lock (one running orchestrator per state directory) and open the state
+    /// database, marking runs a dead orchestrator left running as failed.
+    pub async fn open(
+        cfg: OrchestratorConfig,
+        inventory: Arc<dyn Inventory>,
+    ) -> Result<(Orchestrator, Recovered), OrchestratorError> {
+        let agents = Self::clients(&cfg)?;
+        let lock = crate::state::StateLock::acquire(&cfg.orchestrator.state_dir.join(LOCK_FILE))?;
+        let path = cfg.orchestrator.state_dir.join(STATE_FILE);
+        let (store, recovered) = tokio::task::spawn_blocking(move || StateStore::open(&path))
+            .await
+            .map_err(|e| OrchestratorError::Task(e.to_string()))??;
+        let mut o = Orchestrator::new(cfg, inventory, agents, Arc::new(store));
+        o._lock = Some(lock);
+        Ok((o, recovered))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &OrchestratorConfig {
+        &self.cfg
+    }
+
+    /// The state store (history, key registry).
+    pub fn store(&self) -> &Arc<StateStore> {
+        &self.store
+    }
+
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&StateStore) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, OrchestratorError> {
+        let s = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&s))
+            .await
+            .map_err(|e| OrchestratorError::Task(e.to_string()))?
+            .map_err(OrchestratorError::from)
+    }
+
+    async fn put(&self, run_id: &str, it: &Item) {
+        let rec = it.record(run_id);
+        if let Err(e) = self.db(move |s| s.put_run_item(&rec)).await {
+            tracing::error!(error = %e, "cannot record run item");
+        }
+    }
+
+    /// Ask every agent for `/v1/info`, concurrently.
+    pub async fn agent_statuses(&self) -> BTreeMap<String, AgentStatus> {
+        let mut set = tokio::task::JoinSet::new();
+        for (id, a) in &self.agents {
+            let a = a.clone();
+            let id = id.clone();
+            set.spawn(async move { (id, a.info().await) });
+        }
+        let mut out = BTreeMap::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok((id, Ok(info))) => {
+                    out.insert(
+                        id,
+                        AgentStatus::Up {
+                            info: Box::new(info),
+                        },
+                    );
+                }
+                Ok((id, Err(e))) => {
+                    tracing::warn!(agent = %id, error = %e, "agent not available");
+                    out.insert(
+                        id,
+                        AgentStatus::Down {
+                            error: e.to_string(),
+                        },
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "info task failed"),
+            }
+        }
+        out
+    }
+
+    fn jobs(&self, only: &[String]) -> Result<Vec<JobConfig>, OrchestratorError> {
+        for n in only {
+            if !self.cfg.jobs.iter().any(|j| j.name == *n) {
+                return Err(OrchestratorError::Config(format!(
+                    "no [[job]] named {n:?} in {} (defined: {})",
+                    self.cfg.path.display(),
+                    self.cfg
+                        .jobs
+                        .iter()
+                        .map(|j| j.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(self
+            .cfg
+            .jobs
+            .iter()
+            .filter(|j| only.is_empty() || only.contains(&j.name))
+            .cloned()
+            .collect())
+    }
+
+    /// Plan every job (or those named) against the agents as they are now.
+    /// Changes nothing anywhere.
+    pub async fn plan(&self, only: &[String]) -> Result<PlanReport, OrchestratorError> {
+        let jobs = self.jobs(only)?;
+        let agents = self.agent_statuses().await;
+        let mut free = free_slots(&agents);
+        let mut out = Vec::new();
+        for job in &jobs {
+            let Some(vc) = self.cfg.vcenter(&job.vcenter) else {
+                continue;
+            };
+            match self.inventory.vms(vc).await {
+                Ok(inv) => {
+                    let vms = select_vms(job, &inv);
+                    out.push(plan_job(&self.cfg, job, &vms, &agents, &mut free));
+                }
+                Err(e) => out.push(JobPlan {
+                    job: job.name.clone(),
+                    tenant: job.tenant.clone(),
+                    vcenter: job.vcenter.clone(),
+                    agent_notes: vec![],
+                    error: Some(e.to_string()),
+                    vms: vec![],
+                }),
+            }
+        }
+        Ok(PlanReport { agents, jobs: out })
+    }
+
+    /// A run as recorded.
+    pub async fn summary(&self, run_id: &str) -> Result<RunSummary, OrchestratorError> {
+        let id = run_id.to_string();
+        let (run, items) = self
+            .db(move |s| Ok((s.get_run(&id)?, s.run_items(&id)?)))
+            .await?;
+        let run = run.ok_or_else(|| OrchestratorError::Config(format!("no run {run_id}")))?;
+        Ok(RunSummary {
+            run_id: run.id,
+            job: run.job,
+            kind: run.kind,
+            state: run.state,
+            started_at: rfc3339_ms(run.started_at),
+            finished_at: run.finished_at.map(rfc3339_ms),
+            error: run.error,
+            items: items
+                .into_iter()
+                .map(|i| ItemSummary {
+                    item: i.item,
+                    agent: i.agent,
+                    agent_job_id: i.agent_job_id,
+                    state: i.state,
+                    attempts: i.attempts,
+                    bytes: i.bytes,
+                    error: i.error,
+                    detail: i.detail,
+                })
+                .collect(),
+        })
+    }
+
+    /// Run one job now: every selected VM is dispatched, polled to the end and
+    /// recorded.
+    pub async fn run_job(&self, job: &JobConfig) -> Result<RunSummary, OrchestratorError> {
+        let run_id = new_run_id();
+        let (rid, name) = (run_id.clone(), job.name.clone());
+        self.db(move |s| s.start_run(&rid, &name, RunKind::Backup))
+            .await?;
+        self.lock_active().insert(run_id.clone());
+        tracing::info!(run = %run_id, job = %job.name, "backup run started");
+        let outcome = self.run_job_inner(&run_id, job).await;
+        let (state, error, counts) = match outcome {
+            Ok(counts) => (
+                if counts.get("succeeded").copied().unwrap_or(0) == counts.values().sum::<u64>() {
+                    RunState::Succeeded
+                } else {
+                    RunState::Failed
+                },
+                None,
+                counts,
+            ),
+            Err(e) => (RunState::Failed, Some(e), BTreeMap::new()),
+        };
+        let rid = run_id.clone();
+        let summary = serde_json::json!({ "items": counts });
+        let err = error.clone();
+        self.db(move |s| s.finish_run(&rid, state, &summary, err.as_deref()))
+            .await?;
+        self.lock_active().remove(&run_id);
+        match &error {
+            None => tracing::info!(run = %run_id, job = %job.name, %state, "backup run finished"),
+            Some(e) => {
+                tracing::error!(run = %run_id, job = %job.name, error = %e, "backup run failed")
+            }
+        }
+        self.summary(&run_id).await
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run_job_inner(
+        &self,
+        run_id: &str,
+        job: &JobConfig,
+    ) -> Result<BTreeMap<String, u64>, String> {
+        let o = &self.cfg.orchestrator;
+        let tenant = self
+            .cfg
+            .tenant(&job.tenant)
+            .ok_or_else(|| format!("no tenant {}", job.tenant))?
+            .clone();
+        let vc = self
+            .cfg
+            .vcenter(&job.vcenter)
+            .ok_or_else(|| format!("no vCenter {}", job.vcenter))?
+            .clone();
+        let inv = self
+            .inventory
+            .vms(&vc)
+            .await
+            .map_err(|e| format!("inventory: {e}"))?;
+        let mut items: Vec<Item> = select_vms(job, &inv).into_iter().map(Item::new).collect();
+        tracing::info!(run = %run_id, vms = items.len(), "VMs selected");
+        for it in &items {
+            self.put(run_id, it).await;
+        }
+        let deadline = tokio::time::Instant::now() + o.run_timeout;
+        loop {
+            if items.iter().any(|i| i.state == ItemState::Pending) {
+                let statuses = self.agent_statuses().await;
+                let mut free = free_slots(&statuses);
+                let mut cands = candidates(&tenant, &statuses);
+                for it in items.iter_mut().filter(|i| i.state == ItemState::Pending) {
+                    self.place(it, job, &tenant, &mut cands, &mut free).await;
+                    self.put(run_id, it).await;
+                }
+            }
+            if !items.iter().any(Item::open) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for it in items.iter_mut().filter(|i| i.open()) {
+                    it.state = ItemState::Failed;
+                    it.error = Some(format!(
+                        "run timeout ({:?}) reached{}",
+                        o.run_timeout,
+                        it.agent_job_id
+                            .as_ref()
+                            .map(|j| format!("; agent job {j} may still finish"))
+                            .unwrap_or_default()
+                    ));
+                    self.put(run_id, it).await;
+                }
+                break;
+            }
+            tokio::time::sleep(o.poll_interval).await;
+            for it in items
+                .iter_mut()
+                .filter(|i| i.state == ItemState::Dispatched)
+            {
+                if self.poll(it).await {
+                    self.put(run_id, it).await;
+                }
+            }
+        }
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for it in &items {
+            *counts.entry(it.state.as_str().to_string()).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Try to dispatch one pending VM; leaves it pending when it must wait.
+    async fn place(
+        &self,
+        it: &mut Item,
+        job: &JobConfig,
+        tenant: &super::config::TenantConfig,
+        cands: &mut super::plan::Candidates,
+        free: &mut super::plan::FreeSlots,
+    ) {
+        let max = self.cfg.orchestrator.dispatch_attempts;
+        loop {
+            let plan = plan_vm(&it.inv, tenant, &job.policy, cands, free, &it.tried);
+            if let Some(sel) = &plan.selection {
+                it.selector = serde_json::Value::Array(super::plan::disk_summaries(sel));
+            }
+            match plan.decision {
+                Decision::Deferred { reason } => {
+                    it.waiting = Some(reason);
+                    return;
+                }
+                Decision::Refused { reason } => {
+                    it.state = ItemState::Refused;
+                    it.error = Some(reason);
+                    return;
+                }
+                Decision::Unavailable { reason } => {
+                    it.state = ItemState::Failed;
+                    it.error = Some(match &it.error {
+                        Some(last) => format!("{reason}; last dispatch error: {last}"),
+                        None => reason,
+                    });
+                    return;
+                }
+                Decision::Dispatch { agent, note } => {
+                    let Some(api) = self.agents.get(&agent).cloned() else {
+                        cands.remove(&agent, "no client for this agent");
+                        continue;
+                    };
+                    let req = BackupRequest {
+                        tenant: tenant.name.clone(),
+                        vm: VmSpec::from_vm_info(
+                            &it.inv.vm,
+                            Some(&it.inv.folder)
+                                .filter(|f| !f.is_empty())
+                                .map(|f| f.as_str()),
+                        ),
+                        policy: Some(PolicySpec::from(&job.policy)),
+                        retention: job.retention.clone(),
+                        full: job.full,
+                    };
+                    it.attempts += 1;
+                    match api.start_backup(&req).await {
+                        Ok(j) => {
+                            tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %j.id, "dispatched");
+                            it.state = ItemState::Dispatched;
+                            it.agent = Some(agent);
+                            it.agent_job_id = Some(j.id);
+                            it.plan = serde_json::to_value(&j.disks).unwrap_or_default();
+                            it.note = note;
+                            it.waiting = None;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch failed; trying another agent");
+                            it.error = Some(e.to_string());
+                            match &e {
+                                ClientError::Api { status: 429, .. } => {
+                                    // Busy, not broken: no attempt used up.
+                                    it.attempts -= 1;
+                                    free.insert(agent.clone(), 0);
+                                    continue;
+                                }
+                                ClientError::Api { code, .. }
+                                    if code == "vm_refused" || code == "exceeds_slots" => {}
+                                ClientError::Api { status: 400, .. } => {
+                                    it.state = ItemState::Failed;
+                                    return;
+                                }
+                                _ => cands.remove(&agent, &e.to_string()),
+                            }
+                            it.tried.insert(agent);
+                            if it.attempts >= max {
+                                it.state = ItemState::Failed;
+                                it.error = Some(format!(
+                                    "gave up after {} dispatch attempt(s) ({}); last error: {e}",
+                                    it.attempts,
+                                    it.tried.iter().cloned().collect::<Vec<_>>().join(", ")
+                                ));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Poll a dispatched VM's agent job; true when something changed.
+    async fn poll(&self, it: &mut Item) -> bool {
+        let (Some(agent), Some(job_id)) = (it.agent.clone(), it.agent_job_id.clone()) else {
+            return false;
+        };
+        let Some(api) = self.agents.get(&agent).cloned() else {
+            return false;
+        };
+        match api.job(&job_id).await {
+            Ok(j) => {
+                it.poll_failures = 0;
+                let before = (it.state, it.bytes);
+                it.bytes = j.bytes_done;
+                let state = match j.state {
+                    JobState::Succeeded => Some(ItemState::Succeeded),
+                    JobState::Failed => Some(ItemState::Failed),
+                    JobState::Cancelled => Some(ItemState::Cancelled),
+                    JobState::Queued | JobState::Running => None,
+                };
+                if let Some(s) = state {
+                    it.state = s;
+                    it.result = serde_json::to_value(&j.disks).unwrap_or_default();
+                    it.error = j.error.map(|e| format!("{}: {}", e.code, e.message));
+                    tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %job_id, state = %s, "agent job finished");
+                }
+                before != (it.state, it.bytes)
+            }
+            Err(ClientError::Api { code, message, .. }) if code == "job_not_found" => {
+                it.state = ItemState::Failed;
+                it.error = Some(format!(
+                    "agent {agent} no longer knows job {job_id}: {message}"
+                ));
+                true
+            }
+            Err(e) => {
+                it.poll_failures += 1;
+                tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, failures = it.poll_failures, "cannot poll agent job");
+                if it.poll_failures >= self.cfg.orchestrator.max_poll_failures {
+                    it.state = ItemState::Failed;
+                    it.error = Some(format!(
+                        "agent {agent} unreachable while job {job_id} ran ({e}); the job may still finish there: check GET /v1/jobs/{job_id} on the agent"
+                    ));
+                    return true;
+                }
+                false
+            }
+        }
+    }
+
+    /// The key sync system job: every agent syncs its tenants' keys with their
+    /// KMSes; the orchestrator records key ids and versions (never key material)
+    /// and reports rotations.
+    pub async fn sync_keys(&self) -> Result<RunSummary, OrchestratorError> {
+        let run_id = new_run_id();
+        let rid = run_id.clone();
+        self.db(move |s| s.start_run(&rid, KEY_SYNC_JOB, RunKind::KeySync))
+            .await?;
+        self.lock_active().insert(run_id.clone());
+        let mut ok = true;
+        let mut rotated = 0u64;
+        for (id, api) in &self.agents {
+            let mut item = RunItem {
+                run_id: run_id.clone(),
+                item: id.clone(),
+                agent: Some(id.clone()),
+                agent_job_id: None,
+                state: ItemState::Succeeded,
+                attempts: 1,
+                detail: serde_json::Value::Null,
+                error: None,
+                bytes: 0,
+                updated_at: 0,
+            };
+            match api.sync_keys().await {
+                Ok(resp) => {
+                    let mut failed = Vec::new();
+                    for r in &resp.results {
+                        if let Some(e) = &r.error {
+                            failed.push(format!("{}: {}: {}", r.tenant, e.code, e.message));
+                            continue;
+                        }
+                        if let (Some(kms), Some(key_id), Some(version)) =
+                            (&r.kms, &r.key_id, r.version)
+                        {
+                            let obs = KeyObservation {
+                                tenant: r.tenant.clone(),
+                                kms: kms.clone(),
+                                key_name: r.key_name.clone().unwrap_or_default(),
+                                key_id: key_id.clone(),
+                                version,
+                            };
+                            let change = self.db(move |s| s.record_key_check(&obs)).await?;
+                            if r.rotated || (change.changed && change.previous.is_some()) {
+                                rotated += 1;
+                                tracing::info!(agent = %id, tenant = %r.tenant, kms = %kms, key_id = %key_id, version, "tenant key rotated");
+                            }
+                        }
+                    }
+                    item.detail = serde_json::to_value(&resp).unwrap_or_default();
+                    if !failed.is_empty() {
+                        ok = false;
+                        item.state = ItemState::Failed;
+                        item.error = Some(failed.join("; "));
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    item.state = ItemState::Failed;
+                    item.error = Some(e.to_string());
+                }
+            }
+            self.db(move |s| s.put_run_item(&item)).await?;
+        }
+        let rid = run_id.clone();
+        let state = if ok {
+            RunState::Succeeded
+        } else {
+            RunState::Failed
+        };
+        let summary = serde_json::json!({"agents": self.agents.len(), "rotated": rotated});
+        self.db(move |s| s.finish_run(&rid, state, &summary, None))
+            .await?;
+        self.lock_active().remove(&run_id);
+        tracing::info!(run = %run_id, %state, rotated, "key sync finished");
+        self.summary(&run_id).await
+    }
+
+    /// Run the key sync (if `key_sync`) and every job (or those named) once,
+    /// now, whatever their schedules; jobs run concurrently. Summaries in order:
+    /// key sync first, then jobs in configuration order.
+    pub async fn run_once(
+        self: &Arc<Self>,
+        only: &[String],
+        key_sync: bool,
+    ) -> Result<Vec<RunSummary>, OrchestratorError> {
+        let jobs = self.jobs(only)?;
+        let mut out = Vec::new();
+        if key_sync {
+            out.push(self.sync_keys().await?);
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for (i, job) in jobs.into_iter().enumerate() {
+            let me = self.clone();
+            set.spawn(async move { (i, me.run_job(&job).await) });
+        }
+        let mut runs = Vec::new();
+        while let Some(r) = set.join_next().await {
+            let (i, r) = r.map_err(|e| OrchestratorError::Task(e.to_string()))?;
+            runs.push((i, r?));
+        }
+        runs.sort_by_key(|(i, _)| *i);
+        out.extend(runs.into_iter().map(|(_, r)| r));
+        Ok(out)
+    }
+
+    /// The scheduler: start every job when its schedule says so and the key sync
+    /// every `[key_sync] every`, until `shutdown` completes. Runs still going
+    /// then are stopped and recorded as failed (their agent jobs keep running on
+    /// the agents).
+    pub async fn run_scheduled(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), OrchestratorError> {
+        tokio::pin!(shutdown);
+        let mut tasks: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+        let key_sync = Schedule::Every(self.cfg.key_sync.every);
+        loop {
+            tasks.retain(|_, h| !h.is_finished());
+            let now = now_ms();
+            for job in &self.cfg.jobs {
+                if tasks.contains_key(&job.name) || job.schedule.is_none() {
+                    continue;
+                }
+                let name = job.name.clone();
+                let last = self
+                    .db(move |s| s.last_run(&name, RunKind::Backup))
+                    .await?
+                    .map(|r| r.started_at);
+                if is_due(job.schedule.as_ref(), last, now) {
+                    let me = self.clone();
+                    let job = job.clone();
+                    tasks.insert(
+                        job.name.clone(),
+                        tokio::spawn(async move {
+                            if let Err(e) = me.run_job(&job).await {
+                                tracing::error!(job = %job.name, error = %e, "run failed");
+                            }
+                        }),
+                    );
+                }
+            }
+            if self.cfg.key_sync.enabled && !tasks.contains_key(KEY_SYNC_JOB) {
+                let last = self
+                    .db(|s| s.last_run(KEY_SYNC_JOB, RunKind::KeySync))
+                    .await?
+                    .map(|r| r.started_at);
+                if is_due(Some(&key_sync), last, now) {
+                    let me = self.clone();
+                    tasks.insert(
+                        KEY_SYNC_JOB.into(),
+                        tokio::spawn(async move {
+                            if let Err(e) = me.sync_keys().await {
+                                tracing::error!(error = %e, "key sync failed");
+                            }
+                        }),
+                    );
+                }
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(self.cfg.orchestrator.schedule_tick) => {}
+            }
+        }
+        tracing::info!("orchestrator stopping");
+        for (_, h) in tasks {
+            h.abort();
+            let _ = h.await;
+        }
+        let active: Vec<String> = self.lock_active().iter().cloned().collect();
+        for id in active {
+            let rid = id.clone();
+            let r = self
+                .db(move |s| {
+                    s.finish_run(
+                        &rid,
+                        RunState::Failed,
+                        &serde_json::json!({}),
+                        Some("orchestrator stopped before the run finished; dispatched agent jobs keep running on their agents"),
+                    )
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(run = %id, error = %e, "cannot record the stopped run");
+            }
+        }
+        Ok(())
+    }
+}
