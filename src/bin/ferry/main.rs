@@ -1,10 +1,12 @@
 //! The `ferry` command line: argument parsing, output rendering (tables, JSON,
 //! progress bars) and exit codes. All work happens in the `ferry` library.
 mod args;
+mod cmd_agent;
 mod cmd_bench;
 mod cmd_data;
 mod cmd_export;
 mod cmd_keys;
+mod cmd_orchestrator;
 mod cmd_repo;
 mod cmd_vsphere;
 mod exit;
@@ -65,6 +67,11 @@ enum Cmd {
     /// vCenter: list VMs and disks, snapshots, certificate thumbprints.
     #[command(subcommand)]
     Vsphere(cmd_vsphere::VsphereCmd),
+    /// Run the agent HTTP API of this backup proxy (until SIGTERM).
+    Agent(cmd_agent::AgentArgs),
+    /// Place VMs on agents, dispatch backups, schedules and key sync.
+    #[command(subcommand)]
+    Orchestrator(cmd_orchestrator::OrchestratorCmd),
 }
 
 fn main() -> ExitCode {
@@ -83,7 +90,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let progress = Arc::new(Progress::default());
-    {
+    // Services (agent) handle SIGTERM/SIGINT themselves with a graceful shutdown.
+    if !matches!(cli.cmd, Cmd::Agent(_) | Cmd::Orchestrator(_)) {
         let p = progress.clone();
         // First Ctrl-C / SIGTERM asks every stage to stop; cleanup still runs.
         let _ = ctrlc::set_handler(move || p.request_cancel());
@@ -111,5 +119,7 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
         Cmd::Bench(a) => cmd_bench::bench(a, out, progress),
         Cmd::Keys(c) => cmd_keys::run(c, out),
         Cmd::Vsphere(c) => cmd_vsphere::run(c, out),
+        Cmd::Agent(a) => cmd_agent::run(a, out),
+        Cmd::Orchestrator(c) => cmd_orchestrator::run(c, out),
     }
 }
