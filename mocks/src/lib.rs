@@ -9,6 +9,8 @@
 //!   hot-add rules, NBD tickets, admin API).
 //! - [`esxi`]: the mock ESXi NBD service (TLS required, exports by name/ticket,
 //!   fault injection).
+//! - [`world`]: the whole simulated provider (mock vCenter, mock ESXi, tenants,
+//!   agents per proxy VM, orchestrator) for `ferry-sim` and end-to-end tests.
 
 pub mod demo;
 pub mod diskgen;
@@ -16,3 +18,4 @@ pub mod esxi;
 pub mod fixtures;
 pub mod pki;
 pub mod vcenter;
+pub mod world;

@@ -36,7 +36,8 @@ mod tls;
 
 pub use runner::{
     BackupSpec, DiskResult, InterruptedJob, JobContext, JobRunner, JobSpec, KeyStatus,
-    KeySyncOutcome, NoRunner, RestoreSpec, RestoreTarget, RunError, RunOutput, SweepReport,
+    KeySyncOutcome, NoRunner, ProxyFacts, RestoreSpec, RestoreTarget, RunError, RunOutput,
+    SweepReport,
 };
 pub use tls::server_config;
 
@@ -221,8 +222,10 @@ impl Agent {
             .map_err(|e| AgentError::Serve(format!("state task: {e}")))??;
         let store = Arc::new(store);
         sweep(&store, runner.clone(), &recovered.jobs).await;
+        let mut settings = self.settings;
+        discover(&mut settings, runner.clone()).await;
 
-        let settings = Arc::new(self.settings);
+        let settings = Arc::new(settings);
         let jobs = Arc::new(jobs::Jobs::new(
             store.clone(),
             runner.clone(),
@@ -282,6 +285,32 @@ impl Agent {
             stop: stop_tx,
             task,
         })
+    }
+}
+
+/// Replace the configured host, datastores and key provider of this proxy with
+/// what vCenter reports, saying what changed; keep the config when discovery is
+/// not possible.
+async fn discover(settings: &mut Settings, runner: Arc<dyn JobRunner>) {
+    let facts = tokio::task::spawn_blocking(move || runner.discover_proxy())
+        .await
+        .unwrap_or_else(|e| Err(RunError::Failed(format!("proxy discovery crashed: {e}"))));
+    match facts {
+        Ok(None) => {}
+        Ok(Some(f)) => {
+            if settings.key_provider != f.key_provider {
+                tracing::warn!(config = ?settings.key_provider, vcenter = ?f.key_provider,
+                    "the proxy VM's key provider differs from [agent] key_provider; using vCenter's");
+            }
+            tracing::info!(host = ?f.host, datastores = ?f.datastores, key_provider = ?f.key_provider,
+                "proxy discovered from vCenter");
+            settings.is_vm = true;
+            settings.key_provider = f.key_provider;
+            settings.host = f.host;
+            settings.datastores = f.datastores;
+        }
+        Err(e) => tracing::warn!(error = %e,
+            "cannot read this proxy VM from vCenter; using [agent] key_provider/host/datastores from the config"),
     }
 }
 

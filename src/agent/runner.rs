@@ -263,6 +263,26 @@ pub trait JobRunner: Send + Sync + 'static {
     /// the current key id and version (the KMS may have rotated it) and make new
     /// restore points use it. One outcome per tenant, in order.
     fn sync_keys(&self, tenants: &[TenantSection]) -> Vec<KeySyncOutcome>;
+
+    /// What vCenter says about this proxy (its VM's host, the datastores that host
+    /// sees, the key provider the proxy VM is encrypted under), read once at agent
+    /// start so `/v1/info` and admission use vCenter's identifiers and current
+    /// encryption rather than a possibly stale config. `Ok(None)`: nothing to
+    /// discover (no vCenter, physical proxy); the config's values stand.
+    fn discover_proxy(&self) -> Result<Option<ProxyFacts>, RunError> {
+        Ok(None)
+    }
+}
+
+/// This proxy as vCenter sees it ([`JobRunner::discover_proxy`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyFacts {
+    /// The proxy VM's host (moref value).
+    pub host: Option<String>,
+    /// Datastores that host sees (moref values, as disks name them).
+    pub datastores: Vec<String>,
+    /// Key provider of the proxy VM; `None` when it is not encrypted.
+    pub key_provider: Option<String>,
 }
 
 /// The runner of an agent built without a job implementation: every job fails

@@ -8,6 +8,7 @@
 //! into place. Any failure or cancellation removes the temporary directory; chunks
 //! already written are garbage for `prune`. This module holds no transport logic.
 
+pub mod runner;
 pub mod vm;
 
 use crate::keys::{KeyId, KeySource, SecretKey};

@@ -8,6 +8,7 @@
 mod kms;
 mod multi;
 mod pem;
+pub mod tenant;
 mod wrap;
 
 pub use kms::{public_from as kms_public_from, KmsKeySource};

@@ -5,7 +5,7 @@
 
 use super::config::AgentConfig;
 use super::inventory::BoxFuture;
-use crate::agent::api::{BackupRequest, Info, Job, KeySyncResponse};
+use crate::agent::api::{BackupRequest, Info, Job, KeySyncResponse, RestoreRequest};
 use crate::agent::error::ErrorBody;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -172,6 +172,17 @@ impl HttpAgent {
             token: zeroize::Zeroizing::new(token.trim().to_string()),
             client,
         })
+    }
+
+    /// `POST /v1/restores`: start a restore on this agent (operators and the
+    /// simulator; the orchestrator's runs are backups).
+    pub async fn start_restore(&self, req: &RestoreRequest) -> Result<Job, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
+            agent: self.id.clone(),
+            message: e.to_string(),
+        })?;
+        self.call(reqwest::Method::POST, "/v1/restores", Some(body))
+            .await
     }
 
     async fn call<T: DeserializeOwned>(

@@ -146,7 +146,7 @@ impl Inventory for ConfigInventory {
             None => Box::pin(async move {
                 Err(InventoryError::Unavailable {
                     vcenter: vcenter.name.clone(),
-                    message: "this ferry build has no vSphere inventory wired into the orchestrator yet; use inventory_file".into(),
+                    message: "no live vCenter inventory was given to this orchestrator; use inventory_file".into(),
                 })
             }),
         }

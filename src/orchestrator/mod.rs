@@ -13,7 +13,8 @@
 //! Files: [`config`] (its TOML format), [`inventory`] (the inventory seam),
 //! [`client`] (the agent API seam and its HTTPS client), [`plan`] (pure
 //! placement), [`schedule`] (pure schedules and VM selection), [`run`]
-//! (dispatch, polling, history, key sync, scheduler). Documented for operators in
+//! (dispatch, polling, history, key sync, scheduler), [`vcenter`] (the live
+//! inventory over the SOAP client). Documented for operators in
 //! docs/orchestrator.md.
 
 pub mod client;
@@ -22,6 +23,7 @@ pub mod inventory;
 pub mod plan;
 pub mod run;
 pub mod schedule;
+pub mod vcenter;
 
 pub use config::OrchestratorConfig;
 pub use inventory::{ConfigInventory, FileInventory, Inventory, InventoryVm, StaticInventory};

@@ -29,10 +29,23 @@ pub struct PruneReport {
     pub dry_run: bool,
 }
 
-/// Prune the repository.
+/// Prune the repository: apply `policy` to every chain (source), then collect
+/// unreferenced chunks.
 pub fn prune(
     repo: &Repository,
     policy: &Policy,
+    dry_run: bool,
+    lock_wait: Duration,
+) -> Result<PruneReport, RepoError> {
+    prune_chain(repo, policy, None, dry_run, lock_wait)
+}
+
+/// Like [`prune`], but apply `policy` only to the chain of `source` (a VM's
+/// retention after its backup) when given; other chains keep every point.
+pub fn prune_chain(
+    repo: &Repository,
+    policy: &Policy,
+    source: Option<&str>,
     dry_run: bool,
     lock_wait: Duration,
 ) -> Result<PruneReport, RepoError> {
@@ -59,10 +72,13 @@ pub fn prune(
         }
     }
     let mut remove = Vec::new();
-    for (source, pts) in &chains {
+    for (name, pts) in &chains {
+        if source.is_some_and(|s| s != name) {
+            continue;
+        }
         let d = retention::apply(policy, pts);
         remove.extend(d.iter().filter(|d| !d.keep).map(|d| d.point_id.clone()));
-        rep.decisions.insert(source.clone(), d);
+        rep.decisions.insert(name.clone(), d);
     }
     let removed: HashSet<&String> = remove.iter().collect();
     // Mark: every chunk referenced by a point that stays.

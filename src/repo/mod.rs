@@ -394,6 +394,17 @@ impl Repository {
             .find(|h| h.source == source))
     }
 
+    /// A point id, or `latest:<source>` resolved to the newest point of that source.
+    pub fn resolve_point(&self, spec: &str) -> Result<String> {
+        match spec.strip_prefix("latest:") {
+            Some(name) => self
+                .latest_point_of(name)?
+                .map(|h| h.point_id)
+                .ok_or_else(|| RepoError::PointNotFound(spec.to_string())),
+            None => Ok(spec.to_string()),
+        }
+    }
+
     /// Open a point: its data key from `keyring` when given, else unwrapped with `keys`.
     pub fn open_point(
         &self,

@@ -160,11 +160,5 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// A point id, or `latest:<name>` resolved to the newest point of that name.
 pub fn resolve_point(repo: &Repository, spec: &str) -> anyhow::Result<String> {
-    if let Some(name) = spec.strip_prefix("latest:") {
-        return repo
-            .latest_point_of(name)?
-            .map(|h| h.point_id)
-            .ok_or_else(|| anyhow::anyhow!("no restore point named {name:?}"));
-    }
-    Ok(spec.to_string())
+    Ok(repo.resolve_point(spec)?)
 }

@@ -5,7 +5,7 @@
 use crate::render::Output;
 use anyhow::Context;
 use clap::Args;
-use ferry::agent::{Agent, JobRunner, NoRunner};
+use ferry::agent::{Agent, JobRunner};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,13 +24,17 @@ pub struct AgentArgs {
     openapi: bool,
 }
 
-/// The job runner this build of the agent uses.
-///
-/// Integration point: the VM backup job (snapshot -> select -> transport ->
-/// pipeline -> cleanup) replaces `NoRunner` here with its `JobRunner`.
-fn runner(_cfg: &ferry::config::Config) -> anyhow::Result<Arc<dyn JobRunner>> {
-    tracing::warn!("no VM backup job is wired into this build: jobs fail with runner_unavailable");
-    Ok(Arc::new(NoRunner))
+/// The job runner of the agent: VM backups through vCenter, restores to files,
+/// the orphan sweep and key sync, all from the config file.
+fn runner(cfg: &ferry::config::Config) -> anyhow::Result<Arc<dyn JobRunner>> {
+    let r =
+        ferry::job::runner::VmJobRunner::from_config(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if cfg.vcenter.is_none() {
+        tracing::warn!(
+            "no [vcenter] section: this agent restores and syncs keys but refuses backups"
+        );
+    }
+    Ok(Arc::new(r))
 }
 
 pub fn run(a: AgentArgs, out: &Output) -> anyhow::Result<u8> {

@@ -55,13 +55,12 @@ pub enum OrchestratorCmd {
     },
 }
 
-/// The inventory this build uses.
-///
-/// Integration point: the vSphere SOAP client's `Inventory` goes into
-/// `ConfigInventory::vsphere` here; entries with `inventory_file` keep reading
-/// their file.
+/// The inventory: `inventory_file` vCenters read their file, `url` vCenters are
+/// read live with the SOAP client.
 fn inventory(_cfg: &OrchestratorConfig) -> Arc<dyn Inventory> {
-    Arc::new(ConfigInventory { vsphere: None })
+    Arc::new(ConfigInventory {
+        vsphere: Some(Arc::new(ferry::orchestrator::vcenter::VsphereInventory)),
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1,0 +1,514 @@
+//! The agent's real [`JobRunner`]: VM backups through vCenter ([`super::vm`]),
+//! restores of restore points to files, the orphan sweep at agent start and the
+//! key sync, each from the agent's configuration file.
+//!
+//! Owns the translation between the agent's job model (specs, contexts, stable
+//! error codes) and the job modules: per job it opens the tenant's key source
+//! (which reaches the KMS before anything is written), the tenant's repository
+//! (created on first use), a vCenter session (always logged out), and applies the
+//! VM's retention after a successful backup. Must not: decide transports (the
+//! selector in [`super::vm`] does, again, with vCenter's current view), keep
+//! sessions or key sources between jobs (a rotated key must be seen at the next
+//! job start), or return key material.
+
+use super::vm::{self, NbdSettings, ThisProxy, VmBackupRequest, VmJobError};
+use super::JobError;
+use crate::agent::{
+    DiskResult, InterruptedJob, JobContext, JobRunner, JobSpec, KeyStatus, KeySyncOutcome,
+    ProxyFacts, RestoreSpec, RestoreTarget, RunError, RunOutput, SweepReport,
+};
+use crate::config::{Config, TenantSection, VcenterSection};
+use crate::keys::{KeyError, KeySource};
+use crate::pipeline::{PipelineConfig, PipelineError};
+use crate::repo::format::DEFAULT_CHUNK_SIZE;
+use crate::repo::{RepoError, Repository};
+use crate::transport::select::Mode;
+use crate::vsphere::{Client, ClientConfig, VsphereError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a backup waits for the repository lock (a prune may hold it).
+const LOCK_WAIT: Duration = Duration::from_secs(600);
+/// How long a hot-added disk may take to appear in the device directory.
+const HOTADD_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs the agent's jobs from its configuration file.
+pub struct VmJobRunner {
+    vcenter: Option<VcenterSection>,
+    nbd: NbdSettings,
+    proxy_vm: Option<String>,
+    device_dir: Option<PathBuf>,
+    proxy_id: String,
+    modes: Vec<Mode>,
+    workers: Option<usize>,
+    memory: u64,
+    task_poll: Option<Duration>,
+}
+
+impl VmJobRunner {
+    /// The runner for an agent configured by `cfg` (`[agent]`, `[vcenter]`,
+    /// `[nbd]`, `[pipeline]`). Without `[vcenter]` the agent can restore to files
+    /// and sync keys, and refuses backups with a clear error.
+    pub fn from_config(cfg: &Config) -> Result<VmJobRunner, RunError> {
+        let agent = cfg
+            .agent
+            .as_ref()
+            .ok_or_else(|| RunError::Failed("the config has no [agent] section".into()))?;
+        Ok(VmJobRunner {
+            vcenter: cfg.vcenter.clone(),
+            nbd: NbdSettings {
+                tls_certificates: cfg.nbd.tls_certificates.clone(),
+                port: cfg.nbd.port,
+                connections: cfg.nbd.connections.max(1),
+            },
+            proxy_vm: cfg.vcenter.as_ref().and_then(|v| v.proxy_vm.clone()),
+            device_dir: agent.hotadd_device_dir.clone(),
+            proxy_id: agent.id.clone(),
+            modes: agent.modes.clone(),
+            workers: cfg.pipeline.workers,
+            memory: cfg.pipeline.memory_mib.unwrap_or(128) << 20,
+            task_poll: None,
+        })
+    }
+
+    /// Poll vCenter tasks this often (tests and the simulator use a short
+    /// interval; vCenter's default of 2 s suits production).
+    pub fn with_task_poll(mut self, every: Duration) -> VmJobRunner {
+        self.task_poll = Some(every);
+        self
+    }
+
+    fn client_config(&self) -> Result<ClientConfig, RunError> {
+        let v = self.vcenter.as_ref().ok_or_else(|| {
+            RunError::Unavailable(format!(
+                "agent {} has no [vcenter] section: it can restore and sync keys but not back up VMs",
+                self.proxy_id
+            ))
+        })?;
+        let mut c = ClientConfig::from_section(v).map_err(|e| RunError::Vsphere(e.to_string()))?;
+        if let Some(p) = self.task_poll {
+            c.task_poll = p;
+        }
+        Ok(c)
+    }
+
+    fn connect(&self, rt: &tokio::runtime::Handle) -> Result<Client, RunError> {
+        let cfg = self.client_config()?;
+        rt.block_on(Client::connect(cfg)).map_err(vsphere_err)
+    }
+
+    fn this_proxy(&self, free_slots: u32) -> ThisProxy {
+        ThisProxy {
+            id: self.proxy_id.clone(),
+            vm_name: self.proxy_vm.clone(),
+            device_dir: self.device_dir.clone(),
+            modes: self.modes.clone(),
+            free_slots,
+        }
+    }
+
+    fn pipeline(&self, chunk_size: u32) -> PipelineConfig {
+        PipelineConfig::new(self.workers, chunk_size, self.memory)
+    }
+
+    fn backup(
+        &self,
+        ctx: &JobContext,
+        spec: &crate::agent::BackupSpec,
+    ) -> Result<RunOutput, RunError> {
+        // Key source first: a KMS that is down fails the job before any snapshot.
+        let keys: Arc<dyn KeySource> = Arc::from(open_keys(&ctx.tenant)?);
+        let repo = Arc::new(open_or_init_repo(&ctx.tenant, keys.as_ref())?);
+        let client = self.connect(&ctx.runtime)?;
+        let me = ThisProxy {
+            id: ctx.proxy.id.clone(),
+            vm_name: self.proxy_vm.clone(),
+            device_dir: self.device_dir.clone(),
+            modes: ctx.proxy.modes.clone(),
+            free_slots: ctx.proxy.free_slots,
+        };
+        let req = VmBackupRequest {
+            // Snapshot names carry the proxy id, so the sweep finds this proxy's.
+            job_id: format!("{}{}", vm::job_id_prefix(&me.id), ctx.job_id),
+            vm: spec.vm.name.clone(),
+            policy: ctx.policy.clone(),
+            nbd: self.nbd.clone(),
+            enable_cbt: true,
+            quiesce: false,
+            pipeline: self.pipeline(repo.config.chunk_size),
+            lock_wait: LOCK_WAIT,
+            hotadd_wait: HOTADD_WAIT,
+        };
+        let started = Instant::now();
+        let result = ctx.runtime.block_on(vm::backup_vm(
+            &client,
+            &me,
+            repo.clone(),
+            keys,
+            &req,
+            ctx.progress.clone(),
+        ));
+        ctx.runtime.block_on(client.logout());
+        let out = result.map_err(vm_err)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let total_read: u64 = out.report.disks.iter().map(|d| d.bytes_read).sum();
+        let disks = out
+            .disks
+            .iter()
+            .map(|d| {
+                let rec = out.report.disks.iter().find(|r| r.disk == d.disk);
+                let bytes = rec.map(|r| r.bytes_read).unwrap_or(0);
+                DiskResult {
+                    disk_key: d.device_key,
+                    label: d.label.clone(),
+                    proxy: me.id.clone(),
+                    mode: Some(d.mode),
+                    reason: d.reason.clone(),
+                    bytes,
+                    // Disks run one after another; the job's time is shared by bytes.
+                    seconds: share(seconds, bytes, total_read, out.disks.len()),
+                    error: None,
+                }
+            })
+            .collect();
+        let mut notes = Vec::new();
+        if let Some(policy) = &spec.retention {
+            notes.push(apply_retention(&repo, &spec.vm.name, policy));
+        }
+        Ok(RunOutput {
+            disks,
+            point_id: Some(out.report.point_id),
+            notes,
+        })
+    }
+
+    fn restore(&self, ctx: &JobContext, spec: &RestoreSpec) -> Result<RunOutput, RunError> {
+        let dir = match &spec.target {
+            RestoreTarget::Directory { path } => path.clone(),
+            RestoreTarget::Vm { moref } => {
+                return Err(RunError::Unavailable(format!(
+                    "restore into the disks of VM {moref} is not supported by this agent yet; \
+                     restore to a directory (target kind \"directory\") or use 'ferry export'"
+                )))
+            }
+        };
+        let keys = open_keys(&ctx.tenant)?;
+        let repo = Repository::open(&ctx.tenant.repository).map_err(repo_err)?;
+        let point_id = repo.resolve_point(&spec.point).map_err(repo_err)?;
+        let keyring = super::try_keyring(&repo, keys.as_ref());
+        let point = repo
+            .open_point(&point_id, keys.as_ref(), keyring.as_ref())
+            .map_err(repo_err)?;
+        let disks: Vec<u32> = match &spec.disks {
+            Some(d) => d.clone(),
+            None => point.body.disks.iter().map(|d| d.disk).collect(),
+        };
+        for d in &disks {
+            if !point.body.disks.iter().any(|x| x.disk == *d) {
+                return Err(RunError::NotFound(format!(
+                    "restore point {point_id} has no disk {d}"
+                )));
+            }
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            RunError::Failed(format!(
+                "cannot create restore directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let source = point.header.source.clone();
+        let mut out = Vec::new();
+        for d in disks {
+            if ctx.is_cancelled() {
+                return Err(RunError::Cancelled);
+            }
+            let target = restore_path(&dir, &source, d);
+            let started = Instant::now();
+            let stats = super::restore(
+                &repo,
+                keys.as_ref(),
+                &point_id,
+                d,
+                &target,
+                self.pipeline(point.body.chunk_size),
+                &ctx.progress,
+            )
+            .map_err(job_err)?;
+            let label = point
+                .header
+                .disks
+                .iter()
+                .find(|x| x.disk == d)
+                .map(|x| x.label.clone())
+                .unwrap_or_default();
+            out.push(DiskResult {
+                disk_key: d as i32,
+                label,
+                proxy: ctx.proxy.id.clone(),
+                mode: None,
+                reason: format!("restored to {}", target.display()),
+                bytes: stats.bytes_written,
+                seconds: started.elapsed().as_secs_f64(),
+                error: None,
+            });
+        }
+        Ok(RunOutput {
+            disks: out,
+            point_id: Some(point_id),
+            notes: vec![],
+        })
+    }
+}
+
+/// The current runtime when called from the agent (a blocking thread of its
+/// runtime); elsewhere (tools, tests) a private one, returned to keep it alive.
+fn runtime_handle() -> Result<(Option<tokio::runtime::Runtime>, tokio::runtime::Handle), RunError> {
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        return Ok((None, h));
+    }
+    // Multi-thread: Handle::block_on drives I/O only on such a runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Failed(format!("cannot start a runtime: {e}")))?;
+    let h = rt.handle().clone();
+    Ok((Some(rt), h))
+}
+
+/// Where disk `disk` of a point of `source` is restored inside `dir`.
+pub fn restore_path(dir: &Path, source: &str, disk: u32) -> PathBuf {
+    let safe: String = source
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("{safe}-disk{disk}.img"))
+}
+
+/// A disk's share of the job's seconds, by bytes read (evenly when nothing was read).
+fn share(seconds: f64, bytes: u64, total: u64, disks: usize) -> f64 {
+    if total > 0 {
+        seconds * bytes as f64 / total as f64
+    } else {
+        seconds / disks.max(1) as f64
+    }
+}
+
+fn open_keys(t: &TenantSection) -> Result<Box<dyn KeySource>, RunError> {
+    crate::keys::tenant::open(t).map_err(|e| key_err(t, e))
+}
+
+fn key_err(t: &TenantSection, e: KeyError) -> RunError {
+    RunError::Key(format!(
+        "tenant {} ({}): {e}",
+        t.name,
+        crate::keys::tenant::describe(t)
+    ))
+}
+
+/// Open the tenant's repository; create it (with the tenant's key) when the
+/// directory does not exist yet or is empty. Jobs of this process never race
+/// each other into a half-created repository (operators of several agents
+/// sharing one repository create it first with `ferry repo init`).
+fn open_or_init_repo(t: &TenantSection, keys: &dyn KeySource) -> Result<Repository, RunError> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Ok(r) = Repository::open(&t.repository) {
+        return Ok(r);
+    }
+    let _g = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    match Repository::open(&t.repository) {
+        Ok(r) => Ok(r),
+        Err(RepoError::NotARepository(p)) => {
+            let empty = std::fs::read_dir(&p)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(true);
+            if !empty {
+                return Err(RunError::Repository(format!(
+                    "{} is not empty and not a ferry repository; fix [tenant] repository for tenant {}",
+                    p.display(),
+                    t.name
+                )));
+            }
+            tracing::info!(tenant = %t.name, repository = %p.display(), "creating the tenant repository");
+            Repository::init(&p, DEFAULT_CHUNK_SIZE, &t.name, keys).map_err(repo_err)
+        }
+        Err(e) => Err(repo_err(e)),
+    }
+}
+
+fn apply_retention(
+    repo: &Repository,
+    source: &str,
+    policy: &crate::repo::retention::Policy,
+) -> String {
+    match crate::repo::gc::prune_chain(repo, policy, Some(source), false, LOCK_WAIT) {
+        Ok(r) => format!(
+            "retention: {} point(s) of {source} removed, {} chunk(s) freed ({} bytes)",
+            r.points_removed.len(),
+            r.chunks_deleted,
+            r.bytes_freed
+        ),
+        Err(e) => {
+            tracing::warn!(vm = %source, error = %e, "retention not applied");
+            format!("retention not applied (the backup is committed): {e}")
+        }
+    }
+}
+
+fn vsphere_err(e: VsphereError) -> RunError {
+    RunError::Vsphere(e.to_string())
+}
+
+fn repo_err(e: RepoError) -> RunError {
+    match e {
+        RepoError::Cancelled => RunError::Cancelled,
+        RepoError::PointNotFound(_) | RepoError::DiskNotFound { .. } => {
+            RunError::NotFound(e.to_string())
+        }
+        RepoError::Key(k) => RunError::Key(k.to_string()),
+        e => RunError::Repository(e.to_string()),
+    }
+}
+
+fn job_err(e: JobError) -> RunError {
+    if e.is_cancelled() {
+        return RunError::Cancelled;
+    }
+    match e {
+        JobError::Repo(r) => repo_err(r),
+        JobError::Key(k) => RunError::Key(k.to_string()),
+        JobError::Pipeline(PipelineError::Source(s)) => RunError::Transport(s.to_string()),
+        JobError::Pipeline(PipelineError::Repo(r)) => repo_err(r),
+        e => RunError::Failed(e.to_string()),
+    }
+}
+
+fn vm_err(e: VmJobError) -> RunError {
+    if e.is_cancelled() {
+        return RunError::Cancelled;
+    }
+    match e {
+        VmJobError::Refused { .. } => RunError::Refused(e.to_string()),
+        VmJobError::Vsphere(v) => match v {
+            VsphereError::NotFound { .. } | VsphereError::ObjectNotFound { .. } => {
+                RunError::NotFound(v.to_string())
+            }
+            v => RunError::Vsphere(v.to_string()),
+        },
+        VmJobError::Source { .. } => RunError::Transport(e.to_string()),
+        VmJobError::Job(j) => job_err(j),
+        VmJobError::Invalid(m) => RunError::Failed(m),
+    }
+}
+
+impl JobRunner for VmJobRunner {
+    fn run(&self, ctx: &JobContext, spec: &JobSpec) -> Result<RunOutput, RunError> {
+        match spec {
+            JobSpec::Backup(b) => self.backup(ctx, b),
+            JobSpec::Restore(r) => self.restore(ctx, r),
+        }
+    }
+
+    fn sweep_orphans(&self, interrupted: &[InterruptedJob]) -> Result<SweepReport, RunError> {
+        if self.vcenter.is_none() {
+            return Ok(SweepReport {
+                jobs: interrupted
+                    .iter()
+                    .map(|j| {
+                        (
+                            j.id.clone(),
+                            "no [vcenter]: nothing to clean on vSphere".into(),
+                        )
+                    })
+                    .collect(),
+                other: vec![],
+            });
+        }
+        let (_own, rt) = runtime_handle()?;
+        let client = self.connect(&rt)?;
+        let me = self.this_proxy(0);
+        // At agent start nothing of this proxy runs: every ferry leftover of it goes.
+        let res = rt.block_on(vm::sweep_orphans(&client, &me, &[]));
+        rt.block_on(client.logout());
+        let rep = res.map_err(vm_err)?;
+        let mut report = SweepReport::default();
+        let mut claimed = vec![false; rep.snapshots_removed.len()];
+        for j in interrupted {
+            let snap =
+                crate::vsphere::snapshot_name(&format!("{}{}", vm::job_id_prefix(&me.id), j.id));
+            let mut did = Vec::new();
+            for (i, (vm_name, s)) in rep.snapshots_removed.iter().enumerate() {
+                if *s == snap {
+                    claimed[i] = true;
+                    did.push(format!("snapshot {s} of {vm_name} removed"));
+                }
+            }
+            if did.is_empty() {
+                did.push("no snapshot of this job was left".into());
+            }
+            report.jobs.push((j.id.clone(), did.join("; ")));
+        }
+        for (i, (vm_name, s)) in rep.snapshots_removed.iter().enumerate() {
+            if !claimed[i] {
+                report
+                    .other
+                    .push(format!("snapshot {s} of {vm_name} removed"));
+            }
+        }
+        for d in &rep.detached {
+            report
+                .other
+                .push(format!("hot-added disk {d} detached from this proxy"));
+        }
+        for e in &rep.errors {
+            tracing::error!(error = %e, "orphan sweep could not clean a leftover");
+            report.other.push(format!("NOT cleaned: {e}"));
+        }
+        Ok(report)
+    }
+
+    fn discover_proxy(&self) -> Result<Option<ProxyFacts>, RunError> {
+        if self.vcenter.is_none() || self.proxy_vm.is_none() {
+            return Ok(None);
+        }
+        let (own, rt) = runtime_handle()?;
+        let client = self.connect(&rt)?;
+        let res = rt.block_on(vm::proxy_info(&client, &self.this_proxy(0)));
+        rt.block_on(client.logout());
+        drop(own);
+        let (info, _) = res.map_err(vm_err)?;
+        Ok(Some(ProxyFacts {
+            host: info.host,
+            datastores: info.datastores,
+            key_provider: info.key_provider,
+        }))
+    }
+
+    fn sync_keys(&self, tenants: &[TenantSection]) -> Vec<KeySyncOutcome> {
+        tenants
+            .iter()
+            .map(|t| {
+                let keys = open_keys(t)?;
+                let k = keys.current_key().map_err(|e| key_err(t, e))?;
+                Ok(KeyStatus {
+                    tenant: t.name.clone(),
+                    kms: k.kms.clone(),
+                    key_name: t
+                        .kms
+                        .as_ref()
+                        .map(|k| k.key_name.clone())
+                        .unwrap_or_else(|| "pem".into()),
+                    key_id: k.key_id.clone(),
+                    version: k.key_version as u64,
+                })
+            })
+            .collect()
+    }
+}
