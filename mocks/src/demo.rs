@@ -1,172 +1,354 @@
-//! The `ferry-sim demo` scenario (foundation stage): generate a disk, full backup,
-//! change 1% of it as a guest would, incremental backup, restore both points,
-//! verify the repository and check every restore bit for bit. Uses only ferry's
-//! public library API, the way an agent does.
+//! `ferry-sim demo`: the main job on the whole simulated provider, no setup.
+//! Starts the [`crate::world`] (mock vCenter on the whitepaper's scenario, mock
+//! ESXi NBD-SSL, two tenants, a HotAdd proxy agent per tenant plus a shared
+//! NBD-SSL agent, the orchestrator), runs a full backup of every VM through the
+//! orchestrator, lets every guest write about 1% of its disks, runs the
+//! incremental, restores one VM through its agent and checks it bit for bit,
+//! verifies every tenant repository, and returns the table of VM/disk → proxy,
+//! mode, reason, bytes and rate.
+//!
+//! Owns the demo's steps and its result rows. Must not: reach into ferry's
+//! internals — everything goes through the orchestrator, the agents' HTTP API
+//! and the admin API of the mocks, as an operator's tooling would.
 
-use crate::diskgen::{self, DiskSpec};
-use crate::fixtures;
-use ferry::job::{self, BackupReport, BackupRequest, DiskInput};
-use ferry::keys::PemKeySource;
-use ferry::pipeline::PipelineConfig;
-use ferry::progress::Progress;
-use ferry::repo::{format, verify, Repository};
-use ferry::transport::file::FileSource;
+use crate::vcenter::Scenario;
+use crate::world::{World, WorldOptions};
+use anyhow::Context;
+use ferry::agent::api::{RestoreRequest, RestoreTargetSpec};
+use ferry::orchestrator::client::AgentApi;
+use ferry::orchestrator::RunSummary;
+use ferry::state::RunState;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// The built-in scenario: the whitepaper's provider (seed 004).
+pub const WHITEPAPER: &str = include_str!("../scenarios/whitepaper.toml");
 
 /// Demo parameters.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
-    /// Disk size in bytes.
-    pub disk_size: u64,
-    /// Seed of the disk generator.
-    pub seed: u64,
-    /// Fraction of the disk changed between the two backups.
+    /// The scenario (default: the built-in whitepaper world).
+    pub scenario: Scenario,
+    /// Cap every disk at this many MiB (tests use small disks); `None`: as the
+    /// scenario says.
+    pub disk_mib_max: Option<u64>,
+    /// Fraction of every disk a guest changes between the two backups.
     pub change: f64,
+    /// Seed of the guest writes.
+    pub seed: u64,
 }
 
-impl Default for DemoOptions {
-    fn default() -> Self {
-        DemoOptions {
-            disk_size: 1 << 30,
-            seed: 42,
+impl DemoOptions {
+    /// The built-in scenario with its own disk sizes, 1% changed.
+    pub fn builtin() -> anyhow::Result<DemoOptions> {
+        Ok(DemoOptions {
+            scenario: Scenario::parse(WHITEPAPER, Path::new("whitepaper.toml"))
+                .context("the built-in scenario")?,
+            disk_mib_max: None,
             change: 0.01,
-        }
+            seed: 7,
+        })
     }
 }
 
-/// One row of the final table.
+/// One VM disk in the final table.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DemoRow {
-    /// Step.
-    pub step: String,
-    /// Point id.
-    pub point: String,
-    /// Bytes read from the source.
-    pub read: u64,
-    /// New bytes stored.
-    pub stored: u64,
-    /// Seconds.
+    /// Tenant.
+    pub tenant: String,
+    /// VM.
+    pub vm: String,
+    /// vSphere device key.
+    pub disk: i64,
+    /// Agent (proxy) that moved it.
+    pub proxy: String,
+    /// Transport.
+    pub mode: String,
+    /// The selector's reason.
+    pub reason: String,
+    /// Bytes read in the full backup.
+    pub full_bytes: u64,
+    /// Bytes per second in the full backup.
+    pub full_rate: f64,
+    /// Bytes read in the incremental.
+    pub incr_bytes: u64,
+    /// Bytes per second in the incremental.
+    pub incr_rate: f64,
+}
+
+/// What the demo did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DemoReport {
+    /// Per VM disk.
+    pub rows: Vec<DemoRow>,
+    /// Seconds of the full run and the incremental run.
+    pub full_seconds: f64,
+    /// Seconds of the incremental run.
+    pub incr_seconds: f64,
+    /// The restore check (`<vm>: n disk(s) bit-identical via <proxy>`).
+    pub restore: String,
+    /// Per tenant: points and chunks verified.
+    pub verify: Vec<String>,
+    /// Wall-clock seconds of the whole demo.
     pub seconds: f64,
-    /// MiB/s over the disk size.
-    pub rate_mib_s: f64,
-    /// Check result.
-    pub check: String,
 }
 
-fn backup_once(
-    repo: &Repository,
-    keys: &PemKeySource,
-    image: &Path,
-) -> anyhow::Result<BackupReport> {
-    let req = BackupRequest {
-        source_name: "demo-vm".into(),
-        disks: vec![DiskInput {
-            source: Box::new(FileSource::open(image)?),
-            label: "disk0".into(),
-            transport_reason: "demo: local image file".into(),
-            change_id: None,
-        }],
-        pipeline: PipelineConfig::new(None, repo.config.chunk_size, 128 << 20),
-        lock_wait: Duration::from_secs(5),
-    };
-    Ok(job::backup(repo, keys, req, &Progress::default())?)
+fn ensure_ok(run: &RunSummary) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        run.state == RunState::Succeeded,
+        "run {} of {} did not succeed:\n{}",
+        run.run_id,
+        run.job,
+        run.render()
+    );
+    Ok(())
 }
 
-/// Run the demo in `work` (a scratch directory); returns the table rows.
+/// Run the demo in `work` (a scratch directory); `log` receives progress lines.
 pub fn run(
     work: &Path,
     opts: &DemoOptions,
     log: &mut dyn FnMut(&str),
-) -> anyhow::Result<Vec<DemoRow>> {
-    let image = work.join("disk0.img");
-    let spec = DiskSpec::mixed(opts.disk_size, opts.seed);
+) -> anyhow::Result<DemoReport> {
+    let started = Instant::now();
+    let mut scenario = opts.scenario.clone();
+    if let Some(max) = opts.disk_mib_max {
+        for vm in &mut scenario.vms {
+            for d in &mut vm.disks {
+                d.size_mib = d.size_mib.min(max);
+            }
+        }
+    }
     log(&format!(
-        "generating a {} MiB mixed disk image (20% zero, 40% text, 40% random)",
-        opts.disk_size >> 20
+        "starting the simulated provider: mock vCenter ({} VMs, {} proxy VMs, key providers {}), mock ESXi NBD-SSL, one agent per proxy, the orchestrator",
+        scenario.vms.len(),
+        scenario.proxies.len(),
+        scenario
+            .key_providers
+            .iter()
+            .map(|k| k.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
-    diskgen::generate(&image, &spec)?;
-    let hash_v1 = diskgen::hash_file(&image)?;
-    let pair = fixtures::pem_pair(work, "tenant-a", 2048)?;
-    let keys = PemKeySource::open(Some(&pair.public), Some(&pair.private))?;
-    let repo = Repository::init(
-        &work.join("repo"),
-        format::DEFAULT_CHUNK_SIZE,
-        "tenant-a",
-        &keys,
-    )?;
-    log("repository initialised (tenant-a, RSA-2048 key in PEM files)");
+    let mut wo = WorldOptions::new(scenario, work);
+    wo.poll = Duration::from_millis(100);
+    let world = World::start(wo)?;
+    for a in &world.agents {
+        log(&format!(
+            "agent {} at {}: modes {}, proxy VM key provider {}, tenants {}",
+            a.id,
+            a.url,
+            a.modes.join("+"),
+            a.key_provider.as_deref().unwrap_or("none (not encrypted)"),
+            a.tenants.join(", ")
+        ));
+    }
+    let orch = world.orchestrator()?;
 
-    let mut rows = Vec::new();
-    let rate = |s: f64| opts.disk_size as f64 / s.max(1e-9) / 1048576.0;
-    let full = backup_once(&repo, &keys, &image)?;
-    let d = &full.disks[0];
-    rows.push(DemoRow {
-        step: "full backup".into(),
-        point: full.point_id.clone(),
-        read: d.bytes_read,
-        stored: d.bytes_new_stored,
-        seconds: full.seconds,
-        rate_mib_s: rate(full.seconds),
-        check: String::new(),
-    });
-    log(&format!("full backup: point {}", full.point_id));
+    log("full backup of every VM (orchestrator run, key sync first)");
+    let t = Instant::now();
+    let full = world.runtime().block_on(orch.run_once(&[], true))?;
+    let full_seconds = t.elapsed().as_secs_f64();
+    full.iter().try_for_each(ensure_ok)?;
 
-    let changed = diskgen::mutate(&image, opts.seed + 1, opts.change, 64 << 10)?;
+    // Every guest writes about `change` of each disk, as a running VM would.
+    let admin = world.vcenter.admin();
+    let mut changed = 0u64;
+    for (i, vm) in world.tenants.iter().flat_map(|t| t.vms.iter()).enumerate() {
+        for d in disk_keys(&full, vm) {
+            let blocks = admin
+                .write_random(
+                    vm,
+                    &d.to_string(),
+                    opts.change,
+                    opts.seed + i as u64,
+                    64 << 10,
+                )
+                .map_err(|e| anyhow::anyhow!("guest write on {vm}: {e}"))?;
+            changed += blocks.iter().map(|(_, l)| l).sum::<u64>();
+        }
+    }
     log(&format!(
-        "guest wrote {} blocks of 64 KiB ({:.1}% of the disk)",
-        changed.len(),
+        "guests wrote {:.1} MiB ({:.0}% of every disk)",
+        changed as f64 / 1048576.0,
         opts.change * 100.0
     ));
-    let hash_v2 = diskgen::hash_file(&image)?;
-    let inc = backup_once(&repo, &keys, &image)?;
-    let d = &inc.disks[0];
-    rows.push(DemoRow {
-        step: "incremental".into(),
-        point: inc.point_id.clone(),
-        read: d.bytes_read,
-        stored: d.bytes_new_stored,
-        seconds: inc.seconds,
-        rate_mib_s: rate(inc.seconds),
-        check: format!("{} new chunks of {}", d.chunks_new, d.chunks_total),
-    });
 
-    for (label, point, want) in [
-        ("restore full", &full.point_id, hash_v1),
-        ("restore incr", &inc.point_id, hash_v2),
-    ] {
-        let target = work.join(format!("{point}.img"));
-        let t = Instant::now();
-        let cfg = PipelineConfig::new(None, repo.config.chunk_size, 128 << 20);
-        let st = job::restore(&repo, &keys, point, 0, &target, cfg, &Progress::default())?;
-        let secs = t.elapsed().as_secs_f64();
-        let got = diskgen::hash_file(&target)?;
-        anyhow::ensure!(
-            got == want,
-            "{label}: restored image differs from the source"
-        );
-        rows.push(DemoRow {
-            step: label.into(),
-            point: point.clone(),
-            read: 0,
-            stored: st.bytes_written,
-            seconds: secs,
-            rate_mib_s: rate(secs),
-            check: "bit-identical".into(),
-        });
-        std::fs::remove_file(&target)?;
-    }
+    log("incremental backup of every VM");
     let t = Instant::now();
-    let rep = verify::verify(&repo, &keys, &[], 2, &Progress::default())?;
-    anyhow::ensure!(rep.ok(), "verify found damage: {:?}", rep.points);
-    rows.push(DemoRow {
-        step: "verify".into(),
-        point: format!("{} points", rep.points.len()),
-        read: 0,
-        stored: 0,
-        seconds: t.elapsed().as_secs_f64(),
-        rate_mib_s: 0.0,
-        check: format!("{} chunks authenticated", rep.chunks_checked),
-    });
-    Ok(rows)
+    let incr = world.runtime().block_on(orch.run_once(&[], false))?;
+    let incr_seconds = t.elapsed().as_secs_f64();
+    incr.iter().try_for_each(ensure_ok)?;
+
+    let rows = table(&world, &full, &incr);
+
+    // Restore the first VM through the agent that backed it up; compare with the
+    // VM's disks (no guest wrote since the incremental).
+    let first = rows.first().context("no VM was backed up")?;
+    let (vm, proxy, tenant) = (first.vm.clone(), first.proxy.clone(), first.tenant.clone());
+    let client = world.agent_client(&proxy)?;
+    let target = work.join("restores").join(&vm);
+    log(&format!(
+        "restoring the latest point of {vm} through agent {proxy}"
+    ));
+    let job = world
+        .runtime()
+        .block_on(client.start_restore(&RestoreRequest {
+            tenant: tenant.clone(),
+            point: format!("latest:{vm}"),
+            disks: None,
+            target: RestoreTargetSpec::Directory {
+                path: target.display().to_string(),
+            },
+        }))?;
+    let done = world.runtime().block_on(async {
+        loop {
+            let j = client.job(&job.id).await?;
+            if j.state.is_terminal() {
+                return Ok::<_, anyhow::Error>(j);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })?;
+    anyhow::ensure!(
+        done.state == ferry::state::JobState::Succeeded,
+        "restore of {vm} failed: {:?}",
+        done.error
+    );
+    let keys: Vec<i64> = rows.iter().filter(|r| r.vm == vm).map(|r| r.disk).collect();
+    for (n, key) in keys.iter().enumerate() {
+        let file = ferry::job::runner::restore_path(&target, &vm, n as u32);
+        let got = crate::diskgen::hash_file(&file)?.to_hex().to_string();
+        let (want, _) = admin
+            .digest(&vm, &key.to_string(), None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(got == want, "{vm} disk {key}: restored image differs");
+        std::fs::remove_file(&file)?;
+    }
+    let restore = format!(
+        "{vm}: {} disk(s) bit-identical, restored through {proxy}",
+        keys.len()
+    );
+    log(&restore);
+
+    let mut verify = Vec::new();
+    for t in &world.tenants {
+        let repo = ferry::repo::Repository::open(&t.repository)?;
+        let keys = ferry::keys::PemKeySource::open(Some(&t.public_key), Some(&t.private_key))?;
+        let rep = ferry::repo::verify::verify(
+            &repo,
+            &keys,
+            &[],
+            2,
+            &ferry::progress::Progress::default(),
+        )?;
+        anyhow::ensure!(
+            rep.ok(),
+            "verify of {} found damage: {:?}",
+            t.name,
+            rep.points
+        );
+        let line = format!(
+            "{}: {} restore points, {} chunks authenticated",
+            t.name,
+            rep.points.len(),
+            rep.chunks_checked
+        );
+        log(&format!("verify {line}"));
+        verify.push(line);
+    }
+    Ok(DemoReport {
+        rows,
+        full_seconds,
+        incr_seconds,
+        restore,
+        verify,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Device keys of `vm`'s disks as a run reported them.
+fn disk_keys(runs: &[RunSummary], vm: &str) -> Vec<i64> {
+    runs.iter()
+        .flat_map(|r| r.items.iter())
+        .filter(|i| i.detail["vm"].as_str() == Some(vm))
+        .flat_map(|i| {
+            i.detail["result"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|d| d["disk_key"].as_i64())
+        })
+        .collect()
+}
+
+fn table(world: &World, full: &[RunSummary], incr: &[RunSummary]) -> Vec<DemoRow> {
+    let find = |runs: &[RunSummary], vm: &str, key: i64| -> Option<serde_json::Value> {
+        runs.iter()
+            .flat_map(|r| r.items.iter())
+            .filter(|i| i.detail["vm"].as_str() == Some(vm))
+            .flat_map(|i| i.detail["result"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["disk_key"].as_i64() == Some(key))
+    };
+    let mut rows = Vec::new();
+    for t in &world.tenants {
+        for vm in &t.vms {
+            for key in disk_keys(full, vm) {
+                let Some(f) = find(full, vm, key) else {
+                    continue;
+                };
+                let i = find(incr, vm, key).unwrap_or(serde_json::Value::Null);
+                rows.push(DemoRow {
+                    tenant: t.name.clone(),
+                    vm: vm.clone(),
+                    disk: key,
+                    proxy: f["proxy"].as_str().unwrap_or("-").to_string(),
+                    mode: f["mode"].as_str().unwrap_or("-").to_string(),
+                    reason: f["reason"].as_str().unwrap_or("").to_string(),
+                    full_bytes: f["bytes"].as_u64().unwrap_or(0),
+                    full_rate: f["rate_bytes_per_sec"].as_f64().unwrap_or(0.0),
+                    incr_bytes: i["bytes"].as_u64().unwrap_or(0),
+                    incr_rate: i["rate_bytes_per_sec"].as_f64().unwrap_or(0.0),
+                });
+            }
+        }
+    }
+    rows
+}
+
+/// The report as the table `ferry-sim demo` prints.
+pub fn render(r: &DemoReport) -> String {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let mut s = format!(
+        "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9} {:>8} {:>9} {:>8}  reason\n",
+        "tenant", "vm", "disk", "proxy", "mode", "full MiB", "MiB/s", "incr MiB", "MiB/s"
+    );
+    for x in &r.rows {
+        s.push_str(&format!(
+            "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9.1} {:>8.0} {:>9.1} {:>8.0}  {}\n",
+            x.tenant,
+            x.vm,
+            x.disk,
+            x.proxy,
+            x.mode,
+            mib(x.full_bytes),
+            x.full_rate / 1048576.0,
+            mib(x.incr_bytes),
+            x.incr_rate / 1048576.0,
+            x.reason
+        ));
+    }
+    s.push_str(&format!(
+        "full backup of {} disks: {:.1}s; incremental: {:.1}s\nrestore: {}\n",
+        r.rows.len(),
+        r.full_seconds,
+        r.incr_seconds,
+        r.restore
+    ));
+    for v in &r.verify {
+        s.push_str(&format!("verify: {v}\n"));
+    }
+    s.push_str(&format!("demo finished in {:.1}s\n", r.seconds));
+    s
 }

@@ -449,6 +449,44 @@ impl World {
         self.tenants.iter().find(|t| t.name == name)
     }
 
+    /// Stop agent `id` gracefully (to run it as a process from its config file
+    /// instead, say). False when no such agent runs here.
+    pub fn stop_agent(&mut self, id: &str) -> bool {
+        let Some(a) = self.agents.iter_mut().find(|a| a.id == id) else {
+            return false;
+        };
+        match a.running.take() {
+            Some(r) => {
+                if let Err(e) = self.rt.block_on(r.shutdown()) {
+                    tracing::warn!(agent = %id, error = %e, "agent shutdown");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// VM `name` as the selector sees it, read from the mock vCenter with ferry's
+    /// SOAP client (what the orchestrator sends in a backup request).
+    pub fn vm_info(&self, name: &str) -> Result<ferry::transport::select::VmInfo, WorldError> {
+        let cfg = ferry::vsphere::ClientConfig::new(
+            &self.vcenter.url(),
+            self.vcenter.user(),
+            zeroize::Zeroizing::new(self.vcenter.password().to_string()),
+            ferry::vsphere::ServerTrust::Ca(self.vcenter.ca_path().to_path_buf()),
+        );
+        self.rt.block_on(async {
+            let c = ferry::vsphere::Client::connect(cfg)
+                .await
+                .map_err(|e| start_err("vCenter client", e))?;
+            let vm = c.vm_by_name(name).await;
+            c.logout().await;
+            Ok(ferry::job::vm::vm_info(
+                &vm.map_err(|e| start_err("vCenter client", e))?,
+            ))
+        })
+    }
+
     /// Stop every agent gracefully (running jobs cancelled and cleaned up).
     pub fn stop_agents(&mut self) {
         for a in &mut self.agents {

@@ -298,7 +298,7 @@ async fn discover(settings: &mut Settings, runner: Arc<dyn JobRunner>) {
     match facts {
         Ok(None) => {}
         Ok(Some(f)) => {
-            if settings.key_provider != f.key_provider {
+            if settings.key_provider.is_some() && settings.key_provider != f.key_provider {
                 tracing::warn!(config = ?settings.key_provider, vcenter = ?f.key_provider,
                     "the proxy VM's key provider differs from [agent] key_provider; using vCenter's");
             }

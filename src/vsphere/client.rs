@@ -144,8 +144,6 @@ struct Inner {
     generation: AtomicU64,
     login_lock: tokio::sync::Mutex<()>,
     logged_out: AtomicBool,
-    /// Serialises HotAdd slot choice + reconfiguration on this client.
-    hotadd_lock: tokio::sync::Mutex<()>,
 }
 
 /// A logged-in vCenter session. Cheap to clone (shared); safe to use from several
@@ -283,7 +281,6 @@ impl Client {
             generation: AtomicU64::new(0),
             login_lock: tokio::sync::Mutex::new(()),
             logged_out: AtomicBool::new(false),
-            hotadd_lock: tokio::sync::Mutex::new(()),
         };
         let mut client = Client {
             inner: Arc::new(inner),
@@ -348,8 +345,19 @@ impl Client {
     }
 
     /// The lock serialising HotAdd slot choice and reconfiguration.
-    pub(super) fn inner_hotadd_lock(&self) -> &tokio::sync::Mutex<()> {
-        &self.inner.hotadd_lock
+    /// Serialises device changes of one proxy VM across every client of this
+    /// process (each agent job has its own session): choosing a free SCSI unit
+    /// and reconfiguring must not interleave, or two jobs pick the same unit.
+    pub(super) fn hotadd_lock(&self, proxy: &MoRef) -> Arc<tokio::sync::Mutex<()>> {
+        static LOCKS: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+        > = std::sync::OnceLock::new();
+        let key = format!("{} {}", self.inner.url, proxy.value);
+        let mut m = LOCKS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.entry(key).or_default().clone()
     }
 
     /// Context for error mapping.

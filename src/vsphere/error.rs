@@ -295,9 +295,15 @@ pub fn is_crypto_fault(f: &Fault) -> bool {
                 .map(str::to_ascii_lowercase),
         );
     }
+    // "kms" only as a word of its own: VM names such as "proxy-kms-a" must not
+    // turn an unrelated fault into a crypto refusal.
+    let kms_word = |m: &str| {
+        m.split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_' || c == '.'))
+            .any(|w| w == "kms")
+    };
     texts
         .iter()
-        .any(|m| m.contains("crypt") || m.contains("key provider") || m.contains("kms"))
+        .any(|m| m.contains("crypt") || m.contains("key provider") || kms_word(m))
 }
 
 fn s(x: &str) -> String {
@@ -493,6 +499,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn crypto_is_not_guessed_from_vm_names() {
+        let slot = fault(
+            "InvalidDeviceSpec",
+            "unit number 3 is not free on controller 1000 of VM proxy-kms-a",
+        );
+        assert!(!is_crypto_fault(&slot));
+        assert!(is_crypto_fault(&fault(
+            "InvalidState",
+            "cannot get the key from the KMS for this disk"
+        )));
+        assert!(is_crypto_fault(&fault(
+            "SystemError",
+            "Key provider mismatch"
+        )));
     }
 
     #[test]

@@ -124,7 +124,8 @@ impl Client {
         proxy: &MoRef,
         disk: &VirtualDisk,
     ) -> Result<AttachedDisk, VsphereError> {
-        let _serial = self.inner_hotadd_lock().lock().await;
+        let lock = self.hotadd_lock(proxy);
+        let _serial = lock.lock().await;
         let doing = format!("hot-adding {} to proxy VM {}", disk.file_name, proxy.value);
         let p = self.vm(proxy).await?;
         let (ctrl, unit) =
@@ -162,7 +163,8 @@ impl Client {
 
     /// Detach a disk attached by [`Client::attach_disk`]; the file is kept.
     pub async fn detach_disk(&self, d: &AttachedDisk) -> Result<(), VsphereError> {
-        let _serial = self.inner_hotadd_lock().lock().await;
+        let lock = self.hotadd_lock(&d.proxy);
+        let _serial = lock.lock().await;
         let doing = format!(
             "removing hot-added disk {} (key {}) from proxy VM {}",
             d.file_name, d.key, d.proxy.value

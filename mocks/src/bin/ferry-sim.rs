@@ -1,5 +1,7 @@
 //! `ferry-sim`: ferry's simulated world. `demo` runs the main job end to end on
-//! embedded mocks with no setup; `vcenter` runs the mock vCenter standalone.
+//! the whole simulated provider with no setup; `up` keeps that world running for
+//! hands-on use; `vcenter` runs the mock vCenter standalone; `gen-disk` and
+//! `mutate` make and change test images.
 
 use clap::{Parser, Subcommand};
 use ferry_mocks::demo::{self, DemoOptions};
@@ -16,20 +18,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate a disk, back it up (full + incremental), restore, verify, summarise.
+    /// The main job on the whole simulated provider, no setup: mock vCenter, mock
+    /// ESXi NBD-SSL, a HotAdd agent per tenant plus a shared NBD-SSL agent, the
+    /// orchestrator; full + incremental backup of every VM, one restore checked
+    /// bit for bit, verify; prints VM/disk -> proxy, mode, reason, bytes, rate.
     Demo {
-        /// Disk size in MiB.
-        #[arg(long, default_value_t = 1024)]
-        disk_mib: u64,
-        /// Generator seed.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Keep the scratch directory here instead of a temporary one.
+        /// Scenario file (default: the built-in whitepaper world, docs/mocks.md).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Cap every disk at this many MiB (quicker runs).
+        #[arg(long)]
+        disk_mib_max: Option<u64>,
+        /// Fraction of every disk the guests change between the two backups.
+        #[arg(long, default_value_t = 0.01)]
+        change: f64,
+        /// Keep the world's directory here instead of a temporary one.
         #[arg(long)]
         keep: Option<PathBuf>,
-        /// Print the summary as JSON.
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Start the whole simulated provider and keep it running: prints every
+    /// endpoint and example `curl`/`ferry` commands; Ctrl-C stops it.
+    Up {
+        /// Scenario file (default: the built-in whitepaper world).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Cap every disk at this many MiB.
+        #[arg(long)]
+        disk_mib_max: Option<u64>,
+        /// The world's directory (configs, repositories, state); kept at exit.
+        /// Default: a temporary directory, removed at exit.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Write a deterministic disk image (sparse where the profile has zeros).
     GenDisk {
@@ -165,6 +187,182 @@ fn run_vcenter(
     Ok(())
 }
 
+fn exit(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(default: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .try_init();
+}
+
+fn demo_options(
+    scenario: Option<PathBuf>,
+    disk_mib_max: Option<u64>,
+) -> anyhow::Result<DemoOptions> {
+    let mut o = DemoOptions::builtin()?;
+    if let Some(p) = scenario {
+        o.scenario = ferry_mocks::vcenter::Scenario::load(&p)?;
+    }
+    o.disk_mib_max = disk_mib_max;
+    Ok(o)
+}
+
+/// A scratch directory: `keep` (created) or a temporary one removed at exit.
+fn workdir(keep: Option<PathBuf>) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    match keep {
+        Some(p) => {
+            std::fs::create_dir_all(&p)?;
+            Ok((None, p))
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("ferry-sim-").tempdir()?;
+            let p = t.path().to_path_buf();
+            Ok((Some(t), p))
+        }
+    }
+}
+
+fn run_demo(
+    scenario: Option<PathBuf>,
+    disk_mib_max: Option<u64>,
+    change: f64,
+    keep: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&change),
+        "--change must be between 0 and 1"
+    );
+    init_logs("warn");
+    let mut opts = demo_options(scenario, disk_mib_max)?;
+    opts.change = change;
+    let (_tmp, work) = workdir(keep)?;
+    let report = demo::run(&work, &opts, &mut |m| eprintln!("ferry-sim: {m}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", demo::render(&report));
+    }
+    Ok(())
+}
+
+fn run_up(
+    scenario: Option<PathBuf>,
+    disk_mib_max: Option<u64>,
+    dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use ferry_mocks::world::{World, WorldOptions};
+    init_logs("warn,ferry=info,ferry_mocks=info");
+    let opts = demo_options(scenario, disk_mib_max)?;
+    let mut sc = opts.scenario.clone();
+    if let Some(max) = opts.disk_mib_max {
+        for vm in &mut sc.vms {
+            for d in &mut vm.disks {
+                d.size_mib = d.size_mib.min(max);
+            }
+        }
+    }
+    let (_tmp, work) = workdir(dir)?;
+    let world = World::start(WorldOptions::new(sc, &work))?;
+    let vc = &world.vcenter;
+    println!(
+        "ferry-sim: the simulated provider is up (directory {})",
+        world.dir.display()
+    );
+    println!();
+    println!(
+        "mock vCenter   {}  user {}  password file {}",
+        vc.url(),
+        vc.user(),
+        world.dir.join("secrets/vcenter.password").display()
+    );
+    println!(
+        "               admin API https://{}/admin/  token {}",
+        vc.addr(),
+        vc.admin_token()
+    );
+    println!(
+        "mock ESXi NBD  127.0.0.1:{} (TLS required)",
+        world.esxi.port()
+    );
+    println!("CA (all TLS)   {}", world.ca.display());
+    println!("agent token    {}", world.token_file.display());
+    for a in &world.agents {
+        println!(
+            "agent {:<12} {}  modes {}  key provider {}  tenants {}  config {}",
+            a.id,
+            a.url,
+            a.modes.join("+"),
+            a.key_provider.as_deref().unwrap_or("-"),
+            a.tenants.join(","),
+            a.config.display()
+        );
+    }
+    for t in &world.tenants {
+        println!(
+            "tenant {:<11} key provider {}  repository {}  {} VMs",
+            t.name,
+            t.key_provider,
+            t.repository.display(),
+            t.vms.len()
+        );
+    }
+    println!("orchestrator   {}", world.orchestrator_config.display());
+    let first = world
+        .agents
+        .first()
+        .map(|a| a.url.clone())
+        .unwrap_or_default();
+    println!();
+    println!("try:");
+    println!(
+        "  curl --cacert {} -H \"Authorization: Bearer $(cat {})\" {first}/v1/info",
+        world.ca.display(),
+        world.token_file.display()
+    );
+    println!(
+        "  ferry orchestrator plan -c {} --explain",
+        world.orchestrator_config.display()
+    );
+    println!(
+        "  ferry orchestrator run -c {} --once",
+        world.orchestrator_config.display()
+    );
+    println!(
+        "  ferry orchestrator history -c {}",
+        world.orchestrator_config.display()
+    );
+    if let Some(a) = world.agents.first() {
+        println!("  ferry vsphere ls --config {}", a.config.display());
+    }
+    println!();
+    println!("press Ctrl-C to stop");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    world.runtime().block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    })?;
+    eprintln!("ferry-sim: stopping");
+    drop(world);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
@@ -236,70 +434,16 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Demo {
-            disk_mib,
-            seed,
+            scenario,
+            disk_mib_max,
+            change,
             keep,
             json,
-        } => {
-            let tmp;
-            let work = match keep {
-                Some(p) => {
-                    if let Err(e) = std::fs::create_dir_all(&p) {
-                        eprintln!("error: {}: {e}", p.display());
-                        return ExitCode::FAILURE;
-                    }
-                    p
-                }
-                None => match tempfile::Builder::new().prefix("ferry-sim-").tempdir() {
-                    Ok(t) => {
-                        tmp = t;
-                        tmp.path().to_path_buf()
-                    }
-                    Err(e) => {
-                        eprintln!("error: cannot create a scratch directory: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-            };
-            let opts = DemoOptions {
-                disk_size: disk_mib << 20,
-                seed,
-                ..Default::default()
-            };
-            let started = std::time::Instant::now();
-            match demo::run(&work, &opts, &mut |m| eprintln!("ferry-sim: {m}")) {
-                Ok(rows) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&rows).unwrap_or_default()
-                        );
-                    } else {
-                        println!(
-                            "{:<14} {:<26} {:>10} {:>10} {:>8} {:>9}  check",
-                            "step", "point", "read MiB", "wrote MiB", "seconds", "MiB/s"
-                        );
-                        for r in &rows {
-                            println!(
-                                "{:<14} {:<26} {:>10.1} {:>10.1} {:>8.2} {:>9.0}  {}",
-                                r.step,
-                                r.point,
-                                r.read as f64 / 1048576.0,
-                                r.stored as f64 / 1048576.0,
-                                r.seconds,
-                                r.rate_mib_s,
-                                r.check
-                            );
-                        }
-                        println!("demo finished in {:.1}s: every restore is bit-identical and the repository verifies", started.elapsed().as_secs_f64());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: demo failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => exit(run_demo(scenario, disk_mib_max, change, keep, json)),
+        Cmd::Up {
+            scenario,
+            disk_mib_max,
+            dir,
+        } => exit(run_up(scenario, disk_mib_max, dir)),
     }
 }

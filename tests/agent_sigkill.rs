@@ -1,0 +1,155 @@
+//! An agent killed with SIGKILL in the middle of a HotAdd backup, then restarted:
+//! the job is recorded as failed ("interrupted"), the orphan sweep removes the
+//! snapshot and detaches the hot-added disk it left on vCenter, and the tenant's
+//! repository still verifies (no half-written restore point).
+//!
+//! The agent runs as a real `ferry agent` process on the config file the
+//! simulated world wrote for proxy `proxy-a`; the mock vCenter keeps every task
+//! running 1.5 s so the kill lands while the disk is attached.
+
+use ferry::agent::api::BackupRequest;
+use ferry_mocks::vcenter::Scenario;
+use ferry_mocks::world::{World, WorldOptions};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills the agent if the test fails before it stops it; keeps its stdout open.
+struct Reap(
+    std::process::Child,
+    Option<std::io::Lines<BufReader<std::process::ChildStdout>>>,
+);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `ferry agent` on `config`; returns the process and its URL.
+fn agent_process(config: &Path) -> (Reap, String) {
+    let mut child = Reap(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["agent", "--config"])
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        None,
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = first
+        .strip_prefix("ferry agent serving on ")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+    child.1 = Some(lines);
+    (child, url)
+}
+
+fn http(world: &World) -> reqwest::Client {
+    let tls = ferry::tls::client_config(&world.ca, None).unwrap();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured((*tls).clone())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario =
+        Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mocks/scenarios/small.toml"))
+            .unwrap();
+    let mut world = World::start(WorldOptions::new(scenario, dir.path())).unwrap();
+    let config = world
+        .agents
+        .iter()
+        .find(|a| a.id == "proxy-a")
+        .unwrap()
+        .config
+        .clone();
+    assert!(world.stop_agent("proxy-a"));
+    let vm = world.vm_info("tenant-a-web").unwrap();
+    let admin = world.vcenter.admin();
+    admin.set_task_delay(1500);
+
+    let (mut agent, url) = agent_process(&config);
+    let client = http(&world);
+    let token = world.token();
+    let rt = world.runtime();
+    let req = serde_json::json!({"tenant": "tenant-a", "vm": vm});
+    // The request type the orchestrator sends accepts it.
+    let _: BackupRequest = serde_json::from_value(req.clone()).unwrap();
+    let job: serde_json::Value = rt.block_on(async {
+        let r = client
+            .post(format!("{url}/v1/backups"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&req).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{text}");
+        serde_json::from_str(&text).unwrap()
+    });
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // Kill the agent while a snapshot exists and a disk is hot-added to proxy-a.
+    let t = Instant::now();
+    loop {
+        let st = admin.state();
+        if st.attached_count() > 0 && st.snapshot_count() > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the disk was never hot-added: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(agent.0.id() as i32, libc::SIGKILL) }, 0);
+    let _ = agent.0.wait();
+    let st = admin.state();
+    assert!(st.snapshot_count() > 0 && st.attached_count() > 0, "{st:?}");
+
+    // Restart on the same state directory: recovery and the orphan sweep run
+    // before the API serves.
+    admin.set_task_delay(0);
+    let (mut agent, url) = agent_process(&config);
+    let st = admin.state();
+    assert_eq!(st.snapshot_count(), 0, "snapshot left behind: {st:?}");
+    assert_eq!(st.attached_count(), 0, "hot-added disk left behind: {st:?}");
+    let rec: serde_json::Value = rt.block_on(async {
+        let r = client
+            .get(format!("{url}/v1/jobs/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_str(&r.text().await.unwrap()).unwrap()
+    });
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    assert_eq!(rec["error"]["code"], "interrupted", "{rec:#}");
+    let cleanup = rec["cleanup"].as_str().unwrap_or_default();
+    assert!(cleanup.contains("removed"), "{rec:#}");
+
+    // The repository holds only whole restore points.
+    let t = world.tenant("tenant-a").unwrap();
+    let repo = ferry::repo::Repository::open(&t.repository).unwrap();
+    let keys = ferry::keys::PemKeySource::open(Some(&t.public_key), Some(&t.private_key)).unwrap();
+    let rep =
+        ferry::repo::verify::verify(&repo, &keys, &[], 2, &ferry::progress::Progress::default())
+            .unwrap();
+    assert!(rep.ok(), "{:?}", rep.points);
+
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) }, 0);
+    assert!(agent.0.wait().unwrap().success());
+}
