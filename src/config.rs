@@ -303,25 +303,14 @@ pub struct PemSection {
 impl Config {
     /// Read, parse, resolve relative paths and validate `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&read_text(path)?, path)
     }
 
     /// Parse `text` as if read from `path` (relative paths resolve against its
     /// directory).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let (mut c, base): (Config, PathBuf) = parse_toml(text, path)?;
         c.path = path.to_path_buf();
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
         c.resolve_paths(&base);
         c.validate()?;
         Ok(c)
@@ -515,6 +504,31 @@ impl Config {
             )),
         }
     }
+}
+
+/// The text of the configuration file `path`.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Deserialize TOML `text` read from `path`; also returns the directory relative
+/// paths in it resolve against. Errors name the file, line and column.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<(T, PathBuf), ConfigError> {
+    let v = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim().replace('\n', " "),
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok((v, base))
 }
 
 /// Read a secret from a file: the first line, without its line ending. The caller

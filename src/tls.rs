@@ -26,7 +26,8 @@ pub enum TlsError {
     Config(String),
 }
 
-fn file_err(p: &Path, e: impl std::fmt::Display) -> TlsError {
+/// A [`TlsError::File`] for `p`.
+pub(crate) fn file_err(p: &Path, e: impl std::fmt::Display) -> TlsError {
     TlsError::File {
         path: p.display().to_string(),
         detail: e.to_string(),

@@ -4,38 +4,15 @@
 mod agent_support;
 
 use agent_support::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-
-/// Kills the agent if the test fails before it stops it.
-struct Reap(std::process::Child);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::Command;
 
 #[test]
 fn agent_process_serves_until_sigterm_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let o = AgentOpts::default();
     let (_, pki) = agent_config(dir.path(), &o);
-    let mut child = Reap(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["agent", "--config"])
-            .arg(dir.path().join("agent.toml"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let url = first
-        .strip_prefix("ferry agent serving on ")
-        .unwrap_or_else(|| panic!("{first}"))
-        .to_string();
+    let mut agent = AgentProcess::start(&dir.path().join("agent.toml"));
+    let url = agent.url.clone();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -45,10 +22,9 @@ fn agent_process_serves_until_sigterm_and_stops_cleanly() {
         let r = c.get(format!("{url}/v1/info")).send().await.unwrap();
         assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
     });
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
-    assert_eq!(lines.next().unwrap().unwrap(), "ferry agent stopped");
-    assert!(child.0.wait().unwrap().success());
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.lines.next().unwrap().unwrap(), "ferry agent stopped");
+    assert!(agent.child.wait().unwrap().success());
 }
 
 #[test]

@@ -7,47 +7,14 @@
 //! simulated world wrote for proxy `proxy-a`; the mock vCenter keeps every task
 //! running 1.5 s so the kill lands while the disk is attached.
 
+mod agent_support;
+
+use agent_support::AgentProcess;
 use ferry::agent::api::BackupRequest;
 use ferry_mocks::vcenter::Scenario;
 use ferry_mocks::world::{World, WorldOptions};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Kills the agent if the test fails before it stops it; keeps its stdout open.
-struct Reap(
-    std::process::Child,
-    Option<std::io::Lines<BufReader<std::process::ChildStdout>>>,
-);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start `ferry agent` on `config`; returns the process and its URL.
-fn agent_process(config: &Path) -> (Reap, String) {
-    let mut child = Reap(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["agent", "--config"])
-            .arg(config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        None,
-    );
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let url = first
-        .strip_prefix("ferry agent serving on ")
-        .unwrap_or_else(|| panic!("{first}"))
-        .to_string();
-    child.1 = Some(lines);
-    (child, url)
-}
 
 fn http(world: &World) -> reqwest::Client {
     let tls = ferry::tls::client_config(&world.ca, None).unwrap();
@@ -77,7 +44,8 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
     let admin = world.vcenter.admin();
     admin.set_task_delay(1500);
 
-    let (mut agent, url) = agent_process(&config);
+    let agent = AgentProcess::start(&config);
+    let url = agent.url.clone();
     let client = http(&world);
     let token = world.token();
     let rt = world.runtime();
@@ -113,16 +81,16 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(agent.0.id() as i32, libc::SIGKILL) }, 0);
-    let _ = agent.0.wait();
+    agent.signal(libc::SIGKILL);
+    drop(agent);
     let st = admin.state();
     assert!(st.snapshot_count() > 0 && st.attached_count() > 0, "{st:?}");
 
     // Restart on the same state directory: recovery and the orphan sweep run
     // before the API serves.
     admin.set_task_delay(0);
-    let (mut agent, url) = agent_process(&config);
+    let mut agent = AgentProcess::start(&config);
+    let url = agent.url.clone();
     let st = admin.state();
     assert_eq!(st.snapshot_count(), 0, "snapshot left behind: {st:?}");
     assert_eq!(st.attached_count(), 0, "hot-added disk left behind: {st:?}");
@@ -149,7 +117,6 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
             .unwrap();
     assert!(rep.ok(), "{:?}", rep.points);
 
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) }, 0);
-    assert!(agent.0.wait().unwrap().success());
+    agent.signal(libc::SIGTERM);
+    assert!(agent.child.wait().unwrap().success());
 }

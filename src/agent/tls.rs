@@ -7,7 +7,7 @@
 //! drives hyper-util's connection builder), so axum's graceful shutdown works the
 //! same for TLS and plain HTTP.
 
-use crate::tls::TlsError;
+use crate::tls::{file_err, TlsError};
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -21,13 +21,6 @@ use tokio_rustls::TlsAcceptor;
 
 /// Longest a client may take to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn file_err(p: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: p.display().to_string(),
-        detail: e.to_string(),
-    }
-}
 
 /// Server configuration from PEM files: certificate chain, private key and, for
 /// mutual TLS, the CA that must have signed client certificates.

@@ -308,24 +308,13 @@ pub fn parse_daily(s: &str) -> Result<u32, String> {
 impl OrchestratorConfig {
     /// Read, parse, resolve paths and validate.
     pub fn load(path: &Path) -> Result<OrchestratorConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&crate::config::read_text(path)?, path)
     }
 
     /// Parse `text` as if read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<OrchestratorConfig, ConfigError> {
-        let mut c: OrchestratorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let (mut c, base): (OrchestratorConfig, PathBuf) = crate::config::parse_toml(text, path)?;
         c.path = path.to_path_buf();
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -462,3 +462,46 @@ pub fn backup_body(
     }
     serde_json::json!({"tenant": tenant, "vm": vm})
 }
+
+/// A `ferry agent` process; killed when dropped (a failing test leaves none), its
+/// stdout kept open so the agent's last line can be read.
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// Its base URL, from its "serving on" line.
+    pub url: String,
+}
+
+impl AgentProcess {
+    /// Start `ferry agent --config <config>` and wait until it serves.
+    pub fn start(config: &Path) -> AgentProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["agent", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let url = first
+            .strip_prefix("ferry agent serving on ")
+            .unwrap_or_else(|| panic!("{first}"))
+            .to_string();
+        AgentProcess { child, lines, url }
+    }
+
+    /// Send `signal` (libc::SIGTERM, SIGKILL...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
