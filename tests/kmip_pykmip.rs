@@ -68,15 +68,15 @@ fn pykmip(dir: &Path) -> PyKmip {
 }
 
 fn client(k: &PyKmip) -> KmsClient {
-    KmsClient::new(KmsConfig {
-        address: format!("127.0.0.1:{}", k.port),
-        server_name: Some("localhost".into()),
-        ca: k.certs.join("ca-cert.pem"),
-        client_cert: k.certs.join("client-cert.pem"),
-        client_key: k.certs.join("client-key.pem"),
-        timeout: Duration::from_secs(20),
-    })
-    .unwrap()
+    let mut cfg = KmsConfig::pem(
+        format!("127.0.0.1:{}", k.port),
+        k.certs.join("ca-cert.pem"),
+        k.certs.join("client-cert.pem"),
+        k.certs.join("client-key.pem"),
+    );
+    cfg.server_name = Some("localhost".into());
+    cfg.timeout = Duration::from_secs(20);
+    KmsClient::new(cfg).unwrap()
 }
 
 #[test]

@@ -45,6 +45,13 @@ pub struct KmsArgs {
     /// Client certificate's private key (PEM).
     #[arg(long, env = "FERRY_KMS_CLIENT_KEY")]
     pub kms_client_key: Option<PathBuf>,
+    /// Client certificate and key as a PKCS#12 bundle (instead of --kms-cert and
+    /// --kms-client-key), as KMS vendors issue them.
+    #[arg(long, env = "FERRY_KMS_PKCS12", conflicts_with_all = ["kms_cert", "kms_client_key"])]
+    pub kms_pkcs12: Option<PathBuf>,
+    /// File whose first line is the PKCS#12 password (none: empty password).
+    #[arg(long, env = "FERRY_KMS_PKCS12_PASSWORD_FILE")]
+    pub kms_pkcs12_password_file: Option<PathBuf>,
     /// Name the server certificate must carry (default: the host of --kms).
     #[arg(long, env = "FERRY_KMS_SERVER_NAME")]
     pub kms_server_name: Option<String>,
@@ -70,12 +77,21 @@ impl KmsArgs {
                 detail: format!("{flag} is required with --kms"),
             })
         };
+        let identity = match &self.kms_pkcs12 {
+            Some(bundle) => ferry::kmip::client::ClientIdentity::Pkcs12 {
+                bundle: bundle.clone(),
+                password_file: self.kms_pkcs12_password_file.clone(),
+            },
+            None => ferry::kmip::client::ClientIdentity::Pem {
+                cert: need(&self.kms_cert, "--kms-cert (or --kms-pkcs12)")?,
+                key: need(&self.kms_client_key, "--kms-client-key (or --kms-pkcs12)")?,
+            },
+        };
         let cfg = ferry::kmip::client::KmsConfig {
             address: addr.clone(),
             server_name: self.kms_server_name.clone(),
             ca: need(&self.kms_ca, "--kms-ca")?,
-            client_cert: need(&self.kms_cert, "--kms-cert")?,
-            client_key: need(&self.kms_client_key, "--kms-client-key")?,
+            identity,
             timeout: std::time::Duration::from_secs(30),
         };
         ferry::kmip::client::KmsClient::new(cfg)
