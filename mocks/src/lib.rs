@@ -9,10 +9,13 @@
 //!   hot-add rules, NBD tickets, admin API).
 //! - [`esxi`]: the mock ESXi NBD service (TLS required, exports by name/ticket,
 //!   fault injection).
+//! - [`kms`]: the mock KMS (KMIP 1.4 over mutual TLS, RSA key pairs with states,
+//!   ReKeyKeyPair, persistence, fault injection).
 
 pub mod demo;
 pub mod diskgen;
 pub mod esxi;
 pub mod fixtures;
+pub mod kms;
 pub mod pki;
 pub mod vcenter;
