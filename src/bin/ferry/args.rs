@@ -2,7 +2,7 @@
 //! key source they build. Command-specific arguments live with their command.
 
 use clap::Args;
-use ferry::keys::{KeyError, KeySource, MultiKeySource, PemKeySource};
+use ferry::keys::{KeyError, KeySource, KmsFailure, MultiKeySource, PemKeySource};
 use ferry::pipeline::PipelineConfig;
 use ferry::repo::Repository;
 use std::path::PathBuf;
@@ -55,7 +55,9 @@ pub struct KmsArgs {
     /// Name the server certificate must carry (default: the host of --kms).
     #[arg(long, env = "FERRY_KMS_SERVER_NAME")]
     pub kms_server_name: Option<String>,
-    /// Name of the tenant key pair on the KMS, e.g. ferry/<tenant>/<repository>.
+    /// Name of the tenant key pair on the KMS, e.g. ferry/<tenant>/<repository>
+    /// (its newest Active version is used). Needed to wrap new keys (repo init,
+    /// backup); restores and `repo import` work without it.
     #[arg(long, env = "FERRY_KMS_KEY")]
     pub kms_key: Option<String>,
     /// Create (and activate) the key pair when the KMS has none of that name.
@@ -72,9 +74,12 @@ impl KmsArgs {
             return Ok(None);
         };
         let need = |v: &Option<PathBuf>, flag: &str| {
-            v.clone().ok_or_else(|| KeyError::Backend {
+            v.clone().ok_or_else(|| KeyError::Kms {
                 kms: addr.clone(),
-                detail: format!("{flag} is required with --kms"),
+                key: self.kms_key.clone().unwrap_or_default(),
+                kind: KmsFailure::Config,
+                detail: format!("{flag} is missing"),
+                fix: format!("give {flag} with --kms"),
             })
         };
         let identity = match &self.kms_pkcs12 {
@@ -96,20 +101,25 @@ impl KmsArgs {
         };
         ferry::kmip::client::KmsClient::new(cfg)
             .map(Some)
-            .map_err(|e| KeyError::Backend {
-                kms: addr.clone(),
-                detail: e.to_string(),
+            .map_err(|e| {
+                ferry::keys::kms_error(
+                    e,
+                    self.kms_key.as_deref().unwrap_or(""),
+                    "preparing the KMS client",
+                )
             })
     }
 
+    /// The KMS key source: following `--kms-key` through rotations, or, without a
+    /// key name, a source that only unwraps (restore, verify, `repo import` on a
+    /// fresh installation: each restore point names its KMS key).
     pub fn source(&self) -> Result<Option<ferry::keys::KmsKeySource>, KeyError> {
         let Some(client) = self.client()? else {
             return Ok(None);
         };
-        let name = self.kms_key.clone().ok_or_else(|| KeyError::Backend {
-            kms: client.address().to_string(),
-            detail: "--kms-key NAME is required with --kms".into(),
-        })?;
+        let Some(name) = self.kms_key.clone() else {
+            return Ok(Some(ferry::keys::KmsKeySource::unwrap_only(client)));
+        };
         if ![2048, 3072, 4096].contains(&self.kms_bits) {
             return Err(KeyError::KeySize {
                 key: name,
