@@ -348,3 +348,86 @@ fn sync_tenant_from_a_configuration_file() {
     assert_eq!(v[0]["tenant"], "acme");
     assert_eq!(v[0]["keyring"]["status"], "up_to_date");
 }
+
+/// Seed 001: a chain whose points are wrapped by different key stores. The
+/// tenant starts with a PEM key pair and moves to its KMS; the move's first backup
+/// opens the PEM-wrapped keyring with the old private key and re-wraps it with
+/// the KMS key. Without the keyring, each point needs its own store.
+#[test]
+fn a_chain_mixing_pem_and_kms_wrapped_points() {
+    let w = World::new(); // repository initialised with the PEM pair w.keys
+    let img = w.image("mixed.img", 4 << 20, 33);
+    let p1 = w.backup("vm", &[&img]).point_id;
+    let h1 = hash(&img);
+    let kms = KmsMock::start(KmsOptions::default()).unwrap();
+    let kms_env = |c: &mut Command| {
+        c.env("FERRY_KMS", kms.address())
+            .env("FERRY_KMS_CA", kms.ca_path())
+            .env("FERRY_KMS_CERT", kms.client_cert_path())
+            .env("FERRY_KMS_CLIENT_KEY", kms.client_key_path())
+            .env("FERRY_KMS_SERVER_NAME", "localhost")
+            .env("FERRY_KMS_KEY", "ferry/acme/mixed")
+            .env_remove("FERRY_PUBLIC_KEY")
+            .env_remove("FERRY_PRIVATE_KEY");
+    };
+    let run = |args: &[&str]| {
+        let mut c = w.command(args);
+        kms_env(&mut c);
+        c.output().unwrap()
+    };
+    let old = ["--extra-private-key", w.keys.private.to_str().unwrap()];
+    assert!(run(&["keys", "create"]).status.success());
+    ferry_mocks::diskgen::mutate(&img, 4, 0.2, 64 << 10).unwrap();
+    let o = run(&[
+        "--json",
+        "backup",
+        "--name",
+        "vm",
+        "--image",
+        img.to_str().unwrap(),
+        old[0],
+        old[1],
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let p2 = serde_json::from_slice::<Value>(&o.stdout).unwrap()["point_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h2 = hash(&img);
+    let kr = w.repo().keyring_header().unwrap();
+    assert_eq!(
+        kr.wrapped_key.key_ref.source, "kmip",
+        "the keyring moved to the KMS key"
+    );
+
+    let restore = |p: &str, extra: &[&str]| {
+        let t = w.path("m.restored");
+        let _ = std::fs::remove_file(&t);
+        let mut a = vec!["restore", "--point", p, "--target", t.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        let o = run(&a);
+        (
+            o.status.code(),
+            if o.status.success() {
+                Some(hash(&t))
+            } else {
+                None
+            },
+            text(&o),
+        )
+    };
+    // With the keyring, the KMS key alone opens both points.
+    assert_eq!(restore(&p1, &[]).1, Some(h1));
+    assert_eq!(restore(&p2, &[]).1, Some(h2));
+    // Without it, p1 needs the PEM key and p2 the KMS.
+    std::fs::remove_file(w.repo_dir.join("keyring")).unwrap();
+    let (code, _, t) = restore(&p1, &[]);
+    assert_eq!(code, Some(5), "{t}");
+    assert_eq!(restore(&p1, &old).1, Some(h1));
+    assert_eq!(restore(&p2, &old).1, Some(h2));
+    let o = run(&["--json", "repo", "import"]);
+    let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["missing_keys"].as_array().unwrap().len(), 1, "{rep}");
+    assert_eq!(rep["missing_keys"][0][0]["source"], "pem");
+    assert_eq!(rep["missing_keys"][0][1], serde_json::json!([p1]));
+}
