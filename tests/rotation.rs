@@ -272,6 +272,27 @@ fn chain_over_three_key_versions_and_disaster_recovery() {
     let o = e.ferry(&["repo", "import", extra[0], extra[1]], false);
     assert!(o.status.success(), "{}", text(&o));
     restore_all(&extra, false, [true; 3]);
+
+    // The KMS administrator retires the last version too: restores (which only
+    // unwrap) still work with the key name configured, a backup fails before
+    // writing anything, naming the key and the fix.
+    c.revoke(&v3, REVOKE_CESSATION, None).unwrap();
+    let t = w.path("r3.img");
+    let o = e.restore(&p3, &t, &[], true);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(hash(&t), h3);
+    let before = files_under(&e.repo);
+    let o = e.ferry(
+        &["backup", "--name", "vm", "--image", img.to_str().unwrap()],
+        true,
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no Active key pair") && err.contains("ferry/acme/chain"),
+        "{err}"
+    );
+    assert_eq!(files_under(&e.repo), before, "nothing written");
 }
 
 #[test]

@@ -131,22 +131,38 @@ impl KmsArgs {
 }
 
 impl KeyArgs {
+    /// The key source for commands that wrap new keys (repo init, backup): with a
+    /// KMS, the newest Active version of --kms-key.
     pub fn source(&self) -> Result<Box<dyn KeySource>, KeyError> {
-        if let Some(k) = self.kms.source()? {
-            if self.extra_private_keys.is_empty() {
-                return Ok(Box::new(k));
-            }
-            let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(k)];
-            for p in &self.extra_private_keys {
-                all.push(Box::new(PemKeySource::open(None, Some(p))?));
-            }
-            return Ok(Box::new(MultiKeySource::new(all)?));
-        }
-        let first = PemKeySource::open(self.public_key.as_deref(), self.private_key.as_deref())?;
+        self.build(false)
+    }
+
+    /// The key source for commands that only unwrap (restore, verify, export, repo
+    /// import): with a KMS, every point's own key is asked for and the key name is
+    /// not looked up, so a retired or missing current version does not matter.
+    pub fn unwrap_source(&self) -> Result<Box<dyn KeySource>, KeyError> {
+        self.build(true)
+    }
+
+    fn build(&self, unwrap_only: bool) -> Result<Box<dyn KeySource>, KeyError> {
+        let kms = if unwrap_only {
+            self.kms
+                .client()?
+                .map(ferry::keys::KmsKeySource::unwrap_only)
+        } else {
+            self.kms.source()?
+        };
+        let first: Box<dyn KeySource> = match kms {
+            Some(k) => Box::new(k),
+            None => Box::new(PemKeySource::open(
+                self.public_key.as_deref(),
+                self.private_key.as_deref(),
+            )?),
+        };
         if self.extra_private_keys.is_empty() {
-            return Ok(Box::new(first));
+            return Ok(first);
         }
-        let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(first)];
+        let mut all: Vec<Box<dyn KeySource>> = vec![first];
         for p in &self.extra_private_keys {
             all.push(Box::new(PemKeySource::open(None, Some(p))?));
         }
