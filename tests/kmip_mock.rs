@@ -25,6 +25,20 @@ fn client(k: &KmsMock) -> KmsClient {
     KmsClient::new(k.client_config()).unwrap()
 }
 
+/// Wait (up to a minute) until the server's counters say `cond`: the server
+/// counts some events just after the client has already seen their effect.
+fn wait_for(k: &KmsMock, what: &str, cond: impl Fn(&ferry_mocks::kms::KmsStats) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond(&k.stats()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {:?}",
+            k.stats()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn kms_failure(e: &KeyError) -> (KmsFailure, String, String) {
     match e {
         KeyError::Kms { kind, kms, key, .. } => (*kind, kms.clone(), key.clone()),
@@ -329,6 +343,11 @@ fn each_fault_is_a_typed_error_naming_kms_key_and_fix() {
         .unwrap();
     assert_eq!(kms_failure(&e).0, KmsFailure::Unreachable);
     assert!(e.to_string().contains("no answer within"), "{e}");
+    // Every attempt was made before the client gave up; the server may count the
+    // last handshake a moment later.
+    wait_for(&k, "three attempts", |s| {
+        s.handshakes_full + s.handshakes_resumed >= h0 + 3
+    });
     assert_eq!(handshakes(&k) - h0, 3, "bounded retries");
     // A create whose answer is lost is not sent again (one connection only), and
     // the KMS made exactly one pair.
@@ -548,7 +567,7 @@ fn certificates_are_checked_both_ways() {
     assert_eq!(kms_failure(&e).0, KmsFailure::TlsRefused);
     assert!(e.to_string().contains("expired"), "{e}");
 
-    assert!(k.stats().handshake_failures >= 2, "{:?}", k.stats());
+    wait_for(&k, "refused handshakes", |s| s.handshake_failures >= 2);
     assert!(
         k.objects().is_empty(),
         "nothing was created by refused clients"
