@@ -40,6 +40,25 @@ pub fn client_config(
     ca: &Path,
     client: Option<(&Path, &Path)>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let identity = match client {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| file_err(cert, e))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
+            Some((chain, key))
+        }
+        None => None,
+    };
+    client_config_with_identity(ca, identity)
+}
+
+/// Like [`client_config`], with the client certificate chain and key already in
+/// memory (e.g. from [`load_pkcs12`]).
+pub fn client_config_with_identity(
+    ca: &Path,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e))? {
         roots
@@ -54,19 +73,51 @@ pub fn client_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots);
-    let cfg = match client {
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| file_err(cert, e))?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?
-        }
+    let cfg = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?,
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(cfg))
+}
+
+/// Read a PKCS#12 bundle (`.p12`/`.pfx`, as `openssl pkcs12 -export` writes it)
+/// holding one private key and its certificate (plus optionally its CA chain).
+/// Returns the chain, leaf first, and the key (PKCS#8). The password and the
+/// decrypted key bytes are not kept beyond the returned key.
+pub fn load_pkcs12(
+    path: &Path,
+    password: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let data = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| file_err(path, e))?);
+    let store = p12_keystore::KeyStore::from_pkcs12(
+        &data,
+        password,
+        p12_keystore::Pkcs12ImportPolicy::Relaxed,
+    )
+    .map_err(|e| {
+        file_err(
+            path,
+            format!("not a readable PKCS#12 bundle (wrong password?): {e}"),
+        )
+    })?;
+    let (_, chain) = store
+        .private_key_chain()
+        .ok_or_else(|| file_err(path, "the PKCS#12 bundle holds no private key"))?;
+    let certs: Vec<CertificateDer<'static>> = chain
+        .certs()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_der().to_vec()))
+        .collect();
+    if certs.is_empty() {
+        return Err(file_err(
+            path,
+            "the PKCS#12 bundle holds no certificate for its private key",
+        ));
+    }
+    let key = PrivateKeyDer::Pkcs8(chain.key().as_der().to_vec().into());
+    Ok((certs, key))
 }
 
 // ---------------------------------------------------------------------------------

@@ -111,10 +111,15 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
     // The repository holds only whole restore points.
     let t = world.tenant("tenant-a").unwrap();
     let repo = ferry::repo::Repository::open(&t.repository).unwrap();
-    let keys = ferry::keys::PemKeySource::open(Some(&t.public_key), Some(&t.private_key)).unwrap();
-    let rep =
-        ferry::repo::verify::verify(&repo, &keys, &[], 2, &ferry::progress::Progress::default())
-            .unwrap();
+    let keys = t.key_source().unwrap();
+    let rep = ferry::repo::verify::verify(
+        &repo,
+        keys.as_ref(),
+        &[],
+        2,
+        &ferry::progress::Progress::default(),
+    )
+    .unwrap();
     assert!(rep.ok(), "{:?}", rep.points);
 
     agent.signal(libc::SIGTERM);

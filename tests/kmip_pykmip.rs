@@ -68,15 +68,15 @@ fn pykmip(dir: &Path) -> PyKmip {
 }
 
 fn client(k: &PyKmip) -> KmsClient {
-    KmsClient::new(KmsConfig {
-        address: format!("127.0.0.1:{}", k.port),
-        server_name: Some("localhost".into()),
-        ca: k.certs.join("ca-cert.pem"),
-        client_cert: k.certs.join("client-cert.pem"),
-        client_key: k.certs.join("client-key.pem"),
-        timeout: Duration::from_secs(20),
-    })
-    .unwrap()
+    let mut cfg = KmsConfig::pem(
+        format!("127.0.0.1:{}", k.port),
+        k.certs.join("ca-cert.pem"),
+        k.certs.join("client-cert.pem"),
+        k.certs.join("client-key.pem"),
+    );
+    cfg.server_name = Some("localhost".into());
+    cfg.timeout = Duration::from_secs(20);
+    KmsClient::new(cfg).unwrap()
 }
 
 #[test]
@@ -277,4 +277,94 @@ fn cli_with_pykmip_keys_test_create_backup_restore_and_kms_down() {
         before,
         "nothing may be written while the KMS is down"
     );
+}
+
+/// PyKMIP has no ReKeyKeyPair and keeps no links: rotation there is a new pair of
+/// the same name (what `ferry keys rotate` does when Query does not list
+/// ReKeyKeyPair), and ferry follows the name to its newest Active pair.
+#[test]
+fn rotation_on_pykmip_is_a_new_pair_of_the_same_name() {
+    let w = World::new();
+    let kms = pykmip(w.dir.path());
+    let repo = w.path("rot-repo");
+    let (port, certs) = (kms.port, kms.certs.clone());
+    let run = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.args(args)
+            .env("FERRY_KMS", format!("127.0.0.1:{port}"))
+            .env("FERRY_KMS_CA", certs.join("ca-cert.pem"))
+            .env("FERRY_KMS_CERT", certs.join("client-cert.pem"))
+            .env("FERRY_KMS_CLIENT_KEY", certs.join("client-key.pem"))
+            .env("FERRY_KMS_SERVER_NAME", "localhost")
+            .env("FERRY_KMS_KEY", "ferry/acme/rot")
+            .env("FERRY_REPO", &repo)
+            .env_remove("FERRY_PUBLIC_KEY")
+            .env_remove("FERRY_PRIVATE_KEY");
+        c.output().unwrap()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = run(&a);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v1 = json(&["keys", "create"])["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    json(&["repo", "init", "--tenant", "acme"]);
+    let img = w.image("r.img", 4 << 20, 5);
+    let p1 = json(&["backup", "--name", "vm", "--image", img.to_str().unwrap()])["point_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h1 = hash(&img);
+
+    // ReKeyKeyPair is refused by PyKMIP with a typed reason.
+    let e = client(&kms).rekey_key_pair(&v1).unwrap_err();
+    assert!(e.reason().is_some(), "{e}");
+
+    let r = json(&["keys", "rotate"]);
+    assert_eq!(r["method"], "new-pair", "{r}");
+    let v2 = r["new"]["key_id"].as_str().unwrap().to_string();
+    assert_ne!(v1, v2);
+    assert_eq!(r["new"]["key_version"], 2);
+    assert_eq!(client(&kms).state(&v1).unwrap(), STATE_DEACTIVATED);
+
+    // Sync re-wraps the keyring: the old key is fetched (PyKMIP cannot decrypt
+    // RSA) although it is Deactivated.
+    let s = json(&["keys", "sync"]);
+    assert_eq!(s[0]["rotated"], true, "{s}");
+    assert_eq!(s[0]["keyring"]["status"], "rewrapped", "{s}");
+    let l = json(&["keys", "list"]);
+    let pairs = l[0]["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 2, "{l}");
+    assert_eq!(pairs[0]["private_id"], v1.as_str());
+    assert_eq!(pairs[0]["state_name"], "Deactivated");
+    assert_eq!(pairs[1]["private_id"], v2.as_str());
+    assert_eq!(pairs[1]["current"], true);
+    assert!(pairs[1]["replaces"].is_null(), "PyKMIP keeps no links");
+
+    ferry_mocks::diskgen::mutate(&img, 3, 0.2, 64 << 10).unwrap();
+    let p2 = json(&["backup", "--name", "vm", "--image", img.to_str().unwrap()])["point_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h2 = hash(&img);
+    let pts = json(&["points", "list"]);
+    assert_eq!(pts[1]["key"]["key_id"], v2.as_str());
+    assert_eq!(pts[1]["key"]["key_version"], 2);
+    for keyring in [true, false] {
+        if !keyring {
+            std::fs::remove_file(repo.join("keyring")).unwrap();
+        }
+        for (p, h) in [(&p1, h1), (&p2, h2)] {
+            let t = w.path("r.restored");
+            let _ = std::fs::remove_file(&t);
+            let o = run(&["restore", "--point", p, "--target", t.to_str().unwrap()]);
+            assert!(o.status.success(), "{}", text(&o));
+            assert_eq!(hash(&t), h, "{p} keyring={keyring}");
+        }
+    }
 }

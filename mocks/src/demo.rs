@@ -1,6 +1,6 @@
 //! `ferry-sim demo`: the main job on the whole simulated provider, no setup.
 //! Starts the [`crate::world`] (mock vCenter on the whitepaper's scenario, mock
-//! ESXi NBD-SSL, two tenants, a HotAdd proxy agent per tenant plus a shared
+//! ESXi NBD-SSL, two tenants with their own mock KMS, a HotAdd proxy agent per tenant plus a shared
 //! NBD-SSL agent, the orchestrator), runs a full backup of every VM through the
 //! orchestrator, lets every guest write about 1% of its disks, runs the
 //! incremental, restores one VM through its agent and checks it bit for bit,
@@ -133,6 +133,14 @@ pub fn run(
     let mut wo = WorldOptions::new(scenario, work);
     wo.poll = Duration::from_millis(100);
     let world = World::start(wo)?;
+    for t in &world.tenants {
+        if let Some(k) = &t.section.kms {
+            log(&format!(
+                "tenant {}: key provider {}, its own KMS at {} (KMIP over mutual TLS), key pair {:?}",
+                t.name, t.key_provider, k.address, k.key_name
+            ));
+        }
+    }
     for a in &world.agents {
         log(&format!(
             "agent {} at {}: modes {}, proxy VM key provider {}, tenants {}",
@@ -234,10 +242,10 @@ pub fn run(
     let mut verify = Vec::new();
     for t in &world.tenants {
         let repo = ferry::repo::Repository::open(&t.repository)?;
-        let keys = ferry::keys::PemKeySource::open(Some(&t.public_key), Some(&t.private_key))?;
+        let keys = t.key_source()?;
         let rep = ferry::repo::verify::verify(
             &repo,
-            &keys,
+            keys.as_ref(),
             &[],
             2,
             &ferry::progress::Progress::default(),

@@ -11,11 +11,14 @@
 //!   fault injection).
 //! - [`world`]: the whole simulated provider (mock vCenter, mock ESXi, tenants,
 //!   agents per proxy VM, orchestrator) for `ferry-sim` and end-to-end tests.
+//! - [`kms`]: the mock KMS (KMIP 1.4 over mutual TLS, RSA key pairs with states,
+//!   ReKeyKeyPair, persistence, fault injection).
 
 pub mod demo;
 pub mod diskgen;
 pub mod esxi;
 pub mod fixtures;
+pub mod kms;
 pub mod pki;
 pub mod vcenter;
 pub mod world;

@@ -86,6 +86,24 @@ impl Ca {
         names: &[&str],
         eku: ExtendedKeyUsagePurpose,
     ) -> Result<Issued, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_valid(
+            cn,
+            names,
+            eku,
+            now - time::Duration::days(1),
+            now + time::Duration::days(3650),
+        )
+    }
+
+    fn issue_valid(
+        &self,
+        cn: &str,
+        names: &[&str],
+        eku: ExtendedKeyUsagePurpose,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<Issued, PkiError> {
         let mut p =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         let mut dn = DistinguishedName::new();
@@ -98,7 +116,8 @@ impl Ca {
         ];
         p.extended_key_usages = vec![eku];
         p.use_authority_key_identifier_extension = true;
-        ten_years(&mut p);
+        p.not_before = not_before;
+        p.not_after = not_after;
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &self.issuer)?;
         Ok(Issued {
@@ -117,6 +136,19 @@ impl Ca {
     /// A client certificate with common name `cn`.
     pub fn client(&self, cn: &str) -> Result<Issued, PkiError> {
         self.issue(cn, &[], ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    /// A client certificate with common name `cn` that expired yesterday (valid for
+    /// one day a month ago), to test that servers refuse it.
+    pub fn expired_client(&self, cn: &str) -> Result<Issued, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_valid(
+            cn,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        )
     }
 
     /// Write the libnbd/GnuTLS layout into `dir`: `ca-cert.pem`, `ca-key.pem`,

@@ -1,6 +1,6 @@
 //! The whole simulated service-provider world in one process: the mock vCenter
 //! on a scenario, the mock ESXi NBD-SSL service, one tenant per key provider
-//! (its own key pair and repository), one ferry agent per proxy VM of the
+//! (its own mock KMS holding its key pair, and its repository), one ferry agent per proxy VM of the
 //! scenario (HotAdd proxies per tenant, an unencrypted shared NBD-SSL proxy), and
 //! an orchestrator configured with one backup job per tenant. `ferry-sim demo`,
 //! `ferry-sim up` and the end-to-end tests start it.
@@ -12,6 +12,7 @@
 //! the same configs, HTTP API and library calls a deployment uses.
 
 use crate::esxi::{MockEsxi, ServerTls};
+use crate::kms::{KmsMock, KmsOptions};
 use crate::pki::Ca;
 use crate::vcenter::{Scenario, VcenterMock, VcenterOptions};
 use ferry::agent::{Agent, RunningAgent};
@@ -92,7 +93,8 @@ impl WorldOptions {
     }
 }
 
-/// One tenant: a key provider of the scenario, its key pair and repository.
+/// One tenant: a key provider of the scenario, its own mock KMS holding its key
+/// pair, and its repository.
 #[derive(Clone, Debug)]
 pub struct SimTenant {
     /// Tenant name (`tenant-a` for key provider `KMS-A`).
@@ -101,12 +103,19 @@ pub struct SimTenant {
     pub key_provider: String,
     /// Repository directory (shared by the agents serving the tenant).
     pub repository: PathBuf,
-    /// Public key (PEM).
-    pub public_key: PathBuf,
-    /// Private key (PEM).
-    pub private_key: PathBuf,
+    /// The tenant's section of an agent config (repository, `[tenant.kms]` with
+    /// the agents' client certificate for the tenant's KMS).
+    pub section: ferry::config::TenantSection,
     /// The scenario's VMs encrypted under this provider.
     pub vms: Vec<String>,
+}
+
+impl SimTenant {
+    /// The tenant's key source (its KMS key, following rotations), as an agent
+    /// opens it at job start.
+    pub fn key_source(&self) -> Result<Box<dyn ferry::keys::KeySource>, ferry::keys::KeyError> {
+        ferry::keys::tenant::open_key_source(&self.section)
+    }
 }
 
 /// One running agent.
@@ -134,6 +143,8 @@ pub struct World {
     pub vcenter: VcenterMock,
     /// The mock ESXi NBD-SSL service.
     pub esxi: MockEsxi,
+    /// Each tenant's mock KMS, in the order of `tenants`.
+    pub kms: Vec<KmsMock>,
     /// Tenants.
     pub tenants: Vec<SimTenant>,
     /// Agents.
@@ -200,34 +211,53 @@ impl World {
             let _ = std::fs::set_permissions(&vc_password, std::fs::Permissions::from_mode(0o600));
         }
 
-        // Tenants: one per key provider, with its own key pair and repository.
+        // Tenants: one per key provider, each with its own KMS (own PKI, as a
+        // tenant brings it), key pair and repository.
         let mut tenants = Vec::new();
-        let keys_dir = dir.join("keys");
-        std::fs::create_dir_all(&keys_dir).map_err(|source| WorldError::Io {
-            path: keys_dir.clone(),
-            source,
-        })?;
+        let mut kmses = Vec::new();
         for kp in &opts.scenario.key_providers {
             let name = tenant_name(&kp.id);
-            let pair = crate::fixtures::pem_pair(&keys_dir, &name, 2048)
-                .map_err(|e| start_err(format!("key pair of {name}"), e))?;
-            // Created up front, as an operator would with `ferry repo init`.
+            let kms = KmsMock::start(KmsOptions {
+                state_dir: Some(dir.join("kms").join(&name)),
+                ..Default::default()
+            })
+            .map_err(|e| start_err(format!("mock KMS of {name}"), e))?;
             let repository = dir.join("repos").join(&name);
+            let section = ferry::config::TenantSection {
+                name: name.clone(),
+                repository: repository.clone(),
+                key_provider: Some(kp.id.clone()),
+                kms: Some(ferry::config::KmsSection {
+                    address: kms.address(),
+                    server_name: None,
+                    ca: kms.ca_path(),
+                    client_cert: Some(kms.client_cert_path()),
+                    client_key: Some(kms.client_key_path()),
+                    pkcs12: None,
+                    pkcs12_password_file: None,
+                    key_name: format!("ferry/{name}/repo1"),
+                    create_key: true,
+                    key_bits: 2048,
+                    timeout_secs: 30,
+                }),
+                pem: None,
+            };
+            // The key pair on the tenant's KMS and the repository bound to it,
+            // created up front as `ferry repo init --kms ... --kms-create` would.
             if ferry::repo::Repository::open(&repository).is_err() {
-                let keys = ferry::keys::PemKeySource::open(Some(&pair.public), None)
+                let keys = ferry::keys::tenant::open_key_source(&section)
                     .map_err(|e| start_err(format!("key of {name}"), e))?;
                 ferry::repo::Repository::init(
                     &repository,
                     ferry::repo::format::DEFAULT_CHUNK_SIZE,
                     &name,
-                    &keys,
+                    keys.as_ref(),
                 )
                 .map_err(|e| start_err(format!("repository of {name}"), e))?;
             }
             tenants.push(SimTenant {
                 repository,
-                public_key: pair.public,
-                private_key: pair.private,
+                section,
                 vms: opts
                     .scenario
                     .vms
@@ -238,6 +268,7 @@ impl World {
                 key_provider: kp.id.clone(),
                 name,
             });
+            kmses.push(kms);
         }
 
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -298,14 +329,19 @@ impl World {
                 t.push_str(&format!("workers = {w}\n"));
             }
             for ten in &served {
+                let k = ten.section.kms.as_ref().expect("sim tenants use a KMS");
                 t.push_str(&format!(
                     "\n[[tenant]]\nname = {name:?}\nrepository = {repo:?}\nkey_provider = {kp:?}\n\
-                     [tenant.pem]\npublic_key = {public:?}\nprivate_key = {private:?}\n",
+                     [tenant.kms]\naddress = {addr:?}\nca = {ca:?}\nclient_cert = {cert:?}\n\
+                     client_key = {key:?}\nkey_name = {key_name:?}\n",
                     name = ten.name,
                     repo = ten.repository,
                     kp = ten.key_provider,
-                    public = ten.public_key,
-                    private = ten.private_key,
+                    addr = k.address,
+                    ca = k.ca,
+                    cert = k.client_cert.as_ref().expect("PEM client certificate"),
+                    key = k.client_key.as_ref().expect("PEM client key"),
+                    key_name = k.key_name,
                 ));
             }
             let cfg_path = adir.join("agent.toml");
@@ -386,6 +422,7 @@ impl World {
             dir,
             vcenter,
             esxi,
+            kms: kmses,
             tenants,
             agents,
             orchestrator_config,

@@ -193,7 +193,7 @@ impl VmJobRunner {
                 )))
             }
         };
-        let keys = open_keys(&ctx.tenant)?;
+        let keys = open_unwrap_keys(&ctx.tenant)?;
         let repo = Repository::open(&ctx.tenant.repository).map_err(repo_err)?;
         let point_id = repo.resolve_point(&spec.point).map_err(repo_err)?;
         let keyring = super::try_keyring(&repo, keys.as_ref());
@@ -301,8 +301,22 @@ fn share(seconds: f64, bytes: u64, total: u64, disks: usize) -> f64 {
     }
 }
 
+/// The tenant's key source at job start, following KMS rotations (the newest
+/// Active version of the key name wraps new restore points).
 fn open_keys(t: &TenantSection) -> Result<Box<dyn KeySource>, RunError> {
-    crate::keys::tenant::open(t).map_err(|e| key_err(t, e))
+    crate::keys::tenant::open_key_source(t).map_err(|e| key_err(t, e))
+}
+
+/// For restores: each point names the key that wrapped it, so a KMS source only
+/// needs to unwrap (no Active current key is required: a restore works after the
+/// tenant revoked every version).
+fn open_unwrap_keys(t: &TenantSection) -> Result<Box<dyn KeySource>, RunError> {
+    match &t.kms {
+        Some(k) => crate::keys::tenant::kms_client(k)
+            .map(|c| Box::new(crate::keys::KmsKeySource::unwrap_only(c)) as Box<dyn KeySource>)
+            .map_err(|e| key_err(t, e)),
+        None => open_keys(t),
+    }
 }
 
 fn key_err(t: &TenantSection, e: KeyError) -> RunError {
@@ -492,21 +506,41 @@ impl JobRunner for VmJobRunner {
     }
 
     fn sync_keys(&self, tenants: &[TenantSection]) -> Vec<KeySyncOutcome> {
+        use crate::keys::sync::{sync_tenant, KeyringSync, SyncError};
         tenants
             .iter()
             .map(|t| {
-                let keys = open_keys(t)?;
-                let k = keys.current_key().map_err(|e| key_err(t, e))?;
+                let rep = sync_tenant(t).map_err(|e| match e {
+                    SyncError::Key(k) => key_err(t, k),
+                    SyncError::Repo(r) => repo_err(r),
+                })?;
+                match &rep.keyring {
+                    KeyringSync::Rewrapped { from, .. } => tracing::info!(
+                        tenant = %t.name, from = %from, to = %rep.current,
+                        "key rotation: keyring re-wrapped with the current key"
+                    ),
+                    KeyringSync::Failed { why } => tracing::error!(
+                        tenant = %t.name, %why,
+                        "keyring could not be re-wrapped with the current key; backups will fail until fixed"
+                    ),
+                    _ => {}
+                }
+                if let KeyringSync::Failed { why } = &rep.keyring {
+                    return Err(RunError::Key(format!(
+                        "tenant {}: the keyring could not be re-wrapped with key {}: {why}",
+                        t.name, rep.current
+                    )));
+                }
                 Ok(KeyStatus {
                     tenant: t.name.clone(),
-                    kms: k.kms.clone(),
-                    key_name: t
-                        .kms
-                        .as_ref()
-                        .map(|k| k.key_name.clone())
-                        .unwrap_or_else(|| "pem".into()),
-                    key_id: k.key_id.clone(),
-                    version: k.key_version as u64,
+                    kms: rep.kms.clone(),
+                    key_name: if rep.key_name.is_empty() {
+                        "pem".into()
+                    } else {
+                        rep.key_name.clone()
+                    },
+                    key_id: rep.current.key_id.clone(),
+                    version: rep.current.key_version as u64,
                 })
             })
             .collect()

@@ -1,17 +1,22 @@
 //! Envelope encryption keys: data keys, key references, wrapped keys and the
-//! [`KeySource`] trait that tenant key stores (PEM files now, KMIP later) implement.
+//! [`KeySource`] trait that tenant key stores (PEM files, a KMS over KMIP)
+//! implement; KMS key rotation ([`lineage`], [`sync`]) and key sources built from
+//! the configuration file ([`tenant`]).
 //!
 //! Owns key material in memory (always zeroized on drop) and RSA-OAEP(SHA-1)
 //! wrapping. Must not write key material anywhere, and must never format key bytes
 //! into `Debug`/`Display` output.
 
 mod kms;
+pub mod lineage;
 mod multi;
 mod pem;
+pub mod sync;
 pub mod tenant;
 mod wrap;
 
-pub use kms::{public_from as kms_public_from, KmsKeySource};
+pub use kms::{kms_error, public_from as kms_public_from, KmsKeySource};
+pub use lineage::{KeyLineage, KmsKeyPair};
 pub use multi::MultiKeySource;
 pub use pem::{generate_pem_pair, PemKeySource};
 pub use wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};
@@ -93,6 +98,55 @@ pub enum KeyError {
         /// Detail with the likely fix.
         detail: String,
     },
+    /// A KMS operation on a tenant key failed: which KMS, which key, what the KMS
+    /// (or the network) said, and what to do about it.
+    #[error("KMS {kms}, key {key}: {detail}; fix: {fix}")]
+    Kms {
+        /// KMS address.
+        kms: String,
+        /// Key name or KMIP unique identifier.
+        key: String,
+        /// Kind of failure.
+        kind: KmsFailure,
+        /// What happened.
+        detail: String,
+        /// What the operator should do.
+        fix: String,
+    },
+}
+
+impl KeyError {
+    /// Whether the key store could not be used at all (down, unreachable, TLS
+    /// refused): nothing can be concluded about individual keys.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            KeyError::Kms {
+                kind: KmsFailure::Unreachable | KmsFailure::TlsRefused | KmsFailure::Config,
+                ..
+            }
+        )
+    }
+}
+
+/// Kinds of [`KeyError::Kms`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KmsFailure {
+    /// Client-side configuration (certificate files, flags).
+    Config,
+    /// The KMS did not answer (down, wrong address, timeout).
+    Unreachable,
+    /// The TLS handshake failed on certificates.
+    TlsRefused,
+    /// No such key (never created, destroyed, or hidden from this client).
+    KeyNotFound,
+    /// The key exists but no version of it is active.
+    NotActive,
+    /// The KMS refused the operation (permissions, state, unsupported).
+    Refused,
+    /// The KMS answered something ferry cannot use.
+    BadAnswer,
 }
 
 /// Length of AES-256 keys and of the id-key.

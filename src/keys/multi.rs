@@ -1,7 +1,9 @@
 //! [`MultiKeySource`]: several tenant key sources seen as one. New secrets are
-//! wrapped by the first (current) source; unwrapping goes to whichever source holds
-//! the key named in the wrapped key. Used for chains that span key rotations or mix
-//! key stores, and for disaster recovery with keys exported by hand.
+//! wrapped by the first (current) source; unwrapping goes to the sources that hold
+//! the key named in the wrapped key, in order, until one succeeds (a KMS whose key
+//! was destroyed, then the same key exported by hand as PEM). Used for chains that
+//! span key rotations or mix key stores, and for disaster recovery with keys
+//! exported by hand.
 
 use super::{KeyError, KeyRef, KeySource, WrappedKey};
 use zeroize::Zeroizing;
@@ -39,13 +41,20 @@ impl KeySource for MultiKeySource {
         self.sources[0].wrap(secret)
     }
     fn unwrap(&self, wrapped: &WrappedKey) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        match self.sources.iter().find(|s| s.holds(&wrapped.key_ref)) {
-            Some(s) => s.unwrap(wrapped),
-            None => Err(KeyError::WrongKey {
-                wanted: wrapped.key_ref.to_string(),
-                have: self.name(),
-            }),
+        let mut first_err = None;
+        for s in self.sources.iter().filter(|s| s.holds(&wrapped.key_ref)) {
+            match s.unwrap(wrapped) {
+                Ok(k) => return Ok(k),
+                Err(e) => {
+                    tracing::debug!(source = %s.name(), error = %e, "key source could not unwrap; trying the next one");
+                    first_err.get_or_insert(e);
+                }
+            }
         }
+        Err(first_err.unwrap_or_else(|| KeyError::WrongKey {
+            wanted: wrapped.key_ref.to_string(),
+            have: self.name(),
+        }))
     }
     fn holds(&self, key: &KeyRef) -> bool {
         self.sources.iter().any(|s| s.holds(key))

@@ -224,6 +224,12 @@ pub fn parse_key_pair_ids(p: &Ttlv) -> Result<(String, String), KmipError> {
     ))
 }
 
+/// ReKeyKeyPair payload: replace the pair whose private key is `private_id` (the
+/// server copies the other attributes and moves the names to the new pair).
+pub fn rekey_key_pair(private_id: &str) -> Vec<Ttlv> {
+    vec![text(PRIVATE_KEY_UNIQUE_IDENTIFIER, private_id)]
+}
+
 /// Locate payload: by name, object type and (optionally) state.
 pub fn locate(name: &str, object_type: u32, state: Option<u32>) -> Vec<Ttlv> {
     let mut v = vec![
@@ -326,6 +332,80 @@ pub fn parse_attributes(p: &Ttlv) -> Result<Vec<(String, Ttlv)>, KmipError> {
             ))
         })
         .collect()
+}
+
+/// The attributes ferry reads to follow a key pair through rotations, typed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectAttributes {
+    /// Unique identifier of the object.
+    pub id: String,
+    /// Object Type.
+    pub object_type: Option<u32>,
+    /// State.
+    pub state: Option<u32>,
+    /// Name values (ReKeyKeyPair moves them to the replacement).
+    pub names: Vec<String>,
+    /// Links: (Link Type, Linked Object Identifier).
+    pub links: Vec<(u32, String)>,
+    /// Initial Date (Unix seconds).
+    pub initial_date: Option<i64>,
+    /// Cryptographic Length in bits.
+    pub length: Option<i32>,
+}
+
+impl ObjectAttributes {
+    /// The object a link of `link_type` points to.
+    pub fn link(&self, link_type: u32) -> Option<&str> {
+        self.links
+            .iter()
+            .find(|(t, _)| *t == link_type)
+            .map(|(_, id)| id.as_str())
+    }
+}
+
+/// Attribute names ferry asks for in [`ObjectAttributes`].
+pub const OBJECT_ATTRIBUTE_NAMES: &[&str] = &[
+    "Object Type",
+    "State",
+    "Name",
+    "Link",
+    "Initial Date",
+    "Cryptographic Length",
+];
+
+/// Type the (name, value) pairs of a GetAttributes answer. Attributes ferry does not
+/// use are ignored; a known attribute of the wrong type is an error.
+pub fn object_attributes(
+    id: &str,
+    attrs: &[(String, Ttlv)],
+) -> Result<ObjectAttributes, KmipError> {
+    let mut o = ObjectAttributes {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    for (name, v) in attrs {
+        match name.as_str() {
+            "Object Type" => o.object_type = Some(v.as_enum()?),
+            "State" => o.state = Some(v.as_enum()?),
+            "Name" => o.names.push(v.req(NAME_VALUE)?.as_text()?.to_string()),
+            "Link" => o.links.push((
+                v.req(LINK_TYPE)?.as_enum()?,
+                v.req(LINKED_OBJECT_IDENTIFIER)?.as_text()?.to_string(),
+            )),
+            "Initial Date" => match v.value {
+                Value::DateTime(t) => o.initial_date = Some(t),
+                _ => {
+                    return Err(KmipError::Unexpected(format!(
+                        "Initial Date is a {}",
+                        v.value.type_name()
+                    )))
+                }
+            },
+            "Cryptographic Length" => o.length = Some(v.as_int()?),
+            _ => {}
+        }
+    }
+    Ok(o)
 }
 
 /// Revoke payload.

@@ -62,6 +62,15 @@ pub const UNIQUE_BATCH_ITEM_ID: u32 = 0x420093;
 pub const UNIQUE_IDENTIFIER: u32 = 0x420094;
 pub const VENDOR_IDENTIFICATION: u32 = 0x42009D;
 pub const DATA: u32 = 0x4200C2;
+pub const DEACTIVATION_DATE: u32 = 0x42002F;
+pub const DESTROY_DATE: u32 = 0x420033;
+pub const IV_COUNTER_NONCE: u32 = 0x42003D;
+pub const KEY_COMPRESSION_TYPE: u32 = 0x420041;
+pub const KEY_WRAPPING_SPECIFICATION: u32 = 0x420047;
+pub const MAXIMUM_ITEMS: u32 = 0x42004F;
+pub const OFFSET: u32 = 0x420058;
+pub const OFFSET_ITEMS: u32 = 0x4200D4;
+pub const LOCATED_ITEMS: u32 = 0x4200D5;
 
 // Operations.
 pub const OP_CREATE_KEY_PAIR: u32 = 0x02;
@@ -126,6 +135,30 @@ pub const REVOKE_CESSATION: u32 = 6;
 
 // Result status.
 pub const STATUS_SUCCESS: u32 = 0;
+pub const STATUS_FAILED: u32 = 1;
+
+// Result reasons.
+pub const REASON_ITEM_NOT_FOUND: u32 = 0x01;
+pub const REASON_RESPONSE_TOO_LARGE: u32 = 0x02;
+pub const REASON_INVALID_MESSAGE: u32 = 0x04;
+pub const REASON_OPERATION_NOT_SUPPORTED: u32 = 0x05;
+pub const REASON_MISSING_DATA: u32 = 0x06;
+pub const REASON_INVALID_FIELD: u32 = 0x07;
+pub const REASON_FEATURE_NOT_SUPPORTED: u32 = 0x08;
+pub const REASON_CRYPTOGRAPHIC_FAILURE: u32 = 0x0A;
+pub const REASON_ILLEGAL_OPERATION: u32 = 0x0B;
+pub const REASON_PERMISSION_DENIED: u32 = 0x0C;
+pub const REASON_KEY_FORMAT_TYPE_NOT_SUPPORTED: u32 = 0x10;
+pub const REASON_GENERAL_FAILURE: u32 = 0x100;
+
+// Hashing algorithms beyond SHA-1.
+pub const HASH_SHA256: u32 = 6;
+
+// Padding methods beyond OAEP.
+pub const PAD_PKCS1_V1_5: u32 = 3;
+
+// Cryptographic algorithms beyond RSA (to name what is refused).
+pub const ALG_AES: u32 = 3;
 
 /// Name of a result reason, for error messages.
 pub fn reason_name(r: u32) -> &'static str {
@@ -151,6 +184,9 @@ pub fn reason_name(r: u32) -> &'static str {
         0x13 => "Key Value Not Present",
         0x14 => "Attestation Required",
         0x15 => "Attestation Failed",
+        0x16 => "Sensitive",
+        0x17 => "Not Extractable",
+        0x18 => "Object Already Exists",
         0x100 => "General Failure",
         _ => "Unknown Reason",
     }

@@ -67,10 +67,12 @@ impl KeyCheckReport {
     }
 }
 
-/// Check every point of `repo` against `keys`.
+/// Check every point of `repo` against `keys`. A key store that cannot be used
+/// at all (KMS down, TLS refused) is an error, not a list of missing keys.
 pub fn check(repo: &Repository, keys: &dyn KeySource) -> Result<KeyCheckReport, RepoError> {
     let (keyring_opens, keyring_error) = match repo.load_keyring(keys) {
         Ok(_) => (true, None),
+        Err(RepoError::Key(e)) if e.is_unavailable() => return Err(RepoError::Key(e)),
         Err(e) => (false, Some(e.to_string())),
     };
     let mut points = Vec::new();
@@ -88,6 +90,7 @@ pub fn check(repo: &Repository, keys: &dyn KeySource) -> Result<KeyCheckReport, 
             Err(e) => PointKeyStatus::Damaged { why: e.to_string() },
             Ok(_) => match repo.open_point(&id, keys, None) {
                 Ok(_) => PointKeyStatus::Opens,
+                Err(RepoError::Key(e)) if e.is_unavailable() => return Err(RepoError::Key(e)),
                 Err(RepoError::Key(e)) => PointKeyStatus::KeyMissing { why: e.to_string() },
                 Err(e) => PointKeyStatus::Damaged { why: e.to_string() },
             },

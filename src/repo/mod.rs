@@ -507,6 +507,16 @@ impl Repository {
         self.keyring_path().exists()
     }
 
+    /// The keyring's public header (which tenant key wraps it, generation), without
+    /// unwrapping anything.
+    pub fn keyring_header(&self) -> Result<KeyringHeader> {
+        let p = self.keyring_path();
+        let b = fs::read(&p).map_err(|e| RepoError::io(&p, e))?;
+        keyring::decode_header(&b)
+            .map(|(h, _)| h)
+            .map_err(|source| RepoError::Damaged { path: p, source })
+    }
+
     /// Read and open the keyring with `keys`.
     pub fn load_keyring(&self, keys: &dyn KeySource) -> Result<Keyring> {
         let p = self.keyring_path();

@@ -1,7 +1,7 @@
 //! `ferry-sim`: ferry's simulated world. `demo` runs the main job end to end on
 //! the whole simulated provider with no setup; `up` keeps that world running for
-//! hands-on use; `vcenter` runs the mock vCenter standalone; `gen-disk` and
-//! `mutate` make and change test images.
+//! hands-on use; `vcenter` runs the mock vCenter standalone, `kms` the mock KMS;
+//! `gen-disk` and `mutate` make and change test images.
 
 use clap::{Parser, Subcommand};
 use ferry_mocks::demo::{self, DemoOptions};
@@ -93,6 +93,38 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the mock KMS (KMIP 1.4 over mutual TLS) until interrupted.
+    Kms {
+        /// KMIP port (0 picks a free one).
+        #[arg(long, default_value_t = ferry_mocks::kms::KMIP_PORT)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// State directory: key pairs (kms-state.json, private keys in clear: mock
+        /// only) and certificates, kept across restarts; a temporary directory,
+        /// removed at exit, when absent.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Fault: answer every request this many milliseconds late.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Fault: refuse Decrypt (clients must fetch private keys instead).
+        #[arg(long)]
+        no_decrypt: bool,
+        /// Fault: put Attribute elements inside KeyValue in Get answers.
+        #[arg(long)]
+        attributes_in_key_value: bool,
+        /// Fault: behave as if these objects did not exist (repeatable).
+        #[arg(long = "hide-key", value_name = "ID")]
+        hide_keys: Vec<String>,
+        /// Fault: start down (connections are closed at once).
+        #[arg(long)]
+        down: bool,
+        /// Print the connection details as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Overwrite a fraction of an image with random blocks, as a guest would.
     Mutate {
         /// Image file.
@@ -120,13 +152,7 @@ fn run_vcenter(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     use ferry_mocks::vcenter::{VcenterMock, VcenterOptions};
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ferry_mocks=info")),
-        )
-        .try_init();
+    init_logs("warn,ferry_mocks=info");
     let mut opts = VcenterOptions::from_file(&scenario)?;
     opts.port = port;
     opts.bind = bind;
@@ -171,6 +197,20 @@ fn run_vcenter(
         }
         println!("press Ctrl-C to stop");
     }
+    wait_for_signal()?;
+    mock.stop();
+    Ok(())
+}
+
+struct KmsFaultFlags {
+    latency_ms: u64,
+    no_decrypt: bool,
+    attributes_in_key_value: bool,
+    hide_keys: Vec<String>,
+    down: bool,
+}
+
+fn wait_for_signal() -> anyhow::Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -183,7 +223,69 @@ fn run_vcenter(
             _ = term.recv() => Ok(()),
         }
     })?;
-    mock.stop();
+    Ok(())
+}
+
+fn run_kms(
+    port: u16,
+    bind: std::net::IpAddr,
+    dir: Option<PathBuf>,
+    faults: KmsFaultFlags,
+    json: bool,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use ferry_mocks::kms::{KmsMock, KmsOptions, MissingKeys};
+    init_logs("warn,ferry_mocks=info");
+    let opts = KmsOptions {
+        bind,
+        port,
+        state_dir: dir,
+        ..Default::default()
+    };
+    let kms =
+        KmsMock::start(opts).with_context(|| format!("starting the mock KMS on {bind}:{port}"))?;
+    let f = kms.faults();
+    f.set_latency(std::time::Duration::from_millis(faults.latency_ms));
+    f.set_decrypt_unsupported(faults.no_decrypt);
+    f.set_attributes_in_key_value(faults.attributes_in_key_value);
+    f.set_down(faults.down);
+    if !faults.hide_keys.is_empty() {
+        f.set_missing(MissingKeys::Ids(faults.hide_keys.iter().cloned().collect()));
+    }
+    let objects = kms.objects().len();
+    if json {
+        let v = serde_json::json!({
+            "address": kms.address(),
+            "ca": kms.ca_path(),
+            "client_cert": kms.client_cert_path(),
+            "client_key": kms.client_key_path(),
+            "server_name": "localhost",
+            "state_file": kms.state_path(),
+            "state_dir": kms.state_dir(),
+            "objects": objects,
+        });
+        println!("{v}");
+    } else {
+        println!("mock KMS (KMIP 1.4 over mutual TLS, {objects} objects)");
+        println!("address:     {}", kms.address());
+        println!("ca:          {}", kms.ca_path().display());
+        println!("client cert: {}", kms.client_cert_path().display());
+        println!("client key:  {}", kms.client_key_path().display());
+        println!(
+            "state file:  {} (private keys in clear: mock only)",
+            kms.state_path().display()
+        );
+        println!(
+            "ferry flags: --kms {} --kms-ca {} --kms-cert {} --kms-client-key {} --kms-server-name localhost",
+            kms.address(),
+            kms.ca_path().display(),
+            kms.client_cert_path().display(),
+            kms.client_key_path().display()
+        );
+        println!("press Ctrl-C to stop");
+    }
+    wait_for_signal()?;
+    kms.stop();
     Ok(())
 }
 
@@ -318,6 +420,18 @@ fn run_up(
             t.repository.display(),
             t.vms.len()
         );
+        if let Some(k) = &t.section.kms {
+            println!(
+                "  its KMS      {}  CA {}  client cert {}  key {:?}",
+                k.address,
+                k.ca.display(),
+                k.client_cert
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                k.key_name
+            );
+        }
     }
     println!("orchestrator   {}", world.orchestrator_config.display());
     let first = world
@@ -349,15 +463,7 @@ fn run_up(
     }
     println!();
     println!("press Ctrl-C to stop");
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    world.runtime().block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    })?;
+    wait_for_signal()?;
     eprintln!("ferry-sim: stopping");
     drop(world);
     Ok(())
@@ -366,6 +472,32 @@ fn run_up(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Kms {
+            port,
+            bind,
+            dir,
+            latency_ms,
+            no_decrypt,
+            attributes_in_key_value,
+            hide_keys,
+            down,
+            json,
+        } => {
+            let faults = KmsFaultFlags {
+                latency_ms,
+                no_decrypt,
+                attributes_in_key_value,
+                hide_keys,
+                down,
+            };
+            match run_kms(port, bind, dir, faults, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Vcenter {
             scenario,
             port,

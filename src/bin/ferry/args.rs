@@ -2,7 +2,7 @@
 //! key source they build. Command-specific arguments live with their command.
 
 use clap::Args;
-use ferry::keys::{KeyError, KeySource, MultiKeySource, PemKeySource};
+use ferry::keys::{KeyError, KeySource, KmsFailure, MultiKeySource, PemKeySource};
 use ferry::pipeline::PipelineConfig;
 use ferry::repo::Repository;
 use std::path::PathBuf;
@@ -45,10 +45,19 @@ pub struct KmsArgs {
     /// Client certificate's private key (PEM).
     #[arg(long, env = "FERRY_KMS_CLIENT_KEY")]
     pub kms_client_key: Option<PathBuf>,
+    /// Client certificate and key as a PKCS#12 bundle (instead of --kms-cert and
+    /// --kms-client-key), as KMS vendors issue them.
+    #[arg(long, env = "FERRY_KMS_PKCS12", conflicts_with_all = ["kms_cert", "kms_client_key"])]
+    pub kms_pkcs12: Option<PathBuf>,
+    /// File whose first line is the PKCS#12 password (none: empty password).
+    #[arg(long, env = "FERRY_KMS_PKCS12_PASSWORD_FILE")]
+    pub kms_pkcs12_password_file: Option<PathBuf>,
     /// Name the server certificate must carry (default: the host of --kms).
     #[arg(long, env = "FERRY_KMS_SERVER_NAME")]
     pub kms_server_name: Option<String>,
-    /// Name of the tenant key pair on the KMS, e.g. ferry/<tenant>/<repository>.
+    /// Name of the tenant key pair on the KMS, e.g. ferry/<tenant>/<repository>
+    /// (its newest Active version is used). Needed to wrap new keys (repo init,
+    /// backup); restores and `repo import` work without it.
     #[arg(long, env = "FERRY_KMS_KEY")]
     pub kms_key: Option<String>,
     /// Create (and activate) the key pair when the KMS has none of that name.
@@ -65,35 +74,52 @@ impl KmsArgs {
             return Ok(None);
         };
         let need = |v: &Option<PathBuf>, flag: &str| {
-            v.clone().ok_or_else(|| KeyError::Backend {
+            v.clone().ok_or_else(|| KeyError::Kms {
                 kms: addr.clone(),
-                detail: format!("{flag} is required with --kms"),
+                key: self.kms_key.clone().unwrap_or_default(),
+                kind: KmsFailure::Config,
+                detail: format!("{flag} is missing"),
+                fix: format!("give {flag} with --kms"),
             })
+        };
+        let identity = match &self.kms_pkcs12 {
+            Some(bundle) => ferry::kmip::client::ClientIdentity::Pkcs12 {
+                bundle: bundle.clone(),
+                password_file: self.kms_pkcs12_password_file.clone(),
+            },
+            None => ferry::kmip::client::ClientIdentity::Pem {
+                cert: need(&self.kms_cert, "--kms-cert (or --kms-pkcs12)")?,
+                key: need(&self.kms_client_key, "--kms-client-key (or --kms-pkcs12)")?,
+            },
         };
         let cfg = ferry::kmip::client::KmsConfig {
             address: addr.clone(),
             server_name: self.kms_server_name.clone(),
             ca: need(&self.kms_ca, "--kms-ca")?,
-            client_cert: need(&self.kms_cert, "--kms-cert")?,
-            client_key: need(&self.kms_client_key, "--kms-client-key")?,
+            identity,
             timeout: std::time::Duration::from_secs(30),
         };
         ferry::kmip::client::KmsClient::new(cfg)
             .map(Some)
-            .map_err(|e| KeyError::Backend {
-                kms: addr.clone(),
-                detail: e.to_string(),
+            .map_err(|e| {
+                ferry::keys::kms_error(
+                    e,
+                    self.kms_key.as_deref().unwrap_or(""),
+                    "preparing the KMS client",
+                )
             })
     }
 
+    /// The KMS key source: following `--kms-key` through rotations, or, without a
+    /// key name, a source that only unwraps (restore, verify, `repo import` on a
+    /// fresh installation: each restore point names its KMS key).
     pub fn source(&self) -> Result<Option<ferry::keys::KmsKeySource>, KeyError> {
         let Some(client) = self.client()? else {
             return Ok(None);
         };
-        let name = self.kms_key.clone().ok_or_else(|| KeyError::Backend {
-            kms: client.address().to_string(),
-            detail: "--kms-key NAME is required with --kms".into(),
-        })?;
+        let Some(name) = self.kms_key.clone() else {
+            return Ok(Some(ferry::keys::KmsKeySource::unwrap_only(client)));
+        };
         if ![2048, 3072, 4096].contains(&self.kms_bits) {
             return Err(KeyError::KeySize {
                 key: name,
@@ -105,22 +131,38 @@ impl KmsArgs {
 }
 
 impl KeyArgs {
+    /// The key source for commands that wrap new keys (repo init, backup): with a
+    /// KMS, the newest Active version of --kms-key.
     pub fn source(&self) -> Result<Box<dyn KeySource>, KeyError> {
-        if let Some(k) = self.kms.source()? {
-            if self.extra_private_keys.is_empty() {
-                return Ok(Box::new(k));
-            }
-            let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(k)];
-            for p in &self.extra_private_keys {
-                all.push(Box::new(PemKeySource::open(None, Some(p))?));
-            }
-            return Ok(Box::new(MultiKeySource::new(all)?));
-        }
-        let first = PemKeySource::open(self.public_key.as_deref(), self.private_key.as_deref())?;
+        self.build(false)
+    }
+
+    /// The key source for commands that only unwrap (restore, verify, export, repo
+    /// import): with a KMS, every point's own key is asked for and the key name is
+    /// not looked up, so a retired or missing current version does not matter.
+    pub fn unwrap_source(&self) -> Result<Box<dyn KeySource>, KeyError> {
+        self.build(true)
+    }
+
+    fn build(&self, unwrap_only: bool) -> Result<Box<dyn KeySource>, KeyError> {
+        let kms = if unwrap_only {
+            self.kms
+                .client()?
+                .map(ferry::keys::KmsKeySource::unwrap_only)
+        } else {
+            self.kms.source()?
+        };
+        let first: Box<dyn KeySource> = match kms {
+            Some(k) => Box::new(k),
+            None => Box::new(PemKeySource::open(
+                self.public_key.as_deref(),
+                self.private_key.as_deref(),
+            )?),
+        };
         if self.extra_private_keys.is_empty() {
-            return Ok(Box::new(first));
+            return Ok(first);
         }
-        let mut all: Vec<Box<dyn KeySource>> = vec![Box::new(first)];
+        let mut all: Vec<Box<dyn KeySource>> = vec![first];
         for p in &self.extra_private_keys {
             all.push(Box::new(PemKeySource::open(None, Some(p))?));
         }

@@ -170,7 +170,7 @@ pub fn points(cmd: PointsCmd, out: &Output) -> anyhow::Result<u8> {
 /// `ferry restore`.
 pub fn restore(a: RestoreArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
     let repo = Repository::open(&a.repo.repo)?;
-    let ks = a.keys.source()?;
+    let ks = a.keys.unwrap_source()?;
     let point = resolve_point(&repo, &a.point)?;
     let bar = out.progress_bar(progress.clone(), "restore");
     let res = job::restore(
@@ -195,7 +195,7 @@ pub fn restore(a: RestoreArgs, out: &Output, progress: &Arc<Progress>) -> anyhow
 /// `ferry verify`.
 pub fn verify(a: VerifyArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
     let repo = Repository::open(&a.repo.repo)?;
-    let ks = a.keys.source()?;
+    let ks = a.keys.unwrap_source()?;
     let workers = a.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

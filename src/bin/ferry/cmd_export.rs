@@ -58,7 +58,7 @@ pub struct ExportArgs {
 /// `ferry export`.
 pub fn export(a: ExportArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
     let repo = Repository::open(&a.repo.repo)?;
-    let ks = a.keys.source()?;
+    let ks = a.keys.unwrap_source()?;
     let point = resolve_point(&repo, &a.point)?;
     let tls = match &a.tls_certificates {
         Some(dir) => Some(ferry::nbd_server::tls::server_config_from_dir(

@@ -58,7 +58,7 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
         }
         RepoCmd::Import { repo, keys } => {
             let r = Repository::open(&repo.repo)?;
-            let ks = keys.source()?;
+            let ks = keys.unwrap_source()?;
             let rep = ferry::repo::keycheck::check(&r, &*ks)?;
             out.result(
                 &serde_json::json!({"report": rep, "missing_keys": rep.missing_keys()}),

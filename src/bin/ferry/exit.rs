@@ -41,8 +41,16 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => FAILED,
             };
         }
-        if c.downcast_ref::<KeyError>().is_some() {
+        if c.downcast_ref::<KeyError>().is_some()
+            || c.downcast_ref::<ferry::kmip::client::KmsError>().is_some()
+        {
             return KEY;
+        }
+        if let Some(s) = c.downcast_ref::<ferry::keys::sync::SyncError>() {
+            return match s {
+                ferry::keys::sync::SyncError::Key(_) => KEY,
+                ferry::keys::sync::SyncError::Repo(r) => repo_exit(r),
+            };
         }
     }
     FAILED
