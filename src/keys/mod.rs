@@ -90,14 +90,6 @@ pub enum KeyError {
         /// Detail.
         detail: String,
     },
-    /// A key store (KMS) is unavailable or refused; message from the backend.
-    #[error("key store {kms}: {detail}")]
-    Backend {
-        /// The key store.
-        kms: String,
-        /// Detail with the likely fix.
-        detail: String,
-    },
     /// A KMS operation on a tenant key failed: which KMS, which key, what the KMS
     /// (or the network) said, and what to do about it.
     #[error("KMS {kms}, key {key}: {detail}; fix: {fix}")]
