@@ -11,7 +11,7 @@
 pub mod vm;
 
 use crate::keys::{KeyId, KeySource, SecretKey};
-use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats};
+use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats, ReadPlan};
 use crate::pipeline::restore::{restore_disk, KeyTable, RestoreStats, Target};
 use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::progress::Progress;
@@ -229,6 +229,7 @@ pub fn backup(
                 data_key: &dk,
                 id_key: &id_key,
                 previous,
+                plan: ReadPlan::Full,
                 key_known: &key_known,
                 config: req.pipeline,
                 progress,
