@@ -66,6 +66,7 @@ fn backup_once(
             label: "disk0".into(),
             transport_reason: "demo: local image file".into(),
             change_id: None,
+            read: Default::default(),
         }],
         pipeline: PipelineConfig::new(None, repo.config.chunk_size, 128 << 20),
         lock_wait: Duration::from_secs(5),

@@ -394,6 +394,7 @@ async fn with_snapshot(
             label,
             transport_reason: reason,
             change_id: disk.change_id.clone(),
+            read: Default::default(),
         });
     }
     let breq = BackupRequest {

@@ -121,6 +121,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
             source: Box::new(src),
             transport_reason: "file source given on the command line".into(),
             change_id: None,
+            read: Default::default(),
         });
     }
     for uri in &a.nbd {
@@ -130,6 +131,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
             source: Box::new(src),
             transport_reason: "NBD export given on the command line".into(),
             change_id: None,
+            read: Default::default(),
         });
     }
     let req = BackupRequest {
