@@ -496,3 +496,82 @@ impl Drop for Exporter {
         let _ = self.child.wait();
     }
 }
+
+#[test]
+fn ferry_backup_vm_prints_how_each_disk_was_read_and_why() {
+    let env = Env::new(16, 1024);
+    let pw = env.w.path("vcenter.password");
+    std::fs::write(&pw, format!("{}\n", env.vc.password())).unwrap();
+    let port = env.port.to_string();
+    let (url, ca) = (env.vc.url(), env.vc.ca_path().to_path_buf());
+    let args = |json: bool| {
+        let mut v: Vec<String> = Vec::new();
+        if json {
+            v.push("--json".into());
+        }
+        v.extend(
+            [
+                "--no-progress",
+                "backup",
+                "--vm",
+                "app",
+                "--vcenter-url",
+                &url,
+                "--vcenter-user",
+                env.vc.user(),
+                "--vcenter-password-file",
+                pw.to_str().unwrap(),
+                "--vcenter-ca",
+                ca.to_str().unwrap(),
+                "--mode",
+                "nbdssl",
+                "--nbd-port",
+                &port,
+                "--nbd-tls-certificates",
+                env.certs.to_str().unwrap(),
+                "--nbd-connections",
+                "2",
+                "--enable-cbt",
+            ]
+            .map(str::to_string),
+        );
+        v
+    };
+    let run_ferry = |json: bool| {
+        let a = args(json);
+        let o = env
+            .w
+            .ferry(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", text(&o));
+        o
+    };
+    let o = run_ferry(false);
+    let human = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        human.contains("Hard disk 1 (key 2000): nbdssl read full")
+            && human.contains("first backup: no earlier restore point of app"),
+        "{human}"
+    );
+    env.vc
+        .admin()
+        .write("app", "2000", 5 * MIB + 1, &[3u8; 10])
+        .unwrap();
+    let o = run_ferry(true);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let first = env.w.repo().point_ids().unwrap()[0].clone();
+    let d = &v["disks"];
+    assert_eq!(d[0]["read"], "cbt", "{v}");
+    assert!(
+        d[0]["read_reason"].as_str().unwrap().contains(&first),
+        "{v}"
+    );
+    assert_eq!(d[0]["bytes_read"], CS as u64, "{v}");
+    assert_eq!(d[0]["changed_bytes"], 64 << 10, "one 64 KiB CBT block: {v}");
+    assert_eq!(
+        (&d[1]["read"], &d[1]["bytes_read"]),
+        (&"cbt".into(), &0.into())
+    );
+    assert_eq!(v["report"]["disks"][0]["read"], "cbt");
+    let st = env.vc.admin().state();
+    assert_eq!(st.snapshot_count(), 0, "{st:?}");
+}
