@@ -97,6 +97,7 @@ fn pipeline(c: &mut Criterion) {
                         label: "d".into(),
                         transport_reason: "bench".into(),
                         change_id: None,
+                        read: Default::default(),
                     }],
                     pipeline: PipelineConfig::new(None, DEFAULT_CHUNK_SIZE, 64 << 20),
                     lock_wait: Duration::from_secs(5),

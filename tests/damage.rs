@@ -247,6 +247,7 @@ fn wrong_key_is_named_and_harmless() {
                 label: "c".into(),
                 transport_reason: "t".into(),
                 change_id: None,
+                read: Default::default(),
             }],
             pipeline: ferry::pipeline::PipelineConfig::new(Some(1), CS, 8 << 20),
             lock_wait: std::time::Duration::from_secs(1),

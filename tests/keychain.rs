@@ -36,6 +36,7 @@ fn chain_over_two_keys_restores_with_keyring_and_with_own_keys() {
                     label: "d0".into(),
                     transport_reason: "test".into(),
                     change_id: None,
+                    read: Default::default(),
                 }],
                 pipeline: ferry::pipeline::PipelineConfig::new(Some(2), CS, 16 << 20),
                 lock_wait: std::time::Duration::from_secs(5),

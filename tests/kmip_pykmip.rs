@@ -164,6 +164,7 @@ fn pykmip_operations_and_a_kms_held_backup() {
                 label: "d".into(),
                 transport_reason: "test".into(),
                 change_id: None,
+                read: Default::default(),
             }],
             pipeline: ferry::pipeline::PipelineConfig::new(Some(2), CS, 16 << 20),
             lock_wait: Duration::from_secs(5),

@@ -197,6 +197,12 @@ fn a_kms_rotation_is_seen_by_key_sync_and_used_by_the_next_backups() {
     assert!(seen >= 3, "{}", sync.render());
     for r in &second[1..] {
         assert_eq!(r.state, RunState::Succeeded, "{}", r.render());
+        // Nothing changed in the guests: the second backups are CBT incrementals.
+        for item in &r.items {
+            for d in item.detail["result"].as_array().unwrap() {
+                assert_eq!(d["read"], "cbt", "{d}");
+            }
+        }
     }
 
     // New points of tenant A are wrapped by version 2, the first ones by version 1.

@@ -74,6 +74,8 @@ pub struct DemoRow {
     pub incr_bytes: u64,
     /// Bytes per second in the incremental.
     pub incr_rate: f64,
+    /// How the incremental read the disk: `cbt` (changed areas only) or `full`.
+    pub incr_read: String,
 }
 
 /// What the demo did.
@@ -318,6 +320,7 @@ fn table(world: &World, full: &[RunSummary], incr: &[RunSummary]) -> Vec<DemoRow
                     full_rate: f["rate_bytes_per_sec"].as_f64().unwrap_or(0.0),
                     incr_bytes: i["bytes"].as_u64().unwrap_or(0),
                     incr_rate: i["rate_bytes_per_sec"].as_f64().unwrap_or(0.0),
+                    incr_read: i["read"].as_str().unwrap_or("-").to_string(),
                 });
             }
         }
@@ -329,12 +332,12 @@ fn table(world: &World, full: &[RunSummary], incr: &[RunSummary]) -> Vec<DemoRow
 pub fn render(r: &DemoReport) -> String {
     let mib = |b: u64| b as f64 / 1048576.0;
     let mut s = format!(
-        "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9} {:>8} {:>9} {:>8}  reason\n",
-        "tenant", "vm", "disk", "proxy", "mode", "full MiB", "MiB/s", "incr MiB", "MiB/s"
+        "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9} {:>8} {:>9} {:>8} {:<5}  reason\n",
+        "tenant", "vm", "disk", "proxy", "mode", "full MiB", "MiB/s", "incr MiB", "MiB/s", "read"
     );
     for x in &r.rows {
         s.push_str(&format!(
-            "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9.1} {:>8.0} {:>9.1} {:>8.0}  {}\n",
+            "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:<5}  {}\n",
             x.tenant,
             x.vm,
             x.disk,
@@ -344,6 +347,7 @@ pub fn render(r: &DemoReport) -> String {
             x.full_rate / 1048576.0,
             mib(x.incr_bytes),
             x.incr_rate / 1048576.0,
+            x.incr_read,
             x.reason
         ));
     }

@@ -847,6 +847,14 @@ pub struct DiskView {
     pub rate_bytes_per_sec: f64,
     /// Error of this disk.
     pub error: Option<String>,
+    /// Backups, once finished: `cbt` (only the areas changed since the previous
+    /// restore point were read) or `full`.
+    #[serde(default)]
+    pub read: Option<String>,
+    /// Why that read mode: the previous point used, or why a full read (no
+    /// previous point, CBT reset, disk resized...).
+    #[serde(default)]
+    pub read_reason: Option<String>,
 }
 
 /// A job.

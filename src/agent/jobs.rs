@@ -119,6 +119,8 @@ pub(crate) fn plan_of(sel: &Selection) -> Vec<DiskView> {
                 bytes: 0,
                 rate_bytes_per_sec: 0.0,
                 error: None,
+                read: None,
+                read_reason: None,
             }
         })
         .collect()
@@ -142,6 +144,8 @@ fn disk_view(d: &DiskResult) -> DiskView {
         bytes: d.bytes,
         rate_bytes_per_sec: finite(d.rate()),
         error: d.error.clone(),
+        read: d.read.clone(),
+        read_reason: d.read_reason.clone(),
     }
 }
 

@@ -132,6 +132,13 @@ pub struct DiskResult {
     pub seconds: f64,
     /// Error for this disk, if it failed.
     pub error: Option<String>,
+    /// Backups: how the disk was read, `cbt` (only the areas changed since the
+    /// previous point) or `full`; `None` for restores.
+    #[serde(default)]
+    pub read: Option<String>,
+    /// Backups: why that read mode (the previous point used, or why a full read).
+    #[serde(default)]
+    pub read_reason: Option<String>,
 }
 
 impl DiskResult {

@@ -7,24 +7,36 @@
 //! directory, makes chunks durable, writes the manifest and renames the directory
 //! into place. Any failure or cancellation removes the temporary directory; chunks
 //! already written are garbage for `prune`. This module holds no transport logic.
+//!
+//! A disk with changed-block tracking ([`DiskInput::read`]) is read incrementally
+//! when the previous point of the same source holds the same disk with a change id
+//! ([`incremental::choose_base`]): only the areas the tracker reports changed since
+//! then are read, every other chunk position is the previous point's. Otherwise,
+//! or when the tracker cannot answer, it is read in full, and the manifest records
+//! which and why.
 
+pub mod incremental;
 pub mod runner;
 pub mod vm;
 
 use crate::keys::{KeyId, KeySource, SecretKey};
-use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats};
+use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats, ReadPlan};
+use crate::pipeline::changed::ChunkSet;
 use crate::pipeline::restore::{restore_disk, KeyTable, RestoreStats, Target};
 use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::progress::Progress;
-use crate::repo::format::{IndexHeader, IndexWriter};
+use crate::repo::format::{IndexHeader, IndexReader, IndexWriter};
 use crate::repo::keyring::{DataKeyInfo, Keyring};
 use crate::repo::lock::LockMode;
-use crate::repo::manifest::{self, DiskRecord, DiskSummary, ManifestBody, ManifestHeader};
-use crate::repo::{fsutil, now_rfc3339, RepoError, Repository};
+use crate::repo::manifest::{
+    self, DiskRecord, DiskSummary, ManifestBody, ManifestHeader, ReadMode,
+};
+use crate::repo::{fsutil, now_rfc3339, OpenPoint, RepoError, Repository};
 use crate::transport::DiskSource;
+use incremental::{Current, FullReason, Previous, ReadRequest, TrackerError};
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -65,8 +77,11 @@ pub struct DiskInput {
     pub label: String,
     /// Why this transport (recorded in the manifest).
     pub transport_reason: String,
-    /// CBT change id at snapshot time, if any.
+    /// CBT change id at snapshot time, if any (recorded in the manifest; the next
+    /// backup asks for the changes since it).
     pub change_id: Option<String>,
+    /// Changed-block tracking, for an incremental read; `Default` reads in full.
+    pub read: ReadRequest,
 }
 
 /// A backup request.
@@ -175,6 +190,7 @@ pub fn backup(
         .clone();
 
     let parent = repo.latest_point_of(&req.source_name)?;
+    let mut parent_err = None;
     let parent_open = match &parent {
         Some(h) => {
             let kr = keyring.lock().unwrap_or_else(|p| p.into_inner());
@@ -182,6 +198,7 @@ pub fn backup(
                 Ok(p) => Some(p),
                 Err(e) => {
                     tracing::warn!(parent = %h.point_id, error = %e, "previous point unreadable; backing up without it");
+                    parent_err = Some((h.point_id.clone(), e.to_string()));
                     None
                 }
             }
@@ -213,23 +230,24 @@ pub fn backup(
         let file = File::create(&ipath).map_err(|e| RepoError::io(&ipath, e))?;
         let mut iw = IndexWriter::new(BufWriter::with_capacity(1 << 20, file), header.clone())
             .map_err(|e| RepoError::io(&ipath, e))?;
-        let previous = match &parent_open {
-            Some(p) if p.body.disks.iter().any(|x| x.disk == n) => match repo.open_index(p, n) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(error = %e, "previous index unusable; no deduplication against it");
-                    None
-                }
-            },
-            _ => None,
-        };
+        let dp = plan_disk(
+            repo,
+            &req.source_name,
+            parent_open.as_ref(),
+            parent_err.as_ref(),
+            d,
+            n,
+            chunk_size,
+            progress,
+        )?;
         let stats: DiskStats = backup_disk(
             BackupInputs {
                 source: d.source.as_ref(),
                 store: repo,
                 data_key: &dk,
                 id_key: &id_key,
-                previous,
+                previous: dp.previous,
+                plan: dp.plan,
                 key_known: &key_known,
                 config: req.pipeline,
                 progress,
@@ -244,8 +262,10 @@ pub fn backup(
         f.sync_all().map_err(|e| RepoError::io(&ipath, e))?;
         all_keys.extend(stats.keys.iter().copied());
         tracing::info!(
+            read_mode = %dp.read,
             new = stats.chunks_new,
             reused = stats.chunks_reused,
+            unchanged = stats.chunks_unchanged,
             zero = stats.chunks_zero,
             read = stats.bytes_read,
             stored = stats.bytes_new_stored,
@@ -264,6 +284,10 @@ pub fn backup(
             change_id: d.change_id.clone(),
             transport: d.source.transport().to_string(),
             transport_reason: d.transport_reason.clone(),
+            read: dp.read,
+            read_reason: dp.reason,
+            changed_bytes: dp.changed_bytes,
+            chunks_unchanged: stats.chunks_unchanged,
         });
     }
     if progress.cancelled() {
@@ -278,11 +302,16 @@ pub fn backup(
         if *k == dk.id {
             continue;
         }
-        let key = kr.key(*k).ok_or_else(|| {
-            JobError::Invalid(format!(
-                "data key {k} vanished from the keyring during the backup"
-            ))
-        })?;
+        // Unchanged chunks of an incremental carry older data keys; the previous
+        // point's manifest holds each of them even when the keyring does not.
+        let key = kr
+            .key(*k)
+            .or_else(|| parent_open.as_ref().and_then(|p| p.key(*k)))
+            .ok_or_else(|| {
+                JobError::Invalid(format!(
+                    "data key {k} vanished from the keyring during the backup"
+                ))
+            })?;
         point_keys.push(key.clone());
     }
     drop(kr);
@@ -336,6 +365,145 @@ pub fn backup(
         parent: parent.map(|p| p.point_id),
         disks: records,
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// How one disk is read: the pipeline plan, the previous index (base of an
+/// incremental, or for deduplication) and what the manifest records about it.
+struct DiskPlan {
+    plan: ReadPlan,
+    previous: Option<IndexReader<BufReader<File>>>,
+    read: ReadMode,
+    reason: String,
+    changed_bytes: Option<u64>,
+}
+
+/// Decide how disk `n` (`d`) is read: incrementally from the previous point when
+/// [`incremental::choose_base`] finds a base and the tracker answers, else in full
+/// (with CBT's allocated areas when the tracker has them), logging why.
+#[allow(clippy::too_many_arguments)]
+fn plan_disk(
+    repo: &Repository,
+    source: &str,
+    parent: Option<&OpenPoint>,
+    parent_err: Option<&(String, String)>,
+    d: &DiskInput,
+    n: u32,
+    chunk_size: u32,
+    progress: &Progress,
+) -> Result<DiskPlan, JobError> {
+    let size = d.source.size();
+    let previous = match (parent, parent_err) {
+        (Some(p), _) => Ok(Some(Previous {
+            point_id: &p.header.point_id,
+            chunk_size: p.body.chunk_size,
+            summaries: &p.header.disks,
+            records: &p.body.disks,
+        })),
+        (None, Some((id, e))) => Err((id.as_str(), e.as_str())),
+        (None, None) => Ok(None),
+    };
+    let now = Current {
+        label: &d.label,
+        size,
+        chunk_size,
+        change_id: d.change_id.as_deref(),
+    };
+    let chosen = incremental::choose_base(
+        &d.read,
+        source,
+        previous.as_ref().map(Option::as_ref).map_err(|e| *e),
+        &now,
+    );
+    let why_full = match (chosen, parent, d.read.tracker.as_ref()) {
+        (Ok(base), Some(p), Some(tracker)) => match repo.open_index(p, base.disk) {
+            Err(e) => FullReason::PreviousIndex {
+                point: base.point_id.clone(),
+                error: e.to_string(),
+            },
+            Ok(reader) => {
+                if progress.cancelled() {
+                    return Err(PipelineError::Cancelled.into());
+                }
+                match tracker.changed_since(&base.change_id) {
+                    Ok(extents) => {
+                        let (changed, sum) = ChunkSet::from_extents(&extents, size, chunk_size);
+                        if sum.out_of_order || sum.beyond_disk > 0 {
+                            tracing::warn!(areas = sum.extents, beyond_disk = sum.beyond_disk, out_of_order = sum.out_of_order, "CBT answered unsorted, overlapping or out-of-range areas; normalised");
+                        }
+                        tracing::info!(base = %base.point_id, change_id = %base.change_id, areas = sum.extents, changed_bytes = sum.bytes, chunks = changed.len(), "incremental read: only the changed chunks");
+                        return Ok(DiskPlan {
+                            plan: ReadPlan::Changed {
+                                changed,
+                                previous_hash: base.index_hash,
+                            },
+                            previous: Some(reader),
+                            read: ReadMode::Cbt,
+                            reason: format!(
+                                "changed areas since restore point {} (changeId {})",
+                                base.point_id, base.change_id
+                            ),
+                            changed_bytes: Some(sum.bytes),
+                        });
+                    }
+                    Err(TrackerError::UnknownChangeId(error)) => FullReason::CbtReset {
+                        change_id: base.change_id.clone(),
+                        error,
+                    },
+                    Err(TrackerError::Failed(error)) => FullReason::CbtFailed {
+                        change_id: base.change_id.clone(),
+                        error,
+                    },
+                }
+            }
+        },
+        (Ok(_), _, _) => FullReason::NoTracking,
+        (Err(r), _, _) => r,
+    };
+    let reason = why_full.to_string();
+    match &why_full {
+        FullReason::Requested(_) | FullReason::NoTracking | FullReason::NoPrevious { .. } => {
+            tracing::info!(%reason, "reading the disk in full")
+        }
+        _ => tracing::warn!(%reason, "incremental not possible; reading the disk in full"),
+    }
+    // Deduplication against the previous point's disk of the same number.
+    let previous = match parent {
+        Some(p) if p.body.disks.iter().any(|x| x.disk == n) => match repo.open_index(p, n) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "previous index unusable; no deduplication against it");
+                None
+            }
+        },
+        _ => None,
+    };
+    // CBT's allocated areas ("*") spare reading what was never written, where the
+    // source cannot tell (a hot-added block device).
+    let plan = match (&d.read.tracker, &d.change_id) {
+        (Some(t), Some(_)) => match t.allocated() {
+            Ok(areas) => {
+                let (set, sum) = ChunkSet::from_extents(&areas, size, chunk_size);
+                tracing::info!(
+                    allocated_bytes = sum.bytes,
+                    chunks = set.len(),
+                    "full read of the areas CBT reports allocated"
+                );
+                ReadPlan::Allocated(set)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CBT cannot list the allocated areas; reading what the source reports allocated");
+                ReadPlan::Full
+            }
+        },
+        _ => ReadPlan::Full,
+    };
+    Ok(DiskPlan {
+        plan,
+        previous,
+        read: ReadMode::Full,
+        reason,
+        changed_bytes: None,
     })
 }
 

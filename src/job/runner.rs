@@ -139,6 +139,7 @@ impl VmJobRunner {
             pipeline: self.pipeline(repo.config.chunk_size),
             lock_wait: LOCK_WAIT,
             hotadd_wait: HOTADD_WAIT,
+            full: spec.full,
         };
         let started = Instant::now();
         let result = ctx.runtime.block_on(vm::backup_vm(
@@ -152,13 +153,12 @@ impl VmJobRunner {
         ctx.runtime.block_on(client.logout());
         let out = result.map_err(vm_err)?;
         let seconds = started.elapsed().as_secs_f64();
-        let total_read: u64 = out.report.disks.iter().map(|d| d.bytes_read).sum();
+        let total_read: u64 = out.disks.iter().map(|d| d.bytes_read).sum();
         let disks = out
             .disks
             .iter()
             .map(|d| {
-                let rec = out.report.disks.iter().find(|r| r.disk == d.disk);
-                let bytes = rec.map(|r| r.bytes_read).unwrap_or(0);
+                let bytes = d.bytes_read;
                 DiskResult {
                     disk_key: d.device_key,
                     label: d.label.clone(),
@@ -169,6 +169,8 @@ impl VmJobRunner {
                     // Disks run one after another; the job's time is shared by bytes.
                     seconds: share(seconds, bytes, total_read, out.disks.len()),
                     error: None,
+                    read: Some(d.read.to_string()),
+                    read_reason: Some(d.read_reason.clone()),
                 }
             })
             .collect();
@@ -251,6 +253,8 @@ impl VmJobRunner {
                 bytes: stats.bytes_written,
                 seconds: started.elapsed().as_secs_f64(),
                 error: None,
+                read: None,
+                read_reason: None,
             });
         }
         Ok(RunOutput {

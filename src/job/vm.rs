@@ -4,21 +4,26 @@
 //! commit, and always detach, remove the snapshot and log out — on success, error or
 //! cancellation. Also the orphan sweep for what a crashed job left behind.
 //!
-//! Owns the order of control-plane steps and the fallback from a refused HotAdd to
-//! NBD-SSL. Must not: decide transports itself (that is [`crate::transport::select`]),
+//! Owns the order of control-plane steps, the fallback from a refused HotAdd to
+//! NBD-SSL, and the vCenter side of incrementals: each disk's snapshot changeId is
+//! recorded, and [`VsphereTracker`] answers the job's questions about changed and
+//! allocated areas with QueryChangedDiskAreas (whether to use them is
+//! [`super::incremental`]'s decision). Must not: decide transports itself (that is [`crate::transport::select`]),
 //! know SOAP (that is [`crate::vsphere`]), or touch repository files directly.
 
+use super::incremental::{ChangeTracker, ReadRequest, TrackerError};
 use super::{BackupReport, BackupRequest, DiskInput, JobError};
 use crate::keys::KeySource;
 use crate::pipeline::PipelineConfig;
 use crate::progress::Progress;
+use crate::repo::manifest::ReadMode;
 use crate::repo::Repository;
 use crate::transport::hotadd::HotAddSource;
 use crate::transport::nbd::NbdSource;
 use crate::transport::select::{
     self, DiskInfo, HostReach, Mode, Outcome, Policy, ProxyInfo, Selection, VmInfo,
 };
-use crate::transport::{DiskSource, SourceError};
+use crate::transport::{DiskSource, Extent, SourceError};
 use crate::vsphere::{AttachedDisk, Client, MoRef, VirtualDisk, Vm, VsphereError};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -103,6 +108,9 @@ pub struct VmBackupRequest {
     pub nbd: NbdSettings,
     /// Enable CBT on the VM when it is off.
     pub enable_cbt: bool,
+    /// Read every disk in full even when changed-block tracking could give an
+    /// incremental (the changeIds are still recorded for the next backup).
+    pub full: bool,
     /// Quiesce the guest for the snapshot.
     pub quiesce: bool,
     /// Data-plane settings.
@@ -126,6 +134,16 @@ pub struct DiskOutcome {
     pub mode: Mode,
     /// Why (selector decision, and any fallback).
     pub reason: String,
+    /// How the disk was read: `cbt` (only the areas changed since the previous
+    /// restore point) or `full`.
+    pub read: ReadMode,
+    /// Why: the base point and changeId of an incremental, or why a full read
+    /// was needed (first backup, CBT reset, disk resized, ...).
+    pub read_reason: String,
+    /// Bytes read from the snapshot disk.
+    pub bytes_read: u64,
+    /// Bytes CBT reported changed (incremental reads only).
+    pub changed_bytes: Option<u64>,
 }
 
 /// Result of a VM backup.
@@ -286,7 +304,16 @@ pub async fn backup_vm(
         tracing::error!(error = %e, snapshot = %snap_name, "removing the snapshot failed; the orphan sweep will retry");
         cleanup_err.get_or_insert(e);
     }
-    let (disks, report) = result?;
+    let (mut disks, report) = result?;
+    for d in &mut disks {
+        if let Some(r) = report.disks.iter().find(|r| r.disk == d.disk) {
+            d.read = r.read;
+            d.read_reason = r.read_reason.clone();
+            d.bytes_read = r.bytes_read;
+            d.changed_bytes = r.changed_bytes;
+            tracing::info!(disk = d.device_key, label = %d.label, read = %d.read, reason = %d.read_reason, bytes_read = d.bytes_read, "disk backed up");
+        }
+    }
     if let Some(e) = cleanup_err {
         // The point is committed and good; the leftover is reported, not hidden.
         tracing::warn!(error = %e, "backup committed but cleanup failed");
@@ -388,12 +415,17 @@ async fn with_snapshot(
             label: label.clone(),
             mode,
             reason: reason.clone(),
+            read: ReadMode::Full,
+            read_reason: String::new(),
+            bytes_read: 0,
+            changed_bytes: None,
         });
         inputs.push(DiskInput {
             source,
             label,
             transport_reason: reason,
             change_id: disk.change_id.clone(),
+            read: read_request(client, vm, snap, disk, req),
         });
     }
     let breq = BackupRequest {
@@ -407,6 +439,84 @@ async fn with_snapshot(
             .await
             .map_err(|e| VmJobError::Invalid(format!("backup thread failed: {e}")))??;
     Ok((outcomes, report))
+}
+
+/// How the job may read `disk`: with a [`VsphereTracker`] when the VM has CBT on,
+/// in full (and why) otherwise.
+fn read_request(
+    client: &Client,
+    vm: &Vm,
+    snap: &MoRef,
+    disk: &VirtualDisk,
+    req: &VmBackupRequest,
+) -> ReadRequest {
+    if vm.change_tracking != Some(true) {
+        return ReadRequest::full(if req.enable_cbt {
+            "changed block tracking is off on the VM and could not be turned on"
+        } else {
+            "changed block tracking is off on the VM (enable it for incrementals)"
+        });
+    }
+    ReadRequest {
+        tracker: Some(Box::new(VsphereTracker {
+            client: client.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            vm: vm.moref.clone(),
+            snapshot: snap.clone(),
+            device_key: disk.key,
+            capacity: disk.capacity_bytes,
+        })),
+        full_reason: req.full.then(|| "a full backup was requested".to_string()),
+    }
+}
+
+/// Changed and allocated areas of one snapshot disk from vCenter
+/// (QueryChangedDiskAreas, paged up to the capacity). Called from the backup's
+/// blocking thread; the SOAP calls run on the job's runtime.
+pub struct VsphereTracker {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    vm: MoRef,
+    snapshot: MoRef,
+    device_key: i32,
+    capacity: u64,
+}
+
+impl VsphereTracker {
+    fn query(&self, change_id: &str) -> Result<Vec<Extent>, TrackerError> {
+        let areas = self
+            .runtime
+            .block_on(self.client.changed_areas(
+                &self.vm,
+                &self.snapshot,
+                self.device_key,
+                self.capacity,
+                change_id,
+            ))
+            .map_err(|e| {
+                if e.is_cbt_reset() {
+                    TrackerError::UnknownChangeId(e.to_string())
+                } else {
+                    TrackerError::Failed(e.to_string())
+                }
+            })?;
+        Ok(areas
+            .into_iter()
+            .map(|a| Extent {
+                offset: a.start,
+                len: a.length,
+            })
+            .collect())
+    }
+}
+
+impl ChangeTracker for VsphereTracker {
+    fn changed_since(&self, change_id: &str) -> Result<Vec<Extent>, TrackerError> {
+        self.query(change_id)
+    }
+    fn allocated(&self) -> Result<Vec<Extent>, TrackerError> {
+        self.query(crate::vsphere::cbt::ALL_ALLOCATED)
+    }
 }
 
 async fn hotadd(

@@ -1,5 +1,9 @@
-//! Backup of one disk: source → workers → ordered index writer.
+//! Backup of one disk: source → workers → ordered index writer, reading every
+//! allocated chunk ([`ReadPlan::Full`]), only the chunks CBT reports allocated
+//! ([`ReadPlan::Allocated`]), or only the changed ones while the others are taken
+//! from the previous index without a read ([`ReadPlan::Changed`]).
 
+use super::changed::ChunkSet;
 use super::{ChunkStore, FirstError, PipelineConfig, PipelineError};
 use crate::keys::{KeyId, SecretKey};
 use crate::progress::Progress;
@@ -24,6 +28,9 @@ pub struct DiskStats {
     pub chunks_new: u64,
     /// Chunks already stored (deduplicated).
     pub chunks_reused: u64,
+    /// Chunk positions taken from the previous index without a read
+    /// ([`ReadPlan::Changed`]); unchanged zero positions count as zero instead.
+    pub chunks_unchanged: u64,
     /// Bytes read from the source.
     pub bytes_read: u64,
     /// Bytes of new chunk files.
@@ -43,14 +50,53 @@ pub struct BackupInputs<'a, P: Read + Send> {
     /// The repository id-key.
     pub id_key: &'a SecretKey,
     /// Previous index of the same disk (authenticated by the caller), for dedupe
-    /// without a lookup; must use the same chunk size.
+    /// without a lookup (ignored when its chunk size differs), and the base of
+    /// [`ReadPlan::Changed`].
     pub previous: Option<IndexReader<P>>,
+    /// Which positions to read.
+    pub plan: ReadPlan,
     /// Whether a data key found on a stored chunk is known (may reload the keyring).
     pub key_known: &'a (dyn Fn(KeyId) -> bool + Sync),
     /// Threads and buffers.
     pub config: PipelineConfig,
     /// Progress and cancellation.
     pub progress: &'a Progress,
+}
+
+/// Which chunk positions [`backup_disk`] reads.
+#[derive(Clone, Debug, Default)]
+pub enum ReadPlan {
+    /// Every position the source reports allocated: a full backup.
+    #[default]
+    Full,
+    /// A full backup of a disk whose allocated areas are known (CBT `*`):
+    /// positions outside the set are zero without a read; the others are read
+    /// unless the source itself reports them unallocated.
+    Allocated(ChunkSet),
+    /// An incremental backup: positions outside `changed` are unchanged since the
+    /// previous point and take its index entry without a read (a zero marker stays
+    /// zero); positions in `changed` are read and processed as in a full backup.
+    /// Needs [`BackupInputs::previous`] with the same chunk size and disk size.
+    /// Entries are used as they stream in, so the previous index's hash must equal
+    /// `previous_hash` (from its authenticated manifest) once all are read, or the
+    /// backup fails: a file changed after the caller verified it is never copied
+    /// into a new point.
+    Changed {
+        /// Positions that changed since the previous point.
+        changed: ChunkSet,
+        /// Index hash the previous point's manifest records for that index.
+        previous_hash: [u8; 32],
+    },
+}
+
+impl ReadPlan {
+    fn name(&self) -> &'static str {
+        match self {
+            ReadPlan::Full => "full",
+            ReadPlan::Allocated(_) => "allocated",
+            ReadPlan::Changed { .. } => "changed",
+        }
+    }
 }
 
 /// One allocated chunk position for a worker to read and process.
@@ -65,6 +111,8 @@ enum Outcome {
     Zero,
     Reused(IndexEntry),
     New(IndexEntry, u64),
+    /// Taken from the previous index without a read (never the zero marker).
+    Unchanged(IndexEntry),
 }
 
 /// How far (in chunk positions) the reader may run ahead of the writer.
@@ -77,7 +125,23 @@ pub fn backup_disk<W: Write, P: Read + Send>(
     header: &IndexHeader,
 ) -> Result<DiskStats, PipelineError> {
     let n = header.entries();
-    if let Some(p) = &inp.previous {
+    if let ReadPlan::Changed { .. } = &inp.plan {
+        let why = match &inp.previous {
+            None => Some("no previous index was given".to_string()),
+            Some(p) if p.header.chunk_size != header.chunk_size => Some(format!(
+                "the previous index uses {}-byte chunks, this backup {}",
+                p.header.chunk_size, header.chunk_size
+            )),
+            Some(p) if p.header.disk_size != header.disk_size => Some(format!(
+                "the previous index covers {} bytes, the disk has {}",
+                p.header.disk_size, header.disk_size
+            )),
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            return Err(PipelineError::Incremental(why));
+        }
+    } else if let Some(p) = &inp.previous {
         if p.header.chunk_size != header.chunk_size {
             inp.previous = None;
         }
@@ -90,8 +154,10 @@ pub fn backup_disk<W: Write, P: Read + Send>(
         chunks_total: n,
         ..Default::default()
     };
-    let read_before = inp.progress.read.load(Ordering::Relaxed);
+    let bytes_read = AtomicU64::new(0);
     let previous = inp.previous.take();
+    let plan = std::mem::take(&mut inp.plan);
+    tracing::debug!(plan = plan.name(), chunks = n, "disk pipeline starts");
     let ctx = WorkCtx {
         store: inp.store,
         id_key: inp.id_key,
@@ -103,12 +169,14 @@ pub fn backup_disk<W: Write, P: Read + Send>(
     std::thread::scope(|s| {
         let errors = &errors;
         let committed = &committed;
+        let bytes_read = &bytes_read;
+        let plan = &plan;
         let (source, progress) = (inp.source, inp.progress);
         {
             let res_tx = res_tx.clone();
             s.spawn(move || {
                 if let Err(e) = dispatch_stage(
-                    source, header, previous, &task_tx, &res_tx, errors, committed, progress,
+                    source, header, previous, plan, &task_tx, &res_tx, errors, committed, progress,
                 ) {
                     errors.set(e);
                 }
@@ -132,6 +200,7 @@ pub fn backup_disk<W: Write, P: Read + Send>(
                         continue;
                     }
                     Progress::add(&progress.read, t.len as u64);
+                    bytes_read.fetch_add(t.len as u64, Ordering::Relaxed);
                     match ctx.work(&t, &buf, &mut out) {
                         Ok(o) => {
                             let _ = res_tx.send((t.pos, o));
@@ -168,6 +237,11 @@ pub fn backup_disk<W: Write, P: Read + Send>(
                         stats.keys.insert(e.key);
                         e
                     }
+                    Outcome::Unchanged(e) => {
+                        stats.chunks_unchanged += 1;
+                        stats.keys.insert(e.key);
+                        e
+                    }
                 };
                 if let Err(e) = index.push(&entry) {
                     errors.set(RepoError::io("index", e).into());
@@ -185,7 +259,7 @@ pub fn backup_disk<W: Write, P: Read + Send>(
     if let Some(e) = errors.take() {
         return Err(e);
     }
-    stats.bytes_read = inp.progress.read.load(Ordering::Relaxed) - read_before;
+    stats.bytes_read = bytes_read.load(Ordering::Relaxed);
     Ok(stats)
 }
 
@@ -194,6 +268,7 @@ fn dispatch_stage<P: Read>(
     source: &dyn DiskSource,
     header: &IndexHeader,
     mut previous: Option<IndexReader<P>>,
+    plan: &ReadPlan,
     tasks: &Sender<Task>,
     results: &Sender<(u64, Outcome)>,
     errors: &FirstError<PipelineError>,
@@ -202,7 +277,11 @@ fn dispatch_stage<P: Read>(
 ) -> Result<(), PipelineError> {
     let n = header.entries();
     let cs = header.chunk_size as u64;
-    let mut ext: Option<Extent> = source.next_allocated(0)?;
+    let incremental = matches!(plan, ReadPlan::Changed { .. });
+    // The source's allocation is asked lazily, only for positions that may be read:
+    // an incremental does not walk the whole disk's block status.
+    let mut ext: Option<Extent> = None;
+    let mut ext_from: Option<u64> = None;
     for pos in 0..n {
         if errors.stopped() {
             return Ok(());
@@ -219,16 +298,15 @@ fn dispatch_stage<P: Read>(
         let start = pos * cs;
         let len = header.chunk_len(pos);
         let end = start + len as u64;
-        while let Some(e) = ext {
-            if e.end() <= start {
-                ext = source.next_allocated(start)?;
-            } else {
-                break;
-            }
-        }
         let prev = match previous.as_mut() {
             Some(p) => match p.next_entry() {
                 Ok(e) => e,
+                Err(e) if incremental => {
+                    return Err(PipelineError::Incremental(format!(
+                        "reading the previous index ({} disk {}) failed at position {pos}: {e}",
+                        p.header.point_id, p.header.disk
+                    )))
+                }
                 Err(_) => {
                     // A damaged previous index only costs deduplication.
                     previous = None;
@@ -237,6 +315,36 @@ fn dispatch_stage<P: Read>(
             },
             None => None,
         };
+        let skip = match plan {
+            ReadPlan::Full => None,
+            ReadPlan::Allocated(set) => (!set.contains(pos)).then_some(Outcome::Zero),
+            ReadPlan::Changed { changed, .. } => {
+                if changed.contains(pos) {
+                    None
+                } else {
+                    let e = prev.ok_or_else(|| {
+                        PipelineError::Incremental(format!(
+                            "the previous index ended before position {pos}"
+                        ))
+                    })?;
+                    Some(if e.id.is_zero_marker() {
+                        Outcome::Zero
+                    } else {
+                        Outcome::Unchanged(e)
+                    })
+                }
+            }
+        };
+        if let Some(o) = skip {
+            if results.send((pos, o)).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        if ext_from.is_none() || ext.is_some_and(|e| e.end() <= start) {
+            ext = source.next_allocated(start)?;
+            ext_from = Some(start);
+        }
         let allocated = matches!(ext, Some(e) if e.offset < end);
         if !allocated {
             if results.send((pos, Outcome::Zero)).is_err() {
@@ -254,6 +362,19 @@ fn dispatch_stage<P: Read>(
             .is_err()
         {
             return Ok(());
+        }
+    }
+    if let (ReadPlan::Changed { previous_hash, .. }, Some(p)) = (plan, previous) {
+        let (point, disk) = (p.header.point_id.clone(), p.header.disk);
+        let got = p.finish().map_err(|e| {
+            PipelineError::Incremental(format!(
+                "the previous index ({point} disk {disk}) failed its final check: {e}"
+            ))
+        })?;
+        if &got != previous_hash {
+            return Err(PipelineError::Incremental(format!(
+                "the previous index ({point} disk {disk}) changed while it was read: its hash no longer matches its manifest; nothing is committed, run 'ferry verify'"
+            )));
         }
     }
     Ok(())
@@ -308,6 +429,314 @@ impl WorkCtx<'_> {
                     "chunk {id} vanished while being stored"
                 )))
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`backup_disk`] on an in-memory disk and chunk store: what an incremental
+    //! reads, and that its index equals a full backup's of the same content.
+    use super::*;
+    use crate::repo::format::parse_chunk_header;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::io::Cursor;
+    use std::sync::Mutex;
+
+    const CS: u32 = 256 << 10;
+
+    struct MemDisk {
+        data: Vec<u8>,
+        read: AtomicU64,
+    }
+
+    impl DiskSource for MemDisk {
+        fn label(&self) -> String {
+            "mem".into()
+        }
+        fn transport(&self) -> &'static str {
+            "mem"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(
+            &self,
+            offset: u64,
+            buf: &mut [u8],
+        ) -> Result<(), crate::transport::SourceError> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct MemStore(Mutex<HashMap<ChunkId, (KeyId, usize)>>);
+
+    impl ChunkStore for MemStore {
+        fn chunk_key(&self, id: &ChunkId) -> Result<Option<KeyId>, RepoError> {
+            Ok(self.0.lock().unwrap().get(id).map(|c| c.0))
+        }
+        fn put_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool, RepoError> {
+            let h = parse_chunk_header(data, data.len() as u64).unwrap();
+            let mut m = self.0.lock().unwrap();
+            if m.contains_key(id) {
+                return Ok(false);
+            }
+            m.insert(*id, (h.key_id, data.len()));
+            Ok(true)
+        }
+        fn read_chunk(&self, _: &ChunkId, _: &mut Vec<u8>) -> Result<(), RepoError> {
+            unreachable!("backups never read chunks")
+        }
+        fn chunk_location(&self, _: &ChunkId) -> std::path::PathBuf {
+            "mem".into()
+        }
+    }
+
+    struct Fixture {
+        store: MemStore,
+        dk: SecretKey,
+        id_key: SecretKey,
+    }
+
+    struct Run {
+        index: Vec<u8>,
+        hash: [u8; 32],
+        stats: DiskStats,
+        source_reads: u64,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                store: MemStore::default(),
+                dk: SecretKey::generate(),
+                id_key: SecretKey::generate(),
+            }
+        }
+
+        fn run(
+            &self,
+            data: &[u8],
+            previous: Option<&Run>,
+            plan: ReadPlan,
+        ) -> Result<Run, PipelineError> {
+            let src = MemDisk {
+                data: data.to_vec(),
+                read: AtomicU64::new(0),
+            };
+            let header = IndexHeader {
+                point_id: "p".into(),
+                disk: 0,
+                chunk_size: CS,
+                disk_size: data.len() as u64,
+            };
+            let previous = previous.map(|p| {
+                IndexReader::new(Cursor::new(p.index.clone()), p.index.len() as u64).unwrap()
+            });
+            let mut w = IndexWriter::new(Vec::new(), header.clone()).unwrap();
+            let stats = backup_disk(
+                BackupInputs {
+                    source: &src,
+                    store: &self.store,
+                    data_key: &self.dk,
+                    id_key: &self.id_key,
+                    previous,
+                    plan,
+                    key_known: &|_| true,
+                    config: PipelineConfig {
+                        workers: 2,
+                        buffers: 4,
+                    },
+                    progress: &Progress::default(),
+                },
+                &mut w,
+                &header,
+            )?;
+            let (index, hash) = w.finish().unwrap();
+            Ok(Run {
+                index,
+                hash,
+                stats,
+                source_reads: src.read.load(Ordering::Relaxed),
+            })
+        }
+    }
+
+    /// 40.5 chunks: data, compressible text, and zero chunks (every fifth).
+    fn disk(seed: u64) -> Vec<u8> {
+        use rand::{RngCore, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let cs = CS as usize;
+        let mut d = vec![0u8; 40 * cs + cs / 2];
+        for (i, c) in d.chunks_mut(cs).enumerate() {
+            match i % 5 {
+                0 => {}
+                1 => c
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (j % 7) as u8 + 1),
+                _ => rng.fill_bytes(c),
+            }
+        }
+        d
+    }
+
+    fn changed(extents: &[(u64, u64)], size: u64) -> ChunkSet {
+        let e: Vec<Extent> = extents
+            .iter()
+            .map(|&(offset, len)| Extent { offset, len })
+            .collect();
+        ChunkSet::from_extents(&e, size, CS).0
+    }
+
+    #[test]
+    fn an_incremental_reads_only_changed_chunks_and_equals_a_full_backup() {
+        let f = Fixture::new();
+        let mut d = disk(1);
+        let size = d.len() as u64;
+        let full = f.run(&d, None, ReadPlan::Full).unwrap();
+        assert_eq!(full.stats.chunks_zero, 9, "{:?}", full.stats);
+        let cs = CS as u64;
+        // The guest writes: 4 KiB inside chunk 3, a 100-byte write straddling
+        // chunks 17/18, data into the zero chunk 10, zeros over chunk 6, and the
+        // short last chunk.
+        d[3 * CS as usize + 5000..][..4096].fill(0xab);
+        d[18 * CS as usize - 50..][..100].fill(0xcd);
+        d[10 * CS as usize..][..CS as usize].fill(0x11);
+        d[6 * CS as usize..][..CS as usize].fill(0);
+        let last = d.len() - 10;
+        d[last] ^= 0xff;
+        let extents = [
+            (3 * cs + 5000, 4096),
+            (18 * cs - 50, 100),
+            (10 * cs, cs),
+            (6 * cs, cs),
+            (size - 10, 1),
+        ];
+        let set = changed(&extents, size);
+        assert_eq!(set.len(), 6);
+        let inc = f
+            .run(
+                &d,
+                Some(&full),
+                ReadPlan::Changed {
+                    changed: set,
+                    previous_hash: full.hash,
+                },
+            )
+            .unwrap();
+        // Exactly the six changed chunks were read (the last one is half a chunk).
+        let want_read = 5 * cs + cs / 2;
+        assert_eq!(inc.source_reads, want_read);
+        assert_eq!(inc.stats.bytes_read, want_read);
+        assert_eq!(inc.stats.chunks_total, 41);
+        // 9 zero chunks before; chunks 10 and 40 got data, chunk 6 became zero.
+        assert_eq!(inc.stats.chunks_zero, 8);
+        // 35 positions unchanged, 7 of them zero (zero stays zero, unread).
+        assert_eq!(inc.stats.chunks_unchanged, 28);
+        assert_eq!(inc.stats.chunks_new, 5, "{:?}", inc.stats);
+        // The index is the one a full backup of the new content writes.
+        let again = f.run(&d, None, ReadPlan::Full).unwrap();
+        assert_eq!(inc.index, again.index);
+        assert_eq!(again.source_reads, size, "this source reports no holes");
+    }
+
+    #[test]
+    fn nothing_changed_reads_nothing() {
+        let f = Fixture::new();
+        let d = disk(2);
+        let full = f.run(&d, None, ReadPlan::Full).unwrap();
+        let inc = f
+            .run(
+                &d,
+                Some(&full),
+                ReadPlan::Changed {
+                    changed: ChunkSet::default(),
+                    previous_hash: full.hash,
+                },
+            )
+            .unwrap();
+        assert_eq!(inc.source_reads, 0);
+        assert_eq!((inc.stats.chunks_new, inc.stats.bytes_new_stored), (0, 0));
+        assert_eq!(inc.index, full.index);
+    }
+
+    #[test]
+    fn an_incremental_refuses_a_missing_mismatched_or_altered_base() {
+        let f = Fixture::new();
+        let d = disk(3);
+        let full = f.run(&d, None, ReadPlan::Full).unwrap();
+        let plan = |h| ReadPlan::Changed {
+            changed: ChunkSet::default(),
+            previous_hash: h,
+        };
+        let e = f.run(&d, None, plan(full.hash)).err().unwrap();
+        assert!(e.to_string().contains("no previous index"), "{e}");
+        // A disk of another size (resized) is refused.
+        let bigger = [d.clone(), vec![0u8; CS as usize]].concat();
+        let e = f.run(&bigger, Some(&full), plan(full.hash)).err().unwrap();
+        assert!(e.to_string().contains("covers"), "{e}");
+        // A previous index that is not the one its manifest names: nothing committed.
+        let e = f.run(&d, Some(&full), plan([7u8; 32])).err().unwrap();
+        assert!(e.to_string().contains("changed while it was read"), "{e}");
+        // An entry flipped after verification fails the final check.
+        let mut tampered = Run {
+            index: full.index.clone(),
+            hash: full.hash,
+            stats: DiskStats::default(),
+            source_reads: 0,
+        };
+        tampered.index[100] ^= 1;
+        let e = f.run(&d, Some(&tampered), plan(full.hash)).err().unwrap();
+        assert!(e.to_string().contains("previous index"), "{e}");
+    }
+
+    #[test]
+    fn an_allocated_plan_reads_only_the_allocated_chunks() {
+        let f = Fixture::new();
+        let d = disk(4);
+        let size = d.len() as u64;
+        let cs = CS as u64;
+        // CBT says only chunks 2..4 and 12 hold data.
+        let set = changed(&[(2 * cs, 2 * cs), (12 * cs + 1, 1)], size);
+        let run = f.run(&d, None, ReadPlan::Allocated(set)).unwrap();
+        assert_eq!(run.source_reads, 3 * cs);
+        assert_eq!(run.stats.chunks_zero, 41 - 3);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Whatever the guest writes, an incremental given extents that cover the
+        /// writes (in any order, unaligned) writes the index a full backup of the
+        /// new content would, and reads no chunk outside the extents.
+        #[test]
+        fn incremental_equals_full_for_arbitrary_writes(
+            writes in proptest::collection::vec((0u64..(40 * CS as u64 + CS as u64 / 2), 1u64..(3 * CS as u64), any::<u8>()), 0..8),
+            seed in 0u64..4,
+        ) {
+            let f = Fixture::new();
+            let mut d = disk(seed);
+            let size = d.len() as u64;
+            let full = f.run(&d, None, ReadPlan::Full).unwrap();
+            let mut extents = Vec::new();
+            for &(off, len, b) in &writes {
+                let end = (off + len).min(size);
+                d[off as usize..end as usize].fill(b);
+                extents.push((off, len));
+            }
+            extents.reverse();
+            let set = changed(&extents, size);
+            let max_read: u64 = set.ranges().iter().map(|r| (r.end - r.start) * CS as u64).sum();
+            let inc = f.run(&d, Some(&full), ReadPlan::Changed { changed: set, previous_hash: full.hash }).unwrap();
+            prop_assert!(inc.source_reads <= max_read);
+            let again = f.run(&d, None, ReadPlan::Full).unwrap();
+            prop_assert_eq!(inc.index, again.index);
         }
     }
 }

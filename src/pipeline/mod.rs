@@ -8,11 +8,14 @@
 //! AES-GCM-seals new ones and stores them; the calling thread, the single writer,
 //! commits index entries strictly in disk order. Restore runs the reverse. Memory is
 //! bounded by [`PipelineConfig`], never by disk size. Plain threads and crossbeam
-//! channels: this is CPU work, not async I/O.
+//! channels: this is CPU work, not async I/O. An incremental backup
+//! ([`backup::ReadPlan::Changed`]) reads only the chunk positions [`changed`] maps
+//! from changed-block tracking and takes every other entry from the previous index.
 //!
 //! This module does not create restore points or touch manifests; see [`crate::job`].
 
 pub mod backup;
+pub mod changed;
 pub mod restore;
 
 use crate::keys::KeyId;
@@ -75,6 +78,10 @@ pub enum PipelineError {
         /// Error.
         err: std::io::Error,
     },
+    /// An incremental read cannot use the previous index it was given (a caller
+    /// bug, or the previous point changed under the backup).
+    #[error("incremental backup: {0}")]
+    Incremental(String),
     /// Cancelled by the operator.
     #[error("cancelled")]
     Cancelled,

@@ -64,6 +64,52 @@ pub struct DiskRecord {
     pub transport: String,
     /// Why that transport was chosen.
     pub transport_reason: String,
+    /// Whether the disk was read in full or only its CBT-changed areas (absent in
+    /// manifests written before incrementals: full).
+    #[serde(default)]
+    pub read: ReadMode,
+    /// Why: the base of an incremental, or why a full read was needed.
+    #[serde(default)]
+    pub read_reason: String,
+    /// Bytes CBT reported changed since the base (incremental reads only).
+    #[serde(default)]
+    pub changed_bytes: Option<u64>,
+    /// Chunk positions taken from the base point without a read (incremental
+    /// reads only; zero positions count in `chunks_zero`).
+    #[serde(default)]
+    pub chunks_unchanged: u64,
+}
+
+/// How a disk was read for a restore point.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadMode {
+    /// Every allocated area was read.
+    #[default]
+    Full,
+    /// Only the areas changed-block tracking reported changed since the previous
+    /// point were read; every other chunk position is the previous point's.
+    Cbt,
+    /// A value written by a newer ferry (read as such, never written).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ReadMode {
+    /// `"full"`, `"cbt"` (or `"unknown"`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReadMode::Full => "full",
+            ReadMode::Cbt => "cbt",
+            ReadMode::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ReadMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Sealed body JSON.
@@ -98,4 +144,38 @@ pub fn open_body(
     data_key: &SecretKey,
 ) -> Result<OpenedBody<ManifestBody>, FormatError> {
     format::open_sealed("manifest", b, at, data_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = r#"{"disk":0,"index":"disk-0.idx","index_blake3":"00","size":1,
+        "chunks_total":1,"chunks_zero":0,"chunks_new":1,"bytes_new_stored":9,"bytes_read":1,
+        "change_id":"52 aa/3","transport":"file","transport_reason":"t"}"#;
+
+    #[test]
+    fn records_without_the_read_fields_are_full_reads() {
+        let r: DiskRecord = serde_json::from_str(OLD).unwrap();
+        assert_eq!(r.read, ReadMode::Full);
+        assert_eq!(
+            (r.read_reason.as_str(), r.changed_bytes, r.chunks_unchanged),
+            ("", None, 0)
+        );
+    }
+
+    #[test]
+    fn read_modes_round_trip_and_unknown_values_still_open() {
+        let mut r: DiskRecord = serde_json::from_str(OLD).unwrap();
+        r.read = ReadMode::Cbt;
+        r.changed_bytes = Some(65536);
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["read"], "cbt");
+        assert_eq!(serde_json::from_value::<DiskRecord>(j.clone()).unwrap(), r);
+        let mut newer = j;
+        newer["read"] = "something-newer".into();
+        newer["field_from_the_future"] = 1.into();
+        let r: DiskRecord = serde_json::from_value(newer).unwrap();
+        assert_eq!(r.read, ReadMode::Unknown);
+    }
 }

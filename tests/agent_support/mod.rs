@@ -150,6 +150,8 @@ impl JobRunner for TestRunner {
                         bytes: self.bytes_per_disk,
                         seconds: 0.5,
                         error: None,
+                        read: None,
+                        read_reason: None,
                     });
                 }
             }
@@ -164,6 +166,8 @@ impl JobRunner for TestRunner {
                         bytes: self.bytes_per_disk,
                         seconds: 0.5,
                         error: None,
+                        read: None,
+                        read_reason: None,
                     });
                 }
             }

@@ -61,6 +61,7 @@ impl World {
                 label: p.display().to_string(),
                 transport_reason: "test".into(),
                 change_id: None,
+                read: Default::default(),
             })
             .collect();
         job::backup(

@@ -67,6 +67,7 @@ pub fn request(
             connections: 2,
         },
         enable_cbt: true,
+        full: false,
         quiesce: false,
         pipeline: PipelineConfig::new(Some(2), super::CS, 16 << 20),
         lock_wait: Duration::from_secs(10),

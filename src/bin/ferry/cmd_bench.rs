@@ -85,6 +85,7 @@ pub fn bench(a: BenchArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Re
                     label: img.display().to_string(),
                     transport_reason: "bench".into(),
                     change_id: None,
+                    read: Default::default(),
                 }],
                 pipeline: a.pipe.config(cs as u32),
                 lock_wait: Duration::from_secs(5),

@@ -3,6 +3,7 @@
 use crate::args::*;
 use crate::exit;
 use crate::render::{self, human_bytes, Output};
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferry::job::{self, BackupRequest, DiskInput};
 use ferry::progress::Progress;
@@ -23,10 +24,10 @@ pub struct BackupArgs {
     pub pipe: PipeArgs,
     /// Name of what is backed up (VM or image set). Points of one name form a chain
     /// and each backup deduplicates against the previous point of the same name.
-    #[arg(long)]
-    pub name: String,
+    #[arg(long, required_unless_present = "vm")]
+    pub name: Option<String>,
     /// Raw disk image or block device; repeat for several disks (disk 0, 1, ...).
-    #[arg(long = "image", required_unless_present = "nbd")]
+    #[arg(long = "image", required_unless_present_any = ["nbd", "vm"])]
     pub images: Vec<PathBuf>,
     /// NBD export to back up (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH);
     /// repeatable; numbered after the --image disks.
@@ -38,6 +39,8 @@ pub struct BackupArgs {
     /// Seconds to wait for the repository lock.
     #[arg(long, default_value_t = 30)]
     pub lock_wait: u64,
+    #[command(flatten)]
+    pub vm: crate::cmd_vm::VmArgs,
 }
 
 #[derive(Subcommand)]
@@ -111,6 +114,10 @@ pub struct PruneArgs {
 
 /// `ferry backup`.
 pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
+    if a.vm.vm.is_some() {
+        return crate::cmd_vm::backup(a, out, progress);
+    }
+    let name = a.name.clone().context("--name is required")?;
     let repo = Repository::open(&a.repo.repo)?;
     let ks = a.keys.source()?;
     let mut disks = Vec::new();
@@ -121,6 +128,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
             source: Box::new(src),
             transport_reason: "file source given on the command line".into(),
             change_id: None,
+            read: Default::default(),
         });
     }
     for uri in &a.nbd {
@@ -130,10 +138,11 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
             source: Box::new(src),
             transport_reason: "NBD export given on the command line".into(),
             change_id: None,
+            read: Default::default(),
         });
     }
     let req = BackupRequest {
-        source_name: a.name.clone(),
+        source_name: name,
         disks,
         pipeline: a.pipe.config(repo.config.chunk_size),
         lock_wait: Duration::from_secs(a.lock_wait),

@@ -31,7 +31,13 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         if let Some(r) = c.downcast_ref::<RepoError>() {
             return repo_exit(r);
         }
-        if let Some(j) = c.downcast_ref::<JobError>() {
+        let job = c
+            .downcast_ref::<JobError>()
+            .or_else(|| match c.downcast_ref() {
+                Some(ferry::job::vm::VmJobError::Job(j)) => Some(j),
+                _ => None,
+            });
+        if let Some(j) = job {
             return match j {
                 JobError::Repo(r) => repo_exit(r),
                 JobError::Pipeline(PipelineError::Repo(r)) => repo_exit(r),

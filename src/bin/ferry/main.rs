@@ -8,6 +8,7 @@ mod cmd_export;
 mod cmd_keys;
 mod cmd_orchestrator;
 mod cmd_repo;
+mod cmd_vm;
 mod cmd_vsphere;
 mod exit;
 mod render;
@@ -46,8 +47,9 @@ enum Cmd {
     /// Repository administration.
     #[command(subcommand)]
     Repo(cmd_repo::RepoCmd),
-    /// Back up disk images or block devices into a new restore point.
-    Backup(cmd_data::BackupArgs),
+    /// Back up disk images, block devices, NBD exports or a vSphere VM (--vm) into
+    /// a new restore point.
+    Backup(Box<cmd_data::BackupArgs>),
     /// Restore points.
     #[command(subcommand)]
     Points(cmd_data::PointsCmd),
@@ -110,7 +112,7 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
     match cmd {
         Cmd::Repo(c) => cmd_repo::run(c, out),
-        Cmd::Backup(a) => cmd_data::backup(a, out, progress),
+        Cmd::Backup(a) => cmd_data::backup(*a, out, progress),
         Cmd::Points(c) => cmd_data::points(c, out),
         Cmd::Restore(a) => cmd_data::restore(a, out, progress),
         Cmd::Export(a) => cmd_export::export(a, out, progress),
