@@ -10,6 +10,7 @@
 
 pub mod runner;
 pub mod vm;
+pub mod vm_restore;
 
 use crate::keys::{KeyId, KeySource, SecretKey};
 use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats};
