@@ -175,6 +175,7 @@ impl Setup {
             pipeline: PipelineConfig::new(Some(2), common::CS, 16 << 20),
             lock_wait: Duration::from_secs(10),
             hotadd_wait: Duration::from_secs(10),
+            required_key_provider: Some("KMS-A".into()),
         }
     }
 
@@ -550,4 +551,27 @@ fn a_hotadd_device_that_never_appears_is_cleaned_up_too() {
     );
     assert_eq!(s.disks_of("a-app"), before);
     assert_eq!(s.vc.admin().state().attached_count(), 0);
+}
+
+#[test]
+fn a_vm_of_another_key_provider_is_refused_before_any_change() {
+    let s = setup();
+    let n = s.vc.admin().state().tasks.success;
+    // a-app is KMS-A; the tenant of this point is declared KMS-B.
+    let me = proxy(&s.vc, "px-n", Some("proxy-nbd"), &[Mode::NbdSsl]);
+    let mut req = s.request("px-n-7", "a-app", None, true);
+    req.required_key_provider = Some("KMS-B".into());
+    let before = s.disks_of("a-app");
+    let err = s
+        .restore(&me, &req, Arc::new(Progress::default()))
+        .unwrap_err();
+    let VmRestoreError::Refused { summary, .. } = &err else {
+        panic!("expected a refusal, got {err}");
+    };
+    assert!(
+        summary.contains("KMS-A") && summary.contains("KMS-B"),
+        "{summary}"
+    );
+    assert_eq!(s.disks_of("a-app"), before);
+    assert_eq!(s.vc.admin().state().tasks.success, n, "no task ran");
 }

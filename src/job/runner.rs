@@ -233,6 +233,7 @@ impl VmJobRunner {
             pipeline: self.pipeline(chunk_size),
             lock_wait: LOCK_WAIT,
             hotadd_wait: HOTADD_WAIT,
+            required_key_provider: ctx.tenant.key_provider.clone(),
         };
         let result = ctx.runtime.block_on(vm_restore::restore_vm(
             &client,

@@ -7,9 +7,11 @@
 //! (encrypted under the VM's key when the VM is encrypted), write it — HotAdd: attach
 //! it writable to this proxy VM and write the device, then detach; NBD(-SSL): write
 //! through a write ticket — and record mode, reason and bytes. A HotAdd that vCenter
-//! refuses with a crypto fault fails over to NBD-SSL when policy allows. On any
-//! failure or cancellation every disk this job created is detached and destroyed, so
-//! no half-written disk is left on the VM, and the error says what cleanup did.
+//! refuses with a crypto fault fails over to NBD-SSL when policy allows. A VM not
+//! encrypted under the tenant's key provider (when the tenant names one) is refused
+//! before anything changes. On any failure or cancellation every disk this job
+//! created is detached and destroyed, so no half-written disk is left on the VM,
+//! and the error says what cleanup did.
 //!
 //! Owns the order of control-plane steps of a VM restore and its cleanup. Must not:
 //! decide transports itself (that is [`crate::transport::select`]), know SOAP (that
@@ -149,6 +151,28 @@ pub struct VmRestoreRequest {
     pub lock_wait: Duration,
     /// How long to wait for a hot-added disk to appear.
     pub hotadd_wait: Duration,
+    /// The tenant's key provider, when configured: the target VM must be
+    /// encrypted under it (a tenant's data never lands in another tenant's VM or
+    /// in an unencrypted one).
+    pub required_key_provider: Option<String>,
+}
+
+/// Why `vm` may not receive data of a tenant whose key provider is `required`
+/// (pure): it must be encrypted under exactly that provider.
+pub fn key_provider_mismatch(vm: &Vm, required: Option<&str>) -> Option<String> {
+    let want = required.map(str::trim).filter(|p| !p.is_empty())?;
+    let have = vm.key_id.as_ref().and_then(|k| k.provider_id.as_deref());
+    match have {
+        Some(p) if p == want => None,
+        Some(p) => Some(format!(
+            "VM {} is encrypted under key provider {p}, but the restore point belongs to the tenant of key provider {want}; restore into a VM of that provider",
+            vm.name
+        )),
+        None => Some(format!(
+            "VM {} is not encrypted (or its key provider is unknown), but the restore point belongs to the tenant of key provider {want}; restore into a VM encrypted under {want}",
+            vm.name
+        )),
+    }
 }
 
 /// What happened to one disk.
@@ -343,6 +367,13 @@ pub async fn restore_vm(
     let _g = span.enter();
     let disks = wanted_disks(&point, req.disks.as_deref())?;
     let vm = target_vm(client, &req.target).await?;
+    if let Some(summary) = key_provider_mismatch(&vm, req.required_key_provider.as_deref()) {
+        tracing::warn!(%summary, "restore refused before any change");
+        return Err(VmRestoreError::Refused {
+            vm: vm.name.clone(),
+            summary,
+        });
+    }
     let place = placement(&vm).ok_or_else(|| no_placement(&vm))?;
     let (mut proxy, proxy_vm) = proxy_info(client, me).await?;
     proxy.free_slots = slots_for(proxy.free_slots, disks.len());
@@ -831,6 +862,23 @@ mod tests {
         let mut nodisk = vm(false);
         nodisk.disks.clear();
         assert!(placement(&nodisk).is_none());
+    }
+
+    #[test]
+    fn a_tenants_data_only_goes_into_vms_of_its_key_provider() {
+        assert_eq!(key_provider_mismatch(&vm(true), Some("KMS-A")), None);
+        assert_eq!(
+            key_provider_mismatch(&vm(false), None),
+            None,
+            "no tenant provider configured"
+        );
+        let other = key_provider_mismatch(&vm(true), Some("KMS-B")).unwrap();
+        assert!(
+            other.contains("KMS-A") && other.contains("KMS-B"),
+            "{other}"
+        );
+        let plain = key_provider_mismatch(&vm(false), Some("KMS-A")).unwrap();
+        assert!(plain.contains("not encrypted"), "{plain}");
     }
 
     #[test]
