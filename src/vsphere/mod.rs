@@ -1,7 +1,7 @@
 //! ferry's vSphere control plane: a vim25 SOAP client for vCenter (reqwest on
 //! ferry's own rustls configuration + quick-xml), giving the backup job everything it
 //! asks of vCenter. See `docs/vsphere.md` (methods, privileges, certificate pinning,
-//! troubleshooting) and `VSPHERE-CONTRACT.md` (the shapes ferry and its mock share).
+//! troubleshooting, and the shapes ferry and its mock share).
 //!
 //! Layout, one job per file:
 //! - [`xml`]: hardened XML → bounded element tree (size/depth/count caps, no DTD).
