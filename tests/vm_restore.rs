@@ -575,3 +575,41 @@ fn a_vm_of_another_key_provider_is_refused_before_any_change() {
     assert_eq!(s.disks_of("a-app"), before);
     assert_eq!(s.vc.admin().state().tasks.success, n, "no task ran");
 }
+
+/// What a killed agent leaves in the middle of a HotAdd restore: a new disk on the
+/// VM, attached writable to the proxy. The orphan sweep detaches it from the proxy
+/// (the disk itself stays on the VM for the operator: its name says where it came
+/// from).
+#[test]
+fn the_orphan_sweep_detaches_a_restore_disk_left_on_the_proxy() {
+    let s = setup();
+    let me = proxy(&s.vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
+    s.rt.block_on(async {
+        let app = s.c.vm_by_name("a-app").await.unwrap();
+        let pxa = s.c.vm_by_name("proxy-a").await.unwrap();
+        let first = &app.disks[0];
+        let (ds, folder) = ferry::vsphere::newdisk::split_datastore_path(&first.file_name).unwrap();
+        let d =
+            s.c.create_disk(
+                &app.moref,
+                &ferry::vsphere::NewDiskSpec {
+                    file_name: ferry::vsphere::newdisk::restore_file_name(ds, folder, "px-a-77", 0),
+                    datastore: first.datastore.clone().unwrap(),
+                    capacity_bytes: 1 << 20,
+                    encrypt_with: app.key_id.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        s.c.attach_disk_for_write(&pxa.moref, &d).await.unwrap();
+    });
+    assert_eq!(s.vc.admin().state().attached_count(), 1);
+    let rep = s.rt.block_on(vm::sweep_orphans(&s.c, &me, &[])).unwrap();
+    assert_eq!(rep.detached.len(), 1, "{rep:?}");
+    assert!(
+        rep.detached[0].contains("ferry-restore-px-a-77-disk0"),
+        "{rep:?}"
+    );
+    assert!(rep.errors.is_empty(), "{rep:?}");
+    assert_eq!(s.vc.admin().state().attached_count(), 0);
+}
