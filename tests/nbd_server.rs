@@ -3,7 +3,10 @@
 //! and `nbdcopy`, and `qemu-img compare`, all over TLS with the x509 directory
 //! layout, reading a generated sparse disk. Then ferry's own NBD client against it
 //! with faults: a connection cut mid-read (the client reconnects and resumes) and
-//! slow reads over several connections.
+//! slow reads over several connections. And writes: `nbdcopy` and `qemu-img
+//! convert` write INTO a writable export of the mock over TLS (the bytes land
+//! exactly; a read-only export refuses them), and ferry's NBD target writes through
+//! a connection the mock cuts mid-write.
 
 mod common;
 use common::*;
@@ -194,6 +197,139 @@ fn libnbd_tools_and_qemu_img_read_the_mock_esxi_over_tls() {
         .expect("clear text must be refused")
         .to_string();
     assert!(e.contains("ERR_TLS_REQD"), "{e}");
+}
+
+/// nbdcopy and qemu-img write into a writable export over TLS; the file behind it
+/// then holds exactly the source, and a read-only export refuses the same copy.
+#[test]
+fn nbdcopy_and_qemu_img_write_into_a_writable_export_over_tls() {
+    let s = setup(24 << 20, 11);
+    let exports = Arc::new(FileExports::new());
+    let dst1 = s.w.path("new-disk-1.img");
+    let dst2 = s.w.path("new-disk-2.img");
+    for d in [&dst1, &dst2] {
+        std::fs::File::create(d).unwrap().set_len(24 << 20).unwrap();
+    }
+    exports.insert_writable("vm-17/new-1", &dst1);
+    exports.insert_writable("vm-17/new-2", &dst2);
+    exports.insert("vm-17/snap", &s.img);
+    let esx = MockEsxi::start(
+        exports.clone(),
+        &ServerTls::from_dir(&s.certs, false).unwrap(),
+    )
+    .unwrap();
+    let uri = esx.uri("vm-17/new-1", &s.certs);
+
+    // nbdinfo: writable, with flush, FUA and write zeroes; no trim.
+    let o = run(Command::new("nbdinfo").args(["--json", &uri]), "nbdinfo");
+    ok(&o);
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = &info["exports"][0];
+    assert_eq!(e["is_read_only"], false, "{info}");
+    assert_eq!(e["can_flush"], true, "{info}");
+    assert_eq!(e["can_fua"], true, "{info}");
+    assert_eq!(e["can_zero"], true, "{info}");
+    assert_eq!(e["can_trim"], false, "{info}");
+    assert_eq!(info["TLS"], true, "{info}");
+
+    // nbdcopy from the local image INTO the export, 4 connections, then flush.
+    let o = run(
+        Command::new("nbdcopy")
+            .args(["--connections=4", "--requests=16", "--flush"])
+            .arg(&s.img)
+            .arg(&uri),
+        "nbdcopy",
+    );
+    ok(&o);
+    assert_eq!(hash(&dst1), hash(&s.img), "nbdcopy's writes landed exactly");
+    assert!(esx.faults().stats().writes > 0);
+
+    // qemu-img convert through QEMU's NBD client with x509 TLS into the second.
+    let o = run(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw"])
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                s.certs.display()
+            ))
+            .arg(&s.img)
+            .arg("--target-image-opts")
+            .arg(qemu_nbd_opts("127.0.0.1", esx.port(), "vm-17/new-2", true)),
+        "qemu-img",
+    );
+    ok(&o);
+    assert_eq!(
+        hash(&dst2),
+        hash(&s.img),
+        "qemu-img's writes landed exactly"
+    );
+    // And read back through the export, over TLS.
+    let o = qemu_img_compare(
+        &s.img,
+        &qemu_nbd_opts("127.0.0.1", esx.port(), "vm-17/new-2", true),
+        Some(&s.certs),
+    );
+    ok(&o);
+
+    // The read-only export refuses writes: nbdcopy fails and the image is intact.
+    let before = hash(&s.img);
+    let o = run(
+        Command::new("nbdcopy")
+            .arg(&dst1)
+            .arg(esx.uri("vm-17/snap", &s.certs)),
+        "nbdcopy",
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(hash(&s.img), before);
+}
+
+/// ferry's NBD target through a connection the mock cuts after 2 MiB received:
+/// the write is re-sent on a new connection and the export ends up exact; when
+/// every connection is cut, the write fails cleanly after bounded retries, and the
+/// export name (a ticket, in vSphere) appears in no error.
+#[test]
+fn ferry_target_resends_writes_after_a_cut_and_gives_up_cleanly() {
+    use ferry::transport::nbd::NbdTarget;
+    use ferry::transport::DiskTarget;
+    let s = setup(8 << 20, 3);
+    let dst = s.w.path("new.img");
+    std::fs::File::create(&dst)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let exports = Arc::new(FileExports::new());
+    exports.insert_writable("secret-ticket-name", &dst);
+    let esx = MockEsxi::start(exports, &ServerTls::from_dir(&s.certs, false).unwrap()).unwrap();
+    let uri = esx.uri("secret-ticket-name", &s.certs);
+    let data = std::fs::read(&s.img).unwrap();
+    // The target's first connection is cut after 2 MiB received.
+    esx.faults().drop_connections_after_received(2 << 20, 1);
+    let t = NbdTarget::connect(&uri, "restore target", 1, true).unwrap();
+    assert_eq!(t.transport(), "nbdssl");
+    for (i, c) in data.chunks(1 << 20).enumerate() {
+        t.write_at((i as u64) << 20, c).unwrap();
+    }
+    t.flush().unwrap();
+    assert_eq!(esx.faults().stats().dropped, 1, "one connection was cut");
+    assert_eq!(hash(&dst), hash(&s.img));
+    drop(t);
+    // Every connection cut after 64 KiB: bounded retries, then a clean error.
+    esx.faults().drop_connections_after_received(64 << 10, 100);
+    let t = NbdTarget::connect(&uri, "restore target", 1, true).unwrap();
+    let e = (0..8usize)
+        .find_map(|i| {
+            t.write_at((i as u64) << 20, &data[i << 20..(i + 1) << 20])
+                .err()
+        })
+        .expect("writes through cut connections must fail");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("gave up after") && msg.contains("restore target"),
+        "{msg}"
+    );
+    assert!(!msg.contains("secret-ticket-name"), "{msg}");
+    esx.faults().clear();
 }
 
 fn read_all(src: &NbdSource) -> Vec<u8> {

@@ -244,6 +244,7 @@ fn a_hotadd_refused_by_vcenter_at_attach_time_fails_over_to_nbd_ssl() {
         method: Some("ReconfigVM_Task".into()),
         fault: Some("GenericVmConfigFault".into()),
         message: Some("Cannot hot-add an encrypted disk: the virtual machine and the disk use different key providers".into()),
+        entity: None,
     });
     let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
     let mut req = request(

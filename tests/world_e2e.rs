@@ -4,7 +4,8 @@
 //! one unencrypted shared NBD-SSL proxy), three agents, the orchestrator reading
 //! the mock vCenter live. Every encrypted disk goes HotAdd to its own tenant's
 //! proxy or NBD-SSL through the shared one, never HotAdd across providers, never
-//! clear text; nothing is left on vCenter; restores are bit-identical.
+//! clear text; nothing is left on vCenter; restores are bit-identical, to files
+//! and into new disks of a VM (through the agent API and `ferry restore --vm`).
 
 use ferry::agent::api::{RestoreRequest, RestoreTargetSpec};
 use ferry::orchestrator::client::AgentApi;
@@ -228,4 +229,189 @@ fn a_kms_rotation_is_seen_by_key_sync_and_used_by_the_next_backups() {
     .unwrap();
     assert!(rep.ok(), "{:?}", rep.points);
     assert_eq!(rep.points.len(), 4);
+}
+
+/// `POST /v1/restores` with a `vm` target through the agents of the simulated
+/// world: a point of tenant A's vm01 goes into new disks of vm02 (same key
+/// provider) by HotAdd through tenant A's own proxy and by NBD-SSL through the
+/// shared one; the new disks hold exactly vm01's disks at snapshot time, are
+/// encrypted under KMS-A, and nothing stays attached. A VM of tenant B is refused
+/// (`vm_refused`) before anything is created.
+#[test]
+fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = whitepaper();
+    s.vms
+        .retain(|v| ["tenant-a-vm01", "tenant-a-vm02", "tenant-b-vm01"].contains(&v.name.as_str()));
+    let mut opts = WorldOptions::new(s, dir.path());
+    opts.workers = Some(2);
+    opts.poll = Duration::from_millis(50);
+    let world = World::start(opts).unwrap();
+    let orch = world.orchestrator().unwrap();
+    let runs = world.runtime().block_on(orch.run_once(&[], true)).unwrap();
+    for r in &runs {
+        assert_eq!(r.state, RunState::Succeeded, "{}", r.render());
+    }
+    let admin = world.vcenter.admin();
+    let st = admin.state();
+    let src = st.vm("tenant-a-vm01").unwrap().clone();
+    let digests: Vec<String> = src
+        .disks
+        .iter()
+        .map(|d| {
+            admin
+                .digest("tenant-a-vm01", &d.key.to_string(), None)
+                .unwrap()
+                .0
+        })
+        .collect();
+    // vm01 changes after its backup: the restore must give the backed-up content.
+    admin
+        .write(
+            "tenant-a-vm01",
+            &src.disks[0].key.to_string(),
+            0,
+            &[0xA5; 4096],
+        )
+        .unwrap();
+    let target = st.vm("tenant-a-vm02").unwrap().moref.clone();
+    let other_tenant = st.vm("tenant-b-vm01").unwrap().moref.clone();
+
+    let run = |agent: &str, moref: &str| {
+        let client = world.agent_client(agent).unwrap();
+        let job = world
+            .runtime()
+            .block_on(client.start_restore(&RestoreRequest {
+                tenant: "tenant-a".into(),
+                point: "latest:tenant-a-vm01".into(),
+                disks: None,
+                target: RestoreTargetSpec::Vm {
+                    moref: moref.to_string(),
+                },
+            }))
+            .unwrap();
+        world.runtime().block_on(async {
+            loop {
+                let j = client.job(&job.id).await.unwrap();
+                if j.state.is_terminal() {
+                    return j;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    for (agent, mode) in [("proxy-kms-a", "hotadd"), ("proxy-nbd", "nbdssl")] {
+        let before: Vec<i32> = admin
+            .state()
+            .vm("tenant-a-vm02")
+            .unwrap()
+            .disks
+            .iter()
+            .map(|d| d.key)
+            .collect();
+        let done = run(agent, &target);
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        assert_eq!(done.disks.len(), src.disks.len(), "{done:?}");
+        let vm02 = admin.state().vm("tenant-a-vm02").unwrap().clone();
+        let new: Vec<_> = vm02
+            .disks
+            .iter()
+            .filter(|d| !before.contains(&d.key))
+            .collect();
+        assert_eq!(new.len(), src.disks.len(), "{vm02:?}");
+        for (n, d) in done.disks.iter().enumerate() {
+            assert_eq!(d.disk_key, n as i32);
+            assert_eq!(d.proxy, agent);
+            assert_eq!(
+                serde_json::to_value(d.mode).unwrap(),
+                serde_json::json!(mode),
+                "{d:?}"
+            );
+            assert!(d.reason.contains("written into new disk"), "{}", d.reason);
+            let nd = new
+                .iter()
+                .find(|x| x.file_name.ends_with(&format!("-disk{n}.vmdk")))
+                .unwrap();
+            assert!(
+                nd.file_name.contains(&format!("ferry-restore-{agent}-")),
+                "{}",
+                nd.file_name
+            );
+            assert_eq!(nd.key_provider.as_deref(), Some("KMS-A"));
+            let (got, _) = admin
+                .digest("tenant-a-vm02", &nd.key.to_string(), None)
+                .unwrap();
+            assert_eq!(got, digests[n], "disk {n} restored through {agent}");
+        }
+        assert!(
+            done.disks.iter().map(|d| d.bytes).sum::<u64>() > 0,
+            "{done:?}"
+        );
+        assert!(
+            done.notes.iter().any(|n| n.contains("tenant-a-vm02")),
+            "{:?}",
+            done.notes
+        );
+        let st = admin.state();
+        assert_eq!((st.attached_count(), st.snapshot_count()), (0, 0), "{st:?}");
+    }
+
+    // Tenant A's point into tenant B's VM: refused, nothing created.
+    let before = admin.state().vm("tenant-b-vm01").unwrap().disks.len();
+    let done = run("proxy-nbd", &other_tenant);
+    assert_eq!(done.state, JobState::Failed, "{done:?}");
+    let e = done.error.unwrap();
+    assert_eq!(e.code, "vm_refused", "{e:?}");
+    assert!(
+        e.message.contains("KMS-B") && e.message.contains("KMS-A"),
+        "{e:?}"
+    );
+    assert_eq!(
+        admin.state().vm("tenant-b-vm01").unwrap().disks.len(),
+        before
+    );
+
+    // The same through the CLI with the agent's configuration: one disk, by name.
+    let agent = world.agents.iter().find(|a| a.id == "proxy-kms-a").unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["--json", "restore", "--vm", "tenant-a-vm02", "--point"])
+        .arg("latest:tenant-a-vm01")
+        .args(["--disk", "0", "--config"])
+        .arg(&agent.config)
+        .env_remove("RUST_LOG")
+        .env_remove("FERRY_REPO")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["disks"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["disks"][0]["mode"], "hotadd", "{v}");
+    let vm02 = admin.state().vm("tenant-a-vm02").unwrap().clone();
+    let nd = vm02
+        .disks
+        .iter()
+        .find(|d| d.file_name.contains("ferry-restore-proxy-kms-a-cli-"))
+        .unwrap_or_else(|| panic!("{vm02:?}"));
+    let (got, _) = admin
+        .digest("tenant-a-vm02", &nd.key.to_string(), None)
+        .unwrap();
+    assert_eq!(got, digests[0]);
+    assert_eq!(admin.state().attached_count(), 0);
+    // --vm without --config is a usage error.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["restore", "--vm", "x", "--point", "p"])
+        .env_remove("FERRY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -1,7 +1,9 @@
 //! Mock ESXi NBD service: ferry's NBD server ([`ferry::nbd_server`]) with TLS
 //! required, exporting whatever an [`ExportProvider`] resolves (the mock vCenter's
-//! snapshot tickets; [`FileExports`], a name → raw image map, for tests), plus
-//! runtime fault injection ([`Faults`]): cut connections after N bytes, slow reads.
+//! tickets: snapshot disks read-only, live disks writable for restores;
+//! [`FileExports`], a name → raw image map, read-only or writable, for tests), plus
+//! runtime fault injection ([`Faults`]): cut connections after N bytes sent or
+//! received, slow reads.
 //!
 //! Start it in process with [`MockEsxi::start`] (port 0 = a free port) and stop it
 //! with [`MockEsxi::stop`] or by dropping it. Knows nothing about vCenter: tickets
@@ -83,12 +85,16 @@ pub struct Faults {
     /// (bytes, connections): the next `connections` accepted connections are cut
     /// after the server has sent `bytes` bytes on them.
     drop_after: Mutex<Option<(u64, usize)>>,
+    /// The same, counting bytes received from the client (writes carry payloads).
+    drop_after_received: Mutex<Option<(u64, usize)>>,
     read_latency_us: AtomicU64,
     connections: AtomicU64,
     dropped: AtomicU64,
     reads: AtomicU64,
     reads_now: AtomicUsize,
     reads_max: AtomicUsize,
+    writes: AtomicU64,
+    bytes_written: AtomicU64,
 }
 
 /// A snapshot of a mock's counters.
@@ -102,6 +108,10 @@ pub struct FaultStats {
     pub reads: u64,
     /// Most backend reads running at the same time.
     pub max_concurrent_reads: usize,
+    /// Backend writes served (write and write-zeroes requests).
+    pub writes: u64,
+    /// Bytes written through the backend.
+    pub bytes_written: u64,
 }
 
 impl Faults {
@@ -110,6 +120,16 @@ impl Faults {
     /// as a network failure mid-read would.
     pub fn drop_connections_after(&self, bytes: u64, connections: usize) {
         *self.drop_after.lock().unwrap_or_else(|p| p.into_inner()) = Some((bytes, connections));
+    }
+
+    /// Cut each of the next `connections` accepted connections once the server has
+    /// received `bytes` bytes on it (TLS records included): a network failure in
+    /// the middle of a restore's writes.
+    pub fn drop_connections_after_received(&self, bytes: u64, connections: usize) {
+        *self
+            .drop_after_received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((bytes, connections));
     }
 
     /// Delay every backend read by `latency` (zero: no delay).
@@ -121,6 +141,10 @@ impl Faults {
     /// No more faults (counters are kept).
     pub fn clear(&self) {
         *self.drop_after.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self
+            .drop_after_received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         self.set_read_latency(Duration::ZERO);
     }
 
@@ -131,12 +155,14 @@ impl Faults {
             dropped: self.dropped.load(Ordering::SeqCst),
             reads: self.reads.load(Ordering::SeqCst),
             max_concurrent_reads: self.reads_max.load(Ordering::SeqCst),
+            writes: self.writes.load(Ordering::SeqCst),
+            bytes_written: self.bytes_written.load(Ordering::SeqCst),
         }
     }
 
-    fn wrap(self: &Arc<Self>, io: BoxedIo) -> BoxedIo {
-        self.connections.fetch_add(1, Ordering::SeqCst);
-        let mut g = self.drop_after.lock().unwrap_or_else(|p| p.into_inner());
+    /// Take one connection's budget from a `(bytes, connections)` plan.
+    fn take(plan: &Mutex<Option<(u64, usize)>>) -> Option<u64> {
+        let mut g = plan.lock().unwrap_or_else(|p| p.into_inner());
         match g.as_mut() {
             Some((bytes, n)) if *n > 0 => {
                 *n -= 1;
@@ -144,24 +170,50 @@ impl Faults {
                 if *n == 0 {
                     *g = None;
                 }
-                Box::new(CutAfter {
-                    inner: io,
-                    left,
-                    faults: self.clone(),
-                    counted: false,
-                })
+                Some(left)
             }
-            _ => io,
+            _ => None,
         }
+    }
+
+    fn wrap(self: &Arc<Self>, io: BoxedIo) -> BoxedIo {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        let send = Self::take(&self.drop_after);
+        let recv = Self::take(&self.drop_after_received);
+        if send.is_none() && recv.is_none() {
+            return io;
+        }
+        Box::new(CutAfter {
+            inner: io,
+            left: send.unwrap_or(u64::MAX),
+            left_in: recv.unwrap_or(u64::MAX),
+            faults: self.clone(),
+            counted: false,
+        })
     }
 }
 
-/// A stream that fails every write once `left` bytes have gone through.
+/// A stream that fails once `left` bytes have been sent or `left_in` bytes
+/// received.
 struct CutAfter {
     inner: BoxedIo,
     left: u64,
+    left_in: u64,
     faults: Arc<Faults>,
     counted: bool,
+}
+
+impl CutAfter {
+    fn cut(&mut self) -> std::io::Error {
+        if !self.counted {
+            self.counted = true;
+            self.faults.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+        std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "mock ESXi fault: connection cut",
+        )
+    }
 }
 
 impl AsyncRead for CutAfter {
@@ -170,7 +222,28 @@ impl AsyncRead for CutAfter {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if self.left_in == 0 {
+            let e = self.cut();
+            return Poll::Ready(Err(e));
+        }
+        if buf.remaining() as u64 <= self.left_in {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+            if let Poll::Ready(Ok(())) = &r {
+                self.left_in -= (buf.filled().len() - before) as u64;
+            }
+            return r;
+        }
+        // Close to the cut: read no more than what is left.
+        let mut tmp = vec![0u8; self.left_in as usize];
+        let mut small = ReadBuf::new(&mut tmp);
+        let r = Pin::new(&mut self.inner).poll_read(cx, &mut small);
+        if let Poll::Ready(Ok(())) = &r {
+            let n = small.filled().len();
+            buf.put_slice(&tmp[..n]);
+            self.left_in -= n as u64;
+        }
+        r
     }
 }
 
@@ -181,14 +254,8 @@ impl AsyncWrite for CutAfter {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         if self.left == 0 {
-            if !self.counted {
-                self.counted = true;
-                self.faults.dropped.fetch_add(1, Ordering::SeqCst);
-            }
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "mock ESXi fault: connection cut",
-            )));
+            let e = self.cut();
+            return Poll::Ready(Err(e));
         }
         let n = (buf.len() as u64).min(self.left) as usize;
         match Pin::new(&mut self.inner).poll_write(cx, &buf[..n]) {
@@ -234,6 +301,25 @@ impl ExportBackend for Faulty {
     fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u32)>> {
         self.inner.block_status(offset, len)
     }
+    fn writable(&self) -> bool {
+        self.inner.writable()
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let r = self.inner.write_at(offset, data);
+        self.faults.writes.fetch_add(1, Ordering::SeqCst);
+        self.faults
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::SeqCst);
+        r
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let r = self.inner.write_zeroes(offset, len);
+        self.faults.writes.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 struct FaultyProvider {
@@ -254,11 +340,12 @@ impl ExportProvider for FaultyProvider {
     }
 }
 
-/// A simple provider: export names mapped to raw image files (opened read-only on
-/// each connection; holes in sparse files are reported as such).
+/// A simple provider: export names mapped to raw image files (opened on each
+/// connection; holes in sparse files are reported as such), read-only unless
+/// inserted with [`FileExports::insert_writable`].
 #[derive(Default)]
 pub struct FileExports {
-    map: RwLock<BTreeMap<String, PathBuf>>,
+    map: RwLock<BTreeMap<String, (PathBuf, bool)>>,
 }
 
 impl FileExports {
@@ -266,12 +353,20 @@ impl FileExports {
     pub fn new() -> Self {
         Self::default()
     }
-    /// Export `path` as `name` (replacing any previous one).
+    /// Export `path` read-only as `name` (replacing any previous one).
     pub fn insert(&self, name: &str, path: &Path) {
         self.map
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), path.to_path_buf());
+            .insert(name.to_string(), (path.to_path_buf(), false));
+    }
+    /// Export `path` writable as `name` (replacing any previous one): clients may
+    /// write, write zeroes and flush (`fsync`).
+    pub fn insert_writable(&self, name: &str, path: &Path) {
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), (path.to_path_buf(), true));
     }
     /// Stop exporting `name` (open connections keep their file).
     pub fn remove(&self, name: &str) {
@@ -282,9 +377,37 @@ impl FileExports {
     }
 }
 
+/// A raw image file served writable: reads and block status through
+/// [`FileSource`], writes with `pwrite`, flush with `fsync`.
+struct WritableFile {
+    read: SourceBackend<FileSource>,
+    file: std::fs::File,
+}
+
+impl ExportBackend for WritableFile {
+    fn size(&self) -> u64 {
+        self.read.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.read.read_at(offset, buf)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u32)>> {
+        self.read.block_status(offset, len)
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, data, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
 impl ExportProvider for FileExports {
     fn open(&self, name: &str) -> Result<Arc<dyn ExportBackend>, ExportRefused> {
-        let path = self
+        let (path, writable) = self
             .map
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -292,7 +415,17 @@ impl ExportProvider for FileExports {
             .cloned()
             .ok_or_else(|| ExportRefused(format!("no disk is exported as {name:?}")))?;
         let src = FileSource::open(&path).map_err(|e| ExportRefused(e.to_string()))?;
-        Ok(Arc::new(SourceBackend(src)))
+        if !writable {
+            return Ok(Arc::new(SourceBackend(src)));
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| ExportRefused(format!("{}: {e}", path.display())))?;
+        Ok(Arc::new(WritableFile {
+            read: SourceBackend(src),
+            file,
+        }))
     }
     fn list(&self) -> Option<Vec<String>> {
         Some(

@@ -40,6 +40,7 @@ fn injected_task_failures_and_dropped_connections() {
         method: Some("CreateSnapshot_Task".into()),
         fault: Some("FileLocked".into()),
         message: Some("disk busy (test)".into()),
+        entity: None,
     });
     let (ty, msg) = soap
         .task(

@@ -517,7 +517,9 @@ pub enum RestoreTargetSpec {
         /// Absolute directory path (created if missing).
         path: String,
     },
-    /// Back into the disks of an existing VM, through the transport.
+    /// Into new disks of an existing VM (one per restored disk, created and
+    /// written through the transport the selector allows; removed again if the
+    /// restore fails).
     Vm {
         /// The VM's managed object reference.
         moref: String,
@@ -570,7 +572,7 @@ impl PartialSchema for RestoreTargetSpec {
                 "vm",
                 "moref",
                 string_field(1, NAME_MAX, None, "The VM's managed object reference."),
-                "Back into the disks of an existing VM, through the transport.",
+                "Into new disks of an existing VM (one per restored disk, created and written through the transport the selector allows; removed again if the restore fails).",
             ))
             .description(Some("Where a restore writes, chosen by `kind`."))
             .into()

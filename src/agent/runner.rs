@@ -83,7 +83,9 @@ pub enum RestoreTarget {
         /// Directory (created if missing).
         path: PathBuf,
     },
-    /// Back into the disks of an existing VM, through the transport.
+    /// Into new disks of an existing VM (one per restored disk, created and
+    /// written through the transport the selector allows; removed again if the
+    /// restore fails).
     Vm {
         /// VM managed object reference.
         moref: String,

@@ -18,11 +18,12 @@
 pub mod incremental;
 pub mod runner;
 pub mod vm;
+pub mod vm_restore;
 
 use crate::keys::{KeyId, KeySource, SecretKey};
 use crate::pipeline::backup::{backup_disk, BackupInputs, DiskStats, ReadPlan};
 use crate::pipeline::changed::ChunkSet;
-use crate::pipeline::restore::{restore_disk, KeyTable, RestoreStats, Target};
+use crate::pipeline::restore::{restore_disk, KeyTable, RestoreStats};
 use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::progress::Progress;
 use crate::repo::format::{IndexHeader, IndexReader, IndexWriter};
@@ -32,12 +33,12 @@ use crate::repo::manifest::{
     self, DiskRecord, DiskSummary, ManifestBody, ManifestHeader, ReadMode,
 };
 use crate::repo::{fsutil, now_rfc3339, OpenPoint, RepoError, Repository};
+use crate::transport::file::FileTarget;
 use crate::transport::DiskSource;
 use incremental::{Current, FullReason, Previous, ReadRequest, TrackerError};
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -540,56 +541,25 @@ pub fn restore(
     let index = repo.open_index(&point, disk)?;
     let size = index.header.disk_size;
     Progress::add(&progress.total, size);
-    let md = fs::metadata(target_path).ok();
-    let is_block = md
-        .as_ref()
-        .is_some_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
-    let (file, sparse) = if is_block {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(target_path)
-            .map_err(|e| RepoError::io(target_path, e))?;
-        let dev_size = {
-            let mut f2 = &f;
-            std::io::Seek::seek(&mut f2, std::io::SeekFrom::End(0))
-                .map_err(|e| RepoError::io(target_path, e))?
-        };
-        if dev_size < size {
-            return Err(JobError::Invalid(format!(
-                "block device {} has {dev_size} bytes, the disk needs {size}",
-                target_path.display()
-            )));
-        }
-        (f, false)
+    let is_block = crate::transport::file::is_block_device(target_path);
+    let target = if is_block {
+        FileTarget::open_existing(target_path, size, false).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidInput {
+                JobError::Invalid(format!("block device {e}"))
+            } else {
+                RepoError::io(target_path, e).into()
+            }
+        })?
     } else {
-        if md.is_some() {
+        if fs::symlink_metadata(target_path).is_ok() {
             return Err(JobError::Invalid(format!(
                 "{} exists; refusing to overwrite a file (remove it or restore to a new path)",
                 target_path.display()
             )));
         }
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(target_path)
-            .map_err(|e| RepoError::io(target_path, e))?;
-        f.set_len(size).map_err(|e| RepoError::io(target_path, e))?;
-        (f, true)
+        FileTarget::create(target_path, size).map_err(|e| RepoError::io(target_path, e))?
     };
     let table = KeyTable::new(point.keys.iter());
-    // A second handle with O_DIRECT keeps restored data out of the page cache (faster
-    // and steadier on large disks); file systems without it (tmpfs) use buffered I/O.
-    let direct = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(target_path)
-        .ok();
-    let target = Target {
-        direct: direct.as_ref(),
-        file: &file,
-        name: target_path.display().to_string(),
-        sparse,
-    };
     let res = restore_disk(
         repo,
         index,
@@ -599,14 +569,6 @@ pub fn restore(
         pipeline,
         progress,
     );
-    let res = res.and_then(|s| {
-        file.sync_all().map_err(|err| PipelineError::Target {
-            path: target.name.clone(),
-            offset: 0,
-            err,
-        })?;
-        Ok(s)
-    });
     if res.is_err() && !is_block {
         // Never leave a half-restored file that looks complete.
         let partial = target_path.with_extension("partial");

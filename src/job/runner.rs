@@ -1,6 +1,7 @@
 //! The agent's real [`JobRunner`]: VM backups through vCenter ([`super::vm`]),
-//! restores of restore points to files, the orphan sweep at agent start and the
-//! key sync, each from the agent's configuration file.
+//! restores of restore points to files or into new disks of a VM
+//! ([`super::vm_restore`]), the orphan sweep at agent start and the key sync, each
+//! from the agent's configuration file.
 //!
 //! Owns the translation between the agent's job model (specs, contexts, stable
 //! error codes) and the job modules: per job it opens the tenant's key source
@@ -12,6 +13,7 @@
 //! job start), or return key material.
 
 use super::vm::{self, NbdSettings, ThisProxy, VmBackupRequest, VmJobError};
+use super::vm_restore::{self, VmRef, VmRestoreError, VmRestoreRequest};
 use super::JobError;
 use crate::agent::{
     DiskResult, InterruptedJob, JobContext, JobRunner, JobSpec, KeyStatus, KeySyncOutcome,
@@ -82,7 +84,7 @@ impl VmJobRunner {
     fn client_config(&self) -> Result<ClientConfig, RunError> {
         let v = self.vcenter.as_ref().ok_or_else(|| {
             RunError::Unavailable(format!(
-                "agent {} has no [vcenter] section: it can restore and sync keys but not back up VMs",
+                "agent {} has no [vcenter] section: it can restore to directories and sync keys, but not back up VMs or restore into them",
                 self.proxy_id
             ))
         })?;
@@ -185,14 +187,113 @@ impl VmJobRunner {
         })
     }
 
+    /// Restore `point` (an id or `latest:<name>`) of the context's tenant into new
+    /// disks of the VM `target`, one per restored disk (`disks`, or all), through
+    /// this proxy: the agent's restores with a `vm` target and `ferry restore
+    /// --vm`. The VM must exist; nothing on it changes unless the selector finds a
+    /// transport for every disk, and a failed restore removes the disks it created.
+    pub fn restore_into_vm(
+        &self,
+        ctx: &JobContext,
+        point: &str,
+        disks: Option<&[u32]>,
+        target: VmRef,
+    ) -> Result<RunOutput, RunError> {
+        let keys = open_unwrap_keys(&ctx.tenant)?;
+        let repo = Repository::open(&ctx.tenant.repository).map_err(repo_err)?;
+        let point_id = repo.resolve_point(point).map_err(repo_err)?;
+        let keyring = super::try_keyring(&repo, keys.as_ref());
+        let opened = repo
+            .open_point(&point_id, keys.as_ref(), keyring.as_ref())
+            .map_err(repo_err)?;
+        drop(keys);
+        if let Some(d) = disks {
+            for n in d {
+                if !opened.header.disks.iter().any(|x| x.disk == *n) {
+                    return Err(RunError::NotFound(format!(
+                        "restore point {point_id} has no disk {n}"
+                    )));
+                }
+            }
+        }
+        let chunk_size = opened.body.chunk_size;
+        let client = self.connect(&ctx.runtime)?;
+        let me = ThisProxy {
+            id: ctx.proxy.id.clone(),
+            vm_name: self.proxy_vm.clone(),
+            device_dir: self.device_dir.clone(),
+            modes: ctx.proxy.modes.clone(),
+            free_slots: ctx.proxy.free_slots,
+        };
+        let req = VmRestoreRequest {
+            // New disk files carry the proxy id and job id, like snapshot names.
+            job_id: format!("{}{}", vm::job_id_prefix(&me.id), ctx.job_id),
+            target,
+            disks: disks.map(<[u32]>::to_vec),
+            policy: ctx.policy.clone(),
+            nbd: self.nbd.clone(),
+            pipeline: self.pipeline(chunk_size),
+            lock_wait: LOCK_WAIT,
+            hotadd_wait: HOTADD_WAIT,
+            required_key_provider: ctx.tenant.key_provider.clone(),
+        };
+        let result = ctx.runtime.block_on(vm_restore::restore_vm(
+            &client,
+            &me,
+            Arc::new(repo),
+            Arc::new(opened),
+            &req,
+            ctx.progress.clone(),
+        ));
+        ctx.runtime.block_on(client.logout());
+        let out = result.map_err(restore_vm_err)?;
+        let disks = out
+            .disks
+            .iter()
+            .map(|d| DiskResult {
+                disk_key: d.disk as i32,
+                label: d.label.clone(),
+                proxy: me.id.clone(),
+                mode: Some(d.mode),
+                reason: format!(
+                    "{}; written into new disk {} ({}) of VM {}",
+                    d.reason, d.new_disk_key, d.new_file, out.vm
+                ),
+                bytes: d.bytes_written,
+                seconds: d.seconds,
+                error: None,
+                read: None,
+                read_reason: None,
+            })
+            .collect();
+        let notes = vec![format!(
+            "restored {} disk(s) of {point_id} into new disks of VM {} ({}): {}",
+            out.disks.len(),
+            out.vm,
+            out.moref,
+            out.disks
+                .iter()
+                .map(|d| format!("disk {} -> {} (key {})", d.disk, d.new_file, d.new_disk_key))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )];
+        Ok(RunOutput {
+            disks,
+            point_id: Some(point_id),
+            notes,
+        })
+    }
+
     fn restore(&self, ctx: &JobContext, spec: &RestoreSpec) -> Result<RunOutput, RunError> {
         let dir = match &spec.target {
             RestoreTarget::Directory { path } => path.clone(),
             RestoreTarget::Vm { moref } => {
-                return Err(RunError::Unavailable(format!(
-                    "restore into the disks of VM {moref} is not supported by this agent yet; \
-                     restore to a directory (target kind \"directory\") or use 'ferry export'"
-                )))
+                return self.restore_into_vm(
+                    ctx,
+                    &spec.point,
+                    spec.disks.as_deref(),
+                    VmRef::Moref(moref.clone()),
+                )
             }
         };
         let keys = open_unwrap_keys(&ctx.tenant)?;
@@ -423,6 +524,61 @@ fn vm_err(e: VmJobError) -> RunError {
         VmJobError::Source { .. } => RunError::Transport(e.to_string()),
         VmJobError::Job(j) => job_err(j),
         VmJobError::Invalid(m) => RunError::Failed(m),
+    }
+}
+
+/// A failed restore into a VM as a run error: the cause decides the code, the
+/// message keeps what the cleanup did.
+fn restore_vm_err(e: VmRestoreError) -> RunError {
+    if e.is_cancelled() {
+        return RunError::Cancelled;
+    }
+    let msg = e.to_string();
+    match e.cause() {
+        VmRestoreError::Refused { .. } => RunError::Refused(msg),
+        VmRestoreError::Vsphere(v)
+            if matches!(
+                **v,
+                VsphereError::NotFound { .. } | VsphereError::ObjectNotFound { .. }
+            ) =>
+        {
+            RunError::NotFound(msg)
+        }
+        VmRestoreError::Vsphere(_) => RunError::Vsphere(msg),
+        VmRestoreError::Target { .. } => RunError::Transport(msg),
+        VmRestoreError::Job(j) => match job_err_ref(j) {
+            Code::Transport => RunError::Transport(msg),
+            Code::Repository => RunError::Repository(msg),
+            Code::NotFound => RunError::NotFound(msg),
+            Code::Key => RunError::Key(msg),
+            Code::Failed => RunError::Failed(msg),
+        },
+        VmRestoreError::Invalid(_) | VmRestoreError::Failed { .. } => RunError::Failed(msg),
+    }
+}
+
+enum Code {
+    Transport,
+    Repository,
+    NotFound,
+    Key,
+    Failed,
+}
+
+/// The code [`job_err`] would give, without consuming the error.
+fn job_err_ref(e: &JobError) -> Code {
+    let repo = |r: &RepoError| match r {
+        RepoError::PointNotFound(_) | RepoError::DiskNotFound { .. } => Code::NotFound,
+        RepoError::Key(_) => Code::Key,
+        _ => Code::Repository,
+    };
+    match e {
+        JobError::Repo(r) | JobError::Pipeline(PipelineError::Repo(r)) => repo(r),
+        JobError::Key(_) => Code::Key,
+        JobError::Pipeline(PipelineError::Source(_) | PipelineError::Target { .. }) => {
+            Code::Transport
+        }
+        _ => Code::Failed,
     }
 }
 

@@ -624,7 +624,16 @@ async fn nbd(
         Mode::HotAdd => unreachable!("nbd() is called for network modes"),
     };
     let conns = s.connections;
-    let src = tokio::task::spawn_blocking(move || NbdSource::connect(&uri, conns))
+    // The export name is the ticket, a credential: logs and errors name the disk.
+    let label = format!(
+        "{}://{}:{}/<ticket for {} disk {}>",
+        if mode == Mode::NbdSsl { "nbds" } else { "nbd" },
+        ticket.host_name,
+        s.port,
+        vm.name,
+        disk.key
+    );
+    let src = tokio::task::spawn_blocking(move || NbdSource::connect_labeled(&uri, &label, conns))
         .await
         .map_err(|e| NbdOpenError::Invalid(format!("NBD connect thread failed: {e}")))?
         .map_err(NbdOpenError::Source)?;

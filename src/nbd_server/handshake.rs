@@ -34,8 +34,10 @@ pub struct Export {
     pub structured: bool,
     /// `base:allocation` selected for this export (its context id).
     pub allocation_ctx: Option<u32>,
-    /// Largest read payload.
+    /// Largest read or write payload.
     pub max_payload: u32,
+    /// The backend takes writes (`NBD_FLAG_READ_ONLY` was not sent).
+    pub writable: bool,
 }
 
 /// What the driver does after an option.
@@ -100,11 +102,17 @@ impl Session {
         self.meta = None;
     }
 
-    fn flags(&self) -> u16 {
-        let mut f = proto::TFLAG_HAS_FLAGS
-            | proto::TFLAG_READ_ONLY
-            | proto::TFLAG_SEND_FLUSH
-            | proto::TFLAG_CAN_MULTI_CONN;
+    /// Transmission flags: read-only exports say so; writable ones advertise FUA
+    /// and WRITE_ZEROES instead. Both take FLUSH and several connections (a
+    /// writable backend's flush covers every connection, see
+    /// [`ExportBackend::flush`]).
+    fn flags(&self, writable: bool) -> u16 {
+        let mut f = proto::TFLAG_HAS_FLAGS | proto::TFLAG_SEND_FLUSH | proto::TFLAG_CAN_MULTI_CONN;
+        if writable {
+            f |= proto::TFLAG_SEND_FUA | proto::TFLAG_SEND_WRITE_ZEROES;
+        } else {
+            f |= proto::TFLAG_READ_ONLY;
+        }
         if self.structured {
             f |= proto::TFLAG_SEND_DF;
         }
@@ -116,14 +124,16 @@ impl Session {
             Some((n, true)) if n == name && self.structured => Some(ALLOCATION_CONTEXT_ID),
             _ => None,
         };
+        let writable = backend.writable();
         Export {
             name: name.to_string(),
             size: backend.size(),
             backend,
-            flags: self.flags(),
+            flags: self.flags(writable),
             structured: self.structured,
             allocation_ctx,
             max_payload: self.max_payload,
+            writable,
         }
     }
 

@@ -2,10 +2,11 @@
 //! export names are resolved ([`ExportProvider`]), and the server that speaks the
 //! protocol ([`NbdServer`]): fixed newstyle handshake, STARTTLS (TLS required when
 //! configured, FORCEDTLS in the spec's words), OPT_GO/INFO/EXPORT_NAME/LIST,
-//! structured replies, `base:allocation` block status; read-only transmission with
-//! several requests in flight per connection and several connections per export.
-//! It serves both `ferry export` (a restore point, decrypted on demand) and the mock
-//! ESXi host (snapshot disks by ticket).
+//! structured replies, `base:allocation` block status; transmission with several
+//! requests in flight per connection and several connections per export, read-only
+//! unless the backend is writable (WRITE, WRITE_ZEROES, FLUSH, FUA). It serves both
+//! `ferry export` (a restore point, decrypted on demand, read-only) and the mock ESXi
+//! host (snapshot disks by read ticket, live disks by write ticket).
 //!
 //! Layout: [`handshake`] (the option state machine, pure), [`transmission`] (one
 //! request → its reply bytes, pure over a backend; and the async request loop),
@@ -30,13 +31,49 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// A read-only disk served over NBD. Calls may come from several threads at once;
-/// the server calls it from blocking threads, never from async tasks.
+/// A disk served over NBD, read-only unless [`ExportBackend::writable`] says
+/// otherwise. Calls may come from several threads (and connections) at once; the
+/// server calls it from blocking threads, never from async tasks.
 pub trait ExportBackend: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
     /// Fill `buf` from `offset`; the range lies inside the disk (the server checks).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Whether clients may write. Default: read-only (`NBD_FLAG_READ_ONLY` is
+    /// sent and every write is refused with EPERM before reaching the backend).
+    fn writable(&self) -> bool {
+        false
+    }
+    /// Write `data` at `offset`; the range lies inside the disk (the server
+    /// checks). Only called when [`ExportBackend::writable`] is true. Writes to
+    /// disjoint ranges may run concurrently.
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let _ = (offset, data);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "this export is read-only",
+        ))
+    }
+    /// Make `[offset, offset + len)` read as zeroes (inside the disk). Default:
+    /// writes zeroes through [`ExportBackend::write_at`] in bounded pieces.
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let zeros = vec![0u8; len.min(PIECE) as usize];
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(PIECE) as usize;
+            self.write_at(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+    /// Make every completed write durable, whichever connection made it (the
+    /// server advertises `NBD_FLAG_CAN_MULTI_CONN`, so a flush on one connection
+    /// must cover the writes of all). Default: nothing to do.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Allocation of the range starting at `offset` (at most `len` bytes): runs of
     /// `(length, flags)` in order from `offset`, where flags are NBD
     /// `base:allocation` bits (1 = hole, 2 = reads as zeroes). May describe less than
@@ -87,7 +124,9 @@ pub struct ServerConfig {
     /// Connections served at once; more are closed on accept.
     pub max_connections: usize,
     /// Largest read (and write payload) a client may ask for; advertised as the
-    /// maximum payload in NBD_INFO_BLOCK_SIZE.
+    /// maximum payload in NBD_INFO_BLOCK_SIZE. Larger writes are refused (their
+    /// payload discarded up to [`transmission::MAX_DISCARD`], beyond which the
+    /// connection is closed).
     pub max_payload: u32,
     /// Requests in flight per connection (further requests wait, unread).
     pub max_requests_per_connection: usize,

@@ -1,14 +1,18 @@
-//! The transmission phase, read-only: NBD_CMD_READ (structured replies with data
-//! and hole chunks, or simple replies), NBD_CMD_BLOCK_STATUS (`base:allocation`),
-//! NBD_CMD_FLUSH and NBD_CMD_CACHE (no-ops), NBD_CMD_DISC; writes, trims and write
-//! zeroes are refused with EPERM.
+//! The transmission phase: NBD_CMD_READ (structured replies with data and hole
+//! chunks, or simple replies), NBD_CMD_BLOCK_STATUS (`base:allocation`),
+//! NBD_CMD_CACHE (no-op), NBD_CMD_DISC, and for writable exports NBD_CMD_WRITE,
+//! NBD_CMD_WRITE_ZEROES and NBD_CMD_FLUSH (with FUA); read-only exports refuse
+//! writes, trims and write zeroes with EPERM and answer FLUSH with success.
 //!
-//! [`execute`] turns one request into its reply bytes using the backend (blocking,
-//! pure otherwise). [`run`] is the async loop: a reader that parses and bounds
-//! requests and hands each to a blocking thread, and one writer that sends replies
-//! as they complete (out of order, as the protocol allows). Requests in flight and
-//! reply bytes are bounded per connection and per server; a client that sends a
-//! bad request header (it cannot be resynchronised) is disconnected.
+//! [`execute`] and [`write`] turn one request into its reply bytes using the
+//! backend (blocking, pure otherwise). [`run`] is the async loop: a reader that
+//! parses and bounds requests (a write's payload is read only after its buffer is
+//! budgeted, and never beyond the maximum payload) and hands each to a blocking
+//! thread, and one writer that sends replies as they complete (out of order, as the
+//! protocol allows). Requests in flight and reply/payload bytes are bounded per
+//! connection and per server; a client that sends a bad request header or a write
+//! payload larger than [`MAX_DISCARD`] (it cannot be resynchronised cheaply) is
+//! disconnected.
 
 use super::handshake::Export;
 use super::{BoxedIo, NbdServer, ServeError, BUDGET_UNIT};
@@ -26,6 +30,9 @@ const MIN_HOLE_CHUNK: u64 = 4096;
 const MAX_DESCRIPTORS: usize = 1 << 16;
 /// Backend calls one block status request may make.
 const MAX_STATUS_CALLS: usize = 1024;
+/// A write payload above the maximum payload but at most this long is read and
+/// discarded so the client gets an error reply; a longer one closes the connection.
+pub const MAX_DISCARD: u32 = 64 << 20;
 
 /// One reply: byte strings sent back to back.
 pub type Reply = Vec<Vec<u8>>;
@@ -60,6 +67,7 @@ pub fn execute(e: &Export, req: &Request) -> Reply {
     let allowed_flags = match req.cmd {
         CMD_READ if e.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
         CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         _ => CMD_FLAG_FUA,
     };
     if req.flags & !allowed_flags != 0 {
@@ -73,6 +81,10 @@ pub fn execute(e: &Export, req: &Request) -> Reply {
     match req.cmd {
         CMD_READ => read(e, req),
         CMD_BLOCK_STATUS => block_status(e, req),
+        CMD_FLUSH if e.writable => match e.backend.flush() {
+            Ok(()) => ok_reply(req),
+            Err(err) => backend_error(e, req, "flush", err),
+        },
         CMD_FLUSH => ok_reply(req),
         CMD_CACHE => {
             if in_bounds(e, req.offset, req.len as u64) {
@@ -81,11 +93,126 @@ pub fn execute(e: &Export, req: &Request) -> Reply {
                 error_reply(e, req, EINVAL, "cache request beyond the end of the export")
             }
         }
-        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => {
-            error_reply(e, req, EPERM, "this export is read-only")
-        }
+        CMD_WRITE => write(e, req, &[]),
+        CMD_WRITE_ZEROES => write_zeroes(e, req),
+        CMD_TRIM if e.writable => error_reply(
+            e,
+            req,
+            EINVAL,
+            "NBD_CMD_TRIM is not supported by this export (it was not advertised)",
+        ),
+        CMD_TRIM => error_reply(e, req, EPERM, "this export is read-only"),
         c => error_reply(e, req, EINVAL, &format!("unknown command {c}")),
     }
+}
+
+/// The reply to a failed backend call: ENOSPC and EPERM are passed on, anything
+/// else is EIO (with the error text, which names no data).
+fn backend_error(e: &Export, req: &Request, what: &str, err: std::io::Error) -> Reply {
+    tracing::warn!(export = %e.name, offset = req.offset, len = req.len, error = %err, "NBD {what} failed");
+    let errno = if err.raw_os_error() == Some(libc::ENOSPC) {
+        proto::ENOSPC
+    } else if err.kind() == std::io::ErrorKind::PermissionDenied {
+        proto::EPERM
+    } else {
+        proto::EIO
+    };
+    error_reply(e, req, errno, &format!("{what} at {}: {err}", req.offset))
+}
+
+/// The reply to NBD_CMD_WRITE with its payload `data` (empty when the payload was
+/// too large and discarded). Checks, in order: flags, read-only, payload size,
+/// payload length, bounds (ENOSPC beyond the end, as the spec asks); then writes
+/// through the backend and flushes for FUA. Calls the backend; run it on a
+/// blocking thread.
+pub fn write(e: &Export, req: &Request, data: &[u8]) -> Reply {
+    use proto::*;
+    if req.flags & !CMD_FLAG_FUA != 0 {
+        return error_reply(
+            e,
+            req,
+            EINVAL,
+            &format!("command flags {:#x} are not valid for a write", req.flags),
+        );
+    }
+    if !e.writable {
+        return error_reply(e, req, EPERM, "this export is read-only");
+    }
+    if req.len > e.max_payload {
+        let errno = if e.structured { EOVERFLOW } else { EINVAL };
+        return error_reply(
+            e,
+            req,
+            errno,
+            &format!(
+                "write of {} bytes exceeds the maximum payload {}",
+                req.len, e.max_payload
+            ),
+        );
+    }
+    if data.len() != req.len as usize {
+        return error_reply(
+            e,
+            req,
+            EINVAL,
+            &format!(
+                "write announces {} bytes but carries {}",
+                req.len,
+                data.len()
+            ),
+        );
+    }
+    if !in_bounds(e, req.offset, req.len as u64) {
+        return error_reply(
+            e,
+            req,
+            ENOSPC,
+            &format!(
+                "write of {} bytes at {} is beyond the export size {}",
+                req.len, req.offset, e.size
+            ),
+        );
+    }
+    if !data.is_empty() {
+        if let Err(err) = e.backend.write_at(req.offset, data) {
+            return backend_error(e, req, "write", err);
+        }
+    }
+    if req.flags & CMD_FLAG_FUA != 0 {
+        if let Err(err) = e.backend.flush() {
+            return backend_error(e, req, "flush (FUA)", err);
+        }
+    }
+    ok_reply(req)
+}
+
+fn write_zeroes(e: &Export, req: &Request) -> Reply {
+    use proto::*;
+    if !e.writable {
+        return error_reply(e, req, EPERM, "this export is read-only");
+    }
+    if !in_bounds(e, req.offset, req.len as u64) {
+        return error_reply(
+            e,
+            req,
+            ENOSPC,
+            &format!(
+                "write zeroes of {} bytes at {} is beyond the export size {}",
+                req.len, req.offset, e.size
+            ),
+        );
+    }
+    if req.len > 0 {
+        if let Err(err) = e.backend.write_zeroes(req.offset, req.len as u64) {
+            return backend_error(e, req, "write zeroes", err);
+        }
+    }
+    if req.flags & CMD_FLAG_FUA != 0 {
+        if let Err(err) = e.backend.flush() {
+            return backend_error(e, req, "flush (FUA)", err);
+        }
+    }
+    ok_reply(req)
 }
 
 /// Allocation of `[offset, offset+len)` as (offset, len, zero) segments, adjacent
@@ -317,11 +444,23 @@ fn block_status(e: &Export, req: &Request) -> Reply {
 /// Reply buffer units a request may need.
 fn units_for(e: &Export, req: &Request) -> u32 {
     let bytes = match req.cmd {
-        proto::CMD_READ => req.len.min(e.max_payload) as u64,
+        proto::CMD_READ | proto::CMD_WRITE => req.len.min(e.max_payload) as u64,
         proto::CMD_BLOCK_STATUS => 8 * MAX_DESCRIPTORS as u64,
         _ => 0,
     };
     (bytes.div_ceil(BUDGET_UNIT) + 1) as u32
+}
+
+/// Read and drop `len` bytes through a small buffer.
+async fn discard<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, len: u64) -> std::io::Result<()> {
+    let mut left = len;
+    let mut sink = [0u8; 8192];
+    while left > 0 {
+        let n = left.min(sink.len() as u64) as usize;
+        rd.read_exact(&mut sink[..n]).await?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 struct Permits {
@@ -392,38 +531,21 @@ pub async fn run(
             Err(e) => break Err(e.into()),
         };
         while tasks.try_join_next().is_some() {}
-        match req.cmd {
-            proto::CMD_DISC => break Ok(()),
-            proto::CMD_WRITE => {
-                // The payload must be consumed to stay in sync; refuse what cannot be
-                // a legitimate write rather than read gigabytes.
-                if req.len > export.max_payload {
-                    break Err(ProtoError::TooLarge {
-                        what: "write payload",
-                        len: req.len as u64,
-                        max: export.max_payload as u64,
-                    }
-                    .into());
-                }
-                let mut left = req.len as u64;
-                let mut sink = [0u8; 8192];
-                let mut failed = None;
-                while left > 0 {
-                    let n = left.min(sink.len() as u64) as usize;
-                    if let Err(e) = rd.read_exact(&mut sink[..n]).await {
-                        failed = Some(e);
-                        break;
-                    }
-                    left -= n as u64;
-                }
-                if let Some(e) = failed {
-                    break Err(e.into());
-                }
+        if req.cmd == proto::CMD_DISC {
+            break Ok(());
+        }
+        if req.cmd == proto::CMD_WRITE && req.len > MAX_DISCARD.max(export.max_payload) {
+            // Not worth reading to stay in sync: a hostile or broken client.
+            break Err(ProtoError::TooLarge {
+                what: "write payload",
+                len: req.len as u64,
+                max: export.max_payload as u64,
             }
-            _ => {}
+            .into());
         }
         let units = units_for(&export, &req);
-        // Backpressure: stop reading requests while the budgets are spent.
+        // Backpressure: stop reading requests while the budgets are spent. A
+        // write's payload is budgeted before it is read.
         let permits = async {
             let c = count.clone().acquire_owned().await.ok()?;
             let b = conn_budget.clone().acquire_many_owned(units).await.ok()?;
@@ -441,21 +563,40 @@ pub async fn run(
         let Some(permits) = permits else {
             break Err(std::io::Error::other("request budget closed").into());
         };
+        let mut payload = Vec::new();
+        if req.cmd == proto::CMD_WRITE {
+            // The payload must be consumed to stay in sync. It is kept only when it
+            // can be written (writable export, within the maximum payload: the
+            // length is bounded before it sizes the buffer).
+            let keep = export.writable && req.len <= export.max_payload;
+            let r = if keep {
+                payload = vec![0u8; req.len as usize];
+                rd.read_exact(&mut payload).await.map(|_| ())
+            } else {
+                discard(&mut rd, req.len as u64).await
+            };
+            if let Err(e) = r {
+                break Err(e.into());
+            }
+        }
         let (tx, export) = (tx.clone(), export.clone());
         tasks.spawn_blocking(move || {
-            let reply = if req.cmd == proto::CMD_WRITE {
-                error_reply(&export, &req, proto::EPERM, "this export is read-only")
-            } else {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&export, &req)))
-                    .unwrap_or_else(|_| {
-                        error_reply(
-                            &export,
-                            &req,
-                            proto::EIO,
-                            "internal error serving this request",
-                        )
-                    })
-            };
+            let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if req.cmd == proto::CMD_WRITE {
+                    write(&export, &req, &payload)
+                } else {
+                    execute(&export, &req)
+                }
+            }))
+            .unwrap_or_else(|_| {
+                error_reply(
+                    &export,
+                    &req,
+                    proto::EIO,
+                    "internal error serving this request",
+                )
+            });
+            drop(payload);
             let _ = tx.send((reply, permits));
         });
     };
@@ -518,6 +659,59 @@ mod tests {
             structured,
             allocation_ctx: structured.then_some(1),
             max_payload: 48 << 10,
+            writable: false,
+        }
+    }
+
+    /// A writable 64 KiB disk in memory that counts flushes.
+    struct Ram {
+        data: std::sync::Mutex<Vec<u8>>,
+        flushes: std::sync::atomic::AtomicUsize,
+    }
+    impl ExportBackend for Ram {
+        fn size(&self) -> u64 {
+            64 << 10
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn writable(&self) -> bool {
+            true
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn writable(structured: bool) -> (Export, Arc<Ram>) {
+        let ram = Arc::new(Ram {
+            data: std::sync::Mutex::new(vec![0xEE; 64 << 10]),
+            flushes: Default::default(),
+        });
+        let mut e = export(structured);
+        e.backend = ram.clone();
+        e.writable = true;
+        (e, ram)
+    }
+
+    fn errno(e: &Export, r: &Reply) -> u32 {
+        if e.structured {
+            let c = chunks(r);
+            assert_eq!((c.len(), c[0].1), (1, proto::REPLY_TYPE_ERROR));
+            proto::parse_error_payload(&c[0].2).unwrap().0
+        } else {
+            let b = r.concat();
+            assert_eq!(b.len(), 16);
+            u32::from_be_bytes(b[4..8].try_into().unwrap())
         }
     }
 
@@ -707,5 +901,105 @@ mod tests {
                 flags: 3
             }]
         );
+    }
+
+    #[test]
+    fn writes_land_in_the_backend_and_fua_and_flush_flush_it() {
+        for structured in [true, false] {
+            let (e, ram) = writable(structured);
+            let data = vec![7u8; 4096];
+            let r = write(&e, &req(proto::CMD_WRITE, 0, 8192, 4096), &data);
+            assert_eq!(r.concat(), proto::simple_reply(0, 42));
+            assert_eq!(&ram.data.lock().unwrap()[8192..12288], &data[..]);
+            assert_eq!(ram.data.lock().unwrap()[8191], 0xEE);
+            let fl = std::sync::atomic::Ordering::SeqCst;
+            let before = ram.flushes.load(fl);
+            let r = write(
+                &e,
+                &req(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 0, 16),
+                &[1u8; 16],
+            );
+            assert_eq!(r.concat(), proto::simple_reply(0, 42));
+            assert_eq!(ram.flushes.load(fl), before + 1, "FUA flushes");
+            let r = execute(&e, &req(proto::CMD_FLUSH, 0, 0, 0));
+            assert_eq!(r.concat(), proto::simple_reply(0, 42));
+            assert_eq!(ram.flushes.load(fl), before + 2);
+            // Write zeroes, with NO_HOLE allowed.
+            let r = execute(
+                &e,
+                &req(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_NO_HOLE, 8192, 1024),
+            );
+            assert_eq!(r.concat(), proto::simple_reply(0, 42));
+            assert!(ram.data.lock().unwrap()[8192..9216].iter().all(|&b| b == 0));
+            assert_eq!(ram.data.lock().unwrap()[9216], 7);
+        }
+    }
+
+    #[test]
+    fn hostile_writes_get_clean_errors_and_change_nothing() {
+        for structured in [true, false] {
+            let (e, ram) = writable(structured);
+            let before = ram.data.lock().unwrap().clone();
+            // Beyond the end (and overflowing the offset): ENOSPC.
+            assert_eq!(
+                errno(
+                    &e,
+                    &write(&e, &req(proto::CMD_WRITE, 0, 62 << 10, 4096), &[1; 4096])
+                ),
+                proto::ENOSPC
+            );
+            assert_eq!(
+                errno(
+                    &e,
+                    &write(&e, &req(proto::CMD_WRITE, 0, u64::MAX - 1, 16), &[1; 16])
+                ),
+                proto::ENOSPC
+            );
+            assert_eq!(
+                errno(
+                    &e,
+                    &execute(&e, &req(proto::CMD_WRITE_ZEROES, 0, 60 << 10, 8192))
+                ),
+                proto::ENOSPC
+            );
+            // Larger than the maximum payload.
+            let over = if structured {
+                proto::EOVERFLOW
+            } else {
+                proto::EINVAL
+            };
+            assert_eq!(
+                errno(&e, &write(&e, &req(proto::CMD_WRITE, 0, 0, 56 << 10), &[])),
+                over
+            );
+            // A payload that does not match the header, and unknown flags.
+            assert_eq!(
+                errno(&e, &write(&e, &req(proto::CMD_WRITE, 0, 0, 16), &[1; 8])),
+                proto::EINVAL
+            );
+            assert_eq!(
+                errno(
+                    &e,
+                    &write(
+                        &e,
+                        &req(proto::CMD_WRITE, proto::CMD_FLAG_DF, 0, 4),
+                        &[1; 4]
+                    )
+                ),
+                proto::EINVAL
+            );
+            // TRIM is not advertised.
+            assert_eq!(
+                errno(&e, &execute(&e, &req(proto::CMD_TRIM, 0, 0, 512))),
+                proto::EINVAL
+            );
+            assert!(*ram.data.lock().unwrap() == before);
+            // The same write on a read-only export: EPERM.
+            let ro = export(structured);
+            assert_eq!(
+                errno(&ro, &write(&ro, &req(proto::CMD_WRITE, 0, 0, 16), &[1; 16])),
+                proto::EPERM
+            );
+        }
     }
 }

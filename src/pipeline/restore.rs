@@ -1,31 +1,21 @@
 //! Restore (and read-back verification) of one disk: index → workers that read,
-//! authenticate, decompress and check chunks → positional writes to the target.
+//! authenticate, decompress and check chunks → positional writes to the target
+//! ([`DiskTarget`]: a file, a block device, an NBD export, a hot-added disk), then
+//! one flush. Zero chunks are skipped when the target reads as zeroes.
 
 use super::{ChunkStore, FirstError, PipelineConfig, PipelineError};
 use crate::keys::{KeyId, SecretKey};
 use crate::progress::Progress;
 use crate::repo::format::{self, IndexEntry, IndexReader};
 use crate::repo::RepoError;
+use crate::transport::DiskTarget;
 use aes_gcm::Aes256Gcm;
 use crossbeam_channel::bounded;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 
-/// Where restored bytes go.
-pub struct Target<'a> {
-    /// Open file or block device.
-    pub file: &'a File,
-    /// The same target opened with `O_DIRECT`, when the file system supports it:
-    /// block-aligned writes go there, bypassing the page cache.
-    pub direct: Option<&'a File>,
-    /// Display name.
-    pub name: String,
-    /// The target reads as zeros where not written (a fresh regular file): zero
-    /// chunks are skipped, leaving holes. Otherwise zeros are written.
-    pub sparse: bool,
-}
+/// Most writer threads, whatever the target asks for.
+const MAX_WRITERS: usize = 16;
 
 /// Restore counters.
 #[derive(Clone, Debug, Default)]
@@ -112,22 +102,44 @@ fn decode_loaded(
     Ok(())
 }
 
-use crate::repo::fsutil::{aligned_window as aligned, DIRECT_ALIGN};
+use crate::repo::fsutil::aligned_window as aligned;
 
-/// Restore one disk from an authenticated index into `target`.
+/// Restore one disk from an authenticated index into `target`, then flush it.
 ///
-/// The calling thread reads the index and feeds N decode workers; one writer thread
-/// does every write to the target (concurrent `pwrite`s to one file only contend on
-/// its inode lock). Decoded chunks travel in a fixed pool of reused buffers.
+/// The calling thread reads the index and feeds N decode workers; the target's
+/// [`DiskTarget::parallel_writes`] writer threads do every write (one for files:
+/// concurrent `pwrite`s to one file only contend on its inode lock; one per
+/// connection for NBD, where each write waits for its reply). Decoded chunks travel
+/// in a fixed pool of reused, 4096-aligned buffers.
 pub fn restore_disk<R: Read + Send>(
     store: &dyn ChunkStore,
     mut index: IndexReader<R>,
     keys: &KeyTable,
     id_key: &SecretKey,
-    target: &Target<'_>,
+    target: &dyn DiskTarget,
     config: PipelineConfig,
     progress: &Progress,
 ) -> Result<RestoreStats, PipelineError> {
+    let target_err = |offset: u64, err: std::io::Error| PipelineError::Target {
+        path: target.label(),
+        offset,
+        err,
+    };
+    if target.size() < index.header.disk_size {
+        return Err(target_err(
+            0,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the target has {} bytes, the disk needs {}",
+                    target.size(),
+                    index.header.disk_size
+                ),
+            ),
+        ));
+    }
+    let skip_zeros = target.zero_filled();
+    let writers = target.parallel_writes().clamp(1, MAX_WRITERS);
     let header = index.header.clone();
     let cs = header.chunk_size as u64;
     let (tx, rx) = bounded::<(u64, IndexEntry)>(config.buffers);
@@ -163,7 +175,7 @@ pub fn restore_disk<R: Read + Send>(
                     let off = pos * cs;
                     if e.id.is_zero_marker() {
                         zero_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if target.sparse {
+                        if skip_zeros {
                             Progress::add(&progress.done, len as u64);
                         } else {
                             let _ = wtx.send((off, None, len));
@@ -184,34 +196,23 @@ pub fn restore_disk<R: Read + Send>(
         }
         drop(rx);
         drop(wtx);
-        {
-            let (written, pool_tx) = (&written, pool_tx.clone());
+        for _ in 0..writers {
+            let (written, pool_tx, wrx, target_err) =
+                (&written, pool_tx.clone(), wrx.clone(), &target_err);
             s.spawn(move || {
-                let mut since_hint = 0u64;
                 for (off, mut buf, len) in wrx {
                     if !errors.stopped() {
                         let data: &[u8] = match buf.as_mut() {
                             Some(b) => aligned(b, len),
                             None => &zeros[..len],
                         };
-                        match write_at(target, data, off) {
+                        match target.write_at(off, data) {
                             Ok(()) => {
                                 written.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
                                 Progress::add(&progress.written, len as u64);
                                 Progress::add(&progress.done, len as u64);
-                                since_hint += len as u64;
-                                if target.direct.is_none() && since_hint >= 64 << 20 {
-                                    // Keep the disk busy while we decode instead of
-                                    // flushing everything at the final fsync.
-                                    crate::repo::fsutil::start_writeback(target.file);
-                                    since_hint = 0;
-                                }
                             }
-                            Err(err) => errors.set(PipelineError::Target {
-                                path: target.name.clone(),
-                                offset: off,
-                                err,
-                            }),
+                            Err(err) => errors.set(target_err(off, err)),
                         }
                     }
                     if let Some(b) = buf {
@@ -220,6 +221,7 @@ pub fn restore_disk<R: Read + Send>(
                 }
             });
         }
+        drop(wrx);
         drop(pool_tx);
         let mut pos = 0u64;
         loop {
@@ -251,25 +253,8 @@ pub fn restore_disk<R: Read + Send>(
     if let Some(e) = errors.take() {
         return Err(e);
     }
+    target.flush().map_err(|err| target_err(0, err))?;
     stats.bytes_written = written.into_inner();
     stats.chunks_zero = zero_count.into_inner();
     Ok(stats)
-}
-
-/// Write `data` at `off`: the block-aligned part through the `O_DIRECT` handle when
-/// there is one, the rest (a short last chunk) through the buffered one.
-fn write_at(target: &Target<'_>, data: &[u8], off: u64) -> std::io::Result<()> {
-    match target.direct {
-        Some(d) if (off as usize).is_multiple_of(DIRECT_ALIGN) => {
-            let n = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-            if n > 0 {
-                d.write_all_at(&data[..n], off)?;
-            }
-            if n < data.len() {
-                target.file.write_all_at(&data[n..], off + n as u64)?;
-            }
-            Ok(())
-        }
-        _ => target.file.write_all_at(data, off),
-    }
 }

@@ -1,10 +1,14 @@
-//! Where disk blocks come from: the [`DiskSource`] trait and its implementations,
-//! and [`select`], the pure key-provider-aware choice of proxy and transport mode.
+//! Where disk blocks come from and where restores write them: the [`DiskSource`]
+//! and [`DiskTarget`] traits and their implementations, and [`select`], the pure
+//! key-provider-aware choice of proxy and transport mode.
 //!
-//! Implementations: [`file::FileSource`] (raw images and block devices),
+//! Sources: [`file::FileSource`] (raw images and block devices),
 //! [`hotadd::HotAddSource`] (a snapshot disk hot-added to this proxy VM) and
-//! [`nbd::NbdSource`] (NBD and NBD-SSL). This module must not know about
-//! repositories or encryption.
+//! [`nbd::NbdSource`] (NBD and NBD-SSL). Targets: [`file::FileTarget`] (a new
+//! sparse file, an existing block device), [`hotadd::HotAddTarget`] (a new virtual
+//! disk hot-added to this proxy VM) and [`nbd::NbdTarget`] (a writable NBD(-SSL)
+//! export, a vSphere write ticket). This module must not know about repositories
+//! or encryption.
 
 pub mod file;
 pub mod hotadd;
@@ -86,4 +90,30 @@ pub trait DiskSource: Send + Sync {
     }
     /// Fill `buf` from `offset`; the range must lie inside the disk.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+}
+
+/// A writable disk a restore writes into: a new raw image, a block device, a
+/// writable NBD export, a hot-added virtual disk's device.
+///
+/// `write_at` may be called from several threads at once, always for disjoint
+/// ranges. Errors are plain I/O errors; the caller names the target and offset.
+pub trait DiskTarget: Send + Sync {
+    /// Label for logs and errors (never a credential such as an NBD ticket).
+    fn label(&self) -> String;
+    /// Transport name ("file", "hotadd", "nbdssl", "nbd").
+    fn transport(&self) -> &'static str;
+    /// Size in bytes (at least the size of the disk restored into it).
+    fn size(&self) -> u64;
+    /// Whether every byte not written reads as zero (a new sparse file, a freshly
+    /// created virtual disk): the restore then skips zero chunks instead of
+    /// writing them.
+    fn zero_filled(&self) -> bool;
+    /// How many writes are worth having in flight (NBD connections); default 1.
+    fn parallel_writes(&self) -> usize {
+        1
+    }
+    /// Write all of `data` at `offset` (inside the target).
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+    /// Make everything written so far durable.
+    fn flush(&self) -> std::io::Result<()>;
 }

@@ -1,7 +1,9 @@
 //! HotAdd through vCenter: attach an existing snapshot disk to ferry's proxy VM
-//! (`ReconfigVM_Task`, device add, **no** `fileOperation`: the file exists) and
-//! detach it again (device remove, **never** `fileOperation = destroy`). Slot choice
-//! (a free unit on a SCSI controller of the proxy) is pure and serialised per client.
+//! (`ReconfigVM_Task`, device add, **no** `fileOperation`: the file exists,
+//! `independent_nonpersistent`: nothing is written into it) and detach it again
+//! (device remove, **never** `fileOperation = destroy`). Restores attach the new
+//! disk they created writable instead (`independent_persistent`). Slot choice (a
+//! free unit on a SCSI controller of the proxy) is pure and serialised per client.
 //! A refusal because the proxy is encrypted under another key provider is
 //! [`VsphereError::Crypto`].
 
@@ -29,7 +31,15 @@ pub struct AttachedDisk {
     /// Backing uuid as the proxy sees it (the HotAdd device name, dashes removed and
     /// lower-cased, appears under the proxy's `/dev/disk/by-id`).
     pub uuid: Option<String>,
+    /// Attached writable (`independent_persistent`, a restore's new disk) rather
+    /// than read-only (`independent_nonpersistent`, a snapshot's disk).
+    pub writable: bool,
 }
+
+/// Disk mode of a read-only HotAdd (snapshot disks for backups).
+pub const READ_ONLY_MODE: &str = "independent_nonpersistent";
+/// Disk mode of a writable HotAdd (a restore's new disk).
+pub const WRITABLE_MODE: &str = "independent_persistent";
 
 impl AttachedDisk {
     /// The name the disk gets under the proxy's device directory: the backing uuid
@@ -51,12 +61,13 @@ fn write_disk(
     unit: i32,
     capacity: u64,
     file_name: &str,
+    mode: &str,
 ) {
     // VirtualDevice then VirtualDisk fields, WSDL order.
     b.open_typed("device", "VirtualDisk").leaf("key", key);
     b.open_typed("backing", "VirtualDiskFlatVer2BackingInfo")
         .leaf("fileName", file_name)
-        .leaf("diskMode", "independent_nonpersistent")
+        .leaf("diskMode", mode)
         .close("backing");
     b.leaf("controllerKey", controller_key)
         .leaf("unitNumber", unit)
@@ -73,9 +84,22 @@ pub fn add_disk_change(
     capacity: u64,
     file_name: &str,
 ) {
+    add_disk_change_mode(b, controller_key, unit, capacity, file_name, READ_ONLY_MODE);
+}
+
+/// [`add_disk_change`] with disk mode `mode` ([`READ_ONLY_MODE`] or
+/// [`WRITABLE_MODE`]).
+pub fn add_disk_change_mode(
+    b: &mut Body,
+    controller_key: i32,
+    unit: i32,
+    capacity: u64,
+    file_name: &str,
+    mode: &str,
+) {
     b.open_typed("deviceChange", "VirtualDeviceConfigSpec")
         .leaf("operation", "add");
-    write_disk(b, -100, controller_key, unit, capacity, file_name);
+    write_disk(b, -100, controller_key, unit, capacity, file_name, mode);
     b.close("deviceChange");
 }
 
@@ -90,6 +114,11 @@ pub fn remove_disk_change(b: &mut Body, d: &AttachedDisk) {
         d.unit_number,
         d.capacity_bytes,
         &d.file_name,
+        if d.writable {
+            WRITABLE_MODE
+        } else {
+            READ_ONLY_MODE
+        },
     );
     b.close("deviceChange");
 }
@@ -124,9 +153,40 @@ impl Client {
         proxy: &MoRef,
         disk: &VirtualDisk,
     ) -> Result<AttachedDisk, VsphereError> {
+        self.attach(proxy, disk, false).await
+    }
+
+    /// Attach `disk` (a new disk a restore created on another VM, from
+    /// [`Client::create_disk`]) to the proxy VM `proxy` writable
+    /// (independent-persistent), so the restore writes it as a local device. The
+    /// same key-provider rules apply as for snapshot disks.
+    pub async fn attach_disk_for_write(
+        &self,
+        proxy: &MoRef,
+        disk: &VirtualDisk,
+    ) -> Result<AttachedDisk, VsphereError> {
+        self.attach(proxy, disk, true).await
+    }
+
+    async fn attach(
+        &self,
+        proxy: &MoRef,
+        disk: &VirtualDisk,
+        writable: bool,
+    ) -> Result<AttachedDisk, VsphereError> {
         let lock = self.hotadd_lock(proxy);
         let _serial = lock.lock().await;
-        let doing = format!("hot-adding {} to proxy VM {}", disk.file_name, proxy.value);
+        let doing = format!(
+            "hot-adding {} to proxy VM {}{}",
+            disk.file_name,
+            proxy.value,
+            if writable { " for writing" } else { "" }
+        );
+        let mode = if writable {
+            WRITABLE_MODE
+        } else {
+            READ_ONLY_MODE
+        };
         let p = self.vm(proxy).await?;
         let (ctrl, unit) =
             free_scsi_slot(&p.devices).ok_or_else(|| VsphereError::InvalidState {
@@ -139,7 +199,7 @@ impl Client {
                 ),
             })?;
         self.reconfigure(proxy, &doing, |b| {
-            add_disk_change(b, ctrl, unit, disk.capacity_bytes, &disk.file_name)
+            add_disk_change_mode(b, ctrl, unit, disk.capacity_bytes, &disk.file_name, mode)
         })
         .await?;
         let after = self.vm(proxy).await?;
@@ -149,7 +209,7 @@ impl Client {
                 "ReconfigVM_Task succeeded but the disk is not on the proxy VM",
             )
         })?;
-        tracing::info!(proxy = %p.name, file = %disk.file_name, key = d.key, "disk hot-added");
+        tracing::info!(proxy = %p.name, file = %disk.file_name, key = d.key, writable, "disk hot-added");
         Ok(AttachedDisk {
             proxy: proxy.clone(),
             key: d.key,
@@ -158,6 +218,7 @@ impl Client {
             file_name: d.file_name.clone(),
             capacity_bytes: d.capacity_bytes,
             uuid: d.uuid.clone(),
+            writable,
         })
     }
 
@@ -189,13 +250,18 @@ pub fn find_attached<'a>(
 }
 
 /// Disks ferry hot-added to `proxy` (and that are still there): ferry attaches
-/// snapshot disks as `independent_nonpersistent`, which a proxy's own disks never are.
-/// The orphan sweep detaches these after a crash.
+/// snapshot disks as `independent_nonpersistent`, which a proxy's own disks never
+/// are, and restore disks as `independent_persistent` with a file named
+/// `ferry-restore-*`. The orphan sweep detaches these after a crash.
 pub fn ferry_attached(proxy: &Vm) -> Vec<AttachedDisk> {
     proxy
         .disks
         .iter()
-        .filter(|d| d.disk_mode.as_deref() == Some("independent_nonpersistent"))
+        .filter(|d| {
+            d.disk_mode.as_deref() == Some(READ_ONLY_MODE)
+                || (d.disk_mode.as_deref() == Some(WRITABLE_MODE)
+                    && super::newdisk::is_restore_disk(&d.file_name))
+        })
         .filter_map(|d| {
             Some(AttachedDisk {
                 proxy: proxy.moref.clone(),
@@ -205,6 +271,7 @@ pub fn ferry_attached(proxy: &Vm) -> Vec<AttachedDisk> {
                 file_name: d.file_name.clone(),
                 capacity_bytes: d.capacity_bytes,
                 uuid: d.uuid.clone(),
+                writable: d.disk_mode.as_deref() == Some(WRITABLE_MODE),
             })
         })
         .collect()
@@ -267,6 +334,7 @@ mod tests {
             file_name: "[ds1] a.vmdk".into(),
             capacity_bytes: 1 << 20,
             uuid: Some("6000C29a-3b4C".into()),
+            writable: false,
         };
         let mut b = Body::default();
         remove_disk_change(&mut b, &d);

@@ -1,7 +1,7 @@
 //! ferry's vSphere control plane: a vim25 SOAP client for vCenter (reqwest on
 //! ferry's own rustls configuration + quick-xml), giving the backup job everything it
 //! asks of vCenter. See `docs/vsphere.md` (methods, privileges, certificate pinning,
-//! troubleshooting) and `VSPHERE-CONTRACT.md` (the shapes ferry and its mock share).
+//! troubleshooting, and the shapes ferry and its mock share).
 //!
 //! Layout, one job per file:
 //! - [`xml`]: hardened XML → bounded element tree (size/depth/count caps, no DTD).
@@ -14,8 +14,10 @@
 //! - [`tasks`]: waiting for tasks.
 //! - [`snapshot`]: create/remove/read snapshots, leftover `ferry-*` snapshots.
 //! - [`cbt`]: enable CBT, QueryChangedDiskAreas with paging.
-//! - [`hotadd`]: attach/detach a snapshot disk to the proxy VM.
-//! - [`ticket`]: NBD tickets.
+//! - [`hotadd`]: attach/detach a snapshot disk (or, writable, a restore's new
+//!   disk) to the proxy VM.
+//! - [`newdisk`]: create a restore's new disk on a VM, destroy it after a failure.
+//! - [`ticket`]: NBD tickets (read a snapshot disk, write a VM's new disk).
 //!
 //! A backup job uses, in order: [`Client::connect`], [`Client::vm_by_name`] (config,
 //! disks, key provider, CBT), [`Client::enable_cbt`] if needed,
@@ -23,7 +25,10 @@
 //! [`Client::changed_areas`] and either [`Client::attach_disk`] /
 //! [`Client::detach_disk`] or [`Client::nbd_ticket`], and always
 //! [`Client::remove_snapshot`] and [`Client::logout`]. [`Client::ferry_snapshots`]
-//! lists what crashed jobs left behind.
+//! lists what crashed jobs left behind. A restore into a VM uses
+//! [`Client::create_disk`], then [`Client::attach_disk_for_write`] /
+//! [`Client::detach_disk`] or [`Client::nbd_write_ticket`], and on failure
+//! [`Client::destroy_disk`].
 
 pub mod cbt;
 pub mod client;
@@ -31,6 +36,7 @@ pub mod collector;
 pub mod error;
 pub mod hotadd;
 pub mod inventory;
+pub mod newdisk;
 pub mod snapshot;
 pub mod soap;
 pub mod tasks;
@@ -45,6 +51,7 @@ pub use client::{Client, ClientConfig, Replay, ServerTrust};
 pub use error::VsphereError;
 pub use hotadd::AttachedDisk;
 pub use inventory::glob_match;
+pub use newdisk::NewDiskSpec;
 pub use snapshot::{snapshot_name, LeftoverSnapshot, SNAPSHOT_DESCRIPTION_PREFIX, SNAPSHOT_PREFIX};
 pub use types::{
     Cluster, CryptoKeyId, Datastore, DiskArea, DiskChangeInfo, Host, MoRef, NbdTicket,

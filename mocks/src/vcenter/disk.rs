@@ -394,6 +394,65 @@ impl Disk {
         c.layers.last().map(|l| l.name.clone()).unwrap_or_default()
     }
 
+    /// Path of the live (top) layer file on the mock's file system.
+    pub fn live_path(&self) -> PathBuf {
+        let c = lock(&self.inner);
+        c.layers.last().map(|l| l.path.clone()).unwrap_or_default()
+    }
+
+    /// Every layer file of the disk (to delete them when the disk is destroyed).
+    pub fn files(&self) -> Vec<PathBuf> {
+        lock(&self.inner)
+            .layers
+            .iter()
+            .map(|l| l.path.clone())
+            .collect()
+    }
+
+    /// After the live layer file was written directly (a disk hot-added writable
+    /// to a proxy writes through its device entry): mark every block holding a
+    /// non-zero byte as allocated, and log newly allocated blocks as changed when
+    /// CBT is on. Only for a disk without snapshots (the live layer is the base).
+    /// Returns the number of blocks newly marked.
+    pub fn rescan_live(&self) -> Result<u64, DiskError> {
+        let mut c = lock(&self.inner);
+        if c.layers.len() != 1 {
+            return Err(DiskError::Invalid {
+                file: self.base_name.clone(),
+                why: "written directly while it has snapshots".into(),
+            });
+        }
+        let layer = c.layers[0].clone();
+        let capacity = c.capacity;
+        let mut buf = vec![0u8; COPY_CHUNK as usize];
+        let mut fresh = RangeSet::new();
+        let mut pos = 0u64;
+        while pos < capacity {
+            let n = (capacity - pos).min(COPY_CHUNK) as usize;
+            layer
+                .file
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(io_err(&layer.path))?;
+            for (i, blk) in buf[..n].chunks(BLOCK as usize).enumerate() {
+                let b = pos / BLOCK + i as u64;
+                if !layer.has(b) && blk.iter().any(|&x| x != 0) {
+                    fresh.insert(b, b + 1);
+                }
+            }
+            pos += n as u64;
+        }
+        let mut count = 0;
+        for (s, e) in fresh.iter() {
+            layer.mark(s, e);
+            count += e - s;
+        }
+        if let Some(cbt) = c.cbt.as_mut() {
+            let cur = cbt.current;
+            cbt.log.entry(cur).or_default().union_with(&fresh);
+        }
+        Ok(count)
+    }
+
     /// The live changeId, when CBT is on.
     pub fn live_change_id(&self) -> Option<String> {
         lock(&self.inner)

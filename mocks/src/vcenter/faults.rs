@@ -37,6 +37,9 @@ pub struct FailTasks {
     /// Message (default: says it was injected).
     #[serde(default)]
     pub message: Option<String>,
+    /// Only tasks on this entity (VM name or moref id); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<String>,
 }
 
 /// Drop the connection of the next `count` matching SOAP requests.
@@ -80,12 +83,21 @@ impl FaultPlan {
         }
     }
 
-    /// Consume one injected failure for a new task of `method`.
-    pub fn take_task_failure(&mut self, method: &str) -> Option<Fault> {
-        let i = self
-            .fail_tasks
-            .iter()
-            .position(|f| f.count > 0 && matches(&f.method, method))?;
+    /// Consume one injected failure for a new task of `method` on the entity with
+    /// moref id `entity_id` and name `entity_name`.
+    pub fn take_task_failure(
+        &mut self,
+        method: &str,
+        entity_id: &str,
+        entity_name: &str,
+    ) -> Option<Fault> {
+        let i = self.fail_tasks.iter().position(|f| {
+            f.count > 0
+                && matches(&f.method, method)
+                && f.entity
+                    .as_deref()
+                    .is_none_or(|e| e == entity_id || e == entity_name)
+        })?;
         let f = &mut self.fail_tasks[i];
         f.count -= 1;
         let fault = vim::injected(
@@ -121,6 +133,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn filters_by_entity_name_or_moref() {
+        let mut p = FaultPlan {
+            fail_tasks: vec![FailTasks {
+                count: 2,
+                method: None,
+                fault: None,
+                message: None,
+                entity: Some("proxy-a".into()),
+            }],
+            ..Default::default()
+        };
+        assert!(p
+            .take_task_failure("ReconfigVM_Task", "vm-9", "web")
+            .is_none());
+        assert!(p
+            .take_task_failure("ReconfigVM_Task", "vm-3", "proxy-a")
+            .is_some());
+        assert!(p
+            .take_task_failure("ReconfigVM_Task", "proxy-a", "x")
+            .is_some());
+        assert!(p.fail_tasks.is_empty());
+    }
+
+    #[test]
     fn consumes_in_order_and_filters_by_method() {
         let mut p = FaultPlan {
             fail_tasks: vec![FailTasks {
@@ -128,6 +164,7 @@ mod tests {
                 method: Some("CreateSnapshot_Task".into()),
                 fault: Some("FileLocked".into()),
                 message: None,
+                entity: None,
             }],
             drop_connections: vec![DropConnections {
                 count: 1,
@@ -140,13 +177,22 @@ mod tests {
             }),
             task_ms: 0,
         };
-        assert!(p.take_task_failure("ReconfigVM_Task").is_none());
+        assert!(p
+            .take_task_failure("ReconfigVM_Task", "vm-1", "web")
+            .is_none());
         assert_eq!(
-            p.take_task_failure("CreateSnapshot_Task").unwrap().obj.ty,
+            p.take_task_failure("CreateSnapshot_Task", "vm-1", "web")
+                .unwrap()
+                .obj
+                .ty,
             "FileLocked"
         );
-        assert!(p.take_task_failure("CreateSnapshot_Task").is_some());
-        assert!(p.take_task_failure("CreateSnapshot_Task").is_none());
+        assert!(p
+            .take_task_failure("CreateSnapshot_Task", "vm-1", "web")
+            .is_some());
+        assert!(p
+            .take_task_failure("CreateSnapshot_Task", "vm-1", "web")
+            .is_none());
         assert_eq!(p.take_drop("Fetch"), Some(true));
         assert_eq!(p.take_drop("Fetch"), None);
         assert_eq!(p.latency_for("Login"), Duration::from_millis(5));

@@ -6,7 +6,7 @@
 //! blocking threads).
 
 use super::codec::{Element, Fault, MoRef, Request, Returns, Val};
-use super::inventory::{AddDisk, DeviceChange, ReconfigSpec};
+use super::inventory::{AddDisk, CreateDisk, DeviceChange, ReconfigSpec};
 use super::propcoll::{self, Ctx};
 use super::session::View;
 use super::vim;
@@ -570,13 +570,65 @@ pub fn parse_config_spec(spec: &Element) -> Result<ReconfigSpec, Fault> {
         }
         let key: i32 =
             num(device, "key")?.ok_or_else(|| vim::invalid_device(i, "device.key is missing"))?;
-        if let Some(fo) = dc.text_of("fileOperation") {
-            return Err(vim::not_supported(format!(
-                "fileOperation {fo:?}: the mock vCenter never creates or destroys disk files (hot-add existing disks without fileOperation)"
-            )));
-        }
-        match op {
-            "add" => {
+        let file_op = dc.text_of("fileOperation").filter(|f| !f.is_empty());
+        match (op, file_op) {
+            ("add", Some("create")) => {
+                let backing = device
+                    .child("backing")
+                    .ok_or_else(|| vim::invalid_device(i, "device.backing is missing"))?;
+                let file_name = backing
+                    .text_of("fileName")
+                    .filter(|f| !f.is_empty())
+                    .ok_or_else(|| {
+                        vim::invalid_device(i, "backing.fileName is missing (give at least \"[datastore]\")")
+                    })?;
+                let capacity = match num::<u64>(device, "capacityInBytes")? {
+                    Some(b) => b,
+                    None => num::<u64>(device, "capacityInKB")?
+                        .and_then(|k| k.checked_mul(1024))
+                        .ok_or_else(|| {
+                            vim::invalid_device(i, "capacityInBytes or capacityInKB is missing")
+                        })?,
+                };
+                let crypto = match dc.child("backing").and_then(|b| b.child("crypto")) {
+                    None => None,
+                    Some(c) if c.xsi_type() == Some("CryptoSpecEncrypt") => {
+                        let id = c.child("cryptoKeyId").ok_or_else(|| {
+                            vim::invalid_device(i, "CryptoSpecEncrypt without cryptoKeyId")
+                        })?;
+                        Some((
+                            id.text_of("keyId").unwrap_or("").to_string(),
+                            id.child("providerId")
+                                .and_then(|p| p.text_of("id"))
+                                .filter(|p| !p.is_empty())
+                                .map(str::to_string),
+                        ))
+                    }
+                    Some(c) => {
+                        return Err(vim::not_supported(format!(
+                            "crypto spec {} on a new disk is not supported by the mock vCenter (CryptoSpecEncrypt is)",
+                            c.xsi_type().unwrap_or("CryptoSpec")
+                        )))
+                    }
+                };
+                changes.push(DeviceChange::Create(CreateDisk {
+                    key,
+                    controller_key: num(device, "controllerKey")?
+                        .unwrap_or(super::inventory::SCSI_KEY),
+                    unit: num(device, "unitNumber")?,
+                    file_name: file_name.to_string(),
+                    capacity,
+                    disk_mode: backing.text_of("diskMode").unwrap_or("persistent").into(),
+                    crypto,
+                }));
+            }
+            ("remove", Some("destroy")) => changes.push(DeviceChange::Destroy { key }),
+            (_, Some(fo)) => {
+                return Err(vim::not_supported(format!(
+                    "fileOperation {fo:?} with operation {op:?} is not supported by the mock vCenter (add+create and remove+destroy are)"
+                )))
+            }
+            ("add", None) => {
                 let backing = device
                     .child("backing")
                     .ok_or_else(|| vim::invalid_device(i, "device.backing is missing"))?;
@@ -593,8 +645,8 @@ pub fn parse_config_spec(spec: &Element) -> Result<ReconfigSpec, Fault> {
                     disk_mode: backing.text_of("diskMode").unwrap_or("persistent").into(),
                 }));
             }
-            "remove" => changes.push(DeviceChange::Remove { key }),
-            other => {
+            ("remove", None) => changes.push(DeviceChange::Remove { key }),
+            (other, None) => {
                 return Err(vim::not_supported(format!(
                     "deviceChange operation {other:?} is not supported by the mock vCenter (add and remove are)"
                 )))
@@ -997,8 +1049,26 @@ host = "h"
         );
         let destroy = parse(br#"<spec><deviceChange><operation>remove</operation><fileOperation>destroy</fileOperation><device xsi:type="VirtualDisk"><key>2001</key></device></deviceChange></spec>"#).unwrap();
         assert_eq!(
-            parse_config_spec(&destroy).unwrap_err().obj.ty,
+            parse_config_spec(&destroy).unwrap().changes,
+            vec![DeviceChange::Destroy { key: 2001 }]
+        );
+        let replace = parse(br#"<spec><deviceChange><operation>edit</operation><fileOperation>replace</fileOperation><device xsi:type="VirtualDisk"><key>2001</key></device></deviceChange></spec>"#).unwrap();
+        assert_eq!(
+            parse_config_spec(&replace).unwrap_err().obj.ty,
             "NotSupported"
+        );
+        let create = parse(br#"<spec><deviceChange><operation>add</operation><fileOperation>create</fileOperation><device xsi:type="VirtualDisk"><key>-200</key><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds-a] web/ferry-restore-j-disk0.vmdk</fileName><diskMode>persistent</diskMode></backing><controllerKey>1000</controllerKey><capacityInKB>8</capacityInKB></device><backing xsi:type="VirtualDeviceConfigSpecBackingSpec"><crypto xsi:type="CryptoSpecEncrypt"><cryptoKeyId><keyId>k1</keyId><providerId><id>KMS-A</id></providerId></cryptoKeyId></crypto></backing></deviceChange></spec>"#).unwrap();
+        assert_eq!(
+            parse_config_spec(&create).unwrap().changes,
+            vec![DeviceChange::Create(CreateDisk {
+                key: -200,
+                controller_key: 1000,
+                unit: None,
+                file_name: "[ds-a] web/ferry-restore-j-disk0.vmdk".into(),
+                capacity: 8192,
+                disk_mode: "persistent".into(),
+                crypto: Some(("k1".into(), Some("KMS-A".into()))),
+            })]
         );
         let nic = parse(br#"<spec><deviceChange><operation>add</operation><device xsi:type="VirtualE1000"><key>-1</key></device></deviceChange></spec>"#).unwrap();
         assert_eq!(parse_config_spec(&nic).unwrap_err().obj.ty, "NotSupported");

@@ -1,7 +1,8 @@
 //! The inventory model: datacenter, clusters, hosts, datastores, key providers, VMs
 //! and proxy VMs, their disks, snapshots and hot-added disks, and the vSphere rules
 //! that govern changes to them (snapshot create/remove, CBT, hot-add across key
-//! providers and datastores, guest writes, key provider changes).
+//! providers and datastores, new disks created and destroyed by ReconfigVM, guest
+//! writes, key provider changes).
 //!
 //! Owns the state and the rules; must not speak SOAP or HTTP. Operations return
 //! vim25 faults ([`Fault`]) because that is how vSphere reports rule violations.
@@ -26,6 +27,13 @@ pub const SCSI_CONTROLLER_UNIT: i32 = 7;
 
 /// The root folder's id.
 pub const ROOT_FOLDER: &str = "group-d1";
+
+/// Disk mode of a read-only hot-add (a snapshot's disk).
+pub const READ_ONLY_MODE: &str = "independent_nonpersistent";
+/// Disk mode of a writable hot-add (another VM's live disk).
+pub const WRITABLE_MODE: &str = "independent_persistent";
+/// Largest disk ReconfigVM creates (vSphere's 62 TiB).
+pub const MAX_NEW_DISK: u64 = 62 << 40;
 
 /// A VM or disk encryption key: `CryptoKeyId { keyId, providerId.id }`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,14 +172,27 @@ pub struct Snapshot {
     pub disks: Vec<SnapDisk>,
 }
 
-/// A snapshot disk hot-added to this VM.
+/// What a hot-added disk reads and writes.
+#[derive(Debug)]
+pub enum AttachSource {
+    /// A snapshot's frozen disk, read-only (keeps the snapshot open, which blocks
+    /// its removal while attached).
+    Frozen(Frozen),
+    /// Another VM's live disk (one without snapshots, e.g. a restore's new disk),
+    /// attached writable: the device entry is its file; the allocation is
+    /// rescanned at detach.
+    Live(Arc<Disk>),
+}
+
+/// A disk hot-added to this VM (a snapshot disk read-only, or another VM's live
+/// disk writable).
 #[derive(Debug)]
 pub struct Attached {
     /// Device key on this VM.
     pub key: i32,
     /// Unit number.
     pub unit: i32,
-    /// Datastore path of the frozen file.
+    /// Datastore path of the frozen (or live) file.
     pub file_name: String,
     /// Capacity.
     pub capacity: u64,
@@ -183,7 +204,7 @@ pub struct Attached {
     pub crypto: Option<CryptoKey>,
     /// Source VM moref id.
     pub source_vm: String,
-    /// Source snapshot moref id.
+    /// Source snapshot moref id (empty for a live disk).
     pub source_snapshot: String,
     /// Source disk device key.
     pub source_disk_key: i32,
@@ -191,8 +212,15 @@ pub struct Attached {
     pub entry: Option<PathBuf>,
     /// Flattened copy behind the entry, when the frozen chain has several layers.
     pub materialized: Option<PathBuf>,
-    /// Keeps the snapshot open (blocks its removal) while attached.
-    pub frozen: Frozen,
+    /// The frozen snapshot (kept open) or the live disk.
+    pub source: AttachSource,
+}
+
+impl Attached {
+    /// Attached writable (`independent_persistent`: a live disk).
+    pub fn writable(&self) -> bool {
+        matches!(self.source, AttachSource::Live(_))
+    }
 }
 
 /// A virtual machine (workload or proxy).
@@ -559,6 +587,17 @@ impl Inventory {
         description: &str,
         quiesce: bool,
     ) -> Result<String, Fault> {
+        for d in &self.vms[vi].disks {
+            if let Some(by) = self.live_attached_by(&d.disk) {
+                return Err(vim::file_locked(
+                    &d.disk.live_file_name(),
+                    format!(
+                        "Unable to access file {} since it is locked: it is hot-added to VM {by} for writing",
+                        d.disk.live_file_name()
+                    ),
+                ));
+            }
+        }
         let id = self.ids.next("snapshot-");
         let vm = &mut self.vms[vi];
         let mut disks: Vec<SnapDisk> = Vec::new();
@@ -646,17 +685,29 @@ impl Inventory {
         }
     }
 
-    /// Find the snapshot disk behind datastore file `file_name`.
-    fn source_of_file(&self, file_name: &str) -> Result<(usize, usize, usize), Fault> {
+    /// The VM (name) that has `disk` hot-added writable, if any.
+    pub fn live_attached_by(&self, disk: &Arc<Disk>) -> Option<&str> {
+        self.vms.iter().find_map(|v| {
+            v.attached
+                .iter()
+                .any(|a| matches!(&a.source, AttachSource::Live(d) if Arc::ptr_eq(d, disk)))
+                .then_some(v.name.as_str())
+        })
+    }
+
+    /// Find the disk behind datastore file `file_name`: a snapshot's frozen disk,
+    /// or, when `live_ok`, a VM's live disk.
+    fn source_of_file(&self, file_name: &str, live_ok: bool) -> Result<FileSource, Fault> {
         for (vi, vm) in self.vms.iter().enumerate() {
-            for d in &vm.disks {
+            for (di, d) in vm.disks.iter().enumerate() {
                 match d.disk.find_file(file_name) {
                     None => continue,
+                    Some(FileRole::Live) if live_ok => return Ok(FileSource::Live(vi, di)),
                     Some(FileRole::Live) => {
                         return Err(vim::file_locked(
                             file_name,
                             format!(
-                                "Unable to access file {file_name} since it is locked: it is the running disk of VM {}; hot-add a snapshot's disk instead",
+                                "Unable to access file {file_name} since it is locked: it is the running disk of VM {}; hot-add a snapshot's disk instead (independent_nonpersistent), or attach it independent_persistent to write it",
                                 vm.name
                             ),
                         ))
@@ -672,7 +723,7 @@ impl Inventory {
                                 .iter()
                                 .position(|sd| sd.key == d.key)
                                 .unwrap_or(0);
-                            return Ok((vi, si, sdi));
+                            return Ok(FileSource::Snapshot(vi, si, sdi));
                         }
                     }
                 }
@@ -685,13 +736,17 @@ impl Inventory {
     }
 
     /// Check a ReconfigVM spec against vSphere's rules and open what it attaches.
-    /// Nothing changes yet; [`Inventory::apply_reconfig`] applies the plan.
+    /// Nothing changes yet; [`ReconfigPlan::prepare_devices`] does the file work
+    /// (device entries, new disk files) and [`Inventory::apply_reconfig`] applies
+    /// the plan.
     pub fn plan_reconfig(&self, vi: usize, spec: &ReconfigSpec) -> Result<ReconfigPlan, Fault> {
         let vm = &self.vms[vi];
         let mut plan = ReconfigPlan {
             cbt: spec.cbt,
             adds: Vec::new(),
             removes: Vec::new(),
+            creates: Vec::new(),
+            destroys: Vec::new(),
         };
         let mut units = vm.used_units();
         let mut keys = vm.used_keys();
@@ -708,7 +763,7 @@ impl Inventory {
                         plan.removes.push(*key);
                     } else if vm.disk(*key).is_some() {
                         return Err(vim::not_supported(format!(
-                            "the mock vCenter only removes hot-added disks; device {key} is one of {}'s own disks",
+                            "the mock vCenter only removes hot-added disks, or its own disks with fileOperation destroy; device {key} is one of {}'s own disks",
                             vm.name
                         )));
                     } else {
@@ -718,23 +773,98 @@ impl Inventory {
                         ));
                     }
                 }
+                DeviceChange::Destroy { key } => {
+                    let Some(d) = vm.disk(*key) else {
+                        if vm.attached.iter().any(|a| a.key == *key) {
+                            return Err(vim::not_supported(format!(
+                                "fileOperation destroy of hot-added device {key} would delete another VM's disk file; remove it without fileOperation"
+                            )));
+                        }
+                        return Err(vim::invalid_device(
+                            i,
+                            format!("The device '{key}' does not exist on VM {}", vm.name),
+                        ));
+                    };
+                    if plan.destroys.contains(key) {
+                        return Err(vim::invalid_device(
+                            i,
+                            format!("device {key} is removed twice"),
+                        ));
+                    }
+                    if !d.disk.snapshot_ids().is_empty() {
+                        return Err(vim::invalid_state(format!(
+                            "disk {} of VM {} has snapshots; remove them before destroying the disk",
+                            d.label, vm.name
+                        )));
+                    }
+                    if let Some(by) = self.live_attached_by(&d.disk) {
+                        return Err(vim::file_locked(
+                            &d.disk.live_file_name(),
+                            format!(
+                                "Unable to access file {} since it is locked: it is hot-added to VM {by}; detach it first",
+                                d.disk.live_file_name()
+                            ),
+                        ));
+                    }
+                    plan.destroys.push(*key);
+                }
+                DeviceChange::Create(c) => {
+                    let p = self.plan_create(vi, i, c, &mut units, &mut keys, &plan.creates)?;
+                    plan.creates.push(p);
+                }
                 DeviceChange::Add(a) => {
-                    let (svi, si, sdi) = self.source_of_file(&a.file_name)?;
-                    let src_vm = &self.vms[svi];
-                    let snap = &src_vm.snapshots[si];
-                    let sd = &snap.disks[sdi];
-                    if a.disk_mode != "independent_nonpersistent" {
+                    let live_ok = a.disk_mode == WRITABLE_MODE;
+                    let (src_vm, snap_id, sd) = match self.source_of_file(&a.file_name, live_ok)? {
+                        FileSource::Snapshot(svi, si, sdi) => {
+                            let src_vm = &self.vms[svi];
+                            let snap = &src_vm.snapshots[si];
+                            (
+                                src_vm,
+                                Some(snap.id.clone()),
+                                DiskRef::Snap(&snap.disks[sdi]),
+                            )
+                        }
+                        FileSource::Live(svi, di) => {
+                            let src_vm = &self.vms[svi];
+                            (src_vm, None, DiskRef::Live(&src_vm.disks[di]))
+                        }
+                    };
+                    let (sd_key, sd_datastore, sd_crypto, sd_uuid) = match sd {
+                        DiskRef::Snap(d) => (d.key, d.datastore, &d.crypto, &d.uuid),
+                        DiskRef::Live(d) => (d.key, d.datastore, &d.crypto, &d.uuid),
+                    };
+                    if snap_id.is_some() && a.disk_mode != READ_ONLY_MODE {
                         return Err(vim::invalid_device(
                             i,
                             format!(
-                                "diskMode {:?} would write into snapshot file {}; hot-add it as independent_nonpersistent",
+                                "diskMode {:?} would write into snapshot file {}; hot-add it as {READ_ONLY_MODE}",
                                 a.disk_mode, a.file_name
                             ),
                         ));
                     }
+                    if let DiskRef::Live(d) = sd {
+                        if src_vm.id == vm.id {
+                            return Err(vim::invalid_device(
+                                i,
+                                format!("{} is already a disk of VM {}", a.file_name, vm.name),
+                            ));
+                        }
+                        if !d.disk.snapshot_ids().is_empty() {
+                            return Err(vim::invalid_state(format!(
+                                "disk {} of VM {} has snapshots; the mock vCenter attaches a live disk for writing only when it has none",
+                                a.file_name, src_vm.name
+                            )));
+                        }
+                        if let Some(by) = self.live_attached_by(&d.disk) {
+                            return Err(vim::file_locked(
+                                &a.file_name,
+                                format!("Unable to access file {} since it is locked: it is attached to VM {by}", a.file_name),
+                            ));
+                        }
+                    }
                     let host = &self.hosts[vm.host];
-                    if !host.datastores.contains(&sd.datastore) {
-                        let ds = &self.datastores[sd.datastore];
+                    if !host.datastores.contains(&sd_datastore) {
+                        let ds = &self.datastores[sd_datastore];
                         return Err(vim::invalid_datastore(
                             &ds.id,
                             &ds.name,
@@ -744,23 +874,7 @@ impl Inventory {
                             ),
                         ));
                     }
-                    if let Some(dk) = &sd.crypto {
-                        match &vm.crypto {
-                            None => {
-                                return Err(vim::crypto_fault(format!(
-                                    "Cryptographic error: disk {} is encrypted with key provider {}, but VM {} is not encrypted; an encrypted disk can only be added to a VM encrypted with the same key provider",
-                                    a.file_name, dk.provider, vm.name
-                                )))
-                            }
-                            Some(vk) if vk.provider != dk.provider => {
-                                return Err(vim::crypto_fault(format!(
-                                    "Cryptographic error: the key providers differ: disk {} is encrypted with key provider {}, VM {} with key provider {}",
-                                    a.file_name, dk.provider, vm.name, vk.provider
-                                )))
-                            }
-                            Some(_) => {}
-                        }
-                    }
+                    check_crypto_for_vm(vm, &a.file_name, sd_crypto.as_ref())?;
                     if a.controller_key != SCSI_KEY {
                         return Err(vim::invalid_device(
                             i,
@@ -770,71 +884,47 @@ impl Inventory {
                             ),
                         ));
                     }
-                    let unit = match a.unit {
-                        Some(u) => {
-                            if !(0..16).contains(&u)
-                                || u == SCSI_CONTROLLER_UNIT
-                                || units.contains(&u)
-                            {
-                                return Err(vim::invalid_device(
-                                    i,
-                                    format!("unit number {u} is not free on controller {SCSI_KEY} of VM {}", vm.name),
-                                ));
-                            }
-                            u
-                        }
-                        None => (0..16)
-                            .find(|u| *u != SCSI_CONTROLLER_UNIT && !units.contains(u))
-                            .ok_or_else(|| {
-                                vim::invalid_device(
-                                    i,
-                                    format!(
-                                        "no free unit on controller {SCSI_KEY} of VM {}",
-                                        vm.name
-                                    ),
-                                )
-                            })?,
-                    };
-                    units.push(unit);
-                    let key = if a.key < 0 {
-                        vim::next_disk_key(&keys)
-                    } else if keys.contains(&a.key) {
-                        return Err(vim::invalid_device(
-                            i,
-                            format!("device key {} is already used on VM {}", a.key, vm.name),
-                        ));
-                    } else {
-                        a.key
-                    };
-                    keys.push(key);
-                    if vm.attached.iter().any(|x| x.uuid == sd.uuid)
-                        || plan.adds.iter().any(|p: &PlannedAdd| p.uuid == sd.uuid)
+                    let (unit, key) = assign_slot(vm, i, a.unit, a.key, &mut units, &mut keys)?;
+                    if vm.attached.iter().any(|x| &x.uuid == sd_uuid)
+                        || plan.adds.iter().any(|p: &PlannedAdd| &p.uuid == sd_uuid)
                     {
                         return Err(vim::invalid_device(
                             i,
-                            format!("a disk with uuid {} (another snapshot of the same disk) is already attached to VM {}", sd.uuid, vm.name),
+                            format!("a disk with uuid {sd_uuid} (another snapshot of the same disk) is already attached to VM {}", vm.name),
                         ));
                     }
-                    if sd.disk.readers(sd.snap, ReaderKind::HotAdd) > 0 {
-                        return Err(vim::file_locked(
-                            &a.file_name,
-                            format!("Unable to access file {} since it is locked: it is attached to another VM", a.file_name),
-                        ));
-                    }
-                    let frozen = sd
-                        .disk
-                        .open_frozen(sd.snap, ReaderKind::HotAdd)
-                        .map_err(disk_fault)?;
+                    let (source, capacity, single_file) = match sd {
+                        DiskRef::Snap(d) => {
+                            if d.disk.readers(d.snap, ReaderKind::HotAdd) > 0 {
+                                return Err(vim::file_locked(
+                                    &a.file_name,
+                                    format!("Unable to access file {} since it is locked: it is attached to another VM", a.file_name),
+                                ));
+                            }
+                            let frozen = d
+                                .disk
+                                .open_frozen(d.snap, ReaderKind::HotAdd)
+                                .map_err(disk_fault)?;
+                            let cap = frozen.capacity();
+                            let single = frozen.single_file().map(Path::to_path_buf);
+                            (AttachSource::Frozen(frozen), cap, single)
+                        }
+                        DiskRef::Live(d) => (
+                            AttachSource::Live(d.disk.clone()),
+                            d.disk.capacity(),
+                            Some(d.disk.live_path()),
+                        ),
+                    };
                     let entry = vm
                         .device_dir
                         .as_ref()
-                        .map(|d| d.join(ids::device_entry_name(&sd.uuid)));
-                    let materialize = match (&entry, frozen.single_file()) {
+                        .map(|d| d.join(ids::device_entry_name(sd_uuid)));
+                    let materialize = match (&entry, &single_file) {
                         (Some(_), None) => Some(self.hotadd_dir.join(format!(
                             "{}-{}-{}.img",
                             vm.name,
                             key,
-                            ids::device_entry_name(&sd.uuid)
+                            ids::device_entry_name(sd_uuid)
                         ))),
                         _ => None,
                     };
@@ -842,16 +932,17 @@ impl Inventory {
                         key,
                         unit,
                         file_name: a.file_name.clone(),
-                        capacity: frozen.capacity(),
-                        uuid: sd.uuid.clone(),
-                        datastore: sd.datastore,
-                        crypto: sd.crypto.clone(),
+                        capacity,
+                        uuid: sd_uuid.clone(),
+                        datastore: sd_datastore,
+                        crypto: sd_crypto.clone(),
                         source_vm: src_vm.id.clone(),
-                        source_snapshot: snap.id.clone(),
-                        source_disk_key: sd.key,
+                        source_snapshot: snap_id.unwrap_or_default(),
+                        source_disk_key: sd_key,
                         entry,
                         materialize,
-                        frozen,
+                        single_file,
+                        source,
                     });
                 }
             }
@@ -859,9 +950,144 @@ impl Inventory {
         Ok(plan)
     }
 
-    /// Apply a checked plan to VM `vi` (device entries must already exist, see
-    /// [`ReconfigPlan::prepare_devices`]). Returns the device entries to delete.
-    pub fn apply_reconfig(&mut self, vi: usize, plan: ReconfigPlan) -> Vec<PathBuf> {
+    /// Check a new disk (`fileOperation = create`) for VM `vi` and decide its file,
+    /// slot, label and encryption.
+    fn plan_create(
+        &self,
+        vi: usize,
+        i: usize,
+        c: &CreateDisk,
+        units: &mut Vec<i32>,
+        keys: &mut Vec<i32>,
+        earlier: &[PlannedCreate],
+    ) -> Result<PlannedCreate, Fault> {
+        let vm = &self.vms[vi];
+        if c.controller_key != SCSI_KEY {
+            return Err(vim::invalid_device(
+                i,
+                format!(
+                    "controllerKey {} is not a SCSI controller of VM {} (use {SCSI_KEY})",
+                    c.controller_key, vm.name
+                ),
+            ));
+        }
+        if c.capacity == 0 || c.capacity > MAX_NEW_DISK {
+            return Err(vim::invalid_device(
+                i,
+                format!(
+                    "capacity {} bytes is not between 1 byte and {MAX_NEW_DISK} bytes",
+                    c.capacity
+                ),
+            ));
+        }
+        if c.disk_mode != "persistent" && c.disk_mode != WRITABLE_MODE {
+            return Err(vim::invalid_device(
+                i,
+                format!(
+                    "diskMode {:?} is not supported for a new disk by the mock vCenter (persistent, {WRITABLE_MODE})",
+                    c.disk_mode
+                ),
+            ));
+        }
+        let (ds_name, path) = parse_datastore_path(&c.file_name).ok_or_else(|| {
+            vim::invalid_device(
+                i,
+                format!(
+                    "backing.fileName {:?} is not a datastore path ([ds] folder/file.vmdk or [ds])",
+                    c.file_name
+                ),
+            )
+        })?;
+        let ds = self
+            .datastores
+            .iter()
+            .position(|d| d.name == ds_name)
+            .ok_or_else(|| {
+                vim::file_not_found(&c.file_name, format!("Datastore {ds_name} was not found"))
+            })?;
+        let host = &self.hosts[vm.host];
+        if !host.datastores.contains(&ds) {
+            let d = &self.datastores[ds];
+            return Err(vim::invalid_datastore(
+                &d.id,
+                &d.name,
+                format!(
+                    "Datastore {} is not accessible from host {}, where VM {} runs: cannot create disk {}",
+                    d.name, host.name, vm.name, c.file_name
+                ),
+            ));
+        }
+        let dir = &self.datastores[ds].dir;
+        let taken = |folder: &str, stem: &str| {
+            dir.join(folder).join(format!("{stem}.vmdk")).exists()
+                || earlier
+                    .iter()
+                    .any(|p| p.loc.folder == folder && p.loc.stem == stem && p.datastore == ds)
+        };
+        let (folder, stem) = match path {
+            None => {
+                let folder = vm.name.clone();
+                let stem = (1..)
+                    .map(|n| format!("{}_{n}", vm.name))
+                    .find(|stem| !taken(&folder, stem))
+                    .expect("an unused name exists");
+                (folder, stem)
+            }
+            Some((folder, stem)) => {
+                if taken(folder, stem) {
+                    return Err(vim::file_already_exists(
+                        &c.file_name,
+                        format!("Cannot complete the operation because the file or folder {} already exists", c.file_name),
+                    ));
+                }
+                (folder.to_string(), stem.to_string())
+            }
+        };
+        let crypto = match &c.crypto {
+            None => None,
+            Some((key_id, provider)) => {
+                let provider = provider
+                    .clone()
+                    .or_else(|| vm.crypto.as_ref().map(|k| k.provider.clone()))
+                    .unwrap_or_default();
+                let key = CryptoKey {
+                    key_id: if key_id.is_empty() {
+                        ids::uuid()
+                    } else {
+                        key_id.clone()
+                    },
+                    provider,
+                };
+                check_crypto_for_vm(vm, &c.file_name, Some(&key))?;
+                Some(key)
+            }
+        };
+        let (unit, key) = assign_slot(vm, i, c.unit, c.key, units, keys)?;
+        let label_n = vm.disks.len() + earlier.len() + 1;
+        let loc = DiskLocation {
+            datastore_dir: dir.clone(),
+            datastore: ds_name.to_string(),
+            folder,
+            stem,
+        };
+        Ok(PlannedCreate {
+            key,
+            unit,
+            label: format!("Hard disk {label_n}"),
+            datastore: ds,
+            loc,
+            capacity: c.capacity,
+            crypto,
+            uuid: ids::disk_uuid(),
+            cbt: vm.cbt,
+            disk: None,
+        })
+    }
+
+    /// Apply a checked plan to VM `vi` (device entries and new disk files must
+    /// already exist, see [`ReconfigPlan::prepare_devices`]). Returns the file work
+    /// left to do without the inventory lock.
+    pub fn apply_reconfig(&mut self, vi: usize, plan: ReconfigPlan) -> Applied {
         let vm = &mut self.vms[vi];
         if let Some(on) = plan.cbt {
             vm.cbt = on;
@@ -873,12 +1099,21 @@ impl Inventory {
                 }
             }
         }
-        let mut gone = Vec::new();
+        let mut done = Applied::default();
         for key in plan.removes {
             if let Some(i) = vm.attached.iter().position(|a| a.key == key) {
                 let a = vm.attached.remove(i);
-                gone.extend(a.entry.clone());
-                gone.extend(a.materialized.clone());
+                done.gone.extend(a.entry.clone());
+                done.gone.extend(a.materialized.clone());
+                if let AttachSource::Live(d) = a.source {
+                    done.rescan.push(d);
+                }
+            }
+        }
+        for key in plan.destroys {
+            if let Some(i) = vm.disks.iter().position(|d| d.key == key) {
+                let d = vm.disks.remove(i);
+                done.gone.extend(d.disk.files());
             }
         }
         for p in plan.adds {
@@ -895,11 +1130,28 @@ impl Inventory {
                 source_disk_key: p.source_disk_key,
                 entry: p.entry,
                 materialized: p.materialize,
-                frozen: p.frozen,
+                source: p.source,
+            });
+        }
+        for p in plan.creates {
+            let Some(disk) = p.disk else {
+                continue;
+            };
+            if p.cbt {
+                disk.enable_cbt();
+            }
+            vm.disks.push(VmDisk {
+                key: p.key,
+                unit: p.unit,
+                label: p.label,
+                datastore: p.datastore,
+                crypto: p.crypto,
+                uuid: p.uuid,
+                disk,
             });
         }
         vm.touch();
-        gone
+        done
     }
 
     /// Change (or remove, with `None`) the key provider of VM `vi`: the VM and its
@@ -926,6 +1178,110 @@ impl Inventory {
         vm.touch();
         Ok(())
     }
+}
+
+/// The disk behind a datastore file.
+enum FileSource {
+    /// (vm, snapshot, snapshot disk) indices.
+    Snapshot(usize, usize, usize),
+    /// (vm, disk) indices of a live disk.
+    Live(usize, usize),
+}
+
+enum DiskRef<'a> {
+    Snap(&'a SnapDisk),
+    Live(&'a VmDisk),
+}
+
+/// vSphere's rule for disks of encrypted VMs: an encrypted disk only on a VM
+/// encrypted with the same key provider.
+fn check_crypto_for_vm(vm: &Vm, file: &str, disk: Option<&CryptoKey>) -> Result<(), Fault> {
+    let Some(dk) = disk else {
+        return Ok(());
+    };
+    match &vm.crypto {
+        None => Err(vim::crypto_fault(format!(
+            "Cryptographic error: disk {file} is encrypted with key provider {}, but VM {} is not encrypted; an encrypted disk can only be added to a VM encrypted with the same key provider",
+            dk.provider, vm.name
+        ))),
+        Some(vk) if vk.provider != dk.provider => Err(vim::crypto_fault(format!(
+            "Cryptographic error: the key providers differ: disk {file} is encrypted with key provider {}, VM {} with key provider {}",
+            dk.provider, vm.name, vk.provider
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A unit on controller 1000 (the requested one if free, else the first free) and
+/// a device key (the requested one if unused, else the next) for `deviceChange[i]`.
+fn assign_slot(
+    vm: &Vm,
+    i: usize,
+    unit: Option<i32>,
+    key: i32,
+    units: &mut Vec<i32>,
+    keys: &mut Vec<i32>,
+) -> Result<(i32, i32), Fault> {
+    let unit = match unit {
+        Some(u) => {
+            if !(0..16).contains(&u) || u == SCSI_CONTROLLER_UNIT || units.contains(&u) {
+                return Err(vim::invalid_device(
+                    i,
+                    format!(
+                        "unit number {u} is not free on controller {SCSI_KEY} of VM {}",
+                        vm.name
+                    ),
+                ));
+            }
+            u
+        }
+        None => (0..16)
+            .find(|u| *u != SCSI_CONTROLLER_UNIT && !units.contains(u))
+            .ok_or_else(|| {
+                vim::invalid_device(
+                    i,
+                    format!("no free unit on controller {SCSI_KEY} of VM {}", vm.name),
+                )
+            })?,
+    };
+    units.push(unit);
+    let key = if key < 0 {
+        vim::next_disk_key(keys)
+    } else if keys.contains(&key) {
+        return Err(vim::invalid_device(
+            i,
+            format!("device key {key} is already used on VM {}", vm.name),
+        ));
+    } else {
+        key
+    };
+    keys.push(key);
+    Ok((unit, key))
+}
+
+/// `[ds]` → `(ds, None)`; `[ds] folder/stem.vmdk` → `(ds, Some((folder, stem)))`.
+/// One folder level; names of ASCII letters, digits, space, `-`, `_`, `.` (not
+/// `.`/`..`). Anything else is `None`.
+pub fn parse_datastore_path(path: &str) -> Option<(&str, Option<(&str, &str)>)> {
+    let rest = path.strip_prefix('[')?;
+    let (ds, rest) = rest.split_once(']')?;
+    if ds.is_empty() || ds.contains(['/', '[']) {
+        return None;
+    }
+    let rest = rest.trim();
+    if rest.is_empty() {
+        return Some((ds, None));
+    }
+    let (folder, file) = rest.split_once('/')?;
+    let stem = file.strip_suffix(".vmdk")?;
+    let ok = |n: &str| {
+        !n.is_empty()
+            && n != "."
+            && n != ".."
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || " -_.".contains(c))
+    };
+    (ok(folder) && ok(stem)).then_some((ds, Some((folder, stem))))
 }
 
 fn clean_stale_entries(dir: &Path) -> Result<(), BuildError> {
@@ -970,13 +1326,39 @@ pub struct AddDisk {
     pub disk_mode: String,
 }
 
+/// A new disk, as parsed from a ReconfigVM spec (`fileOperation = create`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateDisk {
+    /// Requested key (negative: vCenter assigns one).
+    pub key: i32,
+    /// Controller key.
+    pub controller_key: i32,
+    /// Unit number (absent: first free).
+    pub unit: Option<i32>,
+    /// `[ds]` (vCenter names the file) or `[ds] folder/file.vmdk`.
+    pub file_name: String,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Backing disk mode.
+    pub disk_mode: String,
+    /// `backing.crypto` = CryptoSpecEncrypt: (key id, key provider).
+    pub crypto: Option<(String, Option<String>)>,
+}
+
 /// One `deviceChange` entry the mock understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceChange {
     /// Add an existing disk.
     Add(AddDisk),
+    /// Create a new disk file and add it.
+    Create(CreateDisk),
     /// Remove the device with this key (file kept).
     Remove {
+        /// Device key.
+        key: i32,
+    },
+    /// Remove one of the VM's own disks and delete its files.
+    Destroy {
         /// Device key.
         key: i32,
     },
@@ -1006,7 +1388,25 @@ pub struct PlannedAdd {
     source_disk_key: i32,
     entry: Option<PathBuf>,
     materialize: Option<PathBuf>,
-    frozen: Frozen,
+    /// The file holding all of the content, when there is one.
+    single_file: Option<PathBuf>,
+    source: AttachSource,
+}
+
+/// A new disk that passed the rules.
+#[derive(Debug)]
+pub struct PlannedCreate {
+    key: i32,
+    unit: i32,
+    label: String,
+    datastore: usize,
+    loc: DiskLocation,
+    capacity: u64,
+    crypto: Option<CryptoKey>,
+    uuid: String,
+    cbt: bool,
+    /// Created by [`ReconfigPlan::prepare_devices`].
+    disk: Option<Arc<Disk>>,
 }
 
 /// A checked ReconfigVM.
@@ -1015,24 +1415,41 @@ pub struct ReconfigPlan {
     cbt: Option<bool>,
     adds: Vec<PlannedAdd>,
     removes: Vec<i32>,
+    creates: Vec<PlannedCreate>,
+    destroys: Vec<i32>,
+}
+
+/// File work left after [`Inventory::apply_reconfig`], to do without the lock.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Device entries, flattened copies and destroyed disks' files to delete.
+    pub gone: Vec<PathBuf>,
+    /// Live disks detached from a writable hot-add: rescan their allocation.
+    pub rescan: Vec<Arc<Disk>>,
 }
 
 impl ReconfigPlan {
-    /// Create the device-directory entries of the planned hot-adds (file work; run it
-    /// without the inventory lock). On failure nothing is left behind.
-    pub fn prepare_devices(&self) -> Result<(), Fault> {
+    /// Create the new disks' files and the device-directory entries of the
+    /// planned hot-adds (file work; run it without the inventory lock). On failure
+    /// nothing is left behind.
+    pub fn prepare_devices(&mut self) -> Result<(), Fault> {
         let mut made: Vec<PathBuf> = Vec::new();
         let result = (|| {
+            for c in &mut self.creates {
+                let disk = Disk::create(c.loc.clone(), c.capacity, None).map_err(disk_fault)?;
+                made.extend(disk.files());
+                c.disk = Some(Arc::new(disk));
+            }
             for a in &self.adds {
                 let Some(entry) = &a.entry else { continue };
-                let target = match (&a.materialize, a.frozen.single_file()) {
-                    (Some(m), _) => {
-                        a.frozen.materialize(m).map_err(disk_fault)?;
+                let target = match (&a.materialize, &a.source, &a.single_file) {
+                    (Some(m), AttachSource::Frozen(frozen), _) => {
+                        frozen.materialize(m).map_err(disk_fault)?;
                         made.push(m.clone());
                         m.clone()
                     }
-                    (None, Some(f)) => f.to_path_buf(),
-                    (None, None) => continue,
+                    (None, _, Some(f)) => f.clone(),
+                    _ => continue,
                 };
                 std::os::unix::fs::symlink(&target, entry).map_err(|e| {
                     vim::system_error(format!(
@@ -1047,6 +1464,9 @@ impl ReconfigPlan {
         if result.is_err() {
             for p in made {
                 let _ = std::fs::remove_file(p);
+            }
+            for c in &mut self.creates {
+                c.disk = None;
             }
         }
         result
@@ -1136,10 +1556,199 @@ host = "h1"
 
     fn attach(inv: &mut Inventory, proxy: &str, file: &str) -> Result<(), Fault> {
         let pi = inv.vm_by_name(proxy).unwrap();
-        let plan = inv.plan_reconfig(pi, &add(file))?;
+        let mut plan = inv.plan_reconfig(pi, &add(file))?;
         plan.prepare_devices()?;
         inv.apply_reconfig(pi, plan);
         Ok(())
+    }
+
+    fn reconfig(
+        inv: &mut Inventory,
+        vm: &str,
+        changes: Vec<DeviceChange>,
+    ) -> Result<Applied, Fault> {
+        let vi = inv.vm_by_name(vm).unwrap();
+        let mut plan = inv.plan_reconfig(vi, &ReconfigSpec { cbt: None, changes })?;
+        plan.prepare_devices()?;
+        Ok(inv.apply_reconfig(vi, plan))
+    }
+
+    fn create(file: &str, crypto: Option<(&str, &str)>) -> DeviceChange {
+        DeviceChange::Create(CreateDisk {
+            key: -1,
+            controller_key: SCSI_KEY,
+            unit: None,
+            file_name: file.into(),
+            capacity: (1 << 20) + 4096,
+            disk_mode: "persistent".into(),
+            crypto: crypto.map(|(k, p)| (k.to_string(), Some(p.to_string()))),
+        })
+    }
+
+    #[test]
+    fn new_disks_follow_the_vms_key_provider_and_are_destroyed_with_their_files() {
+        let (_t, mut inv) = world();
+        // a1 is KMS-A on ds-a (h1 sees ds-a and ds-shared).
+        let e = reconfig(
+            &mut inv,
+            "a1",
+            vec![create("[ds-a] a1/r.vmdk", Some(("", "KMS-B")))],
+        )
+        .unwrap_err();
+        assert_eq!(e.obj.ty, "GenericVmConfigFault");
+        assert!(e.message.contains("key providers differ"), "{}", e.message);
+        let e = reconfig(
+            &mut inv,
+            "u1",
+            vec![create("[ds-shared] u1/r.vmdk", Some(("", "KMS-A")))],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("not encrypted"), "{}", e.message);
+        let e = reconfig(&mut inv, "a1", vec![create("[ds-local2] a1/r.vmdk", None)]).unwrap_err();
+        assert_eq!(e.obj.ty, "InvalidDatastore");
+        let e = reconfig(&mut inv, "a1", vec![create("[ds-a] ../r.vmdk", None)]).unwrap_err();
+        assert_eq!(e.obj.ty, "InvalidDeviceSpec");
+        // Nothing was created by the refusals.
+        let ai = inv.vm_by_name("a1").unwrap();
+        assert_eq!(inv.vms[ai].disks.len(), 1);
+        // Under the VM's provider, with the VM's key id: created, sparse, zeroes.
+        reconfig(
+            &mut inv,
+            "a1",
+            vec![create("[ds-a] a1/r.vmdk", Some(("vm-key", "KMS-A")))],
+        )
+        .unwrap();
+        let d = &inv.vms[ai].disks[1];
+        assert_eq!(
+            (d.key, d.label.as_str()),
+            (FIRST_DISK_KEY + 1, "Hard disk 2")
+        );
+        assert_eq!(d.crypto.as_ref().unwrap().provider, "KMS-A");
+        assert_eq!(d.crypto.as_ref().unwrap().key_id, "vm-key");
+        assert_eq!(d.disk.live_file_name(), "[ds-a] a1/r.vmdk");
+        assert_eq!(d.disk.capacity(), (1 << 20) + 4096);
+        let file = d.disk.live_path();
+        assert!(file.exists());
+        let mut b = vec![1u8; 4096];
+        d.disk.read(None, 1 << 20, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        // The same name again: FileAlreadyExists. "[ds]": vCenter names it.
+        let e = reconfig(&mut inv, "a1", vec![create("[ds-a] a1/r.vmdk", None)]).unwrap_err();
+        assert_eq!(e.obj.ty, "FileAlreadyExists");
+        reconfig(&mut inv, "a1", vec![create("[ds-shared]", None)]).unwrap();
+        assert_eq!(
+            inv.vms[ai].disks[2].disk.live_file_name(),
+            "[ds-shared] a1/a1_1.vmdk"
+        );
+        assert!(
+            inv.vms[ai].disks[2].crypto.is_none(),
+            "no crypto spec: unencrypted"
+        );
+        // Destroy: the device and its file go; a snapshotted disk cannot.
+        let done = reconfig(
+            &mut inv,
+            "a1",
+            vec![DeviceChange::Destroy {
+                key: FIRST_DISK_KEY + 1,
+            }],
+        )
+        .unwrap();
+        assert_eq!(done.gone, vec![file.clone()]);
+        for g in done.gone {
+            std::fs::remove_file(g).unwrap();
+        }
+        assert_eq!(inv.vms[ai].disks.len(), 2);
+        inv.create_snapshot(ai, "s", "d", false).unwrap();
+        let e = reconfig(
+            &mut inv,
+            "a1",
+            vec![DeviceChange::Destroy {
+                key: FIRST_DISK_KEY,
+            }],
+        )
+        .unwrap_err();
+        assert_eq!(e.obj.ty, "InvalidState");
+    }
+
+    #[test]
+    fn a_live_disk_is_hot_added_writable_within_one_key_provider_and_rescanned_at_detach() {
+        let (_t, mut inv) = world();
+        reconfig(
+            &mut inv,
+            "a1",
+            vec![create("[ds-a] a1/r.vmdk", Some(("k", "KMS-A")))],
+        )
+        .unwrap();
+        let ai = inv.vm_by_name("a1").unwrap();
+        let key = inv.vms[ai].disks[1].key;
+        let disk = inv.vms[ai].disks[1].disk.clone();
+        let file = disk.live_file_name();
+        let live = |mode: &str| {
+            vec![DeviceChange::Add(AddDisk {
+                key: -1,
+                controller_key: SCSI_KEY,
+                unit: None,
+                file_name: file.clone(),
+                disk_mode: mode.into(),
+            })]
+        };
+        // Read-only mode on a live disk: locked, as before.
+        assert_eq!(
+            reconfig(&mut inv, "pa", live(READ_ONLY_MODE))
+                .unwrap_err()
+                .obj
+                .ty,
+            "FileLocked"
+        );
+        // The unencrypted proxy may not take a KMS-A disk.
+        assert_eq!(
+            reconfig(&mut inv, "pn", live(WRITABLE_MODE))
+                .unwrap_err()
+                .obj
+                .ty,
+            "GenericVmConfigFault"
+        );
+        reconfig(&mut inv, "pa", live(WRITABLE_MODE)).unwrap();
+        let pi = inv.vm_by_name("pa").unwrap();
+        let a = &inv.vms[pi].attached[0];
+        assert!(a.writable());
+        let entry = a.entry.clone().unwrap();
+        let akey = a.key;
+        // Locked while attached: no second attach, no destroy, no snapshot.
+        assert_eq!(
+            reconfig(&mut inv, "pa", live(WRITABLE_MODE))
+                .unwrap_err()
+                .obj
+                .ty,
+            "FileLocked"
+        );
+        assert_eq!(
+            reconfig(&mut inv, "a1", vec![DeviceChange::Destroy { key }])
+                .unwrap_err()
+                .obj
+                .ty,
+            "FileLocked"
+        );
+        assert_eq!(
+            inv.create_snapshot(ai, "s", "d", false).unwrap_err().obj.ty,
+            "FileLocked"
+        );
+        // The proxy writes through the device entry; at detach the mock sees it.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&entry)
+            .unwrap();
+        f.write_all_at(&[7u8; 100], 70_000).unwrap();
+        drop(f);
+        let done = reconfig(&mut inv, "pa", vec![DeviceChange::Remove { key: akey }]).unwrap();
+        assert_eq!(done.gone, vec![entry]);
+        assert_eq!(done.rescan.len(), 1);
+        assert_eq!(done.rescan[0].rescan_live().unwrap(), 1, "one 64 KiB block");
+        assert_eq!(disk.allocated(None).unwrap(), vec![(65536, 65536)]);
+        let mut b = vec![0u8; 100];
+        disk.read(None, 70_000, &mut b).unwrap();
+        assert_eq!(b, vec![7u8; 100]);
     }
 
     #[test]
@@ -1236,7 +1845,7 @@ host = "h1"
                 },
             )
             .unwrap();
-        let gone = inv.apply_reconfig(pi, plan);
+        let gone = inv.apply_reconfig(pi, plan).gone;
         assert_eq!(gone, vec![entry.clone()]);
         for g in gone {
             std::fs::remove_file(g).unwrap();

@@ -103,6 +103,11 @@ pub fn file_locked(file: &str, msg: impl Into<String>) -> Fault {
     Fault::new("FileLocked", msg).f("file", Val::s(file))
 }
 
+/// `FileAlreadyExists`.
+pub fn file_already_exists(file: &str, msg: impl Into<String>) -> Fault {
+    Fault::new("FileAlreadyExists", msg).f("file", Val::s(file))
+}
+
 /// `FileNotFound`.
 pub fn file_not_found(file: &str, msg: impl Into<String>) -> Fault {
     Fault::new("FileNotFound", msg).f("file", Val::s(file))
@@ -577,7 +582,11 @@ fn vm_config(inv: &Inventory, vm: &Vm) -> Val {
             capacity: a.capacity,
             file_name: a.file_name.clone(),
             datastore_id: &inv.datastores[a.datastore].id,
-            mode: "independent_nonpersistent",
+            mode: if a.writable() {
+                super::inventory::WRITABLE_MODE
+            } else {
+                super::inventory::READ_ONLY_MODE
+            },
             uuid: &a.uuid,
             change_id: None,
             crypto: a.crypto.as_ref(),

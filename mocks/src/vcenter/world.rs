@@ -108,11 +108,12 @@ impl World {
         F: FnOnce(&Arc<World>) -> Result<Option<Val>, Fault> + Send + 'static,
     {
         let id = self.ids.next("task-");
+        let entity_id = t.entity.value.clone();
         let task = lock(&self.tasks).create(id.clone(), t.method, t.entity, t.entity_name, t.user);
         let (injected, delay) = {
             let mut f = lock(&self.faults);
             (
-                f.take_task_failure(t.method),
+                f.take_task_failure(t.method, &entity_id, t.entity_name),
                 Duration::from_millis(f.task_ms),
             )
         };
@@ -179,18 +180,22 @@ impl World {
         Ok(())
     }
 
-    /// ReconfigVM: check the rules, create hot-add devices, apply, remove the device
-    /// entries of detached disks.
+    /// ReconfigVM: check the rules, create new disk files and hot-add devices,
+    /// apply, then remove the device entries of detached disks and the files of
+    /// destroyed ones, and rescan the live disks a proxy wrote through its device.
     pub fn reconfigure(&self, vi: usize, spec: &ReconfigSpec) -> Result<(), Fault> {
-        let plan = lock(&self.inv).plan_reconfig(vi, spec)?;
+        let mut plan = lock(&self.inv).plan_reconfig(vi, spec)?;
         plan.prepare_devices()?;
-        let gone = lock(&self.inv).apply_reconfig(vi, plan);
-        for p in gone {
+        let done = lock(&self.inv).apply_reconfig(vi, plan);
+        for p in done.gone {
             if let Err(e) = std::fs::remove_file(&p) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!("cannot remove hot-add device {}: {e}", p.display());
+                    tracing::warn!("cannot remove {}: {e}", p.display());
                 }
             }
+        }
+        for d in done.rescan {
+            d.rescan_live().map_err(super::inventory::disk_fault)?;
         }
         Ok(())
     }
@@ -425,6 +430,7 @@ impl World {
                         .iter()
                         .map(|a| AttachedState {
                             key: a.key,
+                            writable: a.writable(),
                             file_name: a.file_name.clone(),
                             source_vm: a.source_vm.clone(),
                             source_snapshot: a.source_snapshot.clone(),
@@ -582,11 +588,13 @@ pub struct SnapshotState {
 pub struct AttachedState {
     /// Device key on the proxy.
     pub key: i32,
-    /// Frozen file name.
+    /// Attached writable (another VM's live disk) rather than a snapshot's disk.
+    pub writable: bool,
+    /// Frozen (or live) file name.
     pub file_name: String,
     /// Source VM moref.
     pub source_vm: String,
-    /// Source snapshot moref.
+    /// Source snapshot moref (empty for a live disk).
     pub source_snapshot: String,
     /// Source disk key.
     pub source_disk_key: i32,

@@ -57,8 +57,9 @@ pub enum PointsCmd {
 
 #[derive(Args)]
 pub struct RestoreArgs {
-    #[command(flatten)]
-    pub repo: RepoArg,
+    /// Repository directory (with --vm, the config's tenant names it).
+    #[arg(long, short = 'r', env = "FERRY_REPO", required_unless_present = "vm")]
+    pub repo: Option<PathBuf>,
     #[command(flatten)]
     pub keys: KeyArgs,
     #[command(flatten)]
@@ -66,12 +67,25 @@ pub struct RestoreArgs {
     /// Restore point id, or "latest:<name>".
     #[arg(long)]
     pub point: String,
-    /// Disk number.
-    #[arg(long, default_value_t = 0)]
-    pub disk: u32,
-    /// Target: a new file (written sparse) or an existing block device.
+    /// Disk number (default 0; with --vm, every disk of the point).
     #[arg(long)]
-    pub target: PathBuf,
+    pub disk: Option<u32>,
+    /// Target: a new file (written sparse) or an existing block device.
+    #[arg(long, required_unless_present = "vm", conflicts_with = "vm")]
+    pub target: Option<PathBuf>,
+    /// Restore into NEW disks of this vSphere VM (one per restored disk), through
+    /// this proxy as the agent would: the transport selector picks HotAdd or
+    /// NBD-SSL; a failed restore removes the disks it created. Needs --config.
+    #[arg(long, requires = "config")]
+    pub vm: Option<String>,
+    /// The agent's configuration file ([agent], [vcenter], [nbd], [policy],
+    /// [[tenant]]) for --vm.
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Tenant of the configuration whose repository and keys to use (needed when
+    /// it has several).
+    #[arg(long, requires = "vm")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Args)]
@@ -178,7 +192,14 @@ pub fn points(cmd: PointsCmd, out: &Output) -> anyhow::Result<u8> {
 
 /// `ferry restore`.
 pub fn restore(a: RestoreArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
-    let repo = Repository::open(&a.repo.repo)?;
+    if let Some(vm) = a.vm.clone() {
+        return restore_into_vm(a, vm, out, progress);
+    }
+    let (Some(repo_dir), Some(target)) = (&a.repo, &a.target) else {
+        anyhow::bail!("--repo and --target are required (or --vm with --config)");
+    };
+    let disk = a.disk.unwrap_or(0);
+    let repo = Repository::open(repo_dir)?;
     let ks = a.keys.unwrap_source()?;
     let point = resolve_point(&repo, &a.point)?;
     let bar = out.progress_bar(progress.clone(), "restore");
@@ -186,8 +207,8 @@ pub fn restore(a: RestoreArgs, out: &Output, progress: &Arc<Progress>) -> anyhow
         &repo,
         &*ks,
         &point,
-        a.disk,
-        &a.target,
+        disk,
+        target,
         a.pipe.config(format::MAX_CHUNK_SIZE),
         progress,
     );
@@ -195,9 +216,88 @@ pub fn restore(a: RestoreArgs, out: &Output, progress: &Arc<Progress>) -> anyhow
     let st = res?;
     let snap = progress.snapshot();
     out.result(
-            &serde_json::json!({"point_id": point, "disk": a.disk, "target": a.target, "bytes_written": st.bytes_written, "chunks": st.chunks_total, "zero_chunks": st.chunks_zero, "seconds": snap.elapsed_secs}),
-            || format!("restored {point} disk {} to {} ({} written, {} zero chunks skipped) in {:.1}s", a.disk, a.target.display(), human_bytes(st.bytes_written), st.chunks_zero, snap.elapsed_secs),
+            &serde_json::json!({"point_id": point, "disk": disk, "target": target, "bytes_written": st.bytes_written, "chunks": st.chunks_total, "zero_chunks": st.chunks_zero, "seconds": snap.elapsed_secs}),
+            || format!("restored {point} disk {disk} to {} ({} written, {} zero chunks skipped) in {:.1}s", target.display(), human_bytes(st.bytes_written), st.chunks_zero, snap.elapsed_secs),
         );
+    Ok(exit::OK)
+}
+
+/// `ferry restore --vm NAME --config FILE`: the agent's restore into a VM, run in
+/// this process with the agent's configuration (this proxy's VM, modes, vCenter,
+/// NBD settings, policy and the tenant's repository and key source).
+fn restore_into_vm(
+    a: RestoreArgs,
+    vm: String,
+    out: &Output,
+    progress: &Arc<Progress>,
+) -> anyhow::Result<u8> {
+    use ferry::agent::JobContext;
+    use ferry::transport::select::{HostReach, ProxyInfo};
+    let path = a
+        .config
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("--vm needs --config FILE (the agent's configuration)"))?;
+    let cfg = ferry::config::Config::load(path)?;
+    let runner = ferry::job::runner::VmJobRunner::from_config(&cfg)?;
+    let agent = cfg
+        .agent
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{} has no [agent] section", path.display()))?;
+    let tenant = cfg.tenant(a.tenant.as_deref())?.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let ctx = JobContext {
+        job_id: format!("cli-{started}"),
+        proxy: ProxyInfo {
+            id: agent.id.clone(),
+            is_vm: cfg.vcenter.as_ref().is_some_and(|v| v.proxy_vm.is_some()),
+            host: None,
+            reachable_hosts: HostReach::Any,
+            datastores: Vec::new(),
+            key_provider: None,
+            modes: agent.modes.clone(),
+            // Disks are restored one after another.
+            free_slots: 1,
+        },
+        policy: cfg.policy.clone(),
+        tenant,
+        progress: progress.clone(),
+        runtime: rt.handle().clone(),
+    };
+    let disks = a.disk.map(|d| vec![d]);
+    let bar = out.progress_bar(progress.clone(), "restore");
+    let res = runner.restore_into_vm(
+        &ctx,
+        &a.point,
+        disks.as_deref(),
+        ferry::job::vm_restore::VmRef::Name(vm.clone()),
+    );
+    drop(bar);
+    let o = res?;
+    out.result(&o, || {
+        let mut s = String::new();
+        for n in &o.notes {
+            s.push_str(n);
+            s.push('\n');
+        }
+        for d in &o.disks {
+            s.push_str(&format!(
+                "  disk {} {}: {} written by {}; {}\n",
+                d.disk_key,
+                d.label,
+                human_bytes(d.bytes),
+                d.mode.map(|m| m.as_str()).unwrap_or("-"),
+                d.reason
+            ));
+        }
+        s.trim_end().to_string()
+    });
     Ok(exit::OK)
 }
 

@@ -52,6 +52,13 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         {
             return KEY;
         }
+        if let Some(r) = c.downcast_ref::<ferry::agent::RunError>() {
+            return match r {
+                ferry::agent::RunError::Cancelled => CANCELLED,
+                ferry::agent::RunError::Key(_) => KEY,
+                _ => FAILED,
+            };
+        }
         if let Some(s) = c.downcast_ref::<ferry::keys::sync::SyncError>() {
             return match s {
                 ferry::keys::sync::SyncError::Key(_) => KEY,

@@ -53,7 +53,8 @@ enum Cmd {
     /// Restore points.
     #[command(subcommand)]
     Points(cmd_data::PointsCmd),
-    /// Restore one disk of a restore point to a new file or a block device.
+    /// Restore one disk of a restore point to a new file or a block device, or
+    /// (--vm) every disk into new disks of a vSphere VM.
     Restore(cmd_data::RestoreArgs),
     /// Serve one disk of a restore point read-only over NBD (instant access).
     Export(cmd_export::ExportArgs),

@@ -1,7 +1,8 @@
 //! One NBD connection: fixed-newstyle handshake (structured replies,
-//! `base:allocation` meta context, OPT_GO), reads and block-status queries, one
-//! request in flight. Generic over the byte stream so TLS plugs in underneath.
-//! Every length from the server is checked before it sizes a read.
+//! `base:allocation` meta context, OPT_GO), reads, block-status queries, and on a
+//! writable export writes and flushes; one request in flight. Generic over the byte
+//! stream so TLS plugs in underneath. Every length from the server is checked
+//! before it sizes a read.
 
 use super::proto::{self, Descriptor, Info, ProtoError, ReplyHeader};
 use std::io::{self, Read, Write};
@@ -331,6 +332,83 @@ impl<S: Read + Write> NbdConn<S> {
                             ))
                             .into());
                         }
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the server said the export is read-only.
+    pub fn read_only(&self) -> bool {
+        self.flags & proto::TFLAG_READ_ONLY != 0
+    }
+
+    /// Write `data` at `offset` (split into requests the server accepts); each
+    /// request's reply is awaited before the next is sent.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ConnError> {
+        let max = self.max_request as usize;
+        let mut done = 0;
+        while done < data.len() {
+            let n = (data.len() - done).min(max);
+            let cookie = self.cookie;
+            self.cookie += 1;
+            self.s.write_all(&proto::request(
+                0,
+                proto::CMD_WRITE,
+                cookie,
+                offset + done as u64,
+                n as u32,
+            ))?;
+            self.s.write_all(&data[done..done + n])?;
+            self.s.flush()?;
+            self.expect_ack(cookie, "write")?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// NBD_CMD_FLUSH: the server makes completed writes durable.
+    pub fn flush(&mut self) -> Result<(), ConnError> {
+        let cookie = self.cookie;
+        self.cookie += 1;
+        self.s
+            .write_all(&proto::request(0, proto::CMD_FLUSH, cookie, 0, 0))?;
+        self.s.flush()?;
+        self.expect_ack(cookie, "flush")
+    }
+
+    /// The reply to a request without reply payload (write, flush): a simple reply,
+    /// or structured chunks ending in DONE with at most an error.
+    fn expect_ack(&mut self, cookie: u64, what: &'static str) -> Result<(), ConnError> {
+        loop {
+            match self.next_reply(cookie)? {
+                ReplyHeader::Simple { error: 0, .. } => return Ok(()),
+                ReplyHeader::Simple { error, .. } => {
+                    return Err(ProtoError::Command {
+                        what,
+                        errno: error,
+                        name: proto::errno_name(error),
+                        message: String::new(),
+                    }
+                    .into())
+                }
+                ReplyHeader::Structured {
+                    flags, kind, len, ..
+                } => {
+                    match kind {
+                        proto::REPLY_TYPE_NONE if len == 0 => {}
+                        k if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
+                            return Err(self.structured_error(len, what)?)
+                        }
+                        k => {
+                            return Err(ProtoError::Invalid(format!(
+                                "unexpected reply chunk type {k} (length {len}) to a {what}"
+                            ))
+                            .into())
+                        }
+                    }
+                    if flags & proto::REPLY_FLAG_DONE != 0 {
                         return Ok(());
                     }
                 }

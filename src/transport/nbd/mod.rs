@@ -1,7 +1,8 @@
 //! NBD client [`DiskSource`]: reads an export over the NBD protocol (TCP or a Unix
 //! socket), with `base:allocation` block status for sparse detection and a pool of
 //! connections so that several reads are in flight at once. A dropped connection
-//! is re-established and the read retried (bounded).
+//! is re-established and the read retried (bounded). [`NbdTarget`] writes a
+//! writable export the same way (restores through a vSphere write ticket).
 //!
 //! NBD-SSL (`nbds://`): STARTTLS, then rustls with the server certificate verified
 //! against a pinned CA (`tls-certificates=DIR` holding `ca-cert.pem`, and optionally
@@ -9,6 +10,9 @@
 
 pub mod client;
 pub mod proto;
+pub mod target;
+
+pub use target::NbdTarget;
 
 use super::{DiskSource, Extent, SourceError};
 use client::{ConnError, NbdConn};
@@ -232,6 +236,8 @@ pub struct NbdSource {
     label: String,
     size: u64,
     has_status: bool,
+    /// Transmission flags of the first connection.
+    flags: u16,
     /// Idle connections, and how many exist in all (idle + in use).
     pool: Mutex<Pool>,
     ready: Condvar,
@@ -247,13 +253,23 @@ impl NbdSource {
     /// Connect `connections` times (at least 1; fewer if the server does not allow
     /// several connections per export).
     pub fn connect(uri: &str, connections: usize) -> Result<Self, SourceError> {
+        Self::connect_labeled(uri, uri, connections)
+    }
+
+    /// [`NbdSource::connect`], naming the export `label` in logs and errors
+    /// instead of `uri` (whose export name may be a credential: a vSphere ticket).
+    pub fn connect_labeled(
+        uri: &str,
+        label: &str,
+        connections: usize,
+    ) -> Result<Self, SourceError> {
         let open_err = |e: &dyn std::fmt::Display| SourceError::Open {
-            path: uri.to_string(),
+            path: label.to_string(),
             err: io::Error::other(e.to_string()),
         };
         let parsed = NbdUri::parse(uri).map_err(|e| open_err(&e))?;
         let first = connect(&parsed).map_err(|e| open_err(&e))?;
-        let (size, has_status) = (first.size, first.allocation_ctx.is_some());
+        let (size, has_status, flags) = (first.size, first.allocation_ctx.is_some(), first.flags);
         let multi = first.flags & proto::TFLAG_CAN_MULTI_CONN != 0
             || first.flags & proto::TFLAG_READ_ONLY != 0;
         let mut pool = vec![first];
@@ -263,17 +279,19 @@ impl NbdSource {
             }
         }
         tracing::info!(
-            uri,
+            uri = label,
             size,
             connections = pool.len(),
             block_status = has_status,
+            read_only = flags & proto::TFLAG_READ_ONLY != 0,
             "NBD export opened"
         );
         Ok(NbdSource {
             uri: parsed,
-            label: uri.to_string(),
+            label: label.to_string(),
             size,
             has_status,
+            flags,
             pool: Mutex::new(Pool {
                 live: pool.len(),
                 max: pool.len(),

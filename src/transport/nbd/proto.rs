@@ -89,6 +89,12 @@ pub const TFLAG_HAS_FLAGS: u16 = 1;
 pub const TFLAG_READ_ONLY: u16 = 2;
 /// Transmission flag: NBD_CMD_FLUSH understood.
 pub const TFLAG_SEND_FLUSH: u16 = 4;
+/// Transmission flag: NBD_CMD_FLAG_FUA understood.
+pub const TFLAG_SEND_FUA: u16 = 8;
+/// Transmission flag: NBD_CMD_TRIM understood.
+pub const TFLAG_SEND_TRIM: u16 = 32;
+/// Transmission flag: NBD_CMD_WRITE_ZEROES understood.
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 64;
 /// Transmission flag: NBD_CMD_FLAG_DF understood on reads (structured replies only).
 pub const TFLAG_SEND_DF: u16 = 128;
 /// Transmission flag: multiple connections allowed.
@@ -113,6 +119,8 @@ pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flag: force unit access.
 pub const CMD_FLAG_FUA: u16 = 1;
+/// Command flag: write zeroes must allocate (no hole may be punched).
+pub const CMD_FLAG_NO_HOLE: u16 = 2;
 /// Command flag: don't fragment the read reply.
 pub const CMD_FLAG_DF: u16 = 4;
 /// Command flag: one extent per context in a block status reply.

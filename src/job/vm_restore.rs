@@ -1,0 +1,962 @@
+//! Restore of a restore point into new disks of an existing vSphere VM, start to
+//! cleanup: read the target VM from vCenter, run the key-provider-aware selector for
+//! the disks to be created (the same rules as backups: HotAdd only through a proxy
+//! VM encrypted under the target VM's key provider, else NBD-SSL when policy allows,
+//! never clear-text NBD for an encrypted VM) and refuse *before changing anything*
+//! when no transport is allowed; then per disk create a new disk on the VM
+//! (encrypted under the VM's key when the VM is encrypted), write it — HotAdd: attach
+//! it writable to this proxy VM and write the device, then detach; NBD(-SSL): write
+//! through a write ticket — and record mode, reason and bytes. A HotAdd that vCenter
+//! refuses with a crypto fault fails over to NBD-SSL when policy allows. A VM not
+//! encrypted under the tenant's key provider (when the tenant names one) is refused
+//! before anything changes. On any failure or cancellation every disk this job
+//! created is detached and destroyed, so no half-written disk is left on the VM,
+//! and the error says what cleanup did.
+//!
+//! Owns the order of control-plane steps of a VM restore and its cleanup. Must not:
+//! decide transports itself (that is [`crate::transport::select`]), know SOAP (that
+//! is [`crate::vsphere`]), touch disks it did not create, or open the restore point
+//! (the caller hands it over opened, with its keys).
+
+use super::vm::{proxy_info, NbdSettings, ThisProxy, VmJobError};
+use super::JobError;
+use crate::pipeline::restore::{restore_disk, KeyTable};
+use crate::pipeline::{PipelineConfig, PipelineError};
+use crate::progress::Progress;
+use crate::repo::lock::LockMode;
+use crate::repo::manifest::DiskSummary;
+use crate::repo::{OpenPoint, Repository};
+use crate::transport::hotadd::HotAddTarget;
+use crate::transport::nbd::NbdTarget;
+use crate::transport::select::{self, DiskInfo, Mode, Outcome, Policy, Selection, VmInfo};
+use crate::transport::{DiskTarget, SourceError};
+use crate::vsphere::newdisk::{restore_file_name, split_datastore_path};
+use crate::vsphere::{AttachedDisk, Client, MoRef, NewDiskSpec, VirtualDisk, Vm, VsphereError};
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Failures of a restore into a VM. Each says which step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmRestoreError {
+    /// vCenter refused or failed (boxed: it is large).
+    #[error(transparent)]
+    Vsphere(Box<VsphereError>),
+    /// The selector found no allowed transport for some disk: nothing was changed.
+    #[error("restore into VM {vm} refused before any change: {summary}")]
+    Refused {
+        /// VM name.
+        vm: String,
+        /// Why, disk by disk, candidate by candidate.
+        summary: String,
+    },
+    /// The new disk could not be opened for writing by the chosen transport (and
+    /// no fallback applied).
+    #[error("new disk for disk {disk} of VM {vm}: {source}")]
+    Target {
+        /// VM name.
+        vm: String,
+        /// Which disk (number and label in the point).
+        disk: String,
+        /// The error.
+        source: SourceError,
+    },
+    /// Restore pipeline or repository.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// Bad request, configuration or an answer of vCenter that ferry will not
+    /// write into.
+    #[error("{0}")]
+    Invalid(String),
+    /// A failure after disks were created; `cleanup` says what was removed (or what
+    /// is left for the operator).
+    #[error("{cause}; {cleanup}")]
+    Failed {
+        /// The failure.
+        cause: Box<VmRestoreError>,
+        /// What the cleanup did.
+        cleanup: String,
+    },
+}
+
+impl VmRestoreError {
+    /// Whether the restore was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        match self {
+            VmRestoreError::Job(j) => j.is_cancelled(),
+            VmRestoreError::Failed { cause, .. } => cause.is_cancelled(),
+            _ => false,
+        }
+    }
+
+    /// The failure itself, without the cleanup note.
+    pub fn cause(&self) -> &VmRestoreError {
+        match self {
+            VmRestoreError::Failed { cause, .. } => cause.cause(),
+            e => e,
+        }
+    }
+}
+
+impl From<VsphereError> for VmRestoreError {
+    fn from(e: VsphereError) -> Self {
+        VmRestoreError::Vsphere(Box::new(e))
+    }
+}
+
+impl From<VmJobError> for VmRestoreError {
+    fn from(e: VmJobError) -> Self {
+        match e {
+            VmJobError::Vsphere(v) => v.into(),
+            VmJobError::Job(j) => VmRestoreError::Job(j),
+            e => VmRestoreError::Invalid(e.to_string()),
+        }
+    }
+}
+
+/// The VM to restore into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmRef {
+    /// By name (the CLI).
+    Name(String),
+    /// By managed object reference id, e.g. `vm-42` (the agent API).
+    Moref(String),
+}
+
+impl std::fmt::Display for VmRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmRef::Name(n) => write!(f, "{n}"),
+            VmRef::Moref(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// A restore into a VM.
+#[derive(Clone, Debug)]
+pub struct VmRestoreRequest {
+    /// Job id (names the new disk files `ferry-restore-<job id>-disk<n>.vmdk`).
+    pub job_id: String,
+    /// Target VM.
+    pub target: VmRef,
+    /// Disk numbers of the point to restore (all when `None`), one new disk each.
+    pub disks: Option<Vec<u32>>,
+    /// Transport policy.
+    pub policy: Policy,
+    /// NBD settings.
+    pub nbd: NbdSettings,
+    /// Data-plane settings.
+    pub pipeline: PipelineConfig,
+    /// Repository lock wait (a prune may hold it).
+    pub lock_wait: Duration,
+    /// How long to wait for a hot-added disk to appear.
+    pub hotadd_wait: Duration,
+    /// The tenant's key provider, when configured: the target VM must be
+    /// encrypted under it (a tenant's data never lands in another tenant's VM or
+    /// in an unencrypted one).
+    pub required_key_provider: Option<String>,
+}
+
+/// Why `vm` may not receive data of a tenant whose key provider is `required`
+/// (pure): it must be encrypted under exactly that provider.
+pub fn key_provider_mismatch(vm: &Vm, required: Option<&str>) -> Option<String> {
+    let want = required.map(str::trim).filter(|p| !p.is_empty())?;
+    let have = vm.key_id.as_ref().and_then(|k| k.provider_id.as_deref());
+    match have {
+        Some(p) if p == want => None,
+        Some(p) => Some(format!(
+            "VM {} is encrypted under key provider {p}, but the restore point belongs to the tenant of key provider {want}; restore into a VM of that provider",
+            vm.name
+        )),
+        None => Some(format!(
+            "VM {} is not encrypted (or its key provider is unknown), but the restore point belongs to the tenant of key provider {want}; restore into a VM encrypted under {want}",
+            vm.name
+        )),
+    }
+}
+
+/// What happened to one disk.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoredDisk {
+    /// Disk number in the restore point.
+    pub disk: u32,
+    /// Its label in the restore point.
+    pub label: String,
+    /// Device key of the new disk on the VM.
+    pub new_disk_key: i32,
+    /// Datastore path of the new disk.
+    pub new_file: String,
+    /// Mode used.
+    pub mode: Mode,
+    /// Why (selector decision, and any fallback).
+    pub reason: String,
+    /// Bytes written (zero chunks of the new, zero-filled disk are skipped).
+    pub bytes_written: u64,
+    /// Seconds spent on this disk (creation, transport, data).
+    pub seconds: f64,
+}
+
+/// Result of a restore into a VM.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmRestoreOutcome {
+    /// The VM's name.
+    pub vm: String,
+    /// Its managed object reference id.
+    pub moref: String,
+    /// The selector's plan for the new disks.
+    pub selection: Selection,
+    /// One entry per disk, in disk order.
+    pub disks: Vec<RestoredDisk>,
+}
+
+/// Where the new disks go: the datastore and folder of the VM's first disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Datastore object.
+    pub datastore: MoRef,
+    /// Datastore name.
+    pub datastore_name: String,
+    /// The VM's folder on it.
+    pub folder: String,
+}
+
+/// The datastore and folder of the VM's first disk that has both (pure).
+pub fn placement(vm: &Vm) -> Option<Placement> {
+    let mut disks: Vec<&VirtualDisk> = vm.disks.iter().collect();
+    disks.sort_by_key(|d| d.key);
+    disks.into_iter().find_map(|d| {
+        let ds = d.datastore.clone()?;
+        let (name, folder) = split_datastore_path(&d.file_name)?;
+        Some(Placement {
+            datastore: ds,
+            datastore_name: name.to_string(),
+            folder: folder.to_string(),
+        })
+    })
+}
+
+/// Selector inputs for restoring `disks` into new disks of `vm` on `datastore`
+/// (pure): the VM as it is, with one disk per restored disk, encrypted exactly when
+/// the VM is (the new disk is created under the VM's key), keyed by disk number.
+pub fn restore_vm_info(vm: &Vm, disks: &[DiskSummary], datastore: &MoRef) -> VmInfo {
+    let provider = vm.key_id.as_ref().and_then(|k| k.provider_id.clone());
+    VmInfo {
+        name: vm.name.clone(),
+        moref: vm.moref.value.clone(),
+        host: vm
+            .host
+            .as_ref()
+            .map(|h| h.value.clone())
+            .unwrap_or_default(),
+        encrypted: vm.key_id.is_some(),
+        key_provider: provider.clone(),
+        disks: disks
+            .iter()
+            .map(|d| DiskInfo {
+                key: d.disk as i32,
+                label: format!("new disk for disk {} ({})", d.disk, d.label),
+                datastore: datastore.value.clone(),
+                encrypted: vm.key_id.is_some(),
+                key_provider: provider.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The disks of `point` to restore: `wanted` (in that order, sorted) or all.
+pub fn wanted_disks(
+    point: &OpenPoint,
+    wanted: Option<&[u32]>,
+) -> Result<Vec<DiskSummary>, VmRestoreError> {
+    let all = &point.header.disks;
+    let mut out = match wanted {
+        None => all.clone(),
+        Some(w) => w
+            .iter()
+            .map(|n| {
+                all.iter().find(|d| d.disk == *n).cloned().ok_or_else(|| {
+                    VmRestoreError::Invalid(format!(
+                        "restore point {} has no disk {n}",
+                        point.header.point_id
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    out.sort_by_key(|d| d.disk);
+    out.dedup_by_key(|d| d.disk);
+    if out.is_empty() {
+        return Err(VmRestoreError::Invalid(format!(
+            "restore point {} has no disks to restore",
+            point.header.point_id
+        )));
+    }
+    Ok(out)
+}
+
+/// What the job created and still has to clean up on failure.
+#[derive(Default)]
+struct Created {
+    /// New disks on the target VM.
+    disks: Vec<VirtualDisk>,
+    /// Of those, attached to this proxy right now.
+    attached: Vec<AttachedDisk>,
+}
+
+/// Plan `point`'s disks into `target` on this proxy without changing anything.
+pub async fn plan(
+    client: &Client,
+    me: &ThisProxy,
+    target: &VmRef,
+    disks: &[DiskSummary],
+    policy: &Policy,
+) -> Result<Selection, VmRestoreError> {
+    let vm = target_vm(client, target).await?;
+    let place = placement(&vm).ok_or_else(|| no_placement(&vm))?;
+    let (mut proxy, _) = proxy_info(client, me).await?;
+    proxy.free_slots = slots_for(proxy.free_slots, disks.len());
+    Ok(select::select(
+        &restore_vm_info(&vm, disks, &place.datastore),
+        &[proxy],
+        policy,
+    ))
+}
+
+/// Disks are restored one after another, so one reserved slot serves them all.
+fn slots_for(free: u32, disks: usize) -> u32 {
+    if free == 0 {
+        0
+    } else {
+        free.max(disks as u32)
+    }
+}
+
+fn no_placement(vm: &Vm) -> VmRestoreError {
+    VmRestoreError::Invalid(format!(
+        "VM {} has no disk whose datastore and folder ferry can place the new disks next to",
+        vm.name
+    ))
+}
+
+async fn target_vm(client: &Client, target: &VmRef) -> Result<Vm, VmRestoreError> {
+    let vm = match target {
+        VmRef::Name(n) => client.vm_by_name(n).await?,
+        VmRef::Moref(m) => client.vm(&MoRef::new("VirtualMachine", m)).await?,
+    };
+    if vm.template {
+        return Err(VmRestoreError::Invalid(format!(
+            "VM {} is a template; restore into a VM",
+            vm.name
+        )));
+    }
+    Ok(vm)
+}
+
+/// Restore `disks` of the opened `point` (from `repo`) into new disks of the target
+/// VM. Cleanup (detach, and on failure destroy) runs whatever happens inside; cancel
+/// through `progress`.
+pub async fn restore_vm(
+    client: &Client,
+    me: &ThisProxy,
+    repo: Arc<Repository>,
+    point: Arc<OpenPoint>,
+    req: &VmRestoreRequest,
+    progress: Arc<Progress>,
+) -> Result<VmRestoreOutcome, VmRestoreError> {
+    let span = tracing::info_span!("vm_restore", job = %req.job_id, vm = %req.target, point = %point.header.point_id);
+    let _g = span.enter();
+    let disks = wanted_disks(&point, req.disks.as_deref())?;
+    let vm = target_vm(client, &req.target).await?;
+    if let Some(summary) = key_provider_mismatch(&vm, req.required_key_provider.as_deref()) {
+        tracing::warn!(%summary, "restore refused before any change");
+        return Err(VmRestoreError::Refused {
+            vm: vm.name.clone(),
+            summary,
+        });
+    }
+    let place = placement(&vm).ok_or_else(|| no_placement(&vm))?;
+    let (mut proxy, proxy_vm) = proxy_info(client, me).await?;
+    proxy.free_slots = slots_for(proxy.free_slots, disks.len());
+    let selection = select::select(
+        &restore_vm_info(&vm, &disks, &place.datastore),
+        &[proxy],
+        &req.policy,
+    );
+    if let Some(summary) = selection.refusal_summary() {
+        tracing::warn!(%summary, "restore refused before any change");
+        return Err(VmRestoreError::Refused {
+            vm: vm.name.clone(),
+            summary,
+        });
+    }
+    for d in &selection.disks {
+        tracing::info!(disk = d.disk_key, decision = %d.reason_summary(), "transport chosen");
+    }
+    if progress.cancelled() {
+        return Err(JobError::Pipeline(PipelineError::Cancelled).into());
+    }
+    // A prune must not delete chunks while they are read.
+    let lock = {
+        let (repo, wait) = (repo.clone(), req.lock_wait);
+        tokio::task::spawn_blocking(move || repo.lock(LockMode::Shared, "restore", wait))
+            .await
+            .map_err(|e| VmRestoreError::Invalid(format!("repository lock thread failed: {e}")))?
+            .map_err(JobError::from)?
+    };
+    Progress::add(&progress.total, disks.iter().map(|d| d.size).sum());
+    let mut created = Created::default();
+    let ctx = Ctx {
+        client,
+        vm: &vm,
+        proxy_vm: proxy_vm.as_ref(),
+        me,
+        place: &place,
+        selection: &selection,
+        repo,
+        point,
+        req,
+        progress,
+    };
+    let result = ctx.restore_all(&disks, &mut created).await;
+    drop(lock);
+    match result {
+        Ok(out) => {
+            // Every hot-added disk was detached right after it was written.
+            Ok(VmRestoreOutcome {
+                vm: vm.name.clone(),
+                moref: vm.moref.value.clone(),
+                selection,
+                disks: out,
+            })
+        }
+        Err(cause) => {
+            let cleanup = cleanup(client, &vm, &mut created).await;
+            tracing::error!(error = %cause, %cleanup, "restore into VM failed");
+            Err(VmRestoreError::Failed {
+                cause: Box::new(cause),
+                cleanup,
+            })
+        }
+    }
+}
+
+/// Detach every disk still attached to this proxy, then destroy every disk the job
+/// created on the VM. Returns what happened, for the error message.
+async fn cleanup(client: &Client, vm: &Vm, created: &mut Created) -> String {
+    let mut left = Vec::new();
+    for a in created.attached.drain(..).rev() {
+        if let Err(e) = client.detach_disk(&a).await {
+            tracing::error!(error = %e, file = %a.file_name, "detaching a restore disk from this proxy failed; the orphan sweep will retry");
+            left.push(format!(
+                "{} is still attached to the proxy VM ({e})",
+                a.file_name
+            ));
+        }
+    }
+    let mut removed = Vec::new();
+    for d in created.disks.drain(..).rev() {
+        match client.destroy_disk(&vm.moref, &d).await {
+            Ok(()) => removed.push(d.file_name.clone()),
+            Err(e) => {
+                tracing::error!(error = %e, file = %d.file_name, "destroying a half-written restore disk failed");
+                left.push(format!(
+                    "{} (key {}) is still on VM {}: remove it by hand ({e})",
+                    d.file_name, d.key, vm.name
+                ));
+            }
+        }
+    }
+    match (removed.is_empty(), left.is_empty()) {
+        (true, true) => "nothing was created on the VM".to_string(),
+        (false, true) => format!(
+            "the new disk(s) {} were removed from VM {}; nothing is left behind",
+            removed.join(", "),
+            vm.name
+        ),
+        (_, false) => {
+            let mut s = String::from("cleanup INCOMPLETE: ");
+            if !removed.is_empty() {
+                s.push_str(&format!("removed {}; ", removed.join(", ")));
+            }
+            s.push_str(&left.join("; "));
+            s
+        }
+    }
+}
+
+/// Everything the per-disk steps need.
+struct Ctx<'a> {
+    client: &'a Client,
+    vm: &'a Vm,
+    proxy_vm: Option<&'a Vm>,
+    me: &'a ThisProxy,
+    place: &'a Placement,
+    selection: &'a Selection,
+    repo: Arc<Repository>,
+    point: Arc<OpenPoint>,
+    req: &'a VmRestoreRequest,
+    progress: Arc<Progress>,
+}
+
+impl Ctx<'_> {
+    async fn restore_all(
+        &self,
+        disks: &[DiskSummary],
+        created: &mut Created,
+    ) -> Result<Vec<RestoredDisk>, VmRestoreError> {
+        let mut out = Vec::new();
+        for d in disks {
+            if self.progress.cancelled() {
+                return Err(JobError::Pipeline(PipelineError::Cancelled).into());
+            }
+            out.push(self.restore_one(d, created).await?);
+        }
+        Ok(out)
+    }
+
+    async fn restore_one(
+        &self,
+        d: &DiskSummary,
+        created: &mut Created,
+    ) -> Result<RestoredDisk, VmRestoreError> {
+        let started = Instant::now();
+        let dspan = tracing::info_span!("disk", disk = d.disk, label = %d.label);
+        let _dg = dspan.enter();
+        let decision = self
+            .selection
+            .disks
+            .iter()
+            .find(|x| x.disk_key == d.disk as i32)
+            .ok_or_else(|| {
+                VmRestoreError::Invalid(format!("disk {} is missing from the plan", d.disk))
+            })?;
+        let Outcome::Assigned { mode, .. } = &decision.outcome else {
+            unreachable!("refused selections return before any change");
+        };
+        let mut mode = *mode;
+        let mut reason = decision.reason_summary();
+        let what = format!("{} ({})", d.disk, d.label);
+        let spec = NewDiskSpec {
+            file_name: restore_file_name(
+                &self.place.datastore_name,
+                &self.place.folder,
+                &self.req.job_id,
+                d.disk,
+            ),
+            datastore: self.place.datastore.clone(),
+            capacity_bytes: d.size,
+            encrypt_with: self.vm.key_id.clone(),
+        };
+        let new_disk = self.client.create_disk(&self.vm.moref, &spec).await?;
+        created.disks.push(new_disk.clone());
+        self.check_new_disk(&new_disk, d.size)?;
+        let target: Box<dyn DiskTarget> = loop {
+            match mode {
+                Mode::HotAdd => match self.hotadd(&new_disk, created).await {
+                    Ok(t) => break t,
+                    Err(e)
+                        if e.is_crypto()
+                            && self.req.policy.failover_to_network
+                            && self.me.modes.contains(&Mode::NbdSsl) =>
+                    {
+                        tracing::warn!(error = %e, "HotAdd of the new disk refused by vCenter; continuing by NBD-SSL as policy allows");
+                        reason = format!(
+                            "{reason}; HotAdd then refused by vCenter ({e}), failed over to NBD-SSL"
+                        );
+                        mode = Mode::NbdSsl;
+                    }
+                    Err(HotAddError::Vsphere(v)) => return Err(v.into()),
+                    Err(HotAddError::Target(source)) => {
+                        return Err(VmRestoreError::Target {
+                            vm: self.vm.name.clone(),
+                            disk: what,
+                            source,
+                        })
+                    }
+                    Err(HotAddError::Invalid(m)) => return Err(VmRestoreError::Invalid(m)),
+                },
+                Mode::NbdSsl | Mode::Nbd => {
+                    break self.nbd(&new_disk, mode).await.map_err(|e| match e {
+                        NbdOpenError::Vsphere(v) => v.into(),
+                        NbdOpenError::Target(source) => VmRestoreError::Target {
+                            vm: self.vm.name.clone(),
+                            disk: what.clone(),
+                            source,
+                        },
+                        NbdOpenError::Invalid(m) => VmRestoreError::Invalid(m),
+                    })?
+                }
+            }
+        };
+        tracing::info!(mode = %mode, new_disk = new_disk.key, file = %new_disk.file_name, "writing the new disk");
+        let stats = {
+            let (repo, point, progress) =
+                (self.repo.clone(), self.point.clone(), self.progress.clone());
+            let (n, pipeline) = (d.disk, self.req.pipeline);
+            tokio::task::spawn_blocking(move || -> Result<_, JobError> {
+                let index = repo.open_index(&point, n)?;
+                let table = KeyTable::new(point.keys.iter());
+                Ok(restore_disk(
+                    repo.as_ref(),
+                    index,
+                    &table,
+                    &point.id_key,
+                    target.as_ref(),
+                    pipeline,
+                    &progress,
+                )?)
+            })
+            .await
+            .map_err(|e| VmRestoreError::Invalid(format!("restore thread failed: {e}")))??
+        };
+        // Written and flushed: a hot-added disk leaves this proxy now (it stays in
+        // the cleanup list until the detach succeeded).
+        if let Some(a) = created.attached.last().cloned() {
+            self.client.detach_disk(&a).await?;
+            created.attached.pop();
+        }
+        tracing::info!(
+            bytes = stats.bytes_written,
+            zero_chunks = stats.chunks_zero,
+            "disk restored"
+        );
+        Ok(RestoredDisk {
+            disk: d.disk,
+            label: d.label.clone(),
+            new_disk_key: new_disk.key,
+            new_file: new_disk.file_name.clone(),
+            mode,
+            reason,
+            bytes_written: stats.bytes_written,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// ferry writes only into a disk that is what it asked for: big enough, and
+    /// encrypted under the VM's key provider when the VM is encrypted.
+    fn check_new_disk(&self, d: &VirtualDisk, size: u64) -> Result<(), VmRestoreError> {
+        if d.capacity_bytes < size {
+            return Err(VmRestoreError::Invalid(format!(
+                "vCenter created {} with {} bytes, the disk needs {size}",
+                d.file_name, d.capacity_bytes
+            )));
+        }
+        if let Some(vk) = &self.vm.key_id {
+            let same = d.key_id.as_ref().is_some_and(|k| {
+                vk.provider_id.is_none()
+                    || k.provider_id.is_none()
+                    || k.provider_id == vk.provider_id
+            });
+            if !same {
+                return Err(VmRestoreError::Invalid(format!(
+                    "vCenter created {} {} although VM {} is encrypted under key provider {}; refusing to write decrypted data into it",
+                    d.file_name,
+                    match &d.key_id {
+                        None => "unencrypted".to_string(),
+                        Some(k) => format!(
+                            "under key provider {}",
+                            k.provider_id.as_deref().unwrap_or("?")
+                        ),
+                    },
+                    self.vm.name,
+                    vk.provider_id.as_deref().unwrap_or("?")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn hotadd(
+        &self,
+        disk: &VirtualDisk,
+        created: &mut Created,
+    ) -> Result<Box<dyn DiskTarget>, HotAddError> {
+        let pvm = self.proxy_vm.ok_or_else(|| {
+            HotAddError::Invalid("HotAdd chosen but this proxy has no VM configured".into())
+        })?;
+        let dir =
+            self.me.device_dir.clone().ok_or_else(|| {
+                HotAddError::Invalid("HotAdd needs [agent] hotadd_device_dir".into())
+            })?;
+        let a = self
+            .client
+            .attach_disk_for_write(&pvm.moref, disk)
+            .await
+            .map_err(HotAddError::Vsphere)?;
+        let name = a.device_name();
+        created.attached.push(a);
+        let name = name.ok_or_else(|| {
+            HotAddError::Invalid(
+                "vCenter reported the hot-added disk without a backing uuid".into(),
+            )
+        })?;
+        let size = disk.capacity_bytes;
+        let wait = self.req.hotadd_wait;
+        let t =
+            tokio::task::spawn_blocking(move || HotAddTarget::open(&dir, &name, size, wait, true))
+                .await
+                .map_err(|e| HotAddError::Invalid(format!("hot-add wait failed: {e}")))?
+                .map_err(HotAddError::Target)?;
+        Ok(Box::new(t))
+    }
+
+    async fn nbd(
+        &self,
+        disk: &VirtualDisk,
+        mode: Mode,
+    ) -> Result<Box<dyn DiskTarget>, NbdOpenError> {
+        let host = self.vm.host.as_ref().ok_or_else(|| {
+            NbdOpenError::Invalid(format!("vCenter reports no host for VM {}", self.vm.name))
+        })?;
+        if mode == Mode::Nbd && (self.vm.key_id.is_some() || disk.key_id.is_some()) {
+            // The selector never picks it; this is the last line of defence.
+            return Err(NbdOpenError::Invalid(format!(
+                "refusing clear-text NBD for encrypted VM {}",
+                self.vm.name
+            )));
+        }
+        let s = &self.req.nbd;
+        let ticket = self
+            .client
+            .nbd_write_ticket(host, &self.vm.moref, disk.key)
+            .await
+            .map_err(NbdOpenError::Vsphere)?;
+        let label = format!(
+            "{mode} {}:{} (write ticket for disk {} of VM {})",
+            ticket.host_name, s.port, disk.key, self.vm.name
+        );
+        let uri = match mode {
+            Mode::NbdSsl => {
+                let dir = s.tls_certificates.as_ref().ok_or_else(|| {
+                    NbdOpenError::Invalid(
+                        "NBD-SSL needs [nbd] tls_certificates (a directory with ca-cert.pem)"
+                            .into(),
+                    )
+                })?;
+                format!(
+                    "{}?tls-certificates={}",
+                    ticket.nbds_url(s.port),
+                    dir.display()
+                )
+            }
+            Mode::Nbd => ticket.nbds_url(s.port).replacen("nbds://", "nbd://", 1),
+            Mode::HotAdd => unreachable!("nbd() is called for network modes"),
+        };
+        let conns = s.connections;
+        let t = tokio::task::spawn_blocking(move || NbdTarget::connect(&uri, &label, conns, true))
+            .await
+            .map_err(|e| NbdOpenError::Invalid(format!("NBD connect thread failed: {e}")))?
+            .map_err(NbdOpenError::Target)?;
+        Ok(Box::new(t))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HotAddError {
+    #[error(transparent)]
+    Vsphere(VsphereError),
+    #[error(transparent)]
+    Target(SourceError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl HotAddError {
+    fn is_crypto(&self) -> bool {
+        matches!(self, HotAddError::Vsphere(v) if v.is_crypto())
+    }
+}
+
+enum NbdOpenError {
+    Vsphere(VsphereError),
+    Target(SourceError),
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vsphere::CryptoKeyId;
+
+    fn vm(encrypted: bool) -> Vm {
+        let disk = |key: i32, file: &str, ds: Option<&str>| VirtualDisk {
+            key,
+            label: format!("Hard disk {}", key - 1999),
+            controller_key: Some(1000),
+            unit_number: Some(key - 2000),
+            capacity_bytes: 1 << 30,
+            backing_type: "VirtualDiskFlatVer2BackingInfo".into(),
+            file_name: file.into(),
+            datastore: ds.map(|d| MoRef::new("Datastore", d)),
+            uuid: None,
+            change_id: None,
+            disk_mode: Some("persistent".into()),
+            key_id: None,
+        };
+        Vm {
+            moref: MoRef::new("VirtualMachine", "vm-42"),
+            name: "web01".into(),
+            instance_uuid: None,
+            template: false,
+            power_state: Some("poweredOn".into()),
+            // Listed out of key order; the first disk by key decides.
+            disks: vec![
+                disk(2001, "[ds-b] web01/web01_1.vmdk", Some("datastore-2")),
+                disk(2000, "[ds-a] web01/web01.vmdk", Some("datastore-1")),
+            ],
+            devices: vec![],
+            key_id: encrypted.then(|| CryptoKeyId {
+                key_id: "k".into(),
+                provider_id: Some("KMS-A".into()),
+            }),
+            change_tracking: None,
+            host: Some(MoRef::new("HostSystem", "host-7")),
+            datastores: vec![],
+            snapshots: vec![],
+            current_snapshot: None,
+        }
+    }
+
+    fn summaries() -> Vec<DiskSummary> {
+        vec![
+            DiskSummary {
+                disk: 0,
+                size: 1 << 20,
+                label: "Hard disk 1 (key 2000)".into(),
+            },
+            DiskSummary {
+                disk: 1,
+                size: 2 << 20,
+                label: "Hard disk 2 (key 2001)".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn new_disks_go_next_to_the_first_disk_and_carry_the_vms_key_provider() {
+        let v = vm(true);
+        let p = placement(&v).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                datastore: MoRef::new("Datastore", "datastore-1"),
+                datastore_name: "ds-a".into(),
+                folder: "web01".into(),
+            }
+        );
+        let info = restore_vm_info(&v, &summaries(), &p.datastore);
+        assert_eq!(
+            (info.host.as_str(), info.moref.as_str()),
+            ("host-7", "vm-42")
+        );
+        assert!(info.encrypted);
+        assert_eq!(info.disks.len(), 2);
+        for (i, d) in info.disks.iter().enumerate() {
+            assert_eq!(d.key, i as i32);
+            assert_eq!(d.datastore, "datastore-1");
+            assert!(d.encrypted);
+            assert_eq!(d.key_provider.as_deref(), Some("KMS-A"));
+        }
+        let plain = restore_vm_info(&vm(false), &summaries(), &p.datastore);
+        assert!(!plain.encrypted && plain.disks.iter().all(|d| !d.encrypted));
+        let mut nodisk = vm(false);
+        nodisk.disks.clear();
+        assert!(placement(&nodisk).is_none());
+    }
+
+    #[test]
+    fn a_tenants_data_only_goes_into_vms_of_its_key_provider() {
+        assert_eq!(key_provider_mismatch(&vm(true), Some("KMS-A")), None);
+        assert_eq!(
+            key_provider_mismatch(&vm(false), None),
+            None,
+            "no tenant provider configured"
+        );
+        let other = key_provider_mismatch(&vm(true), Some("KMS-B")).unwrap();
+        assert!(
+            other.contains("KMS-A") && other.contains("KMS-B"),
+            "{other}"
+        );
+        let plain = key_provider_mismatch(&vm(false), Some("KMS-A")).unwrap();
+        assert!(plain.contains("not encrypted"), "{plain}");
+    }
+
+    #[test]
+    fn the_selector_applies_the_backup_rules_to_the_new_disks() {
+        use crate::transport::select::{HostReach, ProxyInfo};
+        let v = vm(true);
+        let info = restore_vm_info(&v, &summaries(), &MoRef::new("Datastore", "datastore-1"));
+        let proxy = |kp: Option<&str>, modes: Vec<Mode>| ProxyInfo {
+            id: "px".into(),
+            is_vm: true,
+            host: Some("host-7".into()),
+            reachable_hosts: HostReach::Any,
+            datastores: vec!["datastore-1".into()],
+            key_provider: kp.map(str::to_string),
+            modes,
+            free_slots: slots_for(1, 2),
+        };
+        let policy = Policy::default();
+        // Same key provider: HotAdd for both disks with one reserved slot.
+        let s = select::select(
+            &info,
+            &[proxy(Some("KMS-A"), vec![Mode::HotAdd, Mode::NbdSsl])],
+            &policy,
+        );
+        assert!(s.is_runnable());
+        assert!(s.disks.iter().all(|d| matches!(
+            d.outcome,
+            Outcome::Assigned {
+                mode: Mode::HotAdd,
+                ..
+            }
+        )));
+        // Another provider: never HotAdd; NBD-SSL when failover is allowed...
+        let s = select::select(
+            &info,
+            &[proxy(Some("KMS-B"), vec![Mode::HotAdd, Mode::NbdSsl])],
+            &policy,
+        );
+        assert!(s.disks.iter().all(|d| matches!(
+            d.outcome,
+            Outcome::Assigned {
+                mode: Mode::NbdSsl,
+                ..
+            }
+        )));
+        // ...refused when it is not, and never clear text.
+        let off = Policy {
+            failover_to_network: false,
+            allow_cleartext_nbd: true,
+            preferred: None,
+        };
+        let s = select::select(
+            &info,
+            &[proxy(
+                Some("KMS-B"),
+                vec![Mode::HotAdd, Mode::NbdSsl, Mode::Nbd],
+            )],
+            &off,
+        );
+        assert!(!s.is_runnable());
+        assert!(s.refusal_summary().unwrap().contains("KMS-B"));
+        let nbd_only = Policy {
+            failover_to_network: true,
+            allow_cleartext_nbd: true,
+            preferred: Some(Mode::Nbd),
+        };
+        let s = select::select(
+            &info,
+            &[proxy(None, vec![Mode::Nbd, Mode::NbdSsl])],
+            &nbd_only,
+        );
+        assert!(s.disks.iter().all(|d| matches!(
+            d.outcome,
+            Outcome::Assigned {
+                mode: Mode::NbdSsl,
+                ..
+            }
+        )));
+        assert_eq!(slots_for(0, 2), 0, "no slot, no restore");
+    }
+}
