@@ -10,6 +10,7 @@
 mod kms;
 pub mod lineage;
 mod multi;
+mod passphrase;
 mod pem;
 pub mod sync;
 pub mod tenant;
@@ -18,6 +19,7 @@ mod wrap;
 pub use kms::{kms_error, public_from as kms_public_from, KmsKeySource};
 pub use lineage::{KeyLineage, KmsKeyPair};
 pub use multi::MultiKeySource;
+pub use passphrase::{PassphraseKeySource, WRAP_SCHEME_PASSPHRASE};
 pub use pem::{generate_pem_pair, PemKeySource};
 pub use wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};
 

@@ -31,14 +31,16 @@ pub fn wrapped_bytes(
     holds: bool,
     have: &KeyRef,
 ) -> Result<Vec<u8>, KeyError> {
-    if wrapped.scheme != WRAP_SCHEME_RSA_OAEP_SHA1 {
-        return Err(KeyError::UnknownScheme(wrapped.scheme.clone()));
-    }
+    // Another key store's key (a passphrase, another KMS) is a missing key, not
+    // an unknown scheme: check who holds it first.
     if !holds {
         return Err(KeyError::WrongKey {
             wanted: wrapped.key_ref.to_string(),
             have: have.to_string(),
         });
+    }
+    if wrapped.scheme != WRAP_SCHEME_RSA_OAEP_SHA1 {
+        return Err(KeyError::UnknownScheme(wrapped.scheme.clone()));
     }
     hex::decode(&wrapped.wrapped).map_err(|_| KeyError::UnwrapFailed {
         key: wrapped.key_ref.to_string(),

@@ -26,6 +26,12 @@ pub struct KeyArgs {
     /// (rotated keys, keys exported from a KMS by hand). Repeatable.
     #[arg(long = "extra-private-key")]
     pub extra_private_keys: Vec<PathBuf>,
+    /// File whose first line is a tenant passphrase (at least 12 characters; keep
+    /// it 0600). Wraps new data keys when neither --public-key nor --kms-key is
+    /// given; otherwise it only unwraps points made with it. Chains may mix
+    /// passphrase- and KMS- or PEM-wrapped points.
+    #[arg(long, env = "FERRY_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
     #[command(flatten)]
     pub kms: KmsArgs,
 }
@@ -145,26 +151,46 @@ impl KeyArgs {
     }
 
     fn build(&self, unwrap_only: bool) -> Result<Box<dyn KeySource>, KeyError> {
-        let kms = if unwrap_only {
-            self.kms
-                .client()?
-                .map(ferry::keys::KmsKeySource::unwrap_only)
+        let passphrase = self
+            .passphrase_file
+            .as_deref()
+            .map(ferry::keys::PassphraseKeySource::from_file)
+            .transpose()?;
+        // The passphrase is the current key when nothing else names one.
+        let passphrase_current = passphrase.is_some()
+            && self.public_key.is_none()
+            && (self.kms.kms_key.is_none() || unwrap_only);
+        let mut all: Vec<Box<dyn KeySource>> = Vec::new();
+        if passphrase_current {
+            all.extend(passphrase.map(|p| Box::new(p) as Box<dyn KeySource>));
+            if let Some(c) = self.kms.client()? {
+                all.push(Box::new(ferry::keys::KmsKeySource::unwrap_only(c)));
+            }
+            if let Some(p) = &self.private_key {
+                all.push(Box::new(PemKeySource::open(None, Some(p))?));
+            }
         } else {
-            self.kms.source()?
-        };
-        let first: Box<dyn KeySource> = match kms {
-            Some(k) => Box::new(k),
-            None => Box::new(PemKeySource::open(
-                self.public_key.as_deref(),
-                self.private_key.as_deref(),
-            )?),
-        };
-        if self.extra_private_keys.is_empty() {
-            return Ok(first);
+            let kms = if unwrap_only {
+                self.kms
+                    .client()?
+                    .map(ferry::keys::KmsKeySource::unwrap_only)
+            } else {
+                self.kms.source()?
+            };
+            all.push(match kms {
+                Some(k) => Box::new(k),
+                None => Box::new(PemKeySource::open(
+                    self.public_key.as_deref(),
+                    self.private_key.as_deref(),
+                )?),
+            });
+            all.extend(passphrase.map(|p| Box::new(p) as Box<dyn KeySource>));
         }
-        let mut all: Vec<Box<dyn KeySource>> = vec![first];
         for p in &self.extra_private_keys {
             all.push(Box::new(PemKeySource::open(None, Some(p))?));
+        }
+        if all.len() == 1 {
+            return Ok(all.pop().expect("one source"));
         }
         Ok(Box::new(MultiKeySource::new(all)?))
     }
