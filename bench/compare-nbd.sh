@@ -53,3 +53,16 @@ s=$(for _ in $(seq "$REPEAT"); do fresh; time_cmd "$FERRY" --no-progress backup 
 report "ferry backup from the file" "$s"
 s=$(for _ in $(seq "$REPEAT"); do fresh; time_cmd "$FERRY" --no-progress backup -r "$WORK/repo" --name n --nbd "$URI_KIT" ${NBD_WORKERS:+--workers $NBD_WORKERS}; done | median)
 report "ferry backup over NBD-SSL" "$s"
+
+# Pinned: ferry on CPU 0 for both, nbdkit alone on CPU 1.
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  kill $KIT 2>/dev/null; wait $KIT 2>/dev/null || true
+  rm -f "$SOCK"
+  taskset -c 1 nbdkit -f -r --tls=require --tls-certificates="$WORK/certs" -U "$SOCK" --threads 16 file "$IMG" &
+  KIT=$!
+  for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+  s=$(for _ in $(seq "$REPEAT"); do fresh; time_cmd taskset -c 0 "$FERRY" --no-progress backup -r "$WORK/repo" --name f --image "$IMG"; done | median)
+  report "pinned: ferry backup from the file" "$s"
+  s=$(for _ in $(seq "$REPEAT"); do fresh; time_cmd taskset -c 0 "$FERRY" --no-progress backup -r "$WORK/repo" --name n --nbd "$URI_KIT"; done | median)
+  report "pinned: ferry backup over NBD-SSL" "$s"
+fi

@@ -55,6 +55,8 @@ fn whitepaper_world_backs_up_every_vm_by_key_provider_and_restores_bit_identical
         for item in &run.items {
             assert_eq!(item.state, ItemState::Succeeded, "{}", run.render());
             let vm = item.detail["vm"].as_str().unwrap().to_string();
+            // The folder path read live from vCenter's parent chain.
+            assert_eq!(item.detail["folder"], "/DC-Provider/vm", "{vm}");
             assert!(t.vms.contains(&vm), "{vm} backed up for {tenant}");
             assert!(item.bytes > 0, "{}", run.render());
             let disks = item.detail["result"].as_array().unwrap();

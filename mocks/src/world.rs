@@ -409,9 +409,10 @@ impl World {
             let vms: Vec<String> = ten.vms.iter().map(|v| format!("{v:?}")).collect();
             t.push_str(&format!(
                 "\n[[job]]\nname = \"{name}-backup\"\ntenant = {name:?}\nvcenter = \"vc-sim\"\n\
-                 vms = [{vms}]\nretention = {{ keep_last = 7 }}\n\
+                 folders = [\"/{dc}/vm\"]\nvms = [{vms}]\nretention = {{ keep_last = 7 }}\n\
                  policy = {{ failover_to_network = true, allow_cleartext_nbd = false }}\n",
                 name = ten.name,
+                dc = opts.scenario.datacenter.name,
                 vms = vms.join(", ")
             ));
         }

@@ -7,9 +7,8 @@
 //! Must not: cache inventory between runs (the agents re-read the VM anyway), or
 //! list templates as backup candidates.
 //!
-//! Folders: vCenter's folder tree is not read yet; every VM reports the folder
-//! `/<vcenter name>/vm`, so `folders` selections of jobs work only with
-//! `inventory_file` vCenters (docs/orchestrator.md says so).
+//! Folders: each VM's folder path (`/<datacenter>/vm/<folder>...`) is read from
+//! the `parent` chain, so jobs' `folders` selections work against live vCenters.
 
 use super::config::VcenterConfig;
 use super::inventory::{BoxFuture, Inventory, InventoryError, InventoryVm};
@@ -63,14 +62,18 @@ impl Inventory for VsphereInventory {
                 .await
                 .map_err(|e| unavailable(e.to_string()))?;
             let vms = client.vms().await;
+            let folders = match &vms {
+                Ok(_) => client.vm_folder_paths().await,
+                Err(_) => Ok(Default::default()),
+            };
             client.logout().await;
             let vms = vms.map_err(|e| unavailable(e.to_string()))?;
-            let folder = format!("/{}/vm", vcenter.name);
+            let folders = folders.map_err(|e| unavailable(e.to_string()))?;
             Ok(vms
                 .iter()
                 .filter(|v| !v.template)
                 .map(|v| InventoryVm {
-                    folder: folder.clone(),
+                    folder: folders.get(&v.moref).cloned().unwrap_or_else(|| "/".into()),
                     vm: crate::job::vm::vm_info(v),
                 })
                 .collect())

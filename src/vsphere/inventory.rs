@@ -1,13 +1,76 @@
 //! Typed inventory: VMs (by name, by glob, by reference), hosts, clusters and
 //! datastores, read with the property collector. Finding a VM by name reads only
 //! names first, then the full properties of the matches, so large inventories cost
-//! little.
+//! little. VM folder paths (`/<datacenter>/vm/<folder>...`) come from the `parent`
+//! chain of folders and datacenters ([`folder_paths`], pure).
 
 use super::client::Client;
 use super::error::VsphereError;
 use super::types::{
-    Cluster, Datastore, Host, MoRef, Vm, CLUSTER_PATHS, DATASTORE_PATHS, HOST_PATHS, VM_PATHS,
+    Cluster, Datastore, Host, MoRef, ObjectContent, Vm, CLUSTER_PATHS, DATASTORE_PATHS, HOST_PATHS,
+    VM_PATHS,
 };
+use std::collections::HashMap;
+
+/// Deepest folder nesting followed (a parent loop in a hostile answer ends here).
+const MAX_FOLDER_DEPTH: usize = 64;
+
+/// One inventory container: its name and parent, as vCenter reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Container {
+    /// `name`.
+    pub name: String,
+    /// `parent` (none for the root folder).
+    pub parent: Option<MoRef>,
+}
+
+/// Folder path of every VM: `/<datacenter>/<folder>/.../<folder>` following the VM's
+/// `parent` up through folders to its datacenter, e.g. `/DC1/vm/tenant-a`. Pure.
+/// A VM whose chain is broken, loops or reaches no datacenter gets the names it
+/// could follow, rooted at `/`.
+pub fn folder_paths(
+    vm_parents: &[(MoRef, Option<MoRef>)],
+    folders: &HashMap<MoRef, Container>,
+    datacenters: &HashMap<MoRef, Container>,
+) -> HashMap<MoRef, String> {
+    let mut out = HashMap::new();
+    for (vm, parent) in vm_parents {
+        let mut names: Vec<&str> = Vec::new();
+        let mut cur = parent.clone();
+        for _ in 0..MAX_FOLDER_DEPTH {
+            let Some(p) = cur else { break };
+            if let Some(dc) = datacenters.get(&p) {
+                names.push(&dc.name);
+                break;
+            }
+            match folders.get(&p) {
+                Some(f) => {
+                    names.push(&f.name);
+                    cur = f.parent.clone();
+                }
+                None => break,
+            }
+        }
+        names.reverse();
+        out.insert(vm.clone(), format!("/{}", names.join("/")));
+    }
+    out
+}
+
+fn containers(objs: &[ObjectContent]) -> HashMap<MoRef, Container> {
+    objs.iter()
+        .map(|o| {
+            let c = Container {
+                name: o
+                    .prop("name")
+                    .map(|v| v.text.trim().to_string())
+                    .unwrap_or_default(),
+                parent: o.prop("parent").and_then(|v| MoRef::decode(v).ok()),
+            };
+            (o.obj.clone(), c)
+        })
+        .collect()
+}
 
 /// Shell-style glob match: `*` any run, `?` one character, everything else literal.
 /// At most O(pattern × name) steps (no exponential backtracking).
@@ -50,6 +113,30 @@ impl Client {
                 (o.obj, name)
             })
             .collect())
+    }
+
+    /// The folder path of every VM (see [`folder_paths`]).
+    pub async fn vm_folder_paths(&self) -> Result<HashMap<MoRef, String>, VsphereError> {
+        let doing = "reading the VM folder tree";
+        let folders = self.collect("Folder", &["name", "parent"], doing).await?;
+        let dcs = self
+            .collect("Datacenter", &["name", "parent"], doing)
+            .await?;
+        let vms = self.collect("VirtualMachine", &["parent"], doing).await?;
+        let parents: Vec<(MoRef, Option<MoRef>)> = vms
+            .iter()
+            .map(|o| {
+                (
+                    o.obj.clone(),
+                    o.prop("parent").and_then(|v| MoRef::decode(v).ok()),
+                )
+            })
+            .collect();
+        Ok(folder_paths(
+            &parents,
+            &containers(&folders),
+            &containers(&dcs),
+        ))
     }
 
     /// Every VM with the properties ferry needs, sorted by name.
@@ -193,5 +280,50 @@ mod tests {
         // Pathological patterns stay fast.
         let long = "a".repeat(5000);
         assert!(!glob_match(&format!("{}b", "*a".repeat(100)), &long));
+    }
+}
+
+#[cfg(test)]
+mod folder_tests {
+    use super::*;
+
+    #[test]
+    fn folder_paths_follow_parents_to_the_datacenter() {
+        let r = |k: &str, v: &str| MoRef::new(k, v);
+        let c = |n: &str, p: Option<MoRef>| Container {
+            name: n.into(),
+            parent: p,
+        };
+        let folders: HashMap<MoRef, Container> = [
+            (r("Folder", "group-d1"), c("Datacenters", None)),
+            (
+                r("Folder", "group-v3"),
+                c("vm", Some(r("Datacenter", "dc-1"))),
+            ),
+            (
+                r("Folder", "group-v9"),
+                c("tenant-a", Some(r("Folder", "group-v3"))),
+            ),
+            (r("Folder", "loop"), c("loop", Some(r("Folder", "loop")))),
+        ]
+        .into_iter()
+        .collect();
+        let dcs: HashMap<MoRef, Container> = [(
+            r("Datacenter", "dc-1"),
+            c("DC1", Some(r("Folder", "group-d1"))),
+        )]
+        .into_iter()
+        .collect();
+        let vms = vec![
+            (r("VirtualMachine", "vm-1"), Some(r("Folder", "group-v9"))),
+            (r("VirtualMachine", "vm-2"), Some(r("Folder", "group-v3"))),
+            (r("VirtualMachine", "vm-3"), Some(r("Folder", "loop"))),
+            (r("VirtualMachine", "vm-4"), None),
+        ];
+        let p = folder_paths(&vms, &folders, &dcs);
+        assert_eq!(p[&r("VirtualMachine", "vm-1")], "/DC1/vm/tenant-a");
+        assert_eq!(p[&r("VirtualMachine", "vm-2")], "/DC1/vm");
+        assert!(p[&r("VirtualMachine", "vm-3")].starts_with("/loop/loop"));
+        assert_eq!(p[&r("VirtualMachine", "vm-4")], "/");
     }
 }
