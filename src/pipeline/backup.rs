@@ -182,7 +182,10 @@ pub fn backup_disk<W: Write, P: Read + Send>(
                 }
             });
         }
-        for _ in 0..inp.config.workers {
+        // Workers read their own chunks: a network source gets at least one worker
+        // per connection, so reads stay in flight while other workers compute.
+        let workers = inp.config.workers.max(source.read_parallelism().min(64));
+        for _ in 0..workers {
             let (task_rx, res_tx) = (task_rx.clone(), res_tx.clone());
             let ctx = &ctx;
             s.spawn(move || {

@@ -90,6 +90,12 @@ pub trait DiskSource: Send + Sync {
     }
     /// Fill `buf` from `offset`; the range must lie inside the disk.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+    /// Reads this source serves best in flight at once (network sources: their
+    /// connections). The backup pipeline runs at least this many readers so the
+    /// network's latency overlaps the CPU work even on a one-core proxy.
+    fn read_parallelism(&self) -> usize {
+        1
+    }
 }
 
 /// A writable disk a restore writes into: a new raw image, a block device, a

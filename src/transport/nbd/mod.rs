@@ -391,6 +391,9 @@ impl DiskSource for NbdSource {
     fn label(&self) -> String {
         self.label.clone()
     }
+    fn read_parallelism(&self) -> usize {
+        self.pool.lock().map(|p| p.max).unwrap_or(1).max(1)
+    }
     fn transport(&self) -> &'static str {
         if self.uri.tls.is_some() {
             "nbdssl"
