@@ -814,6 +814,7 @@ mod tests {
             datastores: vec![],
             snapshots: vec![],
             current_snapshot: None,
+            parent: None,
         }
     }
 

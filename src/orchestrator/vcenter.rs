@@ -63,7 +63,7 @@ impl Inventory for VsphereInventory {
                 .map_err(|e| unavailable(e.to_string()))?;
             let vms = client.vms().await;
             let folders = match &vms {
-                Ok(_) => client.vm_folder_paths().await,
+                Ok(vms) => client.vm_folder_paths(vms).await,
                 Err(_) => Ok(Default::default()),
             };
             client.logout().await;

@@ -115,22 +115,20 @@ impl Client {
             .collect())
     }
 
-    /// The folder path of every VM (see [`folder_paths`]).
-    pub async fn vm_folder_paths(&self) -> Result<HashMap<MoRef, String>, VsphereError> {
+    /// The folder path of each of `vms` (read by [`Client::vms`], whose `parent`
+    /// they carry; see [`folder_paths`]). Reads only folders and datacenters.
+    pub async fn vm_folder_paths(
+        &self,
+        vms: &[Vm],
+    ) -> Result<HashMap<MoRef, String>, VsphereError> {
         let doing = "reading the VM folder tree";
         let folders = self.collect("Folder", &["name", "parent"], doing).await?;
         let dcs = self
             .collect("Datacenter", &["name", "parent"], doing)
             .await?;
-        let vms = self.collect("VirtualMachine", &["parent"], doing).await?;
         let parents: Vec<(MoRef, Option<MoRef>)> = vms
             .iter()
-            .map(|o| {
-                (
-                    o.obj.clone(),
-                    o.prop("parent").and_then(|v| MoRef::decode(v).ok()),
-                )
-            })
+            .map(|v| (v.moref.clone(), v.parent.clone()))
             .collect();
         Ok(folder_paths(
             &parents,

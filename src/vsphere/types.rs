@@ -431,6 +431,8 @@ pub struct Vm {
     pub snapshots: Vec<SnapshotNode>,
     /// `snapshot.currentSnapshot`.
     pub current_snapshot: Option<MoRef>,
+    /// `parent`: the VM's folder (its path comes from [`super::inventory::folder_paths`]).
+    pub parent: Option<MoRef>,
 }
 
 impl Vm {
@@ -483,6 +485,7 @@ pub const VM_PATHS: &[&str] = &[
     "runtime.powerState",
     "datastore",
     "snapshot",
+    "parent",
 ];
 
 /// Properties of one object as the property collector returned them.
@@ -580,6 +583,7 @@ impl Vm {
                 .unwrap_or_default(),
             snapshots,
             current_snapshot,
+            parent: oc.prop("parent").and_then(|v| MoRef::decode(v).ok()),
         })
     }
 }
