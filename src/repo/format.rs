@@ -295,12 +295,13 @@ impl ChunkSealer {
         self.key_id
     }
 
-    /// Seal a chunk: LZ4 when it shrinks the data, then AES-256-GCM. `out` is cleared
-    /// and receives the whole chunk file. `scratch` is reused between calls.
+    /// Seal a chunk: LZ4 when it shrinks the data, then AES-256-GCM. `out` is
+    /// overwritten with the whole chunk file. `scratch` is reused between calls.
     pub fn seal(&self, id: &ChunkId, plain: &[u8], out: &mut Vec<u8>) {
         assert!(!plain.is_empty() && plain.len() <= MAX_CHUNK_SIZE as usize);
         let max = lz4_flex::block::get_maximum_output_size(plain.len());
-        out.clear();
+        // No clear(): every byte up to the final length is overwritten below, so only
+        // growth is zero-filled (a 4 MiB memset per chunk otherwise).
         out.resize(CHUNK_HEADER_LEN + max.max(plain.len()) + TAG_LEN, 0);
         let compressed = lz4_flex::block::compress_into(plain, &mut out[CHUNK_HEADER_LEN..])
             .ok()
