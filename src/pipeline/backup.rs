@@ -1,7 +1,9 @@
 //! Backup of one disk: source → workers → ordered index writer, reading every
 //! allocated chunk ([`ReadPlan::Full`]), only the chunks CBT reports allocated
 //! ([`ReadPlan::Allocated`]), or only the changed ones while the others are taken
-//! from the previous index without a read ([`ReadPlan::Changed`]).
+//! from the previous index without a read ([`ReadPlan::Changed`]). A network source
+//! gets reader threads of its own, one per connection, that read ahead of the
+//! workers.
 
 use super::changed::ChunkSet;
 use super::{ChunkStore, FirstError, PipelineConfig, PipelineError};
@@ -182,36 +184,89 @@ pub fn backup_disk<W: Write, P: Read + Send>(
                 }
             });
         }
-        // Workers read their own chunks: a network source gets at least one worker
-        // per connection, so reads stay in flight while other workers compute.
-        let workers = inp.config.workers.max(source.read_parallelism().min(64));
-        for _ in 0..workers {
-            let (task_rx, res_tx) = (task_rx.clone(), res_tx.clone());
-            let ctx = &ctx;
-            s.spawn(move || {
-                // Each worker owns its two buffers for the whole disk: memory is
-                // workers x (chunk + sealed chunk), whatever the disk size.
-                let (mut buf, mut out) =
-                    (Vec::with_capacity(header.chunk_size as usize), Vec::new());
-                for t in task_rx {
-                    if errors.stopped() {
-                        continue;
-                    }
-                    buf.resize(t.len, 0);
-                    if let Err(e) = source.read_at(t.start, &mut buf) {
-                        errors.set(e.into());
-                        continue;
-                    }
-                    Progress::add(&progress.read, t.len as u64);
-                    bytes_read.fetch_add(t.len as u64, Ordering::Relaxed);
-                    match ctx.work(&t, &buf, &mut out) {
-                        Ok(o) => {
-                            let _ = res_tx.send((t.pos, o));
+        let readers = source.read_parallelism().min(64);
+        if readers <= 1 {
+            // A local source: a read is a page-cache copy, CPU work like the rest,
+            // so each worker reads its own chunks.
+            for _ in 0..inp.config.workers {
+                let (task_rx, res_tx) = (task_rx.clone(), res_tx.clone());
+                let ctx = &ctx;
+                s.spawn(move || {
+                    // Each worker owns its two buffers for the whole disk: memory is
+                    // workers x (chunk + sealed chunk), whatever the disk size.
+                    let (mut buf, mut out) =
+                        (Vec::with_capacity(header.chunk_size as usize), Vec::new());
+                    for t in task_rx {
+                        if errors.stopped() {
+                            continue;
                         }
-                        Err(e) => errors.set(e),
+                        buf.resize(t.len, 0);
+                        if let Err(e) = source.read_at(t.start, &mut buf) {
+                            errors.set(e.into());
+                            continue;
+                        }
+                        ctx.read_done(t.len, bytes_read);
+                        ctx.work_and_send(&t, &buf, &mut out, &res_tx, errors);
                     }
-                }
-            });
+                });
+            }
+        } else {
+            // A network source: one reader thread per connection keeps reads in
+            // flight and read ahead of the workers, which only compute; chunk
+            // buffers circulate readers -> workers -> readers through `free`.
+            let spare = readers.min(
+                inp.config
+                    .buffers
+                    .saturating_sub(readers + inp.config.workers),
+            );
+            let nbuf = readers + inp.config.workers + spare;
+            let (free_tx, free_rx) = bounded::<Vec<u8>>(nbuf);
+            for _ in 0..nbuf {
+                let _ = free_tx.send(Vec::new());
+            }
+            let (ready_tx, ready_rx) = bounded::<(Task, Vec<u8>)>(nbuf);
+            for _ in 0..readers {
+                let (task_rx, free_rx, free_tx, ready_tx) = (
+                    task_rx.clone(),
+                    free_rx.clone(),
+                    free_tx.clone(),
+                    ready_tx.clone(),
+                );
+                let ctx = &ctx;
+                s.spawn(move || {
+                    for t in task_rx {
+                        if errors.stopped() {
+                            continue;
+                        }
+                        let Ok(mut buf) = free_rx.recv() else { return };
+                        buf.resize(t.len, 0);
+                        if let Err(e) = source.read_at(t.start, &mut buf) {
+                            errors.set(e.into());
+                            let _ = free_tx.send(buf);
+                            continue;
+                        }
+                        ctx.read_done(t.len, bytes_read);
+                        if ready_tx.send((t, buf)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop((ready_tx, free_rx));
+            for _ in 0..inp.config.workers {
+                let (ready_rx, free_tx, res_tx) =
+                    (ready_rx.clone(), free_tx.clone(), res_tx.clone());
+                let ctx = &ctx;
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for (t, buf) in ready_rx {
+                        if !errors.stopped() {
+                            ctx.work_and_send(&t, &buf, &mut out, &res_tx, errors);
+                        }
+                        let _ = free_tx.send(buf);
+                    }
+                });
+            }
         }
         drop(res_tx);
         drop(task_rx);
@@ -392,6 +447,29 @@ struct WorkCtx<'a> {
 }
 
 impl WorkCtx<'_> {
+    /// Account `len` bytes read from the source.
+    fn read_done(&self, len: usize, bytes_read: &AtomicU64) {
+        Progress::add(&self.progress.read, len as u64);
+        bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Process one read chunk and hand its outcome to the writer.
+    fn work_and_send(
+        &self,
+        t: &Task,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        results: &Sender<(u64, Outcome)>,
+        errors: &FirstError<PipelineError>,
+    ) {
+        match self.work(t, data, out) {
+            Ok(o) => {
+                let _ = results.send((t.pos, o));
+            }
+            Err(e) => errors.set(e),
+        }
+    }
+
     fn existing(&self, id: &ChunkId) -> Result<Option<IndexEntry>, PipelineError> {
         match self.store.chunk_key(id)? {
             None => Ok(None),
@@ -452,6 +530,10 @@ mod tests {
     struct MemDisk {
         data: Vec<u8>,
         read: AtomicU64,
+        /// [`DiskSource::read_parallelism`]: above 1, the pipeline's reader threads.
+        readers: usize,
+        /// A read covering this offset fails.
+        fail_at: Option<u64>,
     }
 
     impl DiskSource for MemDisk {
@@ -464,11 +546,24 @@ mod tests {
         fn size(&self) -> u64 {
             self.data.len() as u64
         }
+        fn read_parallelism(&self) -> usize {
+            self.readers
+        }
         fn read_at(
             &self,
             offset: u64,
             buf: &mut [u8],
         ) -> Result<(), crate::transport::SourceError> {
+            if let Some(at) = self.fail_at {
+                if (offset..offset + buf.len() as u64).contains(&at) {
+                    return Err(crate::transport::SourceError::Io {
+                        source_name: "mem".into(),
+                        op: "read",
+                        offset,
+                        err: std::io::Error::other("connection reset"),
+                    });
+                }
+            }
             let o = offset as usize;
             buf.copy_from_slice(&self.data[o..o + buf.len()]);
             self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -528,9 +623,22 @@ mod tests {
             previous: Option<&Run>,
             plan: ReadPlan,
         ) -> Result<Run, PipelineError> {
+            self.run_with(data, previous, plan, 1, None)
+        }
+
+        fn run_with(
+            &self,
+            data: &[u8],
+            previous: Option<&Run>,
+            plan: ReadPlan,
+            readers: usize,
+            fail_at: Option<u64>,
+        ) -> Result<Run, PipelineError> {
             let src = MemDisk {
                 data: data.to_vec(),
                 read: AtomicU64::new(0),
+                readers,
+                fail_at,
             };
             let header = IndexHeader {
                 point_id: "p".into(),
@@ -647,6 +755,53 @@ mod tests {
         let again = f.run(&d, None, ReadPlan::Full).unwrap();
         assert_eq!(inc.index, again.index);
         assert_eq!(again.source_reads, size, "this source reports no holes");
+    }
+
+    #[test]
+    fn reader_threads_write_the_index_workers_reading_themselves_write() {
+        let d = disk(4);
+        let f = Fixture::new();
+        let one = f.run(&d, None, ReadPlan::Full).unwrap();
+        for readers in [2, 3, 8] {
+            let g = Fixture {
+                store: MemStore::default(),
+                dk: f.dk.clone(),
+                id_key: f.id_key.clone(),
+            };
+            let many = g.run_with(&d, None, ReadPlan::Full, readers, None).unwrap();
+            assert_eq!(many.index, one.index, "{readers} readers");
+            assert_eq!(many.source_reads, d.len() as u64);
+            assert_eq!(many.stats, one.stats, "{readers} readers");
+        }
+        // An incremental through reader threads still reads only the changed chunk.
+        let mut d2 = d.clone();
+        d2[7 * CS as usize] ^= 1;
+        let set = changed(&[(7 * CS as u64, 1)], d.len() as u64);
+        let plan = ReadPlan::Changed {
+            changed: set,
+            previous_hash: one.hash,
+        };
+        let inc = f.run_with(&d2, Some(&one), plan, 4, None).unwrap();
+        assert_eq!(inc.source_reads, CS as u64);
+        assert_eq!(inc.index, f.run(&d2, None, ReadPlan::Full).unwrap().index);
+    }
+
+    #[test]
+    fn a_read_error_through_reader_threads_fails_the_disk_without_hanging() {
+        let f = Fixture::new();
+        let d = disk(5);
+        for readers in [1, 4] {
+            let at = 23 * CS as u64 + 17;
+            let e = f
+                .run_with(&d, None, ReadPlan::Full, readers, Some(at))
+                .err()
+                .expect("the read error fails the backup");
+            assert!(
+                matches!(&e, PipelineError::Source(_))
+                    && e.to_string().contains("connection reset"),
+                "{readers} readers: {e}"
+            );
+        }
     }
 
     #[test]

@@ -91,8 +91,9 @@ pub trait DiskSource: Send + Sync {
     /// Fill `buf` from `offset`; the range must lie inside the disk.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
     /// Reads this source serves best in flight at once (network sources: their
-    /// connections). The backup pipeline runs at least this many readers so the
-    /// network's latency overlaps the CPU work even on a one-core proxy.
+    /// connections). Above 1, the backup pipeline runs this many reader threads
+    /// that read ahead of its workers, so the network's latency overlaps the CPU
+    /// work even on a one-core proxy; at 1, each worker reads its own chunks.
     fn read_parallelism(&self) -> usize {
         1
     }
