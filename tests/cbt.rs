@@ -545,6 +545,44 @@ fn ferry_backup_vm_prints_how_each_disk_was_read_and_why() {
         assert!(o.status.success(), "{}", text(&o));
         o
     };
+    // --dry-run: the selection table, no snapshot, no point; refused → exit 1.
+    let mut dry = args(false);
+    dry.push("--dry-run".into());
+    let o = env
+        .w
+        .ferry(&dry.iter().map(String::as_str).collect::<Vec<_>>());
+    let plan = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        plan.contains("DECISION")
+            && plan.contains("nbdssl")
+            && plan.contains("[x]")
+            && plan.contains("dry run: nothing was changed"),
+        "{plan}"
+    );
+    let strict: Vec<String> = dry
+        .iter()
+        .map(|a| {
+            if a == "nbdssl" {
+                "hotadd".into()
+            } else {
+                a.clone()
+            }
+        })
+        .chain(["--no-failover".to_string()])
+        .collect();
+    let o = env
+        .w
+        .ferry(&strict.iter().map(String::as_str).collect::<Vec<_>>());
+    let plan = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(plan.contains("REFUSED"), "{plan}");
+    assert_eq!(env.vc.admin().state().snapshot_count(), 0);
+    assert!(
+        env.w.repo().point_ids().unwrap().is_empty(),
+        "a dry run stores nothing"
+    );
+
     let o = run_ferry(false);
     let human = String::from_utf8_lossy(&o.stdout);
     assert!(

@@ -375,6 +375,66 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
 
     // The same through the CLI with the agent's configuration: one disk, by name.
     let agent = world.agents.iter().find(|a| a.id == "proxy-kms-a").unwrap();
+    let ferry = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("FERRY_REPO")
+            .output()
+            .unwrap()
+    };
+    let cfg = agent.config.to_str().unwrap();
+    // --dry-run first: the plan, and nothing changes on vCenter.
+    let disks_of = |vm: &str| admin.state().vm(vm).unwrap().disks.len();
+    let before = (disks_of("tenant-a-vm02"), disks_of("tenant-b-vm01"));
+    let o = ferry(&[
+        "--json",
+        "restore",
+        "--vm",
+        "tenant-a-vm02",
+        "--point",
+        "latest:tenant-a-vm01",
+        "--disk",
+        "0",
+        "--config",
+        cfg,
+        "--dry-run",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["vm"], "tenant-a-vm02", "{v}");
+    assert_eq!(v["refused"], false, "{v}");
+    assert_eq!(v["disks"].as_array().unwrap().len(), 1, "{v}");
+    let outcome = &v["disks"][0]["outcome"];
+    assert_eq!(
+        (&outcome["kind"], &outcome["mode"], &outcome["proxy"]),
+        (&"assigned".into(), &"hotadd".into(), &"proxy-kms-a".into()),
+        "{v}"
+    );
+    let o = ferry(&[
+        "restore",
+        "--vm",
+        "tenant-b-vm01",
+        "--point",
+        "latest:tenant-a-vm01",
+        "--config",
+        cfg,
+        "--dry-run",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("refused") && err.contains("KMS-B"), "{err}");
+    assert_eq!(
+        (disks_of("tenant-a-vm02"), disks_of("tenant-b-vm01")),
+        before,
+        "a dry run creates no disk"
+    );
+    assert_eq!(admin.state().attached_count(), 0);
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["--json", "restore", "--vm", "tenant-a-vm02", "--point"])
         .arg("latest:tenant-a-vm01")

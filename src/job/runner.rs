@@ -24,7 +24,7 @@ use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::repo::format::DEFAULT_CHUNK_SIZE;
 use crate::repo::{RepoError, Repository};
-use crate::transport::select::Mode;
+use crate::transport::select::{Mode, Selection};
 use crate::vsphere::{Client, ClientConfig, VsphereError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -100,6 +100,17 @@ impl VmJobRunner {
         rt.block_on(Client::connect(cfg)).map_err(vsphere_err)
     }
 
+    /// This proxy as a job of `ctx` sees it (the context's id, modes and slots).
+    fn proxy_of(&self, ctx: &JobContext) -> ThisProxy {
+        ThisProxy {
+            id: ctx.proxy.id.clone(),
+            vm_name: self.proxy_vm.clone(),
+            device_dir: self.device_dir.clone(),
+            modes: ctx.proxy.modes.clone(),
+            free_slots: ctx.proxy.free_slots,
+        }
+    }
+
     fn this_proxy(&self, free_slots: u32) -> ThisProxy {
         ThisProxy {
             id: self.proxy_id.clone(),
@@ -123,13 +134,7 @@ impl VmJobRunner {
         let keys: Arc<dyn KeySource> = Arc::from(open_keys(&ctx.tenant)?);
         let repo = Arc::new(open_or_init_repo(&ctx.tenant, keys.as_ref())?);
         let client = self.connect(&ctx.runtime)?;
-        let me = ThisProxy {
-            id: ctx.proxy.id.clone(),
-            vm_name: self.proxy_vm.clone(),
-            device_dir: self.device_dir.clone(),
-            modes: ctx.proxy.modes.clone(),
-            free_slots: ctx.proxy.free_slots,
-        };
+        let me = self.proxy_of(ctx);
         let req = VmBackupRequest {
             // Snapshot names carry the proxy id, so the sweep finds this proxy's.
             job_id: format!("{}{}", vm::job_id_prefix(&me.id), ctx.job_id),
@@ -187,6 +192,36 @@ impl VmJobRunner {
         })
     }
 
+    /// What [`Self::restore_into_vm`] would do, changing nothing (`ferry restore --vm
+    /// --dry-run`): the point's disks (from its manifest header, read without keys
+    /// and so not authenticated: sizes and labels only) planned into `target` on
+    /// this proxy by the selector, after the same refusals the restore makes before
+    /// its first change.
+    pub fn plan_restore_into_vm(
+        &self,
+        ctx: &JobContext,
+        point: &str,
+        disks: Option<&[u32]>,
+        target: VmRef,
+    ) -> Result<Selection, RunError> {
+        let repo = Repository::open(&ctx.tenant.repository).map_err(repo_err)?;
+        let point_id = repo.resolve_point(point).map_err(repo_err)?;
+        let (_, header, _) = repo.read_manifest(&point_id).map_err(repo_err)?;
+        let wanted = vm_restore::wanted_disks(&header, disks).map_err(restore_vm_err)?;
+        let client = self.connect(&ctx.runtime)?;
+        let me = self.proxy_of(ctx);
+        let result = ctx.runtime.block_on(vm_restore::plan(
+            &client,
+            &me,
+            &target,
+            &wanted,
+            &ctx.policy,
+            ctx.tenant.key_provider.as_deref(),
+        ));
+        ctx.runtime.block_on(client.logout());
+        result.map_err(restore_vm_err)
+    }
+
     /// Restore `point` (an id or `latest:<name>`) of the context's tenant into new
     /// disks of the VM `target`, one per restored disk (`disks`, or all), through
     /// this proxy: the agent's restores with a `vm` target and `ferry restore
@@ -218,13 +253,7 @@ impl VmJobRunner {
         }
         let chunk_size = opened.body.chunk_size;
         let client = self.connect(&ctx.runtime)?;
-        let me = ThisProxy {
-            id: ctx.proxy.id.clone(),
-            vm_name: self.proxy_vm.clone(),
-            device_dir: self.device_dir.clone(),
-            modes: ctx.proxy.modes.clone(),
-            free_slots: ctx.proxy.free_slots,
-        };
+        let me = self.proxy_of(ctx);
         let req = VmRestoreRequest {
             // New disk files carry the proxy id and job id, like snapshot names.
             job_id: format!("{}{}", vm::job_id_prefix(&me.id), ctx.job_id),

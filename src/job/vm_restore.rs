@@ -24,7 +24,7 @@ use crate::pipeline::restore::{restore_disk, KeyTable};
 use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::progress::Progress;
 use crate::repo::lock::LockMode;
-use crate::repo::manifest::DiskSummary;
+use crate::repo::manifest::{DiskSummary, ManifestHeader};
 use crate::repo::{OpenPoint, Repository};
 use crate::transport::hotadd::HotAddTarget;
 use crate::transport::nbd::NbdTarget;
@@ -263,12 +263,12 @@ pub fn restore_vm_info(vm: &Vm, disks: &[DiskSummary], datastore: &MoRef) -> VmI
     }
 }
 
-/// The disks of `point` to restore: `wanted` (in that order, sorted) or all.
+/// The disks of the point with `header` to restore: `wanted` (sorted) or all.
 pub fn wanted_disks(
-    point: &OpenPoint,
+    header: &ManifestHeader,
     wanted: Option<&[u32]>,
 ) -> Result<Vec<DiskSummary>, VmRestoreError> {
-    let all = &point.header.disks;
+    let all = &header.disks;
     let mut out = match wanted {
         None => all.clone(),
         Some(w) => w
@@ -277,7 +277,7 @@ pub fn wanted_disks(
                 all.iter().find(|d| d.disk == *n).cloned().ok_or_else(|| {
                     VmRestoreError::Invalid(format!(
                         "restore point {} has no disk {n}",
-                        point.header.point_id
+                        header.point_id
                     ))
                 })
             })
@@ -288,7 +288,7 @@ pub fn wanted_disks(
     if out.is_empty() {
         return Err(VmRestoreError::Invalid(format!(
             "restore point {} has no disks to restore",
-            point.header.point_id
+            header.point_id
         )));
     }
     Ok(out)
@@ -303,15 +303,25 @@ struct Created {
     attached: Vec<AttachedDisk>,
 }
 
-/// Plan `point`'s disks into `target` on this proxy without changing anything.
+/// Plan `point`'s disks into `target` on this proxy without changing anything
+/// (`--dry-run`): the same refusals as [`restore_vm`] before its first change (a
+/// template, a VM outside `required_key_provider`, nowhere to place new disks),
+/// then the selection.
 pub async fn plan(
     client: &Client,
     me: &ThisProxy,
     target: &VmRef,
     disks: &[DiskSummary],
     policy: &Policy,
+    required_key_provider: Option<&str>,
 ) -> Result<Selection, VmRestoreError> {
     let vm = target_vm(client, target).await?;
+    if let Some(summary) = key_provider_mismatch(&vm, required_key_provider) {
+        return Err(VmRestoreError::Refused {
+            vm: vm.name.clone(),
+            summary,
+        });
+    }
     let place = placement(&vm).ok_or_else(|| no_placement(&vm))?;
     let (mut proxy, _) = proxy_info(client, me).await?;
     proxy.free_slots = slots_for(proxy.free_slots, disks.len());
@@ -365,7 +375,7 @@ pub async fn restore_vm(
 ) -> Result<VmRestoreOutcome, VmRestoreError> {
     let span = tracing::info_span!("vm_restore", job = %req.job_id, vm = %req.target, point = %point.header.point_id);
     let _g = span.enter();
-    let disks = wanted_disks(&point, req.disks.as_deref())?;
+    let disks = wanted_disks(&point.header, req.disks.as_deref())?;
     let vm = target_vm(client, &req.target).await?;
     if let Some(summary) = key_provider_mismatch(&vm, req.required_key_provider.as_deref()) {
         tracing::warn!(%summary, "restore refused before any change");

@@ -86,6 +86,11 @@ pub struct RestoreArgs {
     /// it has several).
     #[arg(long, requires = "vm")]
     pub tenant: Option<String>,
+    /// With --vm: print the transport selection for the new disks (per disk:
+    /// proxy, mode and why, with every candidate) and change nothing: no disk is
+    /// created and no key is used. Exits 1 when the restore would be refused.
+    #[arg(long, requires = "vm")]
+    pub dry_run: bool,
 }
 
 #[derive(Args)]
@@ -244,10 +249,7 @@ fn restore_into_vm(
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("{} has no [agent] section", path.display()))?;
     let tenant = cfg.tenant(a.tenant.as_deref())?.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = crate::cmd_vm::runtime()?;
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -271,6 +273,15 @@ fn restore_into_vm(
         runtime: rt.handle().clone(),
     };
     let disks = a.disk.map(|d| vec![d]);
+    if a.dry_run {
+        let sel = runner.plan_restore_into_vm(
+            &ctx,
+            &a.point,
+            disks.as_deref(),
+            ferry::job::vm_restore::VmRef::Name(vm.clone()),
+        )?;
+        return Ok(crate::cmd_vm::print_plan(out, &sel));
+    }
     let bar = out.progress_bar(progress.clone(), "restore");
     let res = runner.restore_into_vm(
         &ctx,

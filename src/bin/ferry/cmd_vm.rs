@@ -13,7 +13,7 @@ use clap::Args;
 use ferry::job::vm::{self, NbdSettings, ThisProxy, VmBackupOutcome, VmBackupRequest};
 use ferry::progress::Progress;
 use ferry::repo::Repository;
-use ferry::transport::select::Mode;
+use ferry::transport::select::{self, Mode, Selection};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +60,11 @@ pub struct VmArgs {
     /// Never fall back from HotAdd to the network (NBD-SSL).
     #[arg(long, requires = "vm")]
     pub no_failover: bool,
+    /// Print the transport selection (per disk: proxy, mode and why, with every
+    /// candidate) and change nothing: no snapshot, no repository or key access.
+    /// Exits 1 when the VM would be refused.
+    #[arg(long, requires = "vm")]
+    pub dry_run: bool,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -106,6 +111,16 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
     if v.no_failover {
         policy.failover_to_network = false;
     }
+    if v.dry_run {
+        let client_cfg = v.conn.client_config()?;
+        let sel = runtime()?.block_on(async {
+            let c = ferry::vsphere::Client::connect(client_cfg).await?;
+            let r = vm::plan(&c, &me, &name, &policy).await;
+            c.logout().await;
+            Ok::<_, anyhow::Error>(r?)
+        })?;
+        return Ok(print_plan(out, &sel));
+    }
     let repo = Arc::new(Repository::open(&a.repo.repo)?);
     let keys: Arc<dyn ferry::keys::KeySource> = Arc::from(a.keys.source()?);
     let started = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -129,11 +144,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         hotadd_wait: Duration::from_secs(60),
     };
     let client_cfg = v.conn.client_config()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = runtime()?;
     let bar = out.progress_bar(progress.clone(), "backup");
     let res = rt.block_on(async {
         let c = ferry::vsphere::Client::connect(client_cfg).await?;
@@ -145,6 +156,32 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
     let o = res?;
     out.result(&o, || summary(&o));
     Ok(exit::OK)
+}
+
+/// The runtime for the vSphere client of one command.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `--dry-run`: the selection table and the full explanation (or the selection as
+/// JSON); exit 1 when the job would be refused, 0 when it would run.
+pub fn print_plan(out: &Output, sel: &Selection) -> u8 {
+    out.result(sel, || {
+        format!(
+            "{}\n{}\n(dry run: nothing was changed)",
+            select::render_table(std::slice::from_ref(sel)),
+            sel.explain()
+        )
+    });
+    if sel.is_runnable() {
+        exit::OK
+    } else {
+        exit::FAILED
+    }
 }
 
 /// The point summary, then per disk: transport, read mode and the reasons.
