@@ -1,6 +1,7 @@
 //! One NBD connection: fixed-newstyle handshake (structured replies,
-//! `base:allocation` meta context, OPT_GO), reads, block-status queries, and on a
-//! writable export writes and flushes; one request in flight. Generic over the byte
+//! `base:allocation` meta context, OPT_GO), reads (split into several requests in
+//! flight, replies taken out of order), block-status queries, and on a writable
+//! export writes and flushes (one request in flight). Generic over the byte
 //! stream so TLS plugs in underneath. Every length from the server is checked
 //! before it sizes a read.
 
@@ -38,6 +39,35 @@ pub struct NbdConn<S> {
 }
 
 use proto::BASE_ALLOCATION;
+
+/// Largest request one read is split into: a 4 MiB chunk becomes four requests in
+/// flight that the server can serve in parallel.
+pub const READ_PIECE: usize = 1 << 20;
+/// Requests one [`NbdConn::read`] keeps in flight on its connection.
+pub const READ_IN_FLIGHT: usize = 16;
+
+/// What one reply to a read request did.
+struct ReadPart {
+    /// The request's last reply (DONE flag, or a simple reply).
+    done: bool,
+    /// The server's error for the request, if it sent one.
+    error: Option<ProtoError>,
+}
+
+impl ReadPart {
+    fn done() -> Self {
+        ReadPart {
+            done: true,
+            error: None,
+        }
+    }
+    fn failed(e: ProtoError) -> Self {
+        ReadPart {
+            done: true,
+            error: Some(e),
+        }
+    }
+}
 
 /// Read the server greeting and send the client flags (start of every handshake).
 pub fn greet<S: Read + Write>(s: &mut S) -> Result<(), ConnError> {
@@ -177,14 +207,9 @@ impl<S: Read + Write> NbdConn<S> {
         Ok((r, p))
     }
 
+    /// The next reply header, which must answer `cookie`.
     fn next_reply(&mut self, cookie: u64) -> Result<ReplyHeader, ConnError> {
-        let mut m = [0u8; 4];
-        self.s.read_exact(&mut m)?;
-        let magic = u32::from_be_bytes(m);
-        let mut rest = [0u8; 16];
-        let n = proto::reply_rest_len(magic)?;
-        self.s.read_exact(&mut rest[..n])?;
-        let h = proto::parse_reply(magic, &rest[..n])?;
+        let h = self.reply_header()?;
         let c = match h {
             ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => cookie,
         };
@@ -206,137 +231,197 @@ impl<S: Read + Write> NbdConn<S> {
         .into())
     }
 
-    /// Read `buf.len()` bytes at `offset` (split into requests the server accepts).
+    /// Read `buf.len()` bytes at `offset`: split into requests of at most
+    /// [`READ_PIECE`] (and the server's maximum), up to [`READ_IN_FLIGHT`] of them in
+    /// flight on this connection at once, their replies taken in whatever order the
+    /// server sends them (structured chunks of different requests may interleave).
+    /// A server error for one piece is returned once every request in flight has
+    /// been answered, so the connection stays usable.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ConnError> {
-        let max = self.max_request as usize;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(max);
-            self.read_one(offset + done as u64, &mut buf[done..done + n])?;
-            done += n;
+        if buf.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let piece = (self.max_request as usize).clamp(1, READ_PIECE);
+        let n = buf.len().div_ceil(piece);
+        let base = self.cookie;
+        self.cookie += n as u64;
+        let total = buf.len();
+        let range = move |i: usize| (i * piece, piece.min(total - i * piece));
+        // Per piece: bytes covered so far, and whether its last reply came.
+        let mut covered = vec![0usize; n];
+        let mut done = vec![false; n];
+        let (mut sent, mut finished) = (0usize, 0usize);
+        let mut failure: Option<ProtoError> = None;
+        while sent < n.min(READ_IN_FLIGHT) {
+            let (o, len) = range(sent);
+            self.send_read(base + sent as u64, offset + o as u64, len)?;
+            sent += 1;
+        }
+        while finished < sent {
+            let h = self.reply_header()?;
+            let c = match h {
+                ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => {
+                    cookie
+                }
+            };
+            let i = match c.checked_sub(base).map(|i| i as usize) {
+                Some(i) if i < sent && !done[i] => i,
+                _ => return Err(ProtoError::UnknownCookie(c).into()),
+            };
+            let (o, len) = range(i);
+            let part =
+                self.read_part(h, offset + o as u64, &mut buf[o..o + len], &mut covered[i])?;
+            if let Some(e) = part.error {
+                failure.get_or_insert(e);
+            }
+            if part.done {
+                done[i] = true;
+                finished += 1;
+                if failure.is_none() && sent < n {
+                    let (o, len) = range(sent);
+                    self.send_read(base + sent as u64, offset + o as u64, len)?;
+                    sent += 1;
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
-    fn read_one(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ConnError> {
-        let cookie = self.cookie;
-        self.cookie += 1;
+    fn send_read(&mut self, cookie: u64, offset: u64, len: usize) -> Result<(), ConnError> {
         self.s.write_all(&proto::request(
             0,
             proto::CMD_READ,
             cookie,
             offset,
-            buf.len() as u32,
+            len as u32,
         ))?;
-        let mut covered = 0usize;
-        loop {
-            match self.next_reply(cookie)? {
-                ReplyHeader::Simple { error, .. } => {
-                    if error != 0 {
-                        return Err(ProtoError::Command {
-                            what: "read",
-                            errno: error,
-                            name: proto::errno_name(error),
-                            message: String::new(),
-                        }
-                        .into());
-                    }
-                    self.s.read_exact(buf)?;
-                    return Ok(());
+        Ok(())
+    }
+
+    /// The next reply header, whatever its cookie.
+    fn reply_header(&mut self) -> Result<ReplyHeader, ConnError> {
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m)?;
+        let magic = u32::from_be_bytes(m);
+        let mut rest = [0u8; 16];
+        let n = proto::reply_rest_len(magic)?;
+        self.s.read_exact(&mut rest[..n])?;
+        Ok(proto::parse_reply(magic, &rest[..n])?)
+    }
+
+    /// Consume the body of reply `h` to the read of `buf.len()` bytes at `offset`.
+    /// `covered` counts the bytes of that read answered so far. Protocol violations
+    /// are errors (the connection is then unusable); a server error for the read is
+    /// returned in [`ReadPart::error`].
+    fn read_part(
+        &mut self,
+        h: ReplyHeader,
+        offset: u64,
+        buf: &mut [u8],
+        covered: &mut usize,
+    ) -> Result<ReadPart, ConnError> {
+        let (flags, kind, len) = match h {
+            ReplyHeader::Simple { error, .. } => {
+                if error != 0 {
+                    // No data follows a simple error reply.
+                    return Ok(ReadPart::failed(ProtoError::Command {
+                        what: "read",
+                        errno: error,
+                        name: proto::errno_name(error),
+                        message: String::new(),
+                    }));
                 }
-                ReplyHeader::Structured {
-                    flags, kind, len, ..
-                } => {
-                    match kind {
-                        proto::REPLY_TYPE_OFFSET_DATA => {
-                            if len < 8 {
-                                return Err(ProtoError::Truncated {
-                                    what: "data chunk",
-                                    need: 8,
-                                    have: len as usize,
-                                }
-                                .into());
-                            }
-                            let mut o = [0u8; 8];
-                            self.s.read_exact(&mut o)?;
-                            let at = u64::from_be_bytes(o);
-                            let dlen = (len - 8) as usize;
-                            let start = at.checked_sub(offset).map(|x| x as usize);
-                            match start {
-                                Some(st)
-                                    if st.checked_add(dlen).is_some_and(|e| e <= buf.len()) =>
-                                {
-                                    self.s.read_exact(&mut buf[st..st + dlen])?;
-                                    covered += dlen;
-                                }
-                                _ => {
-                                    return Err(ProtoError::Invalid(format!(
-                                        "data chunk at {at}+{dlen} outside the request {offset}+{}",
-                                        buf.len()
-                                    ))
-                                    .into())
-                                }
-                            }
-                        }
-                        proto::REPLY_TYPE_OFFSET_HOLE => {
-                            let p = read_payload(&mut self.s, len, 12, "hole chunk")?;
-                            if p.len() != 12 {
-                                return Err(ProtoError::Truncated {
-                                    what: "hole chunk",
-                                    need: 12,
-                                    have: p.len(),
-                                }
-                                .into());
-                            }
-                            let at = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
-                            let hlen =
-                                u32::from_be_bytes(p[8..12].try_into().expect("4 bytes")) as usize;
-                            match at.checked_sub(offset).map(|x| x as usize) {
-                                Some(st)
-                                    if st.checked_add(hlen).is_some_and(|e| e <= buf.len()) =>
-                                {
-                                    buf[st..st + hlen].fill(0);
-                                    covered += hlen;
-                                }
-                                _ => {
-                                    return Err(ProtoError::Invalid(format!(
-                                        "hole chunk at {at}+{hlen} outside the request"
-                                    ))
-                                    .into())
-                                }
-                            }
-                        }
-                        proto::REPLY_TYPE_NONE => {
-                            if len != 0 {
-                                return Err(ProtoError::Invalid(
-                                    "NONE chunk with a payload".into(),
-                                )
-                                .into());
-                            }
-                        }
-                        k if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
-                            return Err(self.structured_error(len, "read")?)
-                        }
-                        k => {
-                            return Err(ProtoError::Invalid(format!(
-                                "unexpected reply chunk type {k} to a read"
-                            ))
-                            .into())
-                        }
+                self.s.read_exact(buf)?;
+                return Ok(ReadPart::done());
+            }
+            ReplyHeader::Structured {
+                flags, kind, len, ..
+            } => (flags, kind, len),
+        };
+        let mut error = None;
+        match kind {
+            proto::REPLY_TYPE_OFFSET_DATA => {
+                if len < 8 {
+                    return Err(ProtoError::Truncated {
+                        what: "data chunk",
+                        need: 8,
+                        have: len as usize,
                     }
-                    if flags & proto::REPLY_FLAG_DONE != 0 {
-                        if covered != buf.len() {
-                            return Err(ProtoError::Invalid(format!(
-                                "read reply covered {covered} of {} bytes",
-                                buf.len()
-                            ))
-                            .into());
-                        }
-                        return Ok(());
+                    .into());
+                }
+                let mut o = [0u8; 8];
+                self.s.read_exact(&mut o)?;
+                let at = u64::from_be_bytes(o);
+                let dlen = (len - 8) as usize;
+                match at.checked_sub(offset).map(|x| x as usize) {
+                    Some(st) if st.checked_add(dlen).is_some_and(|e| e <= buf.len()) => {
+                        self.s.read_exact(&mut buf[st..st + dlen])?;
+                        *covered += dlen;
+                    }
+                    _ => {
+                        return Err(ProtoError::Invalid(format!(
+                            "data chunk at {at}+{dlen} outside the request {offset}+{}",
+                            buf.len()
+                        ))
+                        .into())
                     }
                 }
             }
+            proto::REPLY_TYPE_OFFSET_HOLE => {
+                let p = read_payload(&mut self.s, len, 12, "hole chunk")?;
+                if p.len() != 12 {
+                    return Err(ProtoError::Truncated {
+                        what: "hole chunk",
+                        need: 12,
+                        have: p.len(),
+                    }
+                    .into());
+                }
+                let at = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+                let hlen = u32::from_be_bytes(p[8..12].try_into().expect("4 bytes")) as usize;
+                match at.checked_sub(offset).map(|x| x as usize) {
+                    Some(st) if st.checked_add(hlen).is_some_and(|e| e <= buf.len()) => {
+                        buf[st..st + hlen].fill(0);
+                        *covered += hlen;
+                    }
+                    _ => {
+                        return Err(ProtoError::Invalid(format!(
+                            "hole chunk at {at}+{hlen} outside the request"
+                        ))
+                        .into())
+                    }
+                }
+            }
+            proto::REPLY_TYPE_NONE => {
+                if len != 0 {
+                    return Err(ProtoError::Invalid("NONE chunk with a payload".into()).into());
+                }
+            }
+            k if k & proto::REPLY_TYPE_ERROR_BIT != 0 => {
+                error = Some(match self.structured_error(len, "read")? {
+                    ConnError::Proto(e) => e,
+                    other => return Err(other),
+                });
+            }
+            k => {
+                return Err(ProtoError::Invalid(format!(
+                    "unexpected reply chunk type {k} to a read"
+                ))
+                .into())
+            }
         }
+        let done = flags & proto::REPLY_FLAG_DONE != 0;
+        if done && error.is_none() && *covered != buf.len() {
+            return Err(ProtoError::Invalid(format!(
+                "read reply covered {covered} of {} bytes",
+                buf.len()
+            ))
+            .into());
+        }
+        Ok(ReadPart { done, error })
     }
 
     /// Whether the server said the export is read-only.
@@ -524,6 +609,16 @@ mod tests {
     /// Serve a handshake (structured replies, base:allocation id 7, a 1 MiB export),
     /// then answer the first request with `reply(cookie)`.
     fn server(reply: impl FnOnce(u64) -> Vec<u8> + Send + 'static) -> UnixStream {
+        server_batches(vec![(1, Box::new(move |r: &[Req]| reply(r[0].0)))])
+    }
+
+    /// A request as the server saw it: (cookie, offset, length).
+    type Req = (u64, u64, u32);
+    type Batch = (usize, Box<dyn FnOnce(&[Req]) -> Vec<u8> + Send>);
+
+    /// The handshake of [`server`], then per batch: read that many requests, write
+    /// what the batch's function makes of them.
+    fn server_batches(batches: Vec<Batch>) -> UnixStream {
         let (a, mut b) = UnixStream::pair().unwrap();
         thread::spawn(move || {
             let mut g = proto::NBDMAGIC.to_be_bytes().to_vec();
@@ -565,10 +660,22 @@ mod tests {
                         .unwrap(),
                 }
             }
-            let mut req = [0u8; 28];
-            if b.read_exact(&mut req).is_ok() {
-                let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap());
-                let _ = b.write_all(&reply(cookie));
+            for (n, reply) in batches {
+                let mut reqs = Vec::new();
+                for _ in 0..n {
+                    let mut req = [0u8; 28];
+                    if b.read_exact(&mut req).is_err() {
+                        return;
+                    }
+                    reqs.push((
+                        u64::from_be_bytes(req[8..16].try_into().unwrap()),
+                        u64::from_be_bytes(req[16..24].try_into().unwrap()),
+                        u32::from_be_bytes(req[24..28].try_into().unwrap()),
+                    ));
+                }
+                if b.write_all(&reply(&reqs)).is_err() {
+                    return;
+                }
             }
         });
         a
@@ -694,5 +801,145 @@ mod tests {
         assert!(e.to_string().contains("magic"), "{e}");
         let e = read_with(|_| Vec::new()).unwrap_err();
         assert!(matches!(e, ConnError::Io(_)), "{e}");
+    }
+
+    /// A data chunk for `len` bytes of `byte` at `at`.
+    fn data(flags: u16, cookie: u64, at: u64, byte: u8, len: usize) -> Vec<u8> {
+        let mut d = at.to_be_bytes().to_vec();
+        d.extend(std::iter::repeat_n(byte, len));
+        chunk(flags, proto::REPLY_TYPE_OFFSET_DATA, cookie, &d, None)
+    }
+
+    #[test]
+    fn a_read_is_several_requests_in_flight_answered_out_of_order() {
+        // 16 KiB with a 4 KiB request limit: four requests sent before any reply;
+        // the server answers them out of order with chunks interleaved.
+        let stream = server_batches(vec![(
+            4,
+            Box::new(|r: &[Req]| {
+                assert_eq!(
+                    r.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(),
+                    [(0, 4096), (4096, 4096), (8192, 4096), (12288, 4096)]
+                );
+                let done = proto::REPLY_FLAG_DONE;
+                let mut v = data(done, r[3].0, 12288, 3, 4096);
+                v.extend(data(0, r[1].0, 4096, 1, 2048));
+                let mut h = 0u64.to_be_bytes().to_vec();
+                h.extend_from_slice(&4096u32.to_be_bytes());
+                v.extend(chunk(done, proto::REPLY_TYPE_OFFSET_HOLE, r[0].0, &h, None));
+                v.extend(data(0, r[2].0, 8192, 2, 4096));
+                v.extend(data(done, r[1].0, 6144, 1, 2048));
+                v.extend(chunk(done, proto::REPLY_TYPE_NONE, r[2].0, &[], None));
+                v
+            }),
+        )]);
+        let mut c = NbdConn::handshake(stream, "").unwrap();
+        c.max_request = 4096;
+        let mut buf = vec![0xAA; 16384];
+        c.read(0, &mut buf).unwrap();
+        for (i, part) in buf.chunks(4096).enumerate() {
+            assert!(part.iter().all(|&b| b == i as u8), "piece {i}");
+        }
+    }
+
+    #[test]
+    fn a_server_error_for_one_piece_drains_the_others_and_keeps_the_connection() {
+        let error = |cookie| {
+            let mut p = 5u32.to_be_bytes().to_vec();
+            p.extend_from_slice(&4u16.to_be_bytes());
+            p.extend_from_slice(b"disk");
+            chunk(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_ERROR_BIT | 1,
+                cookie,
+                &p,
+                None,
+            )
+        };
+        let done = proto::REPLY_FLAG_DONE;
+        let stream = server_batches(vec![
+            (
+                3,
+                Box::new(move |r: &[Req]| {
+                    let mut v = error(r[1].0);
+                    v.extend(data(done, r[0].0, 0, 7, 4096));
+                    v.extend(data(done, r[2].0, 8192, 7, 4096));
+                    v
+                }),
+            ),
+            (1, Box::new(move |r: &[Req]| data(done, r[0].0, 0, 9, 4096))),
+        ]);
+        let mut c = NbdConn::handshake(stream, "").unwrap();
+        c.max_request = 4096;
+        let mut buf = vec![0u8; 3 * 4096];
+        let e = c.read(0, &mut buf).unwrap_err();
+        assert!(
+            matches!(&e, ConnError::Proto(ProtoError::Command { .. }))
+                && e.to_string().contains("disk"),
+            "{e}"
+        );
+        // Every reply of the failed read was consumed: the next read gets its own.
+        let mut buf = vec![0u8; 4096];
+        c.read(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn a_reply_for_a_piece_already_done_is_an_unknown_cookie() {
+        let done = proto::REPLY_FLAG_DONE;
+        let stream = server_batches(vec![(
+            2,
+            Box::new(move |r: &[Req]| {
+                let mut v = data(done, r[0].0, 0, 1, 4096);
+                v.extend(data(done, r[0].0, 0, 1, 4096));
+                v
+            }),
+        )]);
+        let mut c = NbdConn::handshake(stream, "").unwrap();
+        c.max_request = 4096;
+        let mut buf = vec![0u8; 8192];
+        let e = c.read(0, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("unknown cookie"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Any sequence of reply chunks (right or wrong cookies, any kind, flags,
+        /// declared length and payload) to a 4-request read gives Ok or a clean
+        /// error, never a panic, a hang or an allocation from a length field.
+        #[test]
+        fn arbitrary_replies_to_a_pipelined_read_never_panic(
+            chunks in proptest::collection::vec(
+                (0usize..5, proptest::prelude::any::<u16>(), 0u16..4,
+                 proptest::prelude::any::<u64>(), proptest::option::of(0u32..20_000),
+                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)),
+                0..12),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+        ) {
+            let stream = server_batches(vec![(
+                4,
+                Box::new(move |r: &[Req]| {
+                    let mut v = Vec::new();
+                    for (who, flags, kind, at, declared, payload) in chunks {
+                        let cookie = r.get(who).map(|x| x.0).unwrap_or(u64::MAX);
+                        let kind = [
+                            proto::REPLY_TYPE_OFFSET_DATA,
+                            proto::REPLY_TYPE_OFFSET_HOLE,
+                            proto::REPLY_TYPE_NONE,
+                            proto::REPLY_TYPE_ERROR_BIT | 1,
+                        ][kind as usize];
+                        let mut p = (at % 20_000).to_be_bytes().to_vec();
+                        p.extend_from_slice(&payload);
+                        v.extend(chunk(flags, kind, cookie, &p, declared));
+                    }
+                    v.extend_from_slice(&tail);
+                    v
+                }),
+            )]);
+            let mut c = NbdConn::handshake(stream, "").unwrap();
+            c.max_request = 4096;
+            let mut buf = vec![0u8; 16384];
+            let _ = c.read(0, &mut buf);
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! NBD client [`DiskSource`]: reads an export over the NBD protocol (TCP or a Unix
 //! socket), with `base:allocation` block status for sparse detection and a pool of
-//! connections so that several reads are in flight at once. A dropped connection
+//! connections, each with several read requests in flight. A dropped connection
 //! is re-established and the read retried (bounded). [`NbdTarget`] writes a
 //! writable export the same way (restores through a vSphere write ticket).
 //!
