@@ -779,19 +779,7 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("covered 16 of 4096"), "{e}");
         // A server error mid-stream with its message.
-        let e = read_with(|c| {
-            let mut p = 5u32.to_be_bytes().to_vec();
-            p.extend_from_slice(&4u16.to_be_bytes());
-            p.extend_from_slice(b"disk");
-            chunk(
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_ERROR_BIT | 1,
-                c,
-                &p,
-                None,
-            )
-        })
-        .unwrap_err();
+        let e = read_with(error_chunk).unwrap_err();
         assert!(
             e.to_string().contains("EIO") && e.to_string().contains("disk"),
             "{e}"
@@ -801,6 +789,20 @@ mod tests {
         assert!(e.to_string().contains("magic"), "{e}");
         let e = read_with(|_| Vec::new()).unwrap_err();
         assert!(matches!(e, ConnError::Io(_)), "{e}");
+    }
+
+    /// The server's EIO for `cookie`, with the message "disk", as the last chunk.
+    fn error_chunk(cookie: u64) -> Vec<u8> {
+        let mut p = 5u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&4u16.to_be_bytes());
+        p.extend_from_slice(b"disk");
+        chunk(
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_ERROR_BIT | 1,
+            cookie,
+            &p,
+            None,
+        )
     }
 
     /// A data chunk for `len` bytes of `byte` at `at`.
@@ -844,24 +846,12 @@ mod tests {
 
     #[test]
     fn a_server_error_for_one_piece_drains_the_others_and_keeps_the_connection() {
-        let error = |cookie| {
-            let mut p = 5u32.to_be_bytes().to_vec();
-            p.extend_from_slice(&4u16.to_be_bytes());
-            p.extend_from_slice(b"disk");
-            chunk(
-                proto::REPLY_FLAG_DONE,
-                proto::REPLY_TYPE_ERROR_BIT | 1,
-                cookie,
-                &p,
-                None,
-            )
-        };
         let done = proto::REPLY_FLAG_DONE;
         let stream = server_batches(vec![
             (
                 3,
                 Box::new(move |r: &[Req]| {
-                    let mut v = error(r[1].0);
+                    let mut v = error_chunk(r[1].0);
                     v.extend(data(done, r[0].0, 0, 7, 4096));
                     v.extend(data(done, r[2].0, 8192, 7, 4096));
                     v
