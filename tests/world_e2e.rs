@@ -476,4 +476,75 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+
+    // An agent crash in the middle of a restore into vm02 leaves its new disk on
+    // the VM (and attached to the proxy): the sweep at the next start detaches and
+    // removes it, and nothing else.
+    use ferry::agent::{InterruptedJob, JobRunner, JobSpec, RestoreSpec, RestoreTarget};
+    let cfg = ferry::config::Config::load(&agent.config).unwrap();
+    let runner = ferry::job::runner::VmJobRunner::from_config(&cfg).unwrap();
+    let vc = &world.vcenter;
+    let conf = ferry::vsphere::ClientConfig::new(
+        &vc.url(),
+        vc.user(),
+        zeroize::Zeroizing::new(vc.password().to_string()),
+        ferry::vsphere::ServerTrust::Ca(vc.ca_path().to_path_buf()),
+    );
+    let keep = world.runtime().block_on(async {
+        let c = ferry::vsphere::Client::connect(conf).await.unwrap();
+        let vm02 = c.vm_by_name("tenant-a-vm02").await.unwrap();
+        let proxy = c.vm_by_name("proxy-kms-a").await.unwrap();
+        let first = &vm02.disks[0];
+        let (ds, folder) = ferry::vsphere::newdisk::split_datastore_path(&first.file_name).unwrap();
+        let mut keep = Vec::new();
+        for job in ["proxy-kms-a-crashed", "proxy-kms-a-crashed2"] {
+            let d = c
+                .create_disk(
+                    &vm02.moref,
+                    &ferry::vsphere::NewDiskSpec {
+                        file_name: ferry::vsphere::newdisk::restore_file_name(ds, folder, job, 0),
+                        datastore: first.datastore.clone().unwrap(),
+                        capacity_bytes: 1 << 20,
+                        encrypt_with: vm02.key_id.clone(),
+                    },
+                )
+                .await
+                .unwrap();
+            if job.ends_with("crashed") {
+                c.attach_disk_for_write(&proxy.moref, &d).await.unwrap();
+            } else {
+                keep.push(d.file_name);
+            }
+        }
+        c.logout().await;
+        keep
+    });
+    let moref = admin.state().vm("tenant-a-vm02").unwrap().moref.clone();
+    let before = disks_of("tenant-a-vm02");
+    let rep = runner
+        .sweep_orphans(&[InterruptedJob {
+            id: "crashed".into(),
+            spec: Some(JobSpec::Restore(RestoreSpec {
+                tenant: "tenant-a".into(),
+                point: "latest:tenant-a-vm01".into(),
+                disks: None,
+                target: RestoreTarget::Vm { moref },
+            })),
+            started_at: None,
+        }])
+        .unwrap();
+    assert!(
+        rep.jobs[0].1.contains("half-written new disk(s)")
+            && rep.jobs[0]
+                .1
+                .contains("ferry-restore-proxy-kms-a-crashed-disk0"),
+        "{rep:?}"
+    );
+    assert_eq!(admin.state().attached_count(), 0, "{rep:?}");
+    let after = admin.state().vm("tenant-a-vm02").unwrap().clone();
+    assert_eq!(after.disks.len(), before - 1, "{rep:?}");
+    assert!(
+        after.disks.iter().any(|d| d.file_name == keep[0]),
+        "another job's disk stays: {after:?}"
+    );
 }

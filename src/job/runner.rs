@@ -639,8 +639,13 @@ impl JobRunner for VmJobRunner {
         let me = self.this_proxy(0);
         // At agent start nothing of this proxy runs: every ferry leftover of it goes.
         let res = rt.block_on(vm::sweep_orphans(&client, &me, &[]));
-        rt.block_on(client.logout());
-        let rep = res.map_err(vm_err)?;
+        let rep = match res {
+            Ok(r) => r,
+            Err(e) => {
+                rt.block_on(client.logout());
+                return Err(vm_err(e));
+            }
+        };
         let mut report = SweepReport::default();
         let mut claimed = vec![false; rep.snapshots_removed.len()];
         for j in interrupted {
@@ -651,6 +656,31 @@ impl JobRunner for VmJobRunner {
                 if *s == snap {
                     claimed[i] = true;
                     did.push(format!("snapshot {s} of {vm_name} removed"));
+                }
+            }
+            // A restore into a VM that a crash interrupted leaves new, half-written
+            // disks on that VM (already detached from this proxy above): remove them,
+            // as the job itself would have on failure.
+            if let Some(JobSpec::Restore(RestoreSpec {
+                target: RestoreTarget::Vm { moref },
+                ..
+            })) = &j.spec
+            {
+                let job = format!("{}{}", vm::job_id_prefix(&me.id), j.id);
+                match rt.block_on(vm_restore::remove_interrupted_disks(&client, moref, &job)) {
+                    Ok(files) if files.is_empty() => {
+                        did.push(format!("no new disk of this job was left on VM {moref}"))
+                    }
+                    Ok(files) => did.push(format!(
+                        "half-written new disk(s) {} removed from VM {moref}",
+                        files.join(", ")
+                    )),
+                    Err(e) => {
+                        tracing::error!(error = %e, job = %j.id, "orphan sweep could not remove an interrupted restore's disks");
+                        did.push(format!(
+                            "NOT cleaned: new disks of this job on VM {moref} ({e}); remove ferry-restore-{job}-disk*.vmdk by hand"
+                        ))
+                    }
                 }
             }
             if did.is_empty() {
@@ -674,6 +704,7 @@ impl JobRunner for VmJobRunner {
             tracing::error!(error = %e, "orphan sweep could not clean a leftover");
             report.other.push(format!("NOT cleaned: {e}"));
         }
+        rt.block_on(client.logout());
         Ok(report)
     }
 

@@ -450,6 +450,36 @@ pub async fn restore_vm(
     }
 }
 
+/// Destroy the disks the restore job `job_id` (with this proxy's prefix, as in the
+/// disks' file names) created on the VM `moref` and never finished: the agent's
+/// orphan sweep calls this for restore jobs a crash interrupted, after detaching
+/// them from this proxy. Returns the removed disks' file names; a VM that no
+/// longer exists has nothing to remove.
+pub async fn remove_interrupted_disks(
+    client: &Client,
+    moref: &str,
+    job_id: &str,
+) -> Result<Vec<String>, VsphereError> {
+    let vm = match client.vm(&MoRef::new("VirtualMachine", moref)).await {
+        Ok(vm) => vm,
+        Err(VsphereError::ObjectNotFound { .. } | VsphereError::NotFound { .. }) => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
+    let mut removed = Vec::new();
+    for d in vm
+        .disks
+        .iter()
+        .filter(|d| crate::vsphere::newdisk::is_restore_disk_of(&d.file_name, job_id))
+    {
+        client.destroy_disk(&vm.moref, d).await?;
+        tracing::info!(vm = %vm.name, file = %d.file_name, "removed a restore disk an interrupted job left");
+        removed.push(d.file_name.clone());
+    }
+    Ok(removed)
+}
+
 /// Detach every disk still attached to this proxy, then destroy every disk the job
 /// created on the VM. Returns what happened, for the error message.
 async fn cleanup(client: &Client, vm: &Vm, created: &mut Created) -> String {

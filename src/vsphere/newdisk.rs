@@ -44,8 +44,15 @@ pub struct NewDiskSpec {
 /// `job`, next to the VM's own files (`folder` is the VM's folder on `datastore`).
 /// Characters other than ASCII letters, digits, `-`, `_` and `.` become `_`.
 pub fn restore_file_name(datastore: &str, folder: &str, job: &str, n: u32) -> String {
-    let safe: String = job
-        .chars()
+    format!(
+        "[{datastore}] {folder}/{RESTORE_DISK_PREFIX}{}-disk{n}.vmdk",
+        file_safe(job)
+    )
+}
+
+/// `job` with every character a file name should not carry replaced by `_`.
+fn file_safe(job: &str) -> String {
+    job.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-_.".contains(c) {
                 c
@@ -53,8 +60,19 @@ pub fn restore_file_name(datastore: &str, folder: &str, job: &str, n: u32) -> St
                 '_'
             }
         })
-        .collect();
-    format!("[{datastore}] {folder}/{RESTORE_DISK_PREFIX}{safe}-disk{n}.vmdk")
+        .collect()
+}
+
+/// Whether `file_name` (a datastore path) is a disk that the restore job `job`
+/// created ([`restore_file_name`] with that job id and any disk number).
+pub fn is_restore_disk_of(file_name: &str, job: &str) -> bool {
+    let Some(f) = file_name.rsplit('/').next() else {
+        return false;
+    };
+    let head = format!("{RESTORE_DISK_PREFIX}{}-disk", file_safe(job));
+    f.strip_prefix(&head)
+        .and_then(|r| r.strip_suffix(".vmdk"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `(datastore name, folder)` of a datastore path `[ds] folder/file.vmdk`.
@@ -204,6 +222,30 @@ mod tests {
     use super::*;
     use crate::vsphere::soap;
     use crate::vsphere::xml::{parse, Limits};
+
+    #[test]
+    fn a_jobs_restore_disks_are_told_from_every_other_disk() {
+        let mine = restore_file_name("ds-a", "web01", "px-a-7", 0);
+        assert!(is_restore_disk_of(&mine, "px-a-7"));
+        assert!(is_restore_disk_of(
+            &restore_file_name("ds-a", "web01", "px-a-7", 12),
+            "px-a-7"
+        ));
+        assert!(is_restore_disk_of(
+            &restore_file_name("ds", "f", "px a/7", 1),
+            "px a/7"
+        ));
+        for other in [
+            restore_file_name("ds-a", "web01", "px-a-77", 0),
+            restore_file_name("ds-a", "web01", "px-b-7", 0),
+            "[ds-a] web01/web01.vmdk".to_string(),
+            "[ds-a] web01/ferry-restore-px-a-7-disk.vmdk".to_string(),
+            "[ds-a] web01/ferry-restore-px-a-7-disk0-flat.vmdk".to_string(),
+            "[ds-a] web01/ferry-restore-px-a-7-diskx.vmdk".to_string(),
+        ] {
+            assert!(!is_restore_disk_of(&other, "px-a-7"), "{other}");
+        }
+    }
 
     fn spec(encrypt: bool) -> NewDiskSpec {
         NewDiskSpec {
