@@ -210,11 +210,8 @@ impl<S: Read + Write> NbdConn<S> {
     /// The next reply header, which must answer `cookie`.
     fn next_reply(&mut self, cookie: u64) -> Result<ReplyHeader, ConnError> {
         let h = self.reply_header()?;
-        let c = match h {
-            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => cookie,
-        };
-        if c != cookie {
-            return Err(ProtoError::UnknownCookie(c).into());
+        if h.cookie() != cookie {
+            return Err(ProtoError::UnknownCookie(h.cookie()).into());
         }
         Ok(h)
     }
@@ -252,18 +249,18 @@ impl<S: Read + Write> NbdConn<S> {
         let mut done = vec![false; n];
         let (mut sent, mut finished) = (0usize, 0usize);
         let mut failure: Option<ProtoError> = None;
-        while sent < n.min(READ_IN_FLIGHT) {
-            let (o, len) = range(sent);
-            self.send_read(base + sent as u64, offset + o as u64, len)?;
-            sent += 1;
-        }
-        while finished < sent {
+        loop {
+            // Keep the window full; after a server error, only drain.
+            while failure.is_none() && sent < n && sent - finished < READ_IN_FLIGHT {
+                let (o, len) = range(sent);
+                self.send_read(base + sent as u64, offset + o as u64, len)?;
+                sent += 1;
+            }
+            if finished == sent {
+                break;
+            }
             let h = self.reply_header()?;
-            let c = match h {
-                ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => {
-                    cookie
-                }
-            };
+            let c = h.cookie();
             let i = match c.checked_sub(base).map(|i| i as usize) {
                 Some(i) if i < sent && !done[i] => i,
                 _ => return Err(ProtoError::UnknownCookie(c).into()),
@@ -277,11 +274,6 @@ impl<S: Read + Write> NbdConn<S> {
             if part.done {
                 done[i] = true;
                 finished += 1;
-                if failure.is_none() && sent < n {
-                    let (o, len) = range(sent);
-                    self.send_read(base + sent as u64, offset + o as u64, len)?;
-                    sent += 1;
-                }
             }
         }
         match failure {

@@ -478,6 +478,15 @@ pub enum ReplyHeader {
     },
 }
 
+impl ReplyHeader {
+    /// The cookie of the request this reply answers.
+    pub fn cookie(&self) -> u64 {
+        match *self {
+            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => cookie,
+        }
+    }
+}
+
 /// Length of the rest of a reply header after its 4-byte magic.
 pub fn reply_rest_len(magic: u32) -> Result<usize, ProtoError> {
     match magic {
