@@ -111,6 +111,79 @@ impl VmJobRunner {
         }
     }
 
+    /// The orphan sweep of [`JobRunner::sweep_orphans`] on a logged-in `client`.
+    fn sweep_with(
+        &self,
+        client: &Client,
+        rt: &tokio::runtime::Handle,
+        interrupted: &[InterruptedJob],
+    ) -> Result<SweepReport, RunError> {
+        let me = self.this_proxy(0);
+        // At agent start nothing of this proxy runs: every ferry leftover of it goes.
+        let rep = rt
+            .block_on(vm::sweep_orphans(client, &me, &[]))
+            .map_err(vm_err)?;
+        let mut report = SweepReport::default();
+        let mut claimed = vec![false; rep.snapshots_removed.len()];
+        for j in interrupted {
+            let snap =
+                crate::vsphere::snapshot_name(&format!("{}{}", vm::job_id_prefix(&me.id), j.id));
+            let mut did = Vec::new();
+            for (i, (vm_name, s)) in rep.snapshots_removed.iter().enumerate() {
+                if *s == snap {
+                    claimed[i] = true;
+                    did.push(format!("snapshot {s} of {vm_name} removed"));
+                }
+            }
+            // A restore into a VM that a crash interrupted leaves new, half-written
+            // disks on that VM (already detached from this proxy above): remove them,
+            // as the job itself would have on failure.
+            if let Some(JobSpec::Restore(RestoreSpec {
+                target: RestoreTarget::Vm { moref },
+                ..
+            })) = &j.spec
+            {
+                let job = format!("{}{}", vm::job_id_prefix(&me.id), j.id);
+                match rt.block_on(vm_restore::remove_interrupted_disks(client, moref, &job)) {
+                    Ok(files) if files.is_empty() => {
+                        did.push(format!("no new disk of this job was left on VM {moref}"))
+                    }
+                    Ok(files) => did.push(format!(
+                        "half-written new disk(s) {} removed from VM {moref}",
+                        files.join(", ")
+                    )),
+                    Err(e) => {
+                        tracing::error!(error = %e, job = %j.id, "orphan sweep could not remove an interrupted restore's disks");
+                        did.push(format!(
+                            "NOT cleaned: new disks of this job on VM {moref} ({e}); remove ferry-restore-{job}-disk*.vmdk by hand"
+                        ))
+                    }
+                }
+            }
+            if did.is_empty() {
+                did.push("no snapshot of this job was left".into());
+            }
+            report.jobs.push((j.id.clone(), did.join("; ")));
+        }
+        for (i, (vm_name, s)) in rep.snapshots_removed.iter().enumerate() {
+            if !claimed[i] {
+                report
+                    .other
+                    .push(format!("snapshot {s} of {vm_name} removed"));
+            }
+        }
+        for d in &rep.detached {
+            report
+                .other
+                .push(format!("hot-added disk {d} detached from this proxy"));
+        }
+        for e in &rep.errors {
+            tracing::error!(error = %e, "orphan sweep could not clean a leftover");
+            report.other.push(format!("NOT cleaned: {e}"));
+        }
+        Ok(report)
+    }
+
     fn this_proxy(&self, free_slots: u32) -> ThisProxy {
         ThisProxy {
             id: self.proxy_id.clone(),
@@ -636,76 +709,9 @@ impl JobRunner for VmJobRunner {
         }
         let (_own, rt) = runtime_handle()?;
         let client = self.connect(&rt)?;
-        let me = self.this_proxy(0);
-        // At agent start nothing of this proxy runs: every ferry leftover of it goes.
-        let res = rt.block_on(vm::sweep_orphans(&client, &me, &[]));
-        let rep = match res {
-            Ok(r) => r,
-            Err(e) => {
-                rt.block_on(client.logout());
-                return Err(vm_err(e));
-            }
-        };
-        let mut report = SweepReport::default();
-        let mut claimed = vec![false; rep.snapshots_removed.len()];
-        for j in interrupted {
-            let snap =
-                crate::vsphere::snapshot_name(&format!("{}{}", vm::job_id_prefix(&me.id), j.id));
-            let mut did = Vec::new();
-            for (i, (vm_name, s)) in rep.snapshots_removed.iter().enumerate() {
-                if *s == snap {
-                    claimed[i] = true;
-                    did.push(format!("snapshot {s} of {vm_name} removed"));
-                }
-            }
-            // A restore into a VM that a crash interrupted leaves new, half-written
-            // disks on that VM (already detached from this proxy above): remove them,
-            // as the job itself would have on failure.
-            if let Some(JobSpec::Restore(RestoreSpec {
-                target: RestoreTarget::Vm { moref },
-                ..
-            })) = &j.spec
-            {
-                let job = format!("{}{}", vm::job_id_prefix(&me.id), j.id);
-                match rt.block_on(vm_restore::remove_interrupted_disks(&client, moref, &job)) {
-                    Ok(files) if files.is_empty() => {
-                        did.push(format!("no new disk of this job was left on VM {moref}"))
-                    }
-                    Ok(files) => did.push(format!(
-                        "half-written new disk(s) {} removed from VM {moref}",
-                        files.join(", ")
-                    )),
-                    Err(e) => {
-                        tracing::error!(error = %e, job = %j.id, "orphan sweep could not remove an interrupted restore's disks");
-                        did.push(format!(
-                            "NOT cleaned: new disks of this job on VM {moref} ({e}); remove ferry-restore-{job}-disk*.vmdk by hand"
-                        ))
-                    }
-                }
-            }
-            if did.is_empty() {
-                did.push("no snapshot of this job was left".into());
-            }
-            report.jobs.push((j.id.clone(), did.join("; ")));
-        }
-        for (i, (vm_name, s)) in rep.snapshots_removed.iter().enumerate() {
-            if !claimed[i] {
-                report
-                    .other
-                    .push(format!("snapshot {s} of {vm_name} removed"));
-            }
-        }
-        for d in &rep.detached {
-            report
-                .other
-                .push(format!("hot-added disk {d} detached from this proxy"));
-        }
-        for e in &rep.errors {
-            tracing::error!(error = %e, "orphan sweep could not clean a leftover");
-            report.other.push(format!("NOT cleaned: {e}"));
-        }
+        let res = self.sweep_with(&client, &rt, interrupted);
         rt.block_on(client.logout());
-        Ok(report)
+        res
     }
 
     fn discover_proxy(&self) -> Result<Option<ProxyFacts>, RunError> {

@@ -315,21 +315,52 @@ pub async fn plan(
     policy: &Policy,
     required_key_provider: Option<&str>,
 ) -> Result<Selection, VmRestoreError> {
+    let p = prepare(client, me, target, disks, policy, required_key_provider).await?;
+    Ok(p.selection)
+}
+
+/// What a restore reads before its first change, shared by [`plan`] and
+/// [`restore_vm`].
+struct Prepared {
+    vm: Vm,
+    place: Placement,
+    proxy_vm: Option<Vm>,
+    selection: Selection,
+}
+
+/// The target VM (refused when it is a template or outside
+/// `required_key_provider`), where new disks go, this proxy, and the selector's
+/// plan for `disks`.
+async fn prepare(
+    client: &Client,
+    me: &ThisProxy,
+    target: &VmRef,
+    disks: &[DiskSummary],
+    policy: &Policy,
+    required_key_provider: Option<&str>,
+) -> Result<Prepared, VmRestoreError> {
     let vm = target_vm(client, target).await?;
     if let Some(summary) = key_provider_mismatch(&vm, required_key_provider) {
+        tracing::warn!(%summary, "restore refused before any change");
         return Err(VmRestoreError::Refused {
             vm: vm.name.clone(),
             summary,
         });
     }
     let place = placement(&vm).ok_or_else(|| no_placement(&vm))?;
-    let (mut proxy, _) = proxy_info(client, me).await?;
+    let (mut proxy, proxy_vm) = proxy_info(client, me).await?;
     proxy.free_slots = slots_for(proxy.free_slots, disks.len());
-    Ok(select::select(
+    let selection = select::select(
         &restore_vm_info(&vm, disks, &place.datastore),
         &[proxy],
         policy,
-    ))
+    );
+    Ok(Prepared {
+        vm,
+        place,
+        proxy_vm,
+        selection,
+    })
 }
 
 /// Disks are restored one after another, so one reserved slot serves them all.
@@ -376,22 +407,20 @@ pub async fn restore_vm(
     let span = tracing::info_span!("vm_restore", job = %req.job_id, vm = %req.target, point = %point.header.point_id);
     let _g = span.enter();
     let disks = wanted_disks(&point.header, req.disks.as_deref())?;
-    let vm = target_vm(client, &req.target).await?;
-    if let Some(summary) = key_provider_mismatch(&vm, req.required_key_provider.as_deref()) {
-        tracing::warn!(%summary, "restore refused before any change");
-        return Err(VmRestoreError::Refused {
-            vm: vm.name.clone(),
-            summary,
-        });
-    }
-    let place = placement(&vm).ok_or_else(|| no_placement(&vm))?;
-    let (mut proxy, proxy_vm) = proxy_info(client, me).await?;
-    proxy.free_slots = slots_for(proxy.free_slots, disks.len());
-    let selection = select::select(
-        &restore_vm_info(&vm, &disks, &place.datastore),
-        &[proxy],
+    let Prepared {
+        vm,
+        place,
+        proxy_vm,
+        selection,
+    } = prepare(
+        client,
+        me,
+        &req.target,
+        &disks,
         &req.policy,
-    );
+        req.required_key_provider.as_deref(),
+    )
+    .await?;
     if let Some(summary) = selection.refusal_summary() {
         tracing::warn!(%summary, "restore refused before any change");
         return Err(VmRestoreError::Refused {
