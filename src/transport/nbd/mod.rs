@@ -7,10 +7,13 @@
 //! NBD-SSL (`nbds://`): STARTTLS, then rustls with the server certificate verified
 //! against a pinned CA (`tls-certificates=DIR` holding `ca-cert.pem`, and optionally
 //! `client-cert.pem` + `client-key.pem` for a client certificate: the libnbd layout).
+//! rustls runs the handshake; `tls_records` then protects the records, opening
+//! received ones in place.
 
 pub mod client;
 pub mod proto;
 pub mod target;
+mod tls_records;
 
 pub use target::NbdTarget;
 
@@ -157,32 +160,9 @@ impl Write for Plain {
     }
 }
 
-/// The socket under TLS, read through a large buffer. rustls asks the socket for at
-/// most one record (about 16 KiB, often 4 KiB) per read; a 4 MiB NBD read would
-/// then cost a thousand `recv` calls. The buffer turns those into a few large
-/// reads and cheap copies. Writes go straight to the socket.
-struct Buffered(io::BufReader<Plain>);
-
-/// Bytes the TLS socket reads at once (a quarter of a typical 4 MiB chunk).
-const TLS_READ_BUFFER: usize = 256 * 1024;
-
-impl Read for Buffered {
-    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        self.0.read(b)
-    }
-}
-impl Write for Buffered {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.get_mut().write(b)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.get_mut().flush()
-    }
-}
-
 enum Stream {
     Plain(Plain),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Buffered>>),
+    Tls(Box<tls_records::TlsRecords<Plain>>),
 }
 
 impl Read for Stream {
@@ -240,18 +220,11 @@ fn connect(uri: &NbdUri) -> Result<NbdConn<Stream>, ConnError> {
                         t.server_name
                     )))
                 })?;
-            let conn = rustls::ClientConnection::new(tls_config(t)?, name)
-                .map_err(|e| ConnError::Io(io::Error::other(e)))?;
             // Nothing is buffered yet: the server sends nothing after the STARTTLS
-            // reply until our ClientHello.
-            let mut tls = rustls::StreamOwned::new(
-                conn,
-                Buffered(io::BufReader::with_capacity(TLS_READ_BUFFER, s)),
-            );
-            // Finish the TLS handshake now so certificate errors surface here.
-            while tls.conn.is_handshaking() {
-                tls.conn.complete_io(&mut tls.sock)?;
-            }
+            // reply until our ClientHello. The handshake completes here, so
+            // certificate errors surface at connect.
+            let tls = tls_records::TlsRecords::connect(s, &*tls_config(t)?, name)?;
+            tracing::debug!(tls = %tls.describe(), "NBD-SSL connection established");
             Stream::Tls(Box::new(tls))
         }
     };
