@@ -429,6 +429,28 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("refused") && err.contains("KMS-B"), "{err}");
+    // A disk number the point does not have: the same not-found error as the
+    // restore itself gives, from the dry run too.
+    for dry in [true, false] {
+        let mut args = vec![
+            "restore",
+            "--vm",
+            "tenant-a-vm02",
+            "--point",
+            "latest:tenant-a-vm01",
+            "--disk",
+            "9",
+            "--config",
+            cfg,
+        ];
+        if dry {
+            args.push("--dry-run");
+        }
+        let o = ferry(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "dry run {dry}: {err}");
+        assert!(err.contains("has no disk 9"), "dry run {dry}: {err}");
+    }
     assert_eq!(
         (disks_of("tenant-a-vm02"), disks_of("tenant-b-vm01")),
         before,

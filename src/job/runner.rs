@@ -315,15 +315,8 @@ impl VmJobRunner {
             .open_point(&point_id, keys.as_ref(), keyring.as_ref())
             .map_err(repo_err)?;
         drop(keys);
-        if let Some(d) = disks {
-            for n in d {
-                if !opened.header.disks.iter().any(|x| x.disk == *n) {
-                    return Err(RunError::NotFound(format!(
-                        "restore point {point_id} has no disk {n}"
-                    )));
-                }
-            }
-        }
+        // Checked again by the restore; here before anything talks to vCenter.
+        vm_restore::wanted_disks(&opened.header, disks).map_err(restore_vm_err)?;
         let chunk_size = opened.body.chunk_size;
         let client = self.connect(&ctx.runtime)?;
         let me = self.proxy_of(ctx);
@@ -647,6 +640,7 @@ fn restore_vm_err(e: VmRestoreError) -> RunError {
             RunError::NotFound(msg)
         }
         VmRestoreError::Vsphere(_) => RunError::Vsphere(msg),
+        VmRestoreError::NoSuchDisk { .. } => RunError::NotFound(msg),
         VmRestoreError::Target { .. } => RunError::Transport(msg),
         VmRestoreError::Job(j) => match job_err_ref(j) {
             Code::Transport => RunError::Transport(msg),

@@ -64,6 +64,14 @@ pub enum VmRestoreError {
     /// Restore pipeline or repository.
     #[error(transparent)]
     Job(#[from] JobError),
+    /// The restore point has no disk with this number.
+    #[error("restore point {point} has no disk {disk}")]
+    NoSuchDisk {
+        /// Point id.
+        point: String,
+        /// The disk number asked for.
+        disk: u32,
+    },
     /// Bad request, configuration or an answer of vCenter that ferry will not
     /// write into.
     #[error("{0}")]
@@ -275,10 +283,10 @@ pub fn wanted_disks(
             .iter()
             .map(|n| {
                 all.iter().find(|d| d.disk == *n).cloned().ok_or_else(|| {
-                    VmRestoreError::Invalid(format!(
-                        "restore point {} has no disk {n}",
-                        header.point_id
-                    ))
+                    VmRestoreError::NoSuchDisk {
+                        point: header.point_id.clone(),
+                        disk: *n,
+                    }
                 })
             })
             .collect::<Result<Vec<_>, _>>()?,
