@@ -546,11 +546,17 @@ fn ferry_backup_vm_prints_how_each_disk_was_read_and_why() {
         o
     };
     // --dry-run: the selection table, no snapshot, no point; refused → exit 1.
+    // It needs neither the repository nor keys.
     let mut dry = args(false);
     dry.push("--dry-run".into());
     let o = env
         .w
-        .ferry(&dry.iter().map(String::as_str).collect::<Vec<_>>());
+        .command(&dry.iter().map(String::as_str).collect::<Vec<_>>())
+        .env_remove("FERRY_REPO")
+        .env_remove("FERRY_PUBLIC_KEY")
+        .env_remove("FERRY_PRIVATE_KEY")
+        .output()
+        .unwrap();
     let plan = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", text(&o));
     assert!(

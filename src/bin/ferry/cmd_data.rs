@@ -16,8 +16,14 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct BackupArgs {
-    #[command(flatten)]
-    pub repo: RepoArg,
+    /// Repository directory (not needed by `--vm NAME --dry-run`).
+    #[arg(
+        long,
+        short = 'r',
+        env = "FERRY_REPO",
+        required_unless_present = "dry_run"
+    )]
+    pub repo: Option<PathBuf>,
     #[command(flatten)]
     pub keys: KeyArgs,
     #[command(flatten)]
@@ -137,7 +143,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         return crate::cmd_vm::backup(a, out, progress);
     }
     let name = a.name.clone().context("--name is required")?;
-    let repo = Repository::open(&a.repo.repo)?;
+    let repo = Repository::open(a.repo.as_deref().context("--repo is required")?)?;
     let ks = a.keys.source()?;
     let mut disks = Vec::new();
     for img in &a.images {

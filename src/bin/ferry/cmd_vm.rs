@@ -121,7 +121,9 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         })?;
         return Ok(print_plan(out, &sel));
     }
-    let repo = Arc::new(Repository::open(&a.repo.repo)?);
+    let repo = Arc::new(Repository::open(
+        a.repo.as_deref().context("--repo is required")?,
+    )?);
     let keys: Arc<dyn ferry::keys::KeySource> = Arc::from(a.keys.source()?);
     let started = time::OffsetDateTime::now_utc().unix_timestamp();
     let req = VmBackupRequest {
