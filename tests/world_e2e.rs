@@ -384,22 +384,28 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
             .unwrap()
     };
     let cfg = agent.config.to_str().unwrap();
+    // `ferry restore --vm tenant-a-vm02` of tenant-a-vm01's latest point.
+    let restore_a = |disk: &'static str, dry: bool| {
+        let mut a = vec![
+            "restore",
+            "--vm",
+            "tenant-a-vm02",
+            "--point",
+            "latest:tenant-a-vm01",
+            "--disk",
+            disk,
+            "--config",
+            cfg,
+        ];
+        if dry {
+            a.push("--dry-run");
+        }
+        a
+    };
     // --dry-run first: the plan, and nothing changes on vCenter.
     let disks_of = |vm: &str| admin.state().vm(vm).unwrap().disks.len();
     let before = (disks_of("tenant-a-vm02"), disks_of("tenant-b-vm01"));
-    let o = ferry(&[
-        "--json",
-        "restore",
-        "--vm",
-        "tenant-a-vm02",
-        "--point",
-        "latest:tenant-a-vm01",
-        "--disk",
-        "0",
-        "--config",
-        cfg,
-        "--dry-run",
-    ]);
+    let o = ferry(&[&["--json"][..], &restore_a("0", true)].concat());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),
@@ -432,21 +438,7 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
     // A disk number the point does not have: the same not-found error as the
     // restore itself gives, from the dry run too.
     for dry in [true, false] {
-        let mut args = vec![
-            "restore",
-            "--vm",
-            "tenant-a-vm02",
-            "--point",
-            "latest:tenant-a-vm01",
-            "--disk",
-            "9",
-            "--config",
-            cfg,
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        let o = ferry(&args);
+        let o = ferry(&restore_a("9", dry));
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "dry run {dry}: {err}");
         assert!(err.contains("has no disk 9"), "dry run {dry}: {err}");
