@@ -116,6 +116,33 @@ impl Direction {
         n
     }
 
+    /// Open `in_out` (ciphertext then tag) in place; the plaintext part.
+    fn open<'a>(
+        &self,
+        nonce: [u8; 12],
+        aad: &[u8],
+        in_out: &'a mut [u8],
+    ) -> io::Result<&'a mut [u8]> {
+        self.key
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(aad),
+                in_out,
+            )
+            .map_err(|_| proto("a record failed authentication (bad_record_mac)"))
+    }
+
+    /// Encrypt `in_out` in place; the tag to append.
+    fn seal(&self, nonce: [u8; 12], aad: &[u8], in_out: &mut [u8]) -> io::Result<ring::aead::Tag> {
+        self.key
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(aad),
+                in_out,
+            )
+            .map_err(|_| proto("seal failed"))
+    }
+
     fn next_seq(&mut self) -> io::Result<()> {
         self.seq = self
             .seq
@@ -345,7 +372,6 @@ impl<S: Read + Write> TlsRecords<S> {
         at: usize,
         len: usize,
     ) -> io::Result<(u8, std::ops::Range<usize>)> {
-        let bad = || proto("a record failed authentication (bad_record_mac)");
         let rx = &mut self.rx;
         let out = match self.version {
             Version::Tls13 => {
@@ -355,15 +381,7 @@ impl<S: Read + Write> TlsRecords<S> {
                         header[0]
                     )));
                 }
-                let nonce = ring::aead::Nonce::assume_unique_for_key(rx.xor_nonce());
-                let pt = rx
-                    .key
-                    .open_in_place(
-                        nonce,
-                        ring::aead::Aad::from(header),
-                        &mut self.rbuf[at..at + len],
-                    )
-                    .map_err(|_| bad())?;
+                let pt = rx.open(rx.xor_nonce(), &header, &mut self.rbuf[at..at + len])?;
                 // Inner plaintext: content, then the real type, then zero padding.
                 let Some(last) = pt.iter().rposition(|&b| b != 0) else {
                     return Err(proto("record without a content type"));
@@ -394,13 +412,7 @@ impl<S: Read + Write> TlsRecords<S> {
                     return Err(proto("record plaintext over 16 KiB"));
                 }
                 let aad = aad12(rx.seq, typ, plen);
-                rx.key
-                    .open_in_place(
-                        ring::aead::Nonce::assume_unique_for_key(nonce),
-                        ring::aead::Aad::from(aad),
-                        &mut self.rbuf[body_at..at + len],
-                    )
-                    .map_err(|_| bad())?;
+                rx.open(nonce, &aad, &mut self.rbuf[body_at..at + len])?;
                 (typ, body_at..body_at + plen)
             }
         };
@@ -495,22 +507,18 @@ impl<S: Read + Write> TlsRecords<S> {
         let tx = &mut self.tx;
         let at = self.wbuf.len();
         let nonce = tx.xor_nonce();
-        match self.version {
+        // Header (and TLS 1.2 explicit nonce) and plaintext; then the additional
+        // data and where the part to encrypt starts.
+        let mut aad = [0u8; 13];
+        let (aad_len, body) = match self.version {
             Version::Tls13 => {
                 let len = data.len() + 1 + TAG;
                 let header = [CT_APPDATA, 3, 3, (len >> 8) as u8, len as u8];
                 self.wbuf.extend_from_slice(&header);
                 self.wbuf.extend_from_slice(data);
                 self.wbuf.push(typ);
-                let tag = tx
-                    .key
-                    .seal_in_place_separate_tag(
-                        ring::aead::Nonce::assume_unique_for_key(nonce),
-                        ring::aead::Aad::from(header),
-                        &mut self.wbuf[at + HEADER..],
-                    )
-                    .map_err(|_| proto("seal failed"))?;
-                self.wbuf.extend_from_slice(tag.as_ref());
+                aad[..HEADER].copy_from_slice(&header);
+                (HEADER, at + HEADER)
             }
             Version::Tls12 => {
                 let explicit = if tx.explicit_nonce { 8 } else { 0 };
@@ -521,18 +529,12 @@ impl<S: Read + Write> TlsRecords<S> {
                     self.wbuf.extend_from_slice(&nonce[4..]);
                 }
                 self.wbuf.extend_from_slice(data);
-                let aad = aad12(tx.seq, typ, data.len());
-                let tag = tx
-                    .key
-                    .seal_in_place_separate_tag(
-                        ring::aead::Nonce::assume_unique_for_key(nonce),
-                        ring::aead::Aad::from(aad),
-                        &mut self.wbuf[at + HEADER + explicit..],
-                    )
-                    .map_err(|_| proto("seal failed"))?;
-                self.wbuf.extend_from_slice(tag.as_ref());
+                aad = aad12(tx.seq, typ, data.len());
+                (aad.len(), at + HEADER + explicit)
             }
-        }
+        };
+        let tag = tx.seal(nonce, &aad[..aad_len], &mut self.wbuf[body..])?;
+        self.wbuf.extend_from_slice(tag.as_ref());
         tx.next_seq()
     }
 
