@@ -572,12 +572,14 @@ impl<S: Read + Write> NbdConn<S> {
         }
     }
 
-    /// Say goodbye (best effort).
-    pub fn disconnect(&mut self) {
+    /// Say goodbye (best effort): NBD_CMD_DISC. Returns the stream, for the
+    /// caller to end TLS cleanly.
+    pub fn disconnect(mut self) -> S {
         let _ = self
             .s
             .write_all(&proto::request(0, proto::CMD_DISC, 0, 0, 0));
         let _ = self.s.flush();
+        self.s
     }
 }
 

@@ -173,6 +173,15 @@ impl Read for Stream {
         }
     }
 }
+impl Stream {
+    /// End the connection cleanly: TLS close_notify (best effort), so the
+    /// server logs a goodbye rather than a truncated stream.
+    fn close(self) {
+        if let Stream::Tls(mut t) = self {
+            let _ = t.close_notify();
+        }
+    }
+}
 impl Write for Stream {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {
@@ -478,9 +487,9 @@ impl Drop for NbdSource {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .idle
-            .iter_mut()
+            .drain(..)
         {
-            c.disconnect();
+            c.disconnect().close();
         }
     }
 }

@@ -538,6 +538,19 @@ impl<S: Read + Write> TlsRecords<S> {
         tx.next_seq()
     }
 
+    /// Send close_notify (RFC 8446 §6.1): the peer sees a clean end, not a
+    /// truncation. Nothing is sent on a stream that is already dead.
+    pub fn close_notify(&mut self) -> io::Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(proto(format!(
+                "connection unusable after an earlier error: {why}"
+            )));
+        }
+        self.seal(CT_ALERT, &[1, 0])?;
+        self.flush_records()?;
+        self.sock.flush()
+    }
+
     fn flush_records(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
             let r = self.sock.write_all(&self.wbuf);
@@ -758,6 +771,23 @@ mod tests {
             c.read_to_end(&mut rest).unwrap();
             assert_eq!(rest, pattern(1 << 20, 7), "{suite:?}");
             assert_eq!(c.read(&mut [0u8; 8]).unwrap(), 0, "EOF stays EOF");
+            server.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn close_notify_ends_the_stream_cleanly_for_the_server() {
+        for suite in SUITES {
+            let (mut c, server) = pair(suite, |s| {
+                let mut got = Vec::new();
+                // rustls's stream gives EOF only at close_notify; a bare
+                // close would be UnexpectedEof.
+                s.read_to_end(&mut got).unwrap();
+                assert_eq!(got, b"bye");
+            });
+            c.write_all(b"bye").unwrap();
+            c.close_notify().unwrap();
+            drop(c);
             server.join().unwrap();
         }
     }
