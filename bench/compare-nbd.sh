@@ -76,6 +76,9 @@ backup_pairs() {  # $1: command prefix (e.g. taskset); prints "wall_f cpu_f wall
   done
 }
 col() { awk -v c="$1" '{print $c}' | median; }
+# Ticks the hypervisor took from this VM's vCPUs (steal, /proc/stat), so noisy
+# runs show up as such.
+steal() { awk '/^cpu /{print $9}' /proc/stat; }  # in USER_HZ ticks (10 ms)
 report_pairs() {  # $1: label prefix; stdin: backup_pairs output
   local rows; rows=$(cat)
   local wf cf wn cn
@@ -85,8 +88,13 @@ report_pairs() {  # $1: label prefix; stdin: backup_pairs output
   awk -v wf="$wf" -v wn="$wn" -v cf="$cf" -v cn="$cn" -v m="$MIB" -v p="$1" 'BEGIN {
     printf "%sNBD-SSL / file backup speed          %5.2fx\n", p, wf / wn
     printf "%sferry CPU per GiB: file %.2f s, NBD-SSL %.2f s  (%.2fx)\n", p, cf * 1024 / m, cn * 1024 / m, cf / cn }'
+  printf '%sspeed ratio of each pair:' "$1"
+  awk '{ printf " %.2f", $1 / $3 }' <<<"$rows"
+  echo
 }
+st0=$(steal)
 backup_pairs "" | report_pairs ""
+echo "steal during the backups: $(( $(steal) - st0 )) ticks of 10 ms"
 
 # Pinned: ferry on CPU 0 for both, nbdkit alone on CPU 1 (as if the NBD server
 # were another host).
@@ -96,5 +104,7 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   taskset -c 1 nbdkit -f -r --tls=require --tls-certificates="$WORK/certs" -U "$SOCK" --threads 16 file "$IMG" &
   KIT=$!
   for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+  st0=$(steal)
   backup_pairs "taskset -c 0" | report_pairs "pinned: "
+  echo "pinned: steal during the backups: $(( $(steal) - st0 )) ticks of 10 ms"
 fi
