@@ -7,32 +7,23 @@ mod common;
 use common::*;
 use std::process::Command;
 
-struct Mount(std::path::PathBuf);
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_disk_fails_cleanly_and_harms_nothing() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         eprintln!("SKIPPED full_disk_fails_cleanly_and_harms_nothing: needs root to mount a tmpfs");
         return;
     }
     let base = tempfile::tempdir().unwrap();
     let mnt = base.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "mounting a tmpfs failed although running as root"
-    );
+    mount(&[
+        "-t".as_ref(),
+        "tmpfs".as_ref(),
+        "-o".as_ref(),
+        "size=12m".as_ref(),
+        "tmpfs".as_ref(),
+        mnt.as_os_str(),
+    ]);
     let _m = Mount(mnt.clone());
 
     let w = World::new();

@@ -2,8 +2,10 @@
 //!
 //! The kernel releases a flock when its holder dies, so a lock left behind by a
 //! crashed or killed ferry is never honoured (stale-lock detection by construction).
-//! The file's content names the current holder for error messages only. This module
-//! must not decide who needs which lock; callers do.
+//! The file's content names the current holder for error messages only. On
+//! read-only media a shared lock is taken on the lock file opened for reading (or
+//! skipped when there is none: nothing can write there). This module must not
+//! decide who needs which lock; callers do.
 
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -38,6 +40,17 @@ pub enum LockError {
     /// Someone else holds a conflicting lock.
     #[error("repository is locked by {}", describe(.0))]
     Busy(Option<LockHolder>),
+    /// The repository is on read-only media (or this user may only read it)
+    /// and the operation needs to write.
+    #[error("{operation} needs write access, but the repository is read-only here ({path}: {source}); restore, verify, export and listing still work")]
+    ReadOnly {
+        /// Lock file.
+        path: PathBuf,
+        /// What was refused, e.g. "prune".
+        operation: String,
+        /// Error.
+        source: std::io::Error,
+    },
     /// I/O error on the lock file.
     #[error("lock file {path}: {source}")]
     Io {
@@ -61,9 +74,20 @@ fn describe(h: &Option<LockHolder>) -> String {
 /// A held lock; released on drop.
 #[derive(Debug)]
 pub struct RepoLock {
-    _file: File,
+    /// `None`: a shared lock on a read-only file system without a lock file,
+    /// where no process can change the repository through this mount.
+    _file: Option<File>,
     /// Mode held.
     pub mode: LockMode,
+}
+
+/// The lock file could not be opened for writing because the repository is on
+/// read-only media (or this user may only read it).
+fn read_only(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+    )
 }
 
 fn hostname() -> String {
@@ -83,13 +107,40 @@ pub fn acquire(
         path: path.to_path_buf(),
         source,
     };
-    let mut f = OpenOptions::new()
+    let opened = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)
-        .map_err(io)?;
+        .open(path);
+    let mut f = match opened {
+        Ok(f) => f,
+        // Readers of a repository on read-only media (a replicated copy, a
+        // snapshot, WORM storage) still take a shared lock: flock works on a
+        // descriptor opened for reading.
+        Err(e) if mode == LockMode::Shared && read_only(&e) => match File::open(path) {
+            Ok(f) => {
+                tracing::info!(lock = %path.display(), "repository is read-only here: shared lock taken on the existing lock file");
+                f
+            }
+            Err(n)
+                if n.kind() == std::io::ErrorKind::NotFound
+                    && e.kind() == std::io::ErrorKind::ReadOnlyFilesystem =>
+            {
+                tracing::info!(lock = %path.display(), "repository is on a read-only file system without a lock file: reading without a lock");
+                return Ok(RepoLock { _file: None, mode });
+            }
+            Err(_) => return Err(io(e)),
+        },
+        Err(e) if read_only(&e) => {
+            return Err(LockError::ReadOnly {
+                path: path.to_path_buf(),
+                operation: operation.to_string(),
+                source: e,
+            })
+        }
+        Err(e) => return Err(io(e)),
+    };
     let deadline = std::time::Instant::now() + wait;
     loop {
         let r = match mode {
@@ -121,7 +172,10 @@ pub fn acquire(
         let _ = f.rewind();
         let _ = writeln!(f, "{}", serde_json::to_string(&holder).unwrap_or_default());
     }
-    Ok(RepoLock { _file: f, mode })
+    Ok(RepoLock {
+        _file: Some(f),
+        mode,
+    })
 }
 
 #[cfg(test)]

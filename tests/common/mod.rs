@@ -142,3 +142,27 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// A mount made by a test, lazily unmounted on drop.
+pub struct Mount(pub PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Root is needed to mount; CI runs as root. Elsewhere the caller says so and
+/// stops.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Run `mount` with `args`; panics with what failed (the caller checked root).
+pub fn mount(args: &[&std::ffi::OsStr]) {
+    let st = Command::new("mount").args(args).status().unwrap();
+    assert!(
+        st.success(),
+        "mount {args:?} failed although running as root"
+    );
+}
