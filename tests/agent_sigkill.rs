@@ -117,6 +117,7 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
         keys.as_ref(),
         &[],
         2,
+        false,
         &ferry::progress::Progress::default(),
     )
     .unwrap();

@@ -83,6 +83,7 @@ fn sigkill_at_random_moments_never_harms_the_repository() {
             &w.source(),
             &[],
             2,
+            false,
             &ferry::progress::Progress::default(),
         )
         .unwrap();
@@ -113,6 +114,7 @@ fn sigkill_at_random_moments_never_harms_the_repository() {
         &w.source(),
         &[],
         2,
+        false,
         &ferry::progress::Progress::default(),
     )
     .unwrap();

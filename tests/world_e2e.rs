@@ -226,6 +226,7 @@ fn a_kms_rotation_is_seen_by_key_sync_and_used_by_the_next_backups() {
         keys.as_ref(),
         &[],
         2,
+        false,
         &ferry::progress::Progress::default(),
     )
     .unwrap();

@@ -250,6 +250,7 @@ pub fn run(
             keys.as_ref(),
             &[],
             2,
+            false,
             &ferry::progress::Progress::default(),
         )?;
         anyhow::ensure!(

@@ -207,6 +207,19 @@ pub fn backup(
         None => None,
     };
 
+    let rewrite: crate::pipeline::backup::Rewrite = {
+        let kr = keyring.lock().unwrap_or_else(|p| p.into_inner());
+        repo.chunks_to_rewrite()?
+            .into_iter()
+            .map(|(id, k)| (id, kr.key(k).cloned()))
+            .collect()
+    };
+    if !rewrite.is_empty() {
+        tracing::warn!(
+            chunks = rewrite.len(),
+            "chunks taken out of use by verify --repair: positions that referenced them are read and stored again"
+        );
+    }
     let chunk_size = repo.config.chunk_size;
     let tmp = repo.tmp_path(&format!("point-{point_id}"));
     fs::create_dir(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
@@ -250,6 +263,7 @@ pub fn backup(
                 previous: dp.previous,
                 plan: dp.plan,
                 key_known: &key_known,
+                rewrite: &rewrite,
                 config: req.pipeline,
                 progress,
             },

@@ -15,7 +15,7 @@ use crate::repo::format::{
 use crate::repo::RepoError;
 use crate::transport::{DiskSource, Extent};
 use crossbeam_channel::{bounded, Sender};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -59,11 +59,21 @@ pub struct BackupInputs<'a, P: Read + Send> {
     pub plan: ReadPlan,
     /// Whether a data key found on a stored chunk is known (may reload the keyring).
     pub key_known: &'a (dyn Fn(KeyId) -> bool + Sync),
+    /// Chunks `verify --repair` took out of use
+    /// ([`crate::repo::Repository::chunks_to_rewrite`]): a previous index entry
+    /// naming one is not reused; its position is read and the chunk stored again,
+    /// sealed with the data key the older indexes name for it when that key is
+    /// given (so those points mend), else with this point's key.
+    pub rewrite: &'a Rewrite,
     /// Threads and buffers.
     pub config: PipelineConfig,
     /// Progress and cancellation.
     pub progress: &'a Progress,
 }
+
+/// Chunks to store again, each with the data key older indexes name for it
+/// (`None` when the keyring does not hold it). See [`BackupInputs::rewrite`].
+pub type Rewrite = HashMap<ChunkId, Option<SecretKey>>;
 
 /// Which chunk positions [`backup_disk`] reads.
 #[derive(Clone, Debug, Default)]
@@ -179,6 +189,7 @@ pub fn backup_disk<W: Write, P: Read + Send>(
         store: inp.store,
         id_key: inp.id_key,
         key_known: inp.key_known,
+        rewrite: inp.rewrite,
         progress: inp.progress,
         sealer: ChunkSealer::new(inp.data_key),
     };
@@ -188,12 +199,13 @@ pub fn backup_disk<W: Write, P: Read + Send>(
         let committed = &committed;
         let bytes_read = &bytes_read;
         let plan = &plan;
-        let (source, progress) = (inp.source, inp.progress);
+        let (source, progress, rewrite) = (inp.source, inp.progress, inp.rewrite);
         {
             let res_tx = res_tx.clone();
             s.spawn(move || {
                 if let Err(e) = dispatch_stage(
-                    source, header, previous, plan, &task_tx, &res_tx, errors, committed, progress,
+                    source, header, previous, plan, rewrite, &task_tx, &res_tx, errors, committed,
+                    progress,
                 ) {
                     errors.set(e);
                 }
@@ -343,6 +355,7 @@ fn dispatch_stage<P: Read>(
     header: &IndexHeader,
     mut previous: Option<IndexReader<P>>,
     plan: &ReadPlan,
+    rewrite: &Rewrite,
     tasks: &Sender<Task>,
     results: &Sender<(u64, Outcome)>,
     errors: &FirstError<PipelineError>,
@@ -389,11 +402,14 @@ fn dispatch_stage<P: Read>(
             },
             None => None,
         };
+        // A chunk taken out of use by verify --repair is read and stored again.
+        let stale = prev.is_some_and(|e| rewrite.contains_key(&e.id));
+        let prev = if stale { None } else { prev };
         let skip = match plan {
             ReadPlan::Full => None,
             ReadPlan::Allocated(set) => (!set.contains(pos)).then_some(Outcome::Zero),
             ReadPlan::Changed { changed, .. } => {
-                if changed.contains(pos) {
+                if changed.contains(pos) || stale {
                     None
                 } else {
                     let e = prev.ok_or_else(|| {
@@ -458,6 +474,7 @@ struct WorkCtx<'a> {
     store: &'a dyn ChunkStore,
     id_key: &'a SecretKey,
     key_known: &'a (dyn Fn(KeyId) -> bool + Sync),
+    rewrite: &'a Rewrite,
     progress: &'a Progress,
     sealer: ChunkSealer,
 }
@@ -509,13 +526,22 @@ impl WorkCtx<'_> {
         if let Some(e) = self.existing(&id)? {
             return Ok(Outcome::Reused(e));
         }
-        self.sealer.seal(&id, data, out);
+        // A quarantined chunk is sealed again with the key older indexes name.
+        let older;
+        let sealer = match self.rewrite.get(&id) {
+            Some(Some(k)) => {
+                older = ChunkSealer::new(k);
+                &older
+            }
+            _ => &self.sealer,
+        };
+        sealer.seal(&id, data, out);
         if self.store.put_chunk(&id, out)? {
             Progress::add(&self.progress.written, out.len() as u64);
             Ok(Outcome::New(
                 IndexEntry {
                     id,
-                    key: self.sealer.key_id(),
+                    key: sealer.key_id(),
                 },
                 out.len() as u64,
             ))
@@ -622,6 +648,8 @@ mod tests {
         store: MemStore,
         dk: SecretKey,
         id_key: SecretKey,
+        /// [`BackupInputs::rewrite`].
+        rewrite: Rewrite,
     }
 
     struct Run {
@@ -638,6 +666,7 @@ mod tests {
                 store: MemStore::default(),
                 dk: SecretKey::generate(),
                 id_key: SecretKey::generate(),
+                rewrite: Rewrite::new(),
             }
         }
 
@@ -684,6 +713,7 @@ mod tests {
                     previous,
                     plan,
                     key_known: &|_| true,
+                    rewrite: &self.rewrite,
                     config: PipelineConfig {
                         workers: 2,
                         buffers: 4,
@@ -783,6 +813,55 @@ mod tests {
         assert_eq!(again.source_reads, size, "this source reports no holes");
     }
 
+    /// The chunk ids of `run`'s index, position by position.
+    fn ids(run: &Run) -> Vec<ChunkId> {
+        let mut r = IndexReader::new(Cursor::new(&run.index[..]), run.index.len() as u64).unwrap();
+        std::iter::from_fn(|| r.next_entry().unwrap().map(|e| e.id)).collect()
+    }
+
+    #[test]
+    fn chunks_taken_out_of_use_are_read_and_stored_again_not_reused() {
+        let mut f = Fixture::new();
+        let d = disk(2);
+        let full = f.run(&d, None, ReadPlan::Full).unwrap();
+        let idx = ids(&full);
+        // verify --repair quarantined the chunks at positions 2 and 7.
+        let gone = [idx[2], idx[7]];
+        for id in &gone {
+            assert!(f.store.0.lock().unwrap().remove(id).is_some());
+        }
+        // Each backup seals with a new data key; the mended chunks take the key
+        // the older index names, so that index is whole again.
+        let older = std::mem::replace(&mut f.dk, SecretKey::generate());
+        f.rewrite = gone.iter().map(|id| (*id, Some(older.clone()))).collect();
+        let cs = CS as u64;
+        // An incremental with nothing changed still reads those two positions.
+        let inc = f
+            .run(
+                &d,
+                Some(&full),
+                ReadPlan::Changed {
+                    changed: changed(&[], d.len() as u64),
+                    previous_hash: full.hash,
+                },
+            )
+            .unwrap();
+        assert_eq!(inc.source_reads, 2 * cs);
+        assert_eq!(inc.stats.chunks_new, 2, "{:?}", inc.stats);
+        assert_eq!(inc.index, full.index);
+        for id in &gone {
+            let stored = f.store.0.lock().unwrap().get(id).map(|c| c.0);
+            assert_eq!(stored, Some(older.id), "stored again, under the older key");
+        }
+        // A full backup with the previous index does not take them from it either.
+        for id in &gone {
+            f.store.0.lock().unwrap().remove(id);
+        }
+        let again = f.run(&d, Some(&full), ReadPlan::Full).unwrap();
+        assert_eq!(again.stats.chunks_new, 2, "{:?}", again.stats);
+        assert_eq!(again.index, full.index);
+    }
+
     #[test]
     fn reader_threads_write_the_index_workers_reading_themselves_write() {
         let d = disk(4);
@@ -793,6 +872,7 @@ mod tests {
                 store: MemStore::default(),
                 dk: f.dk.clone(),
                 id_key: f.id_key.clone(),
+                rewrite: Rewrite::new(),
             };
             let many = g.run_with(&d, None, ReadPlan::Full, readers, None).unwrap();
             assert_eq!(many.index, one.index, "{readers} readers");

@@ -22,6 +22,7 @@ use format::{
 use keyring::{Keyring, KeyringBody, KeyringHeader};
 use lock::{LockError, LockMode, RepoLock};
 use manifest::{ManifestBody, ManifestHeader};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -313,6 +314,62 @@ impl Repository {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(RepoError::io(&dst, e)),
         }
+    }
+
+    /// Directory of chunk files `ferry verify --repair` took out of use.
+    pub fn damaged_dir(&self) -> PathBuf {
+        self.root.join("damaged")
+    }
+
+    /// Take a damaged or missing chunk out of use: its file moves to
+    /// `damaged/<chunk id>.<data key id>` (kept for inspection; an empty file
+    /// records a chunk that was missing), so that no backup deduplicates against
+    /// it and the next backup that meets the same data stores it again, sealed
+    /// with `key` (the data key the indexes name for it), which mends every point
+    /// that references it.
+    pub fn quarantine_chunk(&self, id: &ChunkId, key: KeyId) -> Result<()> {
+        let dir = self.damaged_dir();
+        fs::create_dir_all(&dir).map_err(|e| RepoError::io(&dir, e))?;
+        let src = self.chunk_path(id);
+        let dst = dir.join(format!("{}.{key}", id.to_hex()));
+        match fs::rename(&src, &dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::write(&dst, b"").map_err(|e| RepoError::io(&dst, e))?;
+            }
+            Err(e) => return Err(RepoError::io(&src, e)),
+        }
+        for d in [&dir, src.parent().unwrap_or(&self.root)] {
+            fsutil::fsync_dir(d).map_err(|e| RepoError::io(d, e))?;
+        }
+        Ok(())
+    }
+
+    /// Chunks taken out of use by `verify --repair` and not stored again since,
+    /// with the data key their index entries name: backups must not reuse them
+    /// from a previous index without reading the data.
+    pub fn chunks_to_rewrite(&self) -> Result<HashMap<ChunkId, KeyId>> {
+        let dir = self.damaged_dir();
+        let it = match fs::read_dir(&dir) {
+            Ok(it) => it,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
+            Err(e) => return Err(RepoError::io(&dir, e)),
+        };
+        let mut out = HashMap::new();
+        for e in it {
+            let e = e.map_err(|e| RepoError::io(&dir, e))?;
+            let name = e.file_name();
+            let Some((id, key)) = name.to_str().and_then(|n| {
+                let (c, k) = n.split_once('.')?;
+                Some((ChunkId::from_hex(c)?, KeyId::from_hex(k)?))
+            }) else {
+                continue;
+            };
+            if !self.chunk_path(&id).exists() {
+                out.insert(id, key);
+            }
+        }
+        Ok(out)
     }
 
     /// Make every chunk written so far durable (one `syncfs`).

@@ -1,6 +1,8 @@
 //! `ferry verify`: read every restore point's manifest and indexes and every chunk
 //! they reference; authenticate and check each chunk against its id. Reports every
-//! damaged point and file instead of stopping at the first. Read-only.
+//! damaged point and file instead of stopping at the first. Read-only, except
+//! that `--repair` then moves damaged and missing chunks to `damaged/`
+//! ([`Repository::quarantine_chunk`]) so the next backups store them again.
 
 use super::format::{ChunkId, IndexEntry};
 use super::{RepoError, Repository};
@@ -48,6 +50,10 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     /// Damaged chunk files.
     pub chunks_damaged: u64,
+    /// With `repair`: chunks (hex ids) moved to `damaged/` or recorded there as
+    /// missing. The points that reference them mend when a backup meets the same
+    /// data again.
+    pub chunks_quarantined: Vec<String>,
 }
 
 impl VerifyReport {
@@ -75,18 +81,49 @@ fn problem_of(e: &RepoError) -> Problem {
     }
 }
 
+/// What was wrong with a chunk, and whether `--repair` may take it out of use:
+/// only a chunk file that is itself damaged or missing, never one this key
+/// source cannot open or one an I/O error kept from being read.
+#[derive(Clone, Debug)]
+struct Verdict {
+    error: String,
+    repairable: bool,
+    /// The data key the index entry names for the chunk.
+    key: crate::keys::KeyId,
+}
+
+impl Verdict {
+    fn of(e: &RepoError, key: crate::keys::KeyId) -> Verdict {
+        Verdict {
+            key,
+            error: e.to_string(),
+            repairable: match e {
+                RepoError::Damaged { .. } => true,
+                RepoError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+                _ => false,
+            },
+        }
+    }
+}
+
 /// Verify `points` (all when empty) using `keys` (keyring when usable, else each
-/// point's own key). `workers` threads read chunks.
+/// point's own key). `workers` threads read chunks. With `repair` (under the
+/// exclusive lock), damaged and missing chunks are then quarantined.
 pub fn verify(
     repo: &Repository,
     keys: &dyn KeySource,
     points: &[String],
     workers: usize,
+    repair: bool,
     progress: &Progress,
 ) -> Result<VerifyReport, RepoError> {
     let _lock = repo.lock(
-        super::lock::LockMode::Shared,
-        "verify",
+        if repair {
+            super::lock::LockMode::Exclusive
+        } else {
+            super::lock::LockMode::Shared
+        },
+        if repair { "verify --repair" } else { "verify" },
         std::time::Duration::from_secs(5),
     )?;
     let (keyring, keyring_problem) = match repo.has_keyring().then(|| repo.load_keyring(keys)) {
@@ -104,7 +141,7 @@ pub fn verify(
         points.to_vec()
     };
     // Chunk verdicts shared across points: each chunk is read once.
-    let verdicts: Mutex<HashMap<ChunkId, Option<String>>> = Mutex::new(HashMap::new());
+    let verdicts: Mutex<HashMap<ChunkId, Option<Verdict>>> = Mutex::new(HashMap::new());
     let mut reports = Vec::new();
     for id in ids {
         let mut rep = PointReport {
@@ -193,7 +230,7 @@ pub fn verify(
                 .filter_map(|c| {
                     v.get(c).cloned().flatten().map(|err| Problem {
                         file: repo.chunk_path(c).display().to_string(),
-                        error: err,
+                        error: err.error,
                     })
                 })
                 .collect();
@@ -211,11 +248,25 @@ pub fn verify(
         reports.push(rep);
     }
     let v = verdicts.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut quarantined = Vec::new();
+    if repair {
+        let mut bad: Vec<(&ChunkId, &Verdict)> = v
+            .iter()
+            .filter_map(|(id, x)| x.as_ref().filter(|x| x.repairable).map(|x| (id, x)))
+            .collect();
+        bad.sort_by_key(|(id, _)| **id);
+        for (id, x) in bad {
+            repo.quarantine_chunk(id, x.key)?;
+            tracing::warn!(chunk = %id.to_hex(), "damaged chunk moved to damaged/; the next backup of the same data stores it again");
+            quarantined.push(id.to_hex());
+        }
+    }
     Ok(VerifyReport {
         keyring: keyring_problem,
         points: reports,
         chunks_checked: v.len() as u64,
         chunks_damaged: v.values().filter(|x| x.is_some()).count() as u64,
+        chunks_quarantined: quarantined,
     })
 }
 
@@ -224,7 +275,7 @@ fn check_batch(
     table: &KeyTable,
     id_key: &crate::keys::SecretKey,
     todo: &mut Vec<IndexEntry>,
-    verdicts: &Mutex<HashMap<ChunkId, Option<String>>>,
+    verdicts: &Mutex<HashMap<ChunkId, Option<Verdict>>>,
     workers: usize,
     progress: &Progress,
 ) {
@@ -242,7 +293,7 @@ fn check_batch(
                     let Some(e) = items.get(i) else { break };
                     let verdict = load_chunk(repo, e, table, id_key, &mut raw, &mut out)
                         .err()
-                        .map(|e| e.to_string());
+                        .map(|err| Verdict::of(&err, e.key));
                     Progress::add(&progress.read, raw.len() as u64);
                     verdicts
                         .lock()

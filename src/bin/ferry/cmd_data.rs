@@ -111,6 +111,12 @@ pub struct VerifyArgs {
     /// Worker threads.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Then move damaged and missing chunks to damaged/ (under the exclusive
+    /// lock), so that no backup reuses them and the next backup of the same data
+    /// stores them again, mending the points that reference them. Chunks this key
+    /// source cannot open are never moved.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 #[derive(Args)]
@@ -328,7 +334,7 @@ pub fn verify(a: VerifyArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
             .unwrap_or(2)
     });
     let bar = out.progress_bar(progress.clone(), "verify");
-    let res = verify::verify(&repo, &*ks, &a.points, workers, progress);
+    let res = verify::verify(&repo, &*ks, &a.points, workers, a.repair, progress);
     drop(bar);
     let rep = res?;
     out.result(&rep, || render::verify_summary(&rep));

@@ -231,6 +231,12 @@ pub fn verify_summary(r: &VerifyReport) -> String {
             "some points could not be checked: key unavailable"
         }
     ));
+    if !r.chunks_quarantined.is_empty() {
+        s.push_str(&format!(
+            "\nrepair: {} damaged or missing chunks moved to damaged/; the next backup of the same data stores them again, which mends the points above",
+            r.chunks_quarantined.len()
+        ));
+    }
     s
 }
 
