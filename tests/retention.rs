@@ -61,3 +61,71 @@ fn keep_last_three_of_ten_shrinks_storage_and_keeps_restores_exact() {
     let rep = w.backup("vm", &[&img]);
     assert_eq!(rep.disks[0].chunks_new, 0);
 }
+
+#[test]
+fn prune_with_keys_drops_data_keys_no_remaining_point_references() {
+    let w = World::new();
+    let a = w.image("a.img", 4 << 20, 31);
+    let b = w.image("b.img", 4 << 20, 32);
+    w.backup("vm", &[&a]);
+    let last = w.backup("vm", &[&b]).point_id;
+    // A backup that crashed after registering its data key.
+    let repo = w.repo();
+    repo.update_keyring(&w.source(), |kr| {
+        let k = ferry::keys::SecretKey::generate();
+        let mut info = kr.body.keys.values().next().unwrap().clone();
+        info.point = "crashed".into();
+        kr.body.keys.insert(k.id, info);
+        kr.keys.push(k);
+        Ok(())
+    })
+    .unwrap();
+    let keyring_len = || repo.load_keyring(&w.source()).unwrap().keys.len();
+    assert_eq!(keyring_len(), 3);
+    // What the point that stays references: its own key and its chunks' keys.
+    let p = repo.open_point(&last, &w.source(), None).unwrap();
+    let mut live = std::collections::HashSet::from([p.header.data_key_id]);
+    let mut idx = repo.open_index(&p, 0).unwrap();
+    while let Some(e) = idx.next_entry().unwrap() {
+        if !e.id.is_zero_marker() {
+            live.insert(e.key);
+        }
+    }
+    let want = (3 - live.len()) as u64;
+    assert!(want >= 1, "the crashed backup's key is never live");
+
+    let prune = |keys: bool, dry: bool| {
+        let mut c = w.command(&["--json", "prune", "--keep-last", "1"]);
+        if dry {
+            c.arg("--dry-run");
+        }
+        if !keys {
+            c.env_remove("FERRY_PUBLIC_KEY")
+                .env_remove("FERRY_PRIVATE_KEY");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    // Without keys the sealed keyring is left alone; a dry run only counts.
+    let r = prune(false, true);
+    assert!(r["keyring_keys_dropped"].is_null(), "{r}");
+    let r = prune(true, true);
+    assert_eq!(r["keyring_keys_dropped"], want, "{r}");
+    assert_eq!(keyring_len(), 3);
+    let r = prune(true, false);
+    assert_eq!(r["points_removed"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["keyring_keys_dropped"], want, "{r}");
+    assert_eq!(keyring_len(), live.len());
+
+    // Everything still works: verify, restore, and dedupe against the kept point.
+    let o = w.ferry(&["verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = w.path("r.img");
+    w.restore(&last, 0, &t).unwrap();
+    assert_eq!(hash(&t), hash(&b));
+    let rep = w.backup("vm", &[&b]);
+    assert_eq!(rep.disks[0].chunks_new, 0);
+    // Nothing left to drop.
+    assert_eq!(prune(true, false)["keyring_keys_dropped"], 0);
+}

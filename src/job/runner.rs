@@ -222,6 +222,7 @@ impl VmJobRunner {
             full: spec.full,
         };
         let started = Instant::now();
+        let keys_for_retention = keys.clone();
         let result = ctx.runtime.block_on(vm::backup_vm(
             &client,
             &me,
@@ -256,7 +257,12 @@ impl VmJobRunner {
             .collect();
         let mut notes = Vec::new();
         if let Some(policy) = &spec.retention {
-            notes.push(apply_retention(&repo, &spec.vm.name, policy));
+            notes.push(apply_retention(
+                &repo,
+                keys_for_retention.as_ref(),
+                &spec.vm.name,
+                policy,
+            ));
         }
         Ok(RunOutput {
             disks,
@@ -559,10 +565,11 @@ fn open_or_init_repo(t: &TenantSection, keys: &dyn KeySource) -> Result<Reposito
 
 fn apply_retention(
     repo: &Repository,
+    keys: &dyn KeySource,
     source: &str,
     policy: &crate::repo::retention::Policy,
 ) -> String {
-    match crate::repo::gc::prune_chain(repo, policy, Some(source), false, LOCK_WAIT) {
+    match crate::repo::gc::prune_chain(repo, policy, Some(source), Some(keys), false, LOCK_WAIT) {
         Ok(r) => format!(
             "retention: {} point(s) of {source} removed, {} chunk(s) freed ({} bytes)",
             r.points_removed.len(),

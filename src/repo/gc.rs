@@ -1,12 +1,14 @@
 //! `ferry prune`: apply a retention policy per source chain, delete dropped points,
 //! and garbage-collect unreferenced chunks and `tmp/` debris. Runs under the
-//! exclusive lock and needs no keys. Refuses to collect garbage when any remaining
-//! index is damaged, so damage can never get live chunks deleted.
+//! exclusive lock and needs no keys; given keys, it also drops from the keyring the
+//! data keys no remaining point references. Refuses to collect garbage when any
+//! remaining index is damaged, so damage can never get live chunks deleted.
 
 use super::format::{self, ChunkId};
 use super::lock::LockMode;
 use super::retention::{self, Decision, Policy};
 use super::{fsutil, RepoError, Repository};
+use crate::keys::{KeyId, KeySource};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -25,6 +27,11 @@ pub struct PruneReport {
     pub bytes_freed: u64,
     /// Chunks kept.
     pub chunks_kept: u64,
+    /// Data keys dropped from the keyring (or that would be): no remaining point
+    /// references them. `None` when no keys were given (the keyring is sealed).
+    pub keyring_keys_dropped: Option<u64>,
+    /// Why the keyring was not compacted although keys were given.
+    pub keyring_note: Option<String>,
     /// Whether nothing was changed.
     pub dry_run: bool,
 }
@@ -34,18 +41,22 @@ pub struct PruneReport {
 pub fn prune(
     repo: &Repository,
     policy: &Policy,
+    keys: Option<&dyn KeySource>,
     dry_run: bool,
     lock_wait: Duration,
 ) -> Result<PruneReport, RepoError> {
-    prune_chain(repo, policy, None, dry_run, lock_wait)
+    prune_chain(repo, policy, None, keys, dry_run, lock_wait)
 }
 
 /// Like [`prune`], but apply `policy` only to the chain of `source` (a VM's
 /// retention after its backup) when given; other chains keep every point.
+/// With `keys`, the keyring is compacted too (under the same exclusive lock, so
+/// no backup can be registering a new data key meanwhile).
 pub fn prune_chain(
     repo: &Repository,
     policy: &Policy,
     source: Option<&str>,
+    keys: Option<&dyn KeySource>,
     dry_run: bool,
     lock_wait: Duration,
 ) -> Result<PruneReport, RepoError> {
@@ -62,12 +73,16 @@ pub fn prune_chain(
         ..Default::default()
     };
     let mut chains: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    let mut point_keys: BTreeMap<String, KeyId> = BTreeMap::new();
     for p in repo.list_points()? {
         match p.header {
-            Ok(h) => chains
-                .entry(h.source.clone())
-                .or_default()
-                .push((p.id, h.created_unix)),
+            Ok(h) => {
+                point_keys.insert(p.id.clone(), h.data_key_id);
+                chains
+                    .entry(h.source.clone())
+                    .or_default()
+                    .push((p.id, h.created_unix))
+            }
             Err(e) => return Err(e), // never guess about a point we cannot read
         }
     }
@@ -81,12 +96,15 @@ pub fn prune_chain(
         rep.decisions.insert(name.clone(), d);
     }
     let removed: HashSet<&String> = remove.iter().collect();
-    // Mark: every chunk referenced by a point that stays.
+    // Mark: every chunk referenced by a point that stays, and the data keys
+    // those points were made with or reference.
     let mut live: HashSet<ChunkId> = HashSet::new();
+    let mut live_keys: HashSet<KeyId> = HashSet::new();
     for id in repo.point_ids()? {
         if removed.contains(&id) {
             continue;
         }
+        live_keys.extend(point_keys.get(&id));
         let dir = repo.point_dir(&id);
         for e in fs::read_dir(&dir).map_err(|e| RepoError::io(&dir, e))? {
             let e = e.map_err(|e| RepoError::io(&dir, e))?;
@@ -110,7 +128,10 @@ pub fn prune_chain(
             let mut ids = Vec::new();
             loop {
                 match r.next_entry() {
-                    Ok(Some(e)) if !e.id.is_zero_marker() => ids.push(e.id),
+                    Ok(Some(e)) if !e.id.is_zero_marker() => {
+                        ids.push(e.id);
+                        live_keys.insert(e.key);
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(format::IndexReadError::Io(e)) => return Err(RepoError::io(&p, e)),
@@ -174,12 +195,58 @@ pub fn prune_chain(
     if !dry_run {
         repo.sync_all()?;
     }
+    if let Some(keys) = keys {
+        match compact_keyring(repo, keys, &live_keys, dry_run) {
+            Ok(n) => rep.keyring_keys_dropped = Some(n),
+            // The points and chunks are pruned; an unusable key only leaves the
+            // keyring as it was.
+            Err(e) => {
+                tracing::warn!(error = %e, "keyring not compacted");
+                rep.keyring_note = Some(format!("keyring not compacted: {e}"));
+            }
+        }
+    }
     tracing::info!(
         removed = rep.points_removed.len(),
         chunks_deleted = rep.chunks_deleted,
         bytes = rep.bytes_freed,
+        keys_dropped = rep.keyring_keys_dropped,
         dry_run,
         "prune done"
     );
     Ok(rep)
+}
+
+/// Drop from the keyring every data key not in `live`; returns how many were (or
+/// would be) dropped. The keyring is rewritten only when something goes. Must run
+/// under the exclusive repository lock.
+fn compact_keyring(
+    repo: &Repository,
+    keys: &dyn KeySource,
+    live: &HashSet<KeyId>,
+    dry_run: bool,
+) -> Result<u64, RepoError> {
+    if !repo.has_keyring() {
+        return Ok(0);
+    }
+    let dead = |kr: &super::keyring::Keyring| {
+        kr.keys.iter().filter(|k| !live.contains(&k.id)).count() as u64
+    };
+    let n = dead(&repo.load_keyring(keys)?);
+    if n == 0 || dry_run {
+        return Ok(n);
+    }
+    let mut dropped = 0;
+    repo.update_keyring(keys, |kr| {
+        dropped = dead(kr);
+        kr.body.keys.retain(|k, _| live.contains(k));
+        kr.keys.retain(|k| live.contains(&k.id));
+        Ok(())
+    })?;
+    tracing::info!(
+        dropped,
+        kept = live.len(),
+        "data keys no point references dropped from the keyring"
+    );
+    Ok(dropped)
 }

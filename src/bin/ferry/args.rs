@@ -137,6 +137,15 @@ impl KmsArgs {
 }
 
 impl KeyArgs {
+    /// Whether any key option was given (for commands where keys are optional).
+    pub fn any(&self) -> bool {
+        self.public_key.is_some()
+            || self.private_key.is_some()
+            || !self.extra_private_keys.is_empty()
+            || self.passphrase_file.is_some()
+            || self.kms.kms.is_some()
+    }
+
     /// The key source for commands that wrap new keys (repo init, backup): with a
     /// KMS, the newest Active version of --kms-key.
     pub fn source(&self) -> Result<Box<dyn KeySource>, KeyError> {

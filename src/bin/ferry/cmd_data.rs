@@ -141,6 +141,10 @@ pub struct PruneArgs {
     /// Seconds to wait for running backups to finish.
     #[arg(long, default_value_t = 30)]
     pub lock_wait: u64,
+    /// Optional: with the tenant key (both halves, or KMS / passphrase), the
+    /// keyring also drops the data keys no remaining point references.
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 /// `ferry backup`.
@@ -356,7 +360,15 @@ pub fn prune(a: PruneArgs, out: &Output) -> anyhow::Result<u8> {
         keep_weekly: a.keep_weekly,
         keep_monthly: a.keep_monthly,
     };
-    let rep = gc::prune(&repo, &policy, a.dry_run, Duration::from_secs(a.lock_wait))?;
+    // Keys are optional: given, the keyring drops data keys no point references.
+    let keys = a.keys.any().then(|| a.keys.source()).transpose()?;
+    let rep = gc::prune(
+        &repo,
+        &policy,
+        keys.as_deref(),
+        a.dry_run,
+        Duration::from_secs(a.lock_wait),
+    )?;
     out.result(&rep, || render::prune_summary(&rep));
     Ok(exit::OK)
 }

@@ -262,6 +262,18 @@ pub fn prune_summary(r: &PruneReport) -> String {
         if r.dry_run { "would be freed" } else { "freed" },
         r.chunks_kept
     ));
+    match (r.keyring_keys_dropped, &r.keyring_note) {
+        (Some(n), _) => s.push_str(&format!(
+            "\nkeyring: {n} data key(s) no point references {}",
+            if r.dry_run {
+                "would be dropped"
+            } else {
+                "dropped"
+            }
+        )),
+        (None, Some(note)) => s.push_str(&format!("\n{note}")),
+        (None, None) => {}
+    }
     s
 }
 
