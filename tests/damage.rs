@@ -379,6 +379,22 @@ fn verify_repair_quarantines_damaged_chunks_and_the_next_backup_mends_every_poin
         );
     }
     assert_eq!(repo.chunks_to_rewrite().unwrap().len(), 3);
+    // Repairing again finds them missing, already recorded: nothing moves and
+    // the kept copy of the flipped chunk keeps its bytes.
+    let o = w.ferry(&["--json", "verify", "--repair"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["chunks_quarantined"], serde_json::json!([]), "{rep}");
+    let kept = w
+        .repo_dir
+        .join("damaged")
+        .join(format!("{}.", flipped.to_hex()));
+    let kept = std::fs::read_dir(w.repo_dir.join("damaged"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().starts_with(&*kept.to_string_lossy()))
+        .unwrap();
+    assert_eq!(std::fs::metadata(&kept).unwrap().len(), len as u64);
 
     // The next backup of vm1 (its previous index still names the three chunks)
     // reads and stores them again; every point, the damaged one made before the

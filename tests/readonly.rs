@@ -89,7 +89,7 @@ fn a_read_only_repository_restores_verifies_and_exports_but_refuses_writes() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        e.contains("needs write access, but the repository is read-only"),
+        e.contains("backup needs write access, but the repository is read-only"),
         "{e}"
     );
     let o = ferry(&["prune", "--keep-last", "1"]);

@@ -148,7 +148,7 @@ pub fn backup(
             "nothing to back up: no disks given".into(),
         ));
     }
-    let _lock = repo.lock(LockMode::Shared, "backup", req.lock_wait)?;
+    let _lock = repo.lock_for_writing("backup", req.lock_wait)?;
     let point_id = new_point_id();
     let span = tracing::info_span!("backup", point = %point_id, source = %req.source_name);
     let _g = span.enter();
@@ -211,7 +211,15 @@ pub fn backup(
         let kr = keyring.lock().unwrap_or_else(|p| p.into_inner());
         repo.chunks_to_rewrite()?
             .into_iter()
-            .map(|(id, k)| (id, kr.key(k).cloned()))
+            .map(|(id, k)| {
+                // The keyring normally holds it; a point's manifest always does.
+                let from_parent = || {
+                    parent_open
+                        .as_ref()
+                        .and_then(|p| p.keys.iter().find(|x| x.id == k).cloned())
+                };
+                (id, kr.key(k).cloned().or_else(from_parent))
+            })
             .collect()
     };
     if !rewrite.is_empty() {

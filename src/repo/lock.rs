@@ -42,7 +42,7 @@ pub enum LockError {
     Busy(Option<LockHolder>),
     /// The repository is on read-only media (or this user may only read it)
     /// and the operation needs to write.
-    #[error("{operation} needs write access, but the repository is read-only here ({path}: {source}); restore, verify, export and listing still work")]
+    #[error("{operation} needs write access, but the repository is read-only here (read-only media, or no write permission for this user: {path}: {source}); restore, verify, export and listing still work")]
     ReadOnly {
         /// Lock file.
         path: PathBuf,
@@ -79,6 +79,24 @@ pub struct RepoLock {
     _file: Option<File>,
     /// Mode held.
     pub mode: LockMode,
+    /// Why the lock file could not be opened for writing, when it could not: the
+    /// repository is read-only here and callers that write must stop.
+    pub read_only: Option<std::io::ErrorKind>,
+}
+
+impl RepoLock {
+    /// `Err(ReadOnly)` naming `operation` when this lock was taken on read-only
+    /// media: for writers, before they do anything else.
+    pub fn require_writable(&self, path: &Path, operation: &str) -> Result<(), LockError> {
+        match self.read_only {
+            Some(kind) => Err(LockError::ReadOnly {
+                path: path.to_path_buf(),
+                operation: operation.to_string(),
+                source: kind.into(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The lock file could not be opened for writing because the repository is on
@@ -107,6 +125,7 @@ pub fn acquire(
         path: path.to_path_buf(),
         source,
     };
+    let mut read_only_kind = None;
     let opened = OpenOptions::new()
         .read(true)
         .write(true)
@@ -121,14 +140,20 @@ pub fn acquire(
         Err(e) if mode == LockMode::Shared && read_only(&e) => match File::open(path) {
             Ok(f) => {
                 tracing::info!(lock = %path.display(), "repository is read-only here: shared lock taken on the existing lock file");
+                read_only_kind = Some(e.kind());
                 f
             }
             Err(n)
                 if n.kind() == std::io::ErrorKind::NotFound
                     && e.kind() == std::io::ErrorKind::ReadOnlyFilesystem =>
             {
-                tracing::info!(lock = %path.display(), "repository is on a read-only file system without a lock file: reading without a lock");
-                return Ok(RepoLock { _file: None, mode });
+                // Through another, writable mount a prune could still run.
+                tracing::warn!(lock = %path.display(), "repository is on a read-only file system and has no lock file: reading without a lock; make sure no prune runs on it elsewhere");
+                return Ok(RepoLock {
+                    _file: None,
+                    mode,
+                    read_only: Some(e.kind()),
+                });
             }
             Err(_) => return Err(io(e)),
         },
@@ -175,6 +200,7 @@ pub fn acquire(
     Ok(RepoLock {
         _file: Some(f),
         mode,
+        read_only: read_only_kind,
     })
 }
 

@@ -223,12 +223,19 @@ impl Repository {
 
     /// Take the repository lock (waits up to `wait`).
     pub fn lock(&self, mode: LockMode, operation: &str, wait: Duration) -> Result<RepoLock> {
-        Ok(lock::acquire(
-            &self.root.join("locks/repo.lock"),
-            mode,
-            operation,
-            wait,
-        )?)
+        Ok(lock::acquire(&self.lock_path(), mode, operation, wait)?)
+    }
+
+    /// Take the shared lock for an operation that writes (backup): refused at
+    /// once on read-only media, before any key store is asked anything.
+    pub fn lock_for_writing(&self, operation: &str, wait: Duration) -> Result<RepoLock> {
+        let l = self.lock(LockMode::Shared, operation, wait)?;
+        l.require_writable(&self.lock_path(), operation)?;
+        Ok(l)
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.root.join("locks/repo.lock")
     }
 
     /// A unique path under `tmp/`.
@@ -322,27 +329,48 @@ impl Repository {
     }
 
     /// Take a damaged or missing chunk out of use: its file moves to
-    /// `damaged/<chunk id>.<data key id>` (kept for inspection; an empty file
-    /// records a chunk that was missing), so that no backup deduplicates against
+    /// `damaged/<chunk id>.<data key id>` (`.1`, `.2`... appended rather than
+    /// replacing an earlier copy; kept for inspection; an empty file records a
+    /// chunk that was missing), so that no backup deduplicates against
     /// it and the next backup that meets the same data stores it again, sealed
     /// with `key` (the data key the indexes name for it), which mends every point
     /// that references it.
-    pub fn quarantine_chunk(&self, id: &ChunkId, key: KeyId) -> Result<()> {
+    /// Returns false when there was nothing to do (missing, and already recorded).
+    pub fn quarantine_chunk(&self, id: &ChunkId, key: KeyId) -> Result<bool> {
         let dir = self.damaged_dir();
-        fs::create_dir_all(&dir).map_err(|e| RepoError::io(&dir, e))?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(|e| RepoError::io(&dir, e))?;
+            fsutil::fsync_dir(&self.root).map_err(|e| RepoError::io(&self.root, e))?;
+        }
         let src = self.chunk_path(id);
-        let dst = dir.join(format!("{}.{key}", id.to_hex()));
-        match fs::rename(&src, &dst) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::write(&dst, b"").map_err(|e| RepoError::io(&dst, e))?;
+        let base = format!("{}.{key}", id.to_hex());
+        if !src.exists() {
+            // Missing: one marker is enough (an earlier repair's copy is kept).
+            let marker = dir.join(&base);
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+                Err(e) => return Err(RepoError::io(&marker, e)),
             }
-            Err(e) => return Err(RepoError::io(&src, e)),
+        } else {
+            // Never replace an earlier copy: the first free of BASE, BASE.1, ...
+            let dst = (0..)
+                .map(|n| match n {
+                    0 => dir.join(&base),
+                    n => dir.join(format!("{base}.{n}")),
+                })
+                .find(|p| !p.exists())
+                .expect("an unbounded range has a free name");
+            fs::rename(&src, &dst).map_err(|e| RepoError::io(&src, e))?;
         }
         for d in [&dir, src.parent().unwrap_or(&self.root)] {
             fsutil::fsync_dir(d).map_err(|e| RepoError::io(d, e))?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Chunks taken out of use by `verify --repair` and not stored again since,
@@ -359,8 +387,10 @@ impl Repository {
         for e in it {
             let e = e.map_err(|e| RepoError::io(&dir, e))?;
             let name = e.file_name();
+            // <chunk id>.<key id>[.<n>]
             let Some((id, key)) = name.to_str().and_then(|n| {
-                let (c, k) = n.split_once('.')?;
+                let mut parts = n.split('.');
+                let (c, k) = (parts.next()?, parts.next()?);
                 Some((ChunkId::from_hex(c)?, KeyId::from_hex(k)?))
             }) else {
                 continue;

@@ -6,12 +6,13 @@
 
 use super::format::{ChunkId, IndexEntry};
 use super::{RepoError, Repository};
+use crate::keys::KeyId;
 use crate::keys::KeySource;
 use crate::pipeline::restore::{load_chunk, KeyTable};
 use crate::progress::Progress;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Verification result of one point.
 #[derive(Clone, Debug, Serialize)]
@@ -54,6 +55,8 @@ pub struct VerifyReport {
     /// missing. The points that reference them mend when a backup meets the same
     /// data again.
     pub chunks_quarantined: Vec<String>,
+    /// With `repair`: chunks that could not be taken out of use, and why.
+    pub repair_problems: Vec<Problem>,
 }
 
 impl VerifyReport {
@@ -84,31 +87,41 @@ fn problem_of(e: &RepoError) -> Problem {
 /// What was wrong with a chunk, and whether `--repair` may take it out of use:
 /// only a chunk file that is itself damaged or missing, never one this key
 /// source cannot open or one an I/O error kept from being read.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Verdict {
     error: String,
-    repairable: bool,
-    /// The data key the index entry names for the chunk.
-    key: crate::keys::KeyId,
+    /// Set when `--repair` may take the chunk out of use: the entry and the keys
+    /// to check it again with, under the exclusive lock, before moving it.
+    repair: Option<(IndexEntry, Arc<PointKeys>)>,
+}
+
+/// One point's data keys and id-key, to re-check a chunk.
+struct PointKeys {
+    table: KeyTable,
+    id_key: crate::keys::SecretKey,
+}
+
+fn repairable(e: &RepoError) -> bool {
+    match e {
+        RepoError::Damaged { .. } => true,
+        RepoError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
 }
 
 impl Verdict {
-    fn of(e: &RepoError, key: crate::keys::KeyId) -> Verdict {
+    fn of(e: &RepoError, entry: &IndexEntry, keys: &Arc<PointKeys>) -> Verdict {
         Verdict {
-            key,
             error: e.to_string(),
-            repairable: match e {
-                RepoError::Damaged { .. } => true,
-                RepoError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
-                _ => false,
-            },
+            repair: repairable(e).then(|| (*entry, keys.clone())),
         }
     }
 }
 
 /// Verify `points` (all when empty) using `keys` (keyring when usable, else each
-/// point's own key). `workers` threads read chunks. With `repair` (under the
-/// exclusive lock), damaged and missing chunks are then quarantined.
+/// point's own key). `workers` threads read chunks, under the shared lock. With
+/// `repair`, damaged and missing chunks are then checked again under the
+/// exclusive lock and quarantined if they still are.
 pub fn verify(
     repo: &Repository,
     keys: &dyn KeySource,
@@ -117,13 +130,9 @@ pub fn verify(
     repair: bool,
     progress: &Progress,
 ) -> Result<VerifyReport, RepoError> {
-    let _lock = repo.lock(
-        if repair {
-            super::lock::LockMode::Exclusive
-        } else {
-            super::lock::LockMode::Shared
-        },
-        if repair { "verify --repair" } else { "verify" },
+    let lock = repo.lock(
+        super::lock::LockMode::Shared,
+        "verify",
         std::time::Duration::from_secs(5),
     )?;
     let (keyring, keyring_problem) = match repo.has_keyring().then(|| repo.load_keyring(keys)) {
@@ -141,7 +150,9 @@ pub fn verify(
         points.to_vec()
     };
     // Chunk verdicts shared across points: each chunk is read once.
-    let verdicts: Mutex<HashMap<ChunkId, Option<Verdict>>> = Mutex::new(HashMap::new());
+    // Keyed by chunk and the data key the index names: another point's index
+    // may name another key for the same chunk id (a chunk stored again).
+    let verdicts: Mutex<HashMap<(ChunkId, KeyId), Option<Verdict>>> = Mutex::new(HashMap::new());
     let mut reports = Vec::new();
     for id in ids {
         let mut rep = PointReport {
@@ -163,7 +174,10 @@ pub fn verify(
             }
         };
         rep.source = Some(point.header.source.clone());
-        let table = KeyTable::new(point.keys.iter());
+        let table = Arc::new(PointKeys {
+            table: KeyTable::new(point.keys.iter()),
+            id_key: point.id_key.clone(),
+        });
         for d in &point.body.disks {
             let mut index = match repo.open_index(&point, d.disk) {
                 Ok(i) => i,
@@ -175,7 +189,7 @@ pub fn verify(
             };
             Progress::add(&progress.total, d.size);
             let mut todo: Vec<IndexEntry> = Vec::new();
-            let mut seen_here: HashSet<ChunkId> = HashSet::new();
+            let mut seen_here: HashSet<(ChunkId, KeyId)> = HashSet::new();
             loop {
                 match index.next_entry() {
                     Ok(Some(e)) => {
@@ -184,24 +198,16 @@ pub fn verify(
                             continue;
                         }
                         rep.chunks_referenced += 1;
-                        if seen_here.insert(e.id)
+                        if seen_here.insert((e.id, e.key))
                             && !verdicts
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .contains_key(&e.id)
+                                .contains_key(&(e.id, e.key))
                         {
                             todo.push(e);
                         }
                         if todo.len() >= 4096 {
-                            check_batch(
-                                repo,
-                                &table,
-                                &point.id_key,
-                                &mut todo,
-                                &verdicts,
-                                workers,
-                                progress,
-                            );
+                            check_batch(repo, &table, &mut todo, &verdicts, workers, progress);
                         }
                     }
                     Ok(None) => break,
@@ -215,21 +221,13 @@ pub fn verify(
                     }
                 }
             }
-            check_batch(
-                repo,
-                &table,
-                &point.id_key,
-                &mut todo,
-                &verdicts,
-                workers,
-                progress,
-            );
+            check_batch(repo, &table, &mut todo, &verdicts, workers, progress);
             let v = verdicts.lock().unwrap_or_else(|p| p.into_inner());
             let mut bad: Vec<Problem> = seen_here
                 .iter()
                 .filter_map(|c| {
                     v.get(c).cloned().flatten().map(|err| Problem {
-                        file: repo.chunk_path(c).display().to_string(),
+                        file: repo.chunk_path(&c.0).display().to_string(),
                         error: err.error,
                     })
                 })
@@ -248,34 +246,89 @@ pub fn verify(
         reports.push(rep);
     }
     let v = verdicts.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut quarantined = Vec::new();
-    if repair {
-        let mut bad: Vec<(&ChunkId, &Verdict)> = v
-            .iter()
-            .filter_map(|(id, x)| x.as_ref().filter(|x| x.repairable).map(|x| (id, x)))
+    drop(lock);
+    let (quarantined, repair_problems) = if repair {
+        let mut bad: Vec<&(IndexEntry, Arc<PointKeys>)> = v
+            .values()
+            .flatten()
+            .filter_map(|x| x.repair.as_ref())
             .collect();
-        bad.sort_by_key(|(id, _)| **id);
-        for (id, x) in bad {
-            repo.quarantine_chunk(id, x.key)?;
-            tracing::warn!(chunk = %id.to_hex(), "damaged chunk moved to damaged/; the next backup of the same data stores it again");
-            quarantined.push(id.to_hex());
-        }
-    }
+        bad.sort_by_key(|(e, _)| (e.id, e.key));
+        bad.dedup_by_key(|(e, _)| e.id);
+        quarantine(repo, &bad)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Ok(VerifyReport {
         keyring: keyring_problem,
         points: reports,
         chunks_checked: v.len() as u64,
         chunks_damaged: v.values().filter(|x| x.is_some()).count() as u64,
         chunks_quarantined: quarantined,
+        repair_problems,
     })
+}
+
+/// Under the exclusive lock (no backup is storing chunks meanwhile), read each
+/// candidate again and take it out of use only if it is still damaged or
+/// missing: a one-off bad read or a chunk stored again since is left alone.
+/// Returns the chunks moved and the ones that could not be.
+fn quarantine(
+    repo: &Repository,
+    bad: &[&(IndexEntry, Arc<PointKeys>)],
+) -> Result<(Vec<String>, Vec<Problem>), RepoError> {
+    let (mut moved, mut problems) = (Vec::new(), Vec::new());
+    if bad.is_empty() {
+        return Ok((moved, problems));
+    }
+    let _lock = match repo.lock(
+        super::lock::LockMode::Exclusive,
+        "verify --repair",
+        std::time::Duration::from_secs(60),
+    ) {
+        Ok(l) => l,
+        // The verification stands; only the repair waits for another run.
+        Err(e) => {
+            problems.push(Problem {
+                file: String::new(),
+                error: format!("nothing moved: {e}; run verify --repair again"),
+            });
+            return Ok((moved, problems));
+        }
+    };
+    let (mut raw, mut out) = (Vec::new(), Vec::new());
+    for (e, k) in bad {
+        match load_chunk(repo, e, &k.table, &k.id_key, &mut raw, &mut out) {
+            Ok(()) => {
+                tracing::info!(chunk = %e.id.to_hex(), "chunk reads fine now; left in place");
+                continue;
+            }
+            Err(err) if repairable(&err) => {}
+            Err(err) => {
+                problems.push(Problem {
+                    file: repo.chunk_path(&e.id).display().to_string(),
+                    error: format!("not moved: {err}"),
+                });
+                continue;
+            }
+        }
+        match repo.quarantine_chunk(&e.id, e.key) {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::warn!(chunk = %e.id.to_hex(), "damaged chunk moved to damaged/; the next backup of the same data stores it again");
+                moved.push(e.id.to_hex());
+            }
+            Err(err) => problems.push(problem_of(&err)),
+        }
+    }
+    Ok((moved, problems))
 }
 
 fn check_batch(
     repo: &Repository,
-    table: &KeyTable,
-    id_key: &crate::keys::SecretKey,
+    keys: &Arc<PointKeys>,
     todo: &mut Vec<IndexEntry>,
-    verdicts: &Mutex<HashMap<ChunkId, Option<Verdict>>>,
+    verdicts: &Mutex<HashMap<(ChunkId, KeyId), Option<Verdict>>>,
     workers: usize,
     progress: &Progress,
 ) {
@@ -291,14 +344,15 @@ fn check_batch(
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(e) = items.get(i) else { break };
-                    let verdict = load_chunk(repo, e, table, id_key, &mut raw, &mut out)
-                        .err()
-                        .map(|err| Verdict::of(&err, e.key));
+                    let verdict =
+                        load_chunk(repo, e, &keys.table, &keys.id_key, &mut raw, &mut out)
+                            .err()
+                            .map(|err| Verdict::of(&err, e, keys));
                     Progress::add(&progress.read, raw.len() as u64);
                     verdicts
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(e.id, verdict);
+                        .insert((e.id, e.key), verdict);
                 }
             });
         }

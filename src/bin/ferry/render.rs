@@ -231,6 +231,17 @@ pub fn verify_summary(r: &VerifyReport) -> String {
             "some points could not be checked: key unavailable"
         }
     ));
+    for p in &r.repair_problems {
+        s.push_str(&format!(
+            "\nrepair: {}{}",
+            if p.file.is_empty() {
+                String::new()
+            } else {
+                format!("{}: ", p.file)
+            },
+            p.error
+        ));
+    }
     if !r.chunks_quarantined.is_empty() {
         s.push_str(&format!(
             "\nrepair: {} damaged or missing chunks moved to damaged/; the next backup of the same data stores them again, which mends the points above",
