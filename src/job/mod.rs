@@ -213,12 +213,8 @@ pub fn backup(
             .into_iter()
             .map(|(id, k)| {
                 // The keyring normally holds it; a point's manifest always does.
-                let from_parent = || {
-                    parent_open
-                        .as_ref()
-                        .and_then(|p| p.keys.iter().find(|x| x.id == k).cloned())
-                };
-                (id, kr.key(k).cloned().or_else(from_parent))
+                let from_parent = || parent_open.as_ref().and_then(|p| p.key(k));
+                (id, kr.key(k).or_else(from_parent).cloned())
             })
             .collect()
     };
