@@ -87,16 +87,14 @@ fn qemu_nbd_unix_socket_sparse_read_and_backup() {
         rep["disks"][0]["bytes_read"].as_u64().unwrap() < 24 << 20,
         "{rep}"
     );
-    let t = w.path("restored.img");
-    let o = w.ferry(&[
-        "restore",
-        "--point",
-        "latest:nbdvm",
-        "--target",
-        t.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(hash(&t), hash(&img));
+    assert_eq!(
+        hash(&restore_latest(
+            |a| w.ferry(a),
+            "nbdvm",
+            &w.path("restored.img")
+        )),
+        hash(&img)
+    );
 }
 
 #[test]
@@ -165,15 +163,7 @@ fn nbdkit_sparse_random_4g_block_status_and_backup_match_nbdcopy() {
         read < (4u64 << 30) / 20,
         "read {read} bytes of a 0.5% allocated 4 GiB disk"
     );
-    let t = w.path("sr.restored");
-    let o = w.ferry(&[
-        "restore",
-        "--point",
-        "latest:sr",
-        "--target",
-        t.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    let t = restore_latest(|a| w.ferry(a), "sr", &w.path("sr.restored"));
     let copy = w.path("sr.nbdcopy");
     let st = Command::new("nbdcopy")
         .arg(&uri)
@@ -270,16 +260,14 @@ fn nbd_ssl_against_qemu_nbd_and_nbdkit_with_x509() {
     assert!(o.status.success(), "{}", text(&o));
     let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(rep["disks"][0]["transport"], "nbdssl");
-    let t = w.path("tls.restored");
-    let o = w.ferry(&[
-        "restore",
-        "--point",
-        "latest:tlsvm",
-        "--target",
-        t.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(hash(&t), hash(&img));
+    assert_eq!(
+        hash(&restore_latest(
+            |a| w.ferry(a),
+            "tlsvm",
+            &w.path("tls.restored")
+        )),
+        hash(&img)
+    );
 }
 
 /// A TCP proxy to `upstream` that cuts the first `drops` connections after
@@ -348,16 +336,14 @@ fn dropped_connection_mid_disk_is_resumed() {
         "1",
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    let t = w.path("flaky.restored");
-    let o = w.ferry(&[
-        "restore",
-        "--point",
-        "latest:flaky",
-        "--target",
-        t.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(hash(&t), hash(&img));
+    assert_eq!(
+        hash(&restore_latest(
+            |a| w.ferry(a),
+            "flaky",
+            &w.path("flaky.restored")
+        )),
+        hash(&img)
+    );
     // A connection that always dies fails the disk cleanly: no point is committed.
     let dead = flaky_proxy(port, usize::MAX, 64 << 10); // less than one chunk read
     let o = w.ferry(&[

@@ -374,14 +374,7 @@ fn ferry_client_resumes_after_the_mock_cuts_a_connection_mid_read() {
     let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(rep["disks"][0]["transport"], "nbdssl");
     assert_eq!(s.esx.faults().stats().dropped, 2);
-    let t = s.w.path("esx.restored");
-    ok(&s.w.ferry(&[
-        "restore",
-        "--point",
-        "latest:esx",
-        "--target",
-        t.to_str().unwrap(),
-    ]));
+    let t = restore_latest(|a| s.w.ferry(a), "esx", &s.w.path("esx.restored"));
     assert_eq!(hash(&t), hash(&s.img));
 }
 

@@ -82,16 +82,10 @@ fn full_disk_fails_cleanly_and_harms_nothing() {
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     let o = ferry(&["verify"]);
     assert!(o.status.success(), "{}", text(&o));
-    let t = w.path("r.img");
-    let o = ferry(&[
-        "restore",
-        "--point",
-        "latest:small",
-        "--target",
-        t.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(hash(&t), hash(&small));
+    assert_eq!(
+        hash(&restore_latest(ferry, "small", &w.path("r.img"))),
+        hash(&small)
+    );
     // Prune reclaims the failed run's chunks.
     let o = ferry(&["--json", "prune", "--keep-last", "5"]);
     assert!(o.status.success(), "{}", text(&o));

@@ -166,3 +166,18 @@ pub fn mount(args: &[&std::ffi::OsStr]) {
         "mount {args:?} failed although running as root"
     );
 }
+
+/// `ferry restore --point latest:NAME --target TARGET` through `run` (the world's
+/// binary and environment, or a variant of it); asserts success, returns TARGET.
+pub fn restore_latest(run: impl Fn(&[&str]) -> Output, name: &str, target: &Path) -> PathBuf {
+    let point = format!("latest:{name}");
+    let o = run(&[
+        "restore",
+        "--point",
+        &point,
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    target.to_path_buf()
+}
