@@ -379,6 +379,9 @@ fn verify_repair_quarantines_damaged_chunks_and_the_next_backup_mends_every_poin
         );
     }
     assert_eq!(repo.chunks_to_rewrite().unwrap().len(), 3);
+    let o = w.ferry(&["--json", "repo", "info"]);
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["chunks_to_store_again"], 3, "{info}");
     // Repairing again finds them missing, already recorded: nothing moves and
     // the kept copy of the flipped chunk keeps its bytes.
     let o = w.ferry(&["--json", "verify", "--repair"]);
@@ -402,6 +405,9 @@ fn verify_repair_quarantines_damaged_chunks_and_the_next_backup_mends_every_poin
     let o = w.ferry(&["backup", "--name", "vm1", "--image", a.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(repo.chunks_to_rewrite().unwrap().is_empty());
+    let o = w.ferry(&["--json", "repo", "info"]);
+    let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["chunks_to_store_again"], 0, "{info}");
     let o = w.ferry(&["verify"]);
     assert!(o.status.success(), "{}", text(&o));
     for (p, h) in [(p1, h1), (p2, h2)] {

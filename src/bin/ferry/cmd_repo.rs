@@ -87,12 +87,20 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
             let r = Repository::open(&repo.repo)?;
             let points = r.point_ids()?.len();
             let (chunks, bytes) = render::dir_usage(&r.root().join("chunks"));
+            // Chunks verify --repair took out of use that no backup stored again.
+            let pending = r.chunks_to_rewrite()?.len();
             out.result(
-            &serde_json::json!({"config": r.config, "points": points, "chunks": chunks, "chunk_bytes": bytes}),
-            || format!(
+            &serde_json::json!({"config": r.config, "points": points, "chunks": chunks, "chunk_bytes": bytes, "chunks_to_store_again": pending}),
+            || {
+                let mut s = format!(
                 "repository {}\n  id          {}\n  tenant      {}\n  chunk size  {}\n  created     {}\n  points      {points}\n  chunks      {chunks} ({})",
                 repo.repo.display(), r.config.repo_id, r.config.tenant, human_bytes(r.config.chunk_size as u64), r.config.created, human_bytes(bytes)
-            ),
+                );
+                if pending > 0 {
+                    s.push_str(&format!("\n  repair      {pending} damaged chunk(s) wait for a backup of the same data to store them again (verify --repair moved them to damaged/)"));
+                }
+                s
+            },
         );
             Ok(exit::OK)
         }
