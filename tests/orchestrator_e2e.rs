@@ -242,33 +242,23 @@ async fn plan_places_every_vm_by_key_provider_and_changes_nothing() {
         11,
         "10 tenant-a VMs and the stray one in its folder"
     );
-    // proxy-a has 4 slots: a01 (2 disks) and a02 (1) take 3; a03 (2 disks) would
-    // be spread over proxy-a and the shared proxy, so it goes whole to the shared
-    // one; a04 (1) takes proxy-a's last slot; the rest go NBD-SSL or wait.
+    // proxy-a has 4 slots: a01 (2 disks) and a02 (1) take 3; a03 (2 disks) waits
+    // for proxy-a (never spread, never spilled to NBD-SSL under the default wait
+    // policy) and says who holds its slots; a04 (1) takes proxy-a's last slot;
+    // the rest wait for it too. The shared proxy takes no encrypted VM.
     let placed: Vec<(&str, Option<&str>)> = a.iter().map(decision).collect();
     assert_eq!(placed[0], ("dispatch", Some("proxy-a")));
     assert_eq!(placed[1], ("dispatch", Some("proxy-a")));
-    assert_eq!(placed[2], ("dispatch", Some("shared-nbd")));
+    assert_eq!(placed[2].0, "deferred", "{}", a[2]);
+    let why = a[2]["decision"]["reason"].as_str().unwrap();
     assert!(
-        a[2]["decision"]["note"]
-            .as_str()
-            .unwrap()
-            .contains("one agent"),
-        "{}",
-        a[2]
+        why.contains("hotadd via proxy-a: busy until its earlier jobs finish (1 slot(s) free, this VM needs 2; slots taken by a01, a02)"),
+        "{why}"
     );
     assert_eq!(placed[3], ("dispatch", Some("proxy-a")));
     for p in &a[4..10] {
-        let (kind, agent) = decision(p);
-        assert!(
-            (kind == "dispatch" && agent == Some("shared-nbd")) || kind == "deferred",
-            "{p}"
-        );
+        assert_eq!(decision(p).0, "deferred", "{p}");
     }
-    assert!(
-        placed.iter().any(|(k, _)| *k == "deferred"),
-        "shared slots run out"
-    );
     let stray = &a[10];
     assert_eq!(stray["vm"], "stray-b");
     assert_eq!(decision(stray).0, "refused");
@@ -395,10 +385,15 @@ async fn run_once_backs_up_everything_hotadd_to_own_proxy_or_nbdssl() {
         let sel = i.detail["selector"].as_array().unwrap();
         assert_eq!(sel.len(), result.len());
         assert_eq!(sel[0]["proxy"].as_str(), i.agent.as_deref());
-        assert!(
-            sel[0]["reason"].as_str().unwrap().starts_with("chosen"),
-            "{sel:?}"
+        let why = sel[0]["reason"].as_str().unwrap();
+        let head = format!(
+            "{} via {}: chosen",
+            sel[0]["mode"].as_str().unwrap(),
+            sel[0]["proxy"].as_str().unwrap()
         );
+        assert!(why.starts_with(&head), "{sel:?}");
+        // Every other agent of the tenant is named too.
+        assert!(why.contains("shared-nbd (nbdssl): "), "{why}");
         for d in result {
             assert!(!d["reason"].as_str().unwrap().is_empty());
         }

@@ -88,11 +88,18 @@ fn whitepaper_world_backs_up_every_vm_by_key_provider_and_restores_bit_identical
             }
         }
     }
-    assert!(
-        hotadd > 0,
-        "HotAdd through the tenants' own proxies was used"
-    );
+    // "Dedicated HotAdd" means full HotAdd: under the default wait policy
+    // every encrypted disk goes through its own tenant's proxy, none through
+    // the shared one; the VMs beyond the proxies' slots waited for them.
     eprintln!("{hotadd} disks by HotAdd, {nbdssl} by NBD-SSL");
+    assert_eq!(nbdssl, 0, "full HotAdd under lesser_mode=never");
+    assert_eq!(hotadd, backed_up.len());
+    let waited = runs[1..]
+        .iter()
+        .flat_map(|r| r.items.iter())
+        .filter(|i| i.detail["waited_ms"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert!(waited > 0, "some VMs waited for a HotAdd slot");
     // Nothing left behind on vCenter.
     let st = world.vcenter.admin().state();
     assert_eq!(st.snapshot_count(), 0, "{st:?}");
@@ -155,6 +162,51 @@ fn whitepaper_world_backs_up_every_vm_by_key_provider_and_restores_bit_identical
             }
         }
     }
+}
+
+/// With `lesser_mode = "after=0s"` (the behaviour before round 2), the VMs
+/// beyond the HotAdd proxies' slots spill to NBD-SSL through the shared proxy
+/// at once, and every such disk's reason, as the agent recorded it, names its
+/// tenant's busy HotAdd proxy and the policy that allowed it.
+#[test]
+fn with_after_0s_the_overflow_goes_nbdssl_naming_the_busy_hotadd_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = WorldOptions::new(whitepaper(), dir.path());
+    opts.workers = Some(2);
+    opts.poll = Duration::from_millis(50);
+    opts.lesser_mode = "after=0s".into();
+    let world = World::start(opts).unwrap();
+    let orch = world.orchestrator().unwrap();
+    let runs = world.runtime().block_on(orch.run_once(&[], false)).unwrap();
+    let mut spilled = 0;
+    for run in &runs {
+        assert_eq!(run.state, RunState::Succeeded, "{}", run.render());
+        let t = world.tenant(run.job.trim_end_matches("-backup")).unwrap();
+        let own = world
+            .agents
+            .iter()
+            .find(|a| a.key_provider.as_deref() == Some(t.key_provider.as_str()))
+            .unwrap();
+        for item in &run.items {
+            for d in item.detail["result"].as_array().unwrap() {
+                let reason = d["reason"].as_str().unwrap();
+                match d["mode"].as_str().unwrap() {
+                    "hotadd" => assert_eq!(d["proxy"], own.id.as_str(), "{d}"),
+                    "nbdssl" => {
+                        spilled += 1;
+                        let busy = format!(
+                            "{} (hotadd, {}) had no free slot for",
+                            own.id, t.key_provider
+                        );
+                        assert!(reason.contains(&busy), "{reason}");
+                        assert!(reason.contains("policy after=0s"), "{reason}");
+                    }
+                    other => panic!("mode {other}: {d}"),
+                }
+            }
+        }
+    }
+    assert!(spilled > 0, "the 4-slot HotAdd proxies overflowed");
 }
 
 /// The tenant's KMS rotates its key (ReKeyKeyPair, as a KMS admin would); the

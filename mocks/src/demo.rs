@@ -36,6 +36,9 @@ pub struct DemoOptions {
     pub change: f64,
     /// Seed of the guest writes.
     pub seed: u64,
+    /// The jobs' `lesser_mode`: `never` (default: every VM waits for its best
+    /// proxy, full HotAdd), `after=DURATION` or `when-idle`.
+    pub lesser_mode: String,
 }
 
 impl DemoOptions {
@@ -47,6 +50,7 @@ impl DemoOptions {
             disk_mib_max: None,
             change: 0.01,
             seed: 7,
+            lesser_mode: "never".into(),
         })
     }
 }
@@ -66,6 +70,8 @@ pub struct DemoRow {
     pub mode: String,
     /// The selector's reason.
     pub reason: String,
+    /// Seconds the VM waited for a free slot before the full backup started.
+    pub full_wait: f64,
     /// Bytes read in the full backup.
     pub full_bytes: u64,
     /// Bytes per second in the full backup.
@@ -93,6 +99,8 @@ pub struct DemoReport {
     pub verify: Vec<String>,
     /// Wall-clock seconds of the whole demo.
     pub seconds: f64,
+    /// The jobs' `lesser_mode`.
+    pub lesser_mode: String,
 }
 
 fn ensure_ok(run: &RunSummary) -> anyhow::Result<()> {
@@ -134,6 +142,7 @@ pub fn run(
     ));
     let mut wo = WorldOptions::new(scenario, work);
     wo.poll = Duration::from_millis(100);
+    wo.lesser_mode = opts.lesser_mode.clone();
     let world = World::start(wo)?;
     for t in &world.tenants {
         if let Some(k) = &t.section.kms {
@@ -275,6 +284,7 @@ pub fn run(
         restore,
         verify,
         seconds: started.elapsed().as_secs_f64(),
+        lesser_mode: opts.lesser_mode.clone(),
     })
 }
 
@@ -292,6 +302,16 @@ fn disk_keys(runs: &[RunSummary], vm: &str) -> Vec<i64> {
                 .filter_map(|d| d["disk_key"].as_i64())
         })
         .collect()
+}
+
+/// Seconds `vm` waited for a slot in `runs`.
+fn waited(runs: &[RunSummary], vm: &str) -> f64 {
+    runs.iter()
+        .flat_map(|r| r.items.iter())
+        .find(|i| i.detail["vm"].as_str() == Some(vm))
+        .and_then(|i| i.detail["waited_ms"].as_u64())
+        .unwrap_or(0) as f64
+        / 1000.0
 }
 
 fn table(world: &World, full: &[RunSummary], incr: &[RunSummary]) -> Vec<DemoRow> {
@@ -317,6 +337,7 @@ fn table(world: &World, full: &[RunSummary], incr: &[RunSummary]) -> Vec<DemoRow
                     proxy: f["proxy"].as_str().unwrap_or("-").to_string(),
                     mode: f["mode"].as_str().unwrap_or("-").to_string(),
                     reason: f["reason"].as_str().unwrap_or("").to_string(),
+                    full_wait: waited(full, vm),
                     full_bytes: f["bytes"].as_u64().unwrap_or(0),
                     full_rate: f["rate_bytes_per_sec"].as_f64().unwrap_or(0.0),
                     incr_bytes: i["bytes"].as_u64().unwrap_or(0),
@@ -333,17 +354,28 @@ fn table(world: &World, full: &[RunSummary], incr: &[RunSummary]) -> Vec<DemoRow
 pub fn render(r: &DemoReport) -> String {
     let mib = |b: u64| b as f64 / 1048576.0;
     let mut s = format!(
-        "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9} {:>8} {:>9} {:>8} {:<5}  reason\n",
-        "tenant", "vm", "disk", "proxy", "mode", "full MiB", "MiB/s", "incr MiB", "MiB/s", "read"
+        "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>6} {:>9} {:>8} {:>9} {:>8} {:<5}  reason\n",
+        "tenant",
+        "vm",
+        "disk",
+        "proxy",
+        "mode",
+        "wait s",
+        "full MiB",
+        "MiB/s",
+        "incr MiB",
+        "MiB/s",
+        "read"
     );
     for x in &r.rows {
         s.push_str(&format!(
-            "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:<5}  {}\n",
+            "{:<9} {:<14} {:>5}  {:<12} {:<7} {:>6.1} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:<5}  {}\n",
             x.tenant,
             x.vm,
             x.disk,
             x.proxy,
             x.mode,
+            x.full_wait,
             mib(x.full_bytes),
             x.full_rate / 1048576.0,
             mib(x.incr_bytes),
@@ -352,9 +384,13 @@ pub fn render(r: &DemoReport) -> String {
             x.reason
         ));
     }
+    let by = |m: &str| r.rows.iter().filter(|x| x.mode == m).count();
     s.push_str(&format!(
-        "full backup of {} disks: {:.1}s; incremental: {:.1}s\nrestore: {}\n",
+        "full backup of {} disks ({} hotadd, {} nbdssl, lesser_mode {}): {:.1}s; incremental: {:.1}s\nrestore: {}\n",
         r.rows.len(),
+        by("hotadd"),
+        by("nbdssl"),
+        r.lesser_mode,
         r.full_seconds,
         r.incr_seconds,
         r.restore

@@ -77,6 +77,9 @@ pub struct WorldOptions {
     pub poll: Duration,
     /// Listen address of the agents (`127.0.0.1:0`: any free port).
     pub agent_listen: String,
+    /// The jobs' `lesser_mode` (when a VM may use a lesser mode instead of
+    /// waiting for its best proxy): `never` by default.
+    pub lesser_mode: String,
 }
 
 impl WorldOptions {
@@ -89,6 +92,7 @@ impl WorldOptions {
             workers: None,
             poll: Duration::from_millis(100),
             agent_listen: "127.0.0.1:0".into(),
+            lesser_mode: "never".into(),
         }
     }
 }
@@ -410,8 +414,10 @@ impl World {
             t.push_str(&format!(
                 "\n[[job]]\nname = \"{name}-backup\"\ntenant = {name:?}\nvcenter = \"vc-sim\"\n\
                  folders = [\"/{dc}/vm\"]\nvms = [{vms}]\nretention = {{ keep_last = 7 }}\n\
-                 policy = {{ failover_to_network = true, allow_cleartext_nbd = false }}\n",
+                 policy = {{ failover_to_network = true, allow_cleartext_nbd = false }}\n\
+                 lesser_mode = {lesser:?}\n",
                 name = ten.name,
+                lesser = opts.lesser_mode,
                 dc = opts.scenario.datacenter.name,
                 vms = vms.join(", ")
             ));

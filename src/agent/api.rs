@@ -495,7 +495,36 @@ pub struct BackupRequest {
     #[serde(default)]
     #[schema(default = false)]
     pub full: bool,
+    /// The orchestrator's placement per disk (proxy, mode, why), recorded as
+    /// the disk's reason where the agent's own selector agrees; absent: the
+    /// agent's own reasons.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(nullable = false, max_items = 256)]
+    pub placement: Option<Vec<DiskPlacement>>,
 }
+
+/// Where and why the orchestrator placed one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskPlacement {
+    /// vSphere device key.
+    pub disk_key: i32,
+    /// The agent it was placed on.
+    #[schema(min_length = 1, max_length = 256)]
+    pub proxy: String,
+    /// The mode it was placed in.
+    pub mode: Mode,
+    /// Why (every agent of the tenant and its reason, as `plan --explain`).
+    #[schema(max_length = 65536)]
+    pub reason: String,
+}
+
+/// Longest placement reason accepted (a reason names every agent of a tenant).
+const MAX_PLACEMENT_REASON: usize = 65536;
 
 impl Validate for BackupRequest {
     fn validate(&self) -> Result<(), ApiError> {
@@ -503,6 +532,20 @@ impl Validate for BackupRequest {
         self.vm.validate()?;
         if let Some(r) = &self.retention {
             r.validate()?;
+        }
+        if let Some(p) = &self.placement {
+            if p.len() > 256 {
+                return Err(ApiError::invalid("placement: at most 256 disks"));
+            }
+            for d in p {
+                check_name("placement.proxy", &d.proxy)?;
+                if d.reason.len() > MAX_PLACEMENT_REASON {
+                    return Err(ApiError::invalid(format!(
+                        "placement.reason of disk {}: at most {MAX_PLACEMENT_REASON} bytes",
+                        d.disk_key
+                    )));
+                }
+            }
         }
         Ok(())
     }

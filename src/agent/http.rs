@@ -431,8 +431,7 @@ pub(crate) async fn post_backup(
             format!("agent {} cannot back up this VM: {summary}", s.settings.id),
         ));
     }
-    let plan = plan_of(&selection);
-    let spec = JobSpec::Backup(Box::new(BackupSpec {
+    let spec = BackupSpec {
         tenant: req.tenant.clone(),
         vm,
         folder: req.vm.folder.clone(),
@@ -440,7 +439,10 @@ pub(crate) async fn post_backup(
         selection,
         retention: req.retention.as_ref().map(RetentionSpec::to_policy),
         full: req.full,
-    }));
+        placement: req.placement.unwrap_or_default(),
+    };
+    let plan = plan_of(&spec.selection, &spec.placed());
+    let spec = JobSpec::Backup(Box::new(spec));
     let rec = s
         .jobs
         .submit(Admission {

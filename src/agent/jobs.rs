@@ -101,8 +101,12 @@ pub(crate) fn disk_reason(d: &DiskDecision) -> String {
     s
 }
 
-/// Disk views of an admission selection.
-pub(crate) fn plan_of(sel: &Selection) -> Vec<DiskView> {
+/// Disk views of an admission selection, with the orchestrator's reasons
+/// where it placed a disk in the same mode.
+pub(crate) fn plan_of(
+    sel: &Selection,
+    placed: &std::collections::BTreeMap<i32, (crate::transport::select::Mode, String)>,
+) -> Vec<DiskView> {
     sel.disks
         .iter()
         .map(|d| {
@@ -115,7 +119,10 @@ pub(crate) fn plan_of(sel: &Selection) -> Vec<DiskView> {
                 label: d.label.clone(),
                 proxy,
                 mode,
-                reason: disk_reason(d),
+                reason: d.placed_or(
+                    placed.get(&d.disk_key).map(|(m, r)| (*m, r.as_str())),
+                    disk_reason(d),
+                ),
                 bytes: 0,
                 rate_bytes_per_sec: 0.0,
                 error: None,

@@ -50,7 +50,7 @@ impl utoipa::Modify for BearerScheme {
     ),
     components(schemas(
         ErrorBody, ErrorDetail, ErrorCode, Health, Info, Slots, TenantView, KmsView,
-        KeySourceKind, PolicySpec, BackupRequest, VmSpec, DiskSpec, RetentionSpec,
+        KeySourceKind, PolicySpec, BackupRequest, DiskPlacement, VmSpec, DiskSpec, RetentionSpec,
         RestoreRequest, RestoreTargetSpec, Job, JobList, DiskView, JobError,
         KeySyncRequest, KeySyncResponse, KeySyncResult,
         crate::transport::select::Mode, crate::state::JobState, crate::state::JobKind,

@@ -72,6 +72,21 @@ pub struct BackupSpec {
     pub retention: Option<crate::repo::retention::Policy>,
     /// Force a full backup (ignore changed-block tracking).
     pub full: bool,
+    /// The orchestrator's placement per disk, if it sent one.
+    #[serde(default)]
+    pub placement: Vec<super::api::DiskPlacement>,
+}
+
+impl BackupSpec {
+    /// The orchestrator's (mode, reason) per disk key.
+    pub fn placed(
+        &self,
+    ) -> std::collections::BTreeMap<i32, (crate::transport::select::Mode, String)> {
+        self.placement
+            .iter()
+            .map(|p| (p.disk_key, (p.mode, p.reason.clone())))
+            .collect()
+    }
 }
 
 /// Where a restore writes.

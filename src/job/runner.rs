@@ -220,6 +220,7 @@ impl VmJobRunner {
             lock_wait: LOCK_WAIT,
             hotadd_wait: HOTADD_WAIT,
             full: spec.full,
+            placement: spec.placed(),
         };
         let started = Instant::now();
         let keys_for_retention = keys.clone();

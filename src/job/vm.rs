@@ -119,6 +119,9 @@ pub struct VmBackupRequest {
     pub lock_wait: Duration,
     /// How long to wait for a hot-added disk to appear.
     pub hotadd_wait: Duration,
+    /// The orchestrator's placement per disk key: mode and reason, used as the
+    /// disk's reason where this agent's own selector picks the same mode.
+    pub placement: std::collections::BTreeMap<i32, (Mode, String)>,
 }
 
 /// What happened to one disk.
@@ -255,7 +258,11 @@ pub async fn backup_vm(
         });
     }
     for d in &selection.disks {
-        tracing::info!(disk = d.disk_key, label = %d.label, decision = %d.reason_summary(), "transport chosen");
+        let placed = req
+            .placement
+            .get(&d.disk_key)
+            .map(|(m, r)| (*m, r.as_str()));
+        tracing::info!(disk = d.disk_key, label = %d.label, decision = %d.placed_or(placed, d.reason_summary()), "transport chosen");
     }
     if req.enable_cbt && vm.change_tracking != Some(true) {
         client.enable_cbt(&vm).await?;
@@ -362,7 +369,10 @@ async fn with_snapshot(
             unreachable!("refused selections return before the snapshot");
         };
         let mut mode = *mode;
-        let mut reason = decision.reason_summary();
+        let mut reason = decision.placed_or(
+            req.placement.get(&disk.key).map(|(m, r)| (*m, r.as_str())),
+            decision.reason_summary(),
+        );
         let label = format!("{} (key {})", disk.label, disk.key);
         let source: Box<dyn DiskSource> = loop {
             match mode {

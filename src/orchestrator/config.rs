@@ -219,6 +219,16 @@ pub struct JobConfig {
     /// Force full backups.
     #[serde(default)]
     pub full: bool,
+    /// When a VM may use a lesser mode instead of waiting for its best proxy
+    /// and mode when that one has no free slot: `"never"` (default: wait),
+    /// `"after=10m"` (after waiting that long), `"when-idle"` (only to an agent
+    /// that would otherwise sit idle, and only when the VM would miss `window`).
+    #[serde(default)]
+    pub lesser_mode: super::scheduler::LesserMode,
+    /// The backup window of a run, from its start (`"6h"`); default: the
+    /// orchestrator's `run_timeout`. Used by `lesser_mode = "when-idle"`.
+    #[serde(default, with = "opt_duration")]
+    pub window: Option<Duration>,
 }
 
 /// Parse `"90s"`, `"15m"`, `"6h"`, `"1d"`, `"1h30m"`, `"250ms"`.
@@ -285,6 +295,19 @@ pub mod duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde helper: optional durations as strings.
+pub mod opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    /// Deserialize an optional `"30s"` and friends.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = Option::<String>::deserialize(d)?;
+        s.map(|s| super::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 

@@ -12,7 +12,8 @@
 //!
 //! Files: [`config`] (its TOML format), [`inventory`] (the inventory seam),
 //! [`client`] (the agent API seam and its HTTPS client), [`plan`] (pure
-//! placement), [`schedule`] (pure schedules and VM selection), [`run`]
+//! placement), [`scheduler`] (pure capacity over time: the slot ledger and
+//! the jobs' wait policies), [`schedule`] (pure schedules and VM selection), [`run`]
 //! (dispatch, polling, history, key sync, scheduler), [`vcenter`] (the live
 //! inventory over the SOAP client). Documented for operators in
 //! docs/orchestrator.md.
@@ -23,6 +24,7 @@ pub mod inventory;
 pub mod plan;
 pub mod run;
 pub mod schedule;
+pub mod scheduler;
 pub mod vcenter;
 
 pub use config::OrchestratorConfig;

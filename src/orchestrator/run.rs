@@ -11,14 +11,17 @@ use super::client::{AgentApi, ClientError, ClientSetupError, HttpAgent};
 use super::config::{JobConfig, OrchestratorConfig, Schedule};
 use super::inventory::{Inventory, InventoryVm};
 use super::plan::{
-    candidates, free_slots, plan_job, plan_vm, AgentStatus, Decision, JobPlan, PlanReport,
+    candidates, plan_job, plan_vm, reported_load, reported_slots, AgentStatus, Decision, JobPlan,
+    PlanReport,
 };
 use super::schedule::{is_due, select_vms};
+use super::scheduler::{Allowance, Grant, Ledger, LesserMode, WaitState};
 use crate::agent::api::{BackupRequest, PolicySpec, VmSpec};
 use crate::state::{
     now_ms, rfc3339_ms, ItemState, JobState, KeyObservation, Recovered, RunItem, RunKind, RunState,
     StateError, StateStore,
 };
+use crate::transport::select::{Outcome, Refusal};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -139,7 +142,48 @@ pub struct Orchestrator {
     agents: BTreeMap<String, Arc<dyn AgentApi>>,
     store: Arc<StateStore>,
     active: Mutex<BTreeSet<String>>,
+    /// Slots this orchestrator's dispatches hold, across concurrent runs.
+    ledger: Mutex<Ledger>,
     _lock: Option<crate::state::StateLock>,
+}
+
+/// The ledger's key of a run's VM.
+fn ledger_key(run_id: &str, it: &Item) -> String {
+    format!("{run_id}/{}", it.inv.vm.moref)
+}
+
+/// The agent a deferred plan waits for.
+fn waited_for(plan: &super::plan::VmPlan) -> Option<String> {
+    plan.selection
+        .as_ref()?
+        .disks
+        .iter()
+        .find_map(|d| match &d.outcome {
+            Outcome::Refused {
+                reason: Refusal::WaitingForSlot { proxy, .. },
+            } => Some(proxy.clone()),
+            _ => None,
+        })
+}
+
+/// Per disk, the orchestrator's placement reason, carried to the agent so its
+/// job record and log say the same as `plan --explain`.
+fn placement_reasons(
+    sel: &crate::transport::select::Selection,
+    waited: std::time::Duration,
+) -> Vec<crate::agent::api::DiskPlacement> {
+    sel.disks
+        .iter()
+        .filter_map(|d| match &d.outcome {
+            Outcome::Assigned { proxy, mode } => Some(crate::agent::api::DiskPlacement {
+                disk_key: d.disk_key,
+                proxy: proxy.clone(),
+                mode: *mode,
+                reason: super::plan::placement_summary(d, waited),
+            }),
+            Outcome::Refused { .. } => None,
+        })
+        .collect()
 }
 
 fn new_run_id() -> String {
@@ -166,6 +210,10 @@ struct Item {
     bytes: u64,
     note: Option<String>,
     waiting: Option<String>,
+    /// When it started waiting for a slot (ms since the epoch).
+    waiting_since: Option<u64>,
+    /// How long it waited for a slot before its dispatch, in ms.
+    waited_ms: u64,
     selector: serde_json::Value,
     plan: serde_json::Value,
     result: serde_json::Value,
@@ -185,6 +233,8 @@ impl Item {
             bytes: 0,
             note: None,
             waiting: None,
+            waiting_since: None,
+            waited_ms: 0,
             selector: serde_json::Value::Null,
             plan: serde_json::Value::Null,
             result: serde_json::Value::Null,
@@ -204,6 +254,7 @@ impl Item {
                 "folder": self.inv.folder,
                 "note": self.note,
                 "waiting": self.waiting,
+                "waited_ms": self.waited_ms,
                 "tried": self.tried,
                 "selector": self.selector,
                 "plan": self.plan,
@@ -236,6 +287,7 @@ impl Orchestrator {
                 .collect(),
             store,
             active: Mutex::new(BTreeSet::new()),
+            ledger: Mutex::new(Ledger::default()),
             _lock: None,
         }
     }
@@ -375,7 +427,7 @@ impl Orchestrator {
     pub async fn plan(&self, only: &[String]) -> Result<PlanReport, OrchestratorError> {
         let jobs = self.jobs(only)?;
         let agents = self.agent_statuses().await;
-        let mut free = free_slots(&agents);
+        let mut load = reported_load(&agents);
         let mut out = Vec::new();
         for job in &jobs {
             let Some(vc) = self.cfg.vcenter(&job.vcenter) else {
@@ -384,7 +436,7 @@ impl Orchestrator {
             match self.inventory.vms(vc).await {
                 Ok(inv) => {
                     let vms = select_vms(job, &inv);
-                    out.push(plan_job(&self.cfg, job, &vms, &agents, &mut free));
+                    out.push(plan_job(&self.cfg, job, &vms, &agents, &mut load));
                 }
                 Err(e) => out.push(JobPlan {
                     job: job.name.clone(),
@@ -498,13 +550,24 @@ impl Orchestrator {
             self.put(run_id, it).await;
         }
         let deadline = tokio::time::Instant::now() + o.run_timeout;
+        let window_end = now_ms() as u64 + job.window.unwrap_or(o.run_timeout).as_millis() as u64;
         loop {
             if items.iter().any(|i| i.state == ItemState::Pending) {
                 let statuses = self.agent_statuses().await;
-                let mut free = free_slots(&statuses);
+                let mut reported = reported_slots(&statuses);
                 let mut cands = candidates(&tenant, &statuses);
+                // First in, first placed: the run's queue in inventory order.
                 for it in items.iter_mut().filter(|i| i.state == ItemState::Pending) {
-                    self.place(it, job, &tenant, &mut cands, &mut free).await;
+                    self.place(
+                        run_id,
+                        it,
+                        job,
+                        &tenant,
+                        &mut cands,
+                        &mut reported,
+                        window_end,
+                    )
+                    .await;
                     self.put(run_id, it).await;
                 }
             }
@@ -513,6 +576,14 @@ impl Orchestrator {
             }
             if tokio::time::Instant::now() >= deadline {
                 for it in items.iter_mut().filter(|i| i.open()) {
+                    if let Some(agent) = &it.agent {
+                        self.lock_ledger().release(
+                            agent,
+                            &ledger_key(run_id, it),
+                            now_ms() as u64,
+                            false,
+                        );
+                    }
                     it.state = ItemState::Failed;
                     it.error = Some(format!(
                         "run timeout ({:?}) reached{}",
@@ -532,6 +603,16 @@ impl Orchestrator {
                 .filter(|i| i.state == ItemState::Dispatched)
             {
                 if self.poll(it).await {
+                    if !it.open() {
+                        if let Some(agent) = &it.agent {
+                            self.lock_ledger().release(
+                                agent,
+                                &ledger_key(run_id, it),
+                                now_ms() as u64,
+                                it.state == ItemState::Succeeded,
+                            );
+                        }
+                    }
                     self.put(run_id, it).await;
                 }
             }
@@ -543,24 +624,118 @@ impl Orchestrator {
         Ok(counts)
     }
 
+    fn lock_ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Plan one pending VM against the load now and hold its slots in the
+    /// ledger when it is to be dispatched: what the job's wait policy grants
+    /// it (after `waited`, or, for `when-idle`, when its wait would outlast the
+    /// window and an agent sits idle).
+    #[allow(clippy::too_many_arguments)]
+    fn plan_now(
+        &self,
+        run_id: &str,
+        it: &Item,
+        job: &JobConfig,
+        tenant: &super::config::TenantConfig,
+        cands: &super::plan::Candidates,
+        reported: &BTreeMap<String, (u32, u32)>,
+        window_end: u64,
+    ) -> super::plan::VmPlan {
+        let now = now_ms() as u64;
+        let waited = std::time::Duration::from_millis(
+            it.waiting_since.map(|w| now.saturating_sub(w)).unwrap_or(0),
+        );
+        let mut ledger = self.lock_ledger();
+        let mut wait = WaitState {
+            waited,
+            window_left: Some(std::time::Duration::from_millis(
+                window_end.saturating_sub(now),
+            )),
+            expected_wait: None,
+        };
+        let idle = ledger.idle(reported);
+        let mut allow = Allowance {
+            policy: job.lesser_mode,
+            waited,
+            grant: job.lesser_mode.grant(&wait, &idle),
+        };
+        let load = ledger.load(reported);
+        let mut plan = plan_vm(
+            &it.inv,
+            tenant,
+            &job.policy,
+            cands,
+            &mut load.clone(),
+            &it.tried,
+            &allow,
+        );
+        if job.lesser_mode == LesserMode::WhenIdle
+            && matches!(plan.decision, Decision::Deferred { .. })
+        {
+            // The estimate needs the agent it waits for: ask again with it.
+            if let Some(agent) = waited_for(&plan) {
+                let (total, free) = reported.get(&agent).copied().unwrap_or((0, 0));
+                let free = load.free_of(&agent).min(free);
+                wait.expected_wait =
+                    ledger.expected_wait(&agent, total, free, it.inv.vm.disks.len() as u32, 0);
+                allow.grant = job.lesser_mode.grant(&wait, &idle);
+                if allow.grant != Grant::No {
+                    plan = plan_vm(
+                        &it.inv,
+                        tenant,
+                        &job.policy,
+                        cands,
+                        &mut load.clone(),
+                        &it.tried,
+                        &allow,
+                    );
+                }
+            }
+        }
+        if let Decision::Dispatch { agent, .. } = &plan.decision {
+            ledger.hold(
+                agent,
+                &ledger_key(run_id, it),
+                &it.inv.vm.name,
+                it.inv.vm.disks.len() as u32,
+                now,
+            );
+        }
+        plan
+    }
+
     /// Try to dispatch one pending VM; leaves it pending when it must wait.
+    #[allow(clippy::too_many_arguments)]
     async fn place(
         &self,
+        run_id: &str,
         it: &mut Item,
         job: &JobConfig,
         tenant: &super::config::TenantConfig,
         cands: &mut super::plan::Candidates,
-        free: &mut super::plan::FreeSlots,
+        reported: &mut BTreeMap<String, (u32, u32)>,
+        window_end: u64,
     ) {
         let max = self.cfg.orchestrator.dispatch_attempts;
         loop {
-            let plan = plan_vm(&it.inv, tenant, &job.policy, cands, free, &it.tried);
+            let plan = self.plan_now(run_id, it, job, tenant, cands, reported, window_end);
+            let waited = std::time::Duration::from_millis(
+                it.waiting_since
+                    .map(|w| (now_ms() as u64).saturating_sub(w))
+                    .unwrap_or(0),
+            );
             if let Some(sel) = &plan.selection {
-                it.selector = serde_json::Value::Array(super::plan::disk_summaries(sel));
+                it.selector = serde_json::Value::Array(super::plan::disk_summaries(sel, waited));
             }
             match plan.decision {
                 Decision::Deferred { reason } => {
+                    if it.waiting.is_none() {
+                        tracing::info!(vm = %it.inv.vm.name, reason = %reason, "waiting for a slot");
+                    }
                     it.waiting = Some(reason);
+                    it.waiting_since.get_or_insert(now_ms() as u64);
                     return;
                 }
                 Decision::Refused { reason } => {
@@ -577,7 +752,10 @@ impl Orchestrator {
                     return;
                 }
                 Decision::Dispatch { agent, note } => {
+                    let key = ledger_key(run_id, it);
                     let Some(api) = self.agents.get(&agent).cloned() else {
+                        self.lock_ledger()
+                            .release(&agent, &key, now_ms() as u64, false);
                         cands.remove(&agent, "no client for this agent");
                         continue;
                     };
@@ -592,36 +770,59 @@ impl Orchestrator {
                         policy: Some(PolicySpec::from(&job.policy)),
                         retention: job.retention.clone(),
                         full: job.full,
+                        placement: plan
+                            .selection
+                            .as_ref()
+                            .map(|s| placement_reasons(s, waited)),
                     };
                     it.attempts += 1;
                     match api.start_backup(&req).await {
                         Ok(j) => {
-                            tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %j.id, "dispatched");
+                            let now = now_ms() as u64;
+                            it.waited_ms =
+                                it.waiting_since.map(|w| now.saturating_sub(w)).unwrap_or(0);
+                            tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %j.id, waited_ms = it.waited_ms, "dispatched");
                             it.state = ItemState::Dispatched;
                             it.agent = Some(agent);
                             it.agent_job_id = Some(j.id);
                             it.plan = serde_json::to_value(&j.disks).unwrap_or_default();
                             it.note = note;
                             it.waiting = None;
+                            it.error = None;
                             return;
                         }
                         Err(e) => {
-                            tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch failed; trying another agent");
+                            self.lock_ledger()
+                                .release(&agent, &key, now_ms() as u64, false);
                             it.error = Some(e.to_string());
                             match &e {
                                 ClientError::Api { status: 429, .. } => {
-                                    // Busy, not broken: no attempt used up.
+                                    // Busy, not broken: back in the queue, no
+                                    // attempt used up; the agent counts as full
+                                    // until its next /v1/info.
+                                    tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, "agent has no free slot after all; the VM waits in the queue");
                                     it.attempts -= 1;
-                                    free.insert(agent.clone(), 0);
-                                    continue;
+                                    if let Some(r) = reported.get_mut(&agent) {
+                                        r.1 = 0;
+                                    }
+                                    it.waiting = Some(format!("agent {agent} answered busy: {e}"));
+                                    it.waiting_since.get_or_insert(now_ms() as u64);
+                                    return;
                                 }
                                 ClientError::Api { code, .. }
-                                    if code == "vm_refused" || code == "exceeds_slots" => {}
+                                    if code == "vm_refused" || code == "exceeds_slots" =>
+                                {
+                                    tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch refused; trying another agent");
+                                }
                                 ClientError::Api { status: 400, .. } => {
+                                    tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch rejected");
                                     it.state = ItemState::Failed;
                                     return;
                                 }
-                                _ => cands.remove(&agent, &e.to_string()),
+                                _ => {
+                                    tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch failed; trying another agent");
+                                    cands.remove(&agent, &e.to_string())
+                                }
                             }
                             it.tried.insert(agent);
                             if it.attempts >= max {

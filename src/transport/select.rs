@@ -329,6 +329,47 @@ pub enum Reason {
     },
     /// The proxy has no free slot left.
     NoFreeSlots,
+    /// Valid, but the proxy's slots are taken by earlier jobs (the
+    /// orchestrator's scheduler, which knows who holds them, says so).
+    Busy {
+        /// Slots free on it now.
+        free: u32,
+        /// Slots this VM needs (one per disk, all on one agent).
+        needed: u32,
+        /// Who holds its slots (VM names; jobs started elsewhere counted).
+        busy_with: Vec<String>,
+    },
+    /// Taken, but only because the better mode's proxy had no free slot and
+    /// the job's wait policy allowed a lesser mode.
+    CapacityFallback {
+        /// The proxy of the better mode that was busy.
+        busy: String,
+        /// Its mode.
+        busy_mode: Mode,
+        /// Its key provider (`None`: unencrypted proxy VM).
+        busy_key_provider: Option<String>,
+        /// How long the VM waited for it, in seconds.
+        waited_secs: u64,
+        /// The wait policy that allowed the lesser mode (e.g. `after=10m`).
+        policy: String,
+    },
+    /// Valid, but the job waits for a better mode on a busy proxy.
+    WaitingForBetterMode {
+        /// The proxy it waits for.
+        proxy: String,
+        /// That proxy's mode.
+        mode: Mode,
+        /// The wait policy (e.g. `never`).
+        policy: String,
+    },
+    /// Valid for this disk, but this agent cannot take every disk of the VM, and
+    /// a VM is backed up through one agent (one snapshot).
+    CannotTakeWholeVm,
+    /// The agent is not a candidate now (down, or not serving the tenant).
+    AgentUnavailable {
+        /// Why.
+        why: String,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -398,7 +439,55 @@ impl fmt::Display for Reason {
                 write!(f, "the proxy cannot reach the VM's host '{host}'")
             }
             Reason::NoFreeSlots => write!(f, "the proxy has no free task slot left"),
+            Reason::Busy {
+                free,
+                needed,
+                busy_with,
+            } => {
+                write!(
+                    f,
+                    "busy until its earlier jobs finish ({free} slot(s) free, this VM needs {needed}"
+                )?;
+                if !busy_with.is_empty() {
+                    write!(f, "; slots taken by {}", busy_with.join(", "))?;
+                }
+                write!(f, ")")
+            }
+            Reason::CapacityFallback {
+                busy,
+                busy_mode,
+                busy_key_provider,
+                waited_secs,
+                policy,
+            } => write!(
+                f,
+                "{busy} ({busy_mode}, {}) had no free slot for {}; policy {policy}",
+                busy_key_provider.as_deref().unwrap_or("unencrypted"),
+                human_secs(*waited_secs)
+            ),
+            Reason::WaitingForBetterMode {
+                proxy,
+                mode,
+                policy,
+            } => write!(
+                f,
+                "valid, but the job waits for {mode} via {proxy} (policy {policy})"
+            ),
+            Reason::CannotTakeWholeVm => write!(
+                f,
+                "valid for this disk, but this agent cannot take every disk of the VM, and a VM is backed up through one agent"
+            ),
+            Reason::AgentUnavailable { why } => write!(f, "not a candidate now: {why}"),
         }
+    }
+}
+
+/// `"14 min"`, `"40 s"`, `"2 h 5 min"`: a wait as an operator reads it.
+pub fn human_secs(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        _ => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
     }
 }
 
@@ -421,6 +510,14 @@ pub enum Refusal {
         disk_key: i32,
         /// Its label.
         label: String,
+    },
+    /// Not now: the VM waits for a free slot on this proxy and mode (decided by
+    /// the orchestrator's scheduler, never by the selector itself).
+    WaitingForSlot {
+        /// The proxy it waits for.
+        proxy: String,
+        /// The mode it will use there.
+        mode: Mode,
     },
 }
 
@@ -446,6 +543,9 @@ impl fmt::Display for Refusal {
                 f,
                 "the whole VM is refused because disk {disk_key} \"{label}\" has no valid transport"
             ),
+            Refusal::WaitingForSlot { proxy, mode } => {
+                write!(f, "waiting for a free slot on {proxy} ({mode})")
+            }
         }
     }
 }
@@ -503,6 +603,17 @@ pub struct DiskDecision {
 }
 
 impl DiskDecision {
+    /// The orchestrator's reason for this disk when it placed it in the mode
+    /// this decision took, so the agent's job record and log say what
+    /// `orchestrator plan --explain` said; `own` otherwise (no placement, or the
+    /// agent decided differently, for example after vCenter changed).
+    pub fn placed_or(&self, placed: Option<(Mode, &str)>, own: String) -> String {
+        match (&self.outcome, placed) {
+            (Outcome::Assigned { mode, .. }, Some((m, reason))) if *mode == m => reason.to_string(),
+            _ => own,
+        }
+    }
+
     /// One line for manifests and job logs: the decision, the accepted candidate's
     /// reason, and why every earlier mode was not used (e.g. "nbdssl via px-shared:
     /// chosen; hotadd not used: px-a: proxy VM and disk are encrypted under
@@ -591,7 +702,20 @@ impl Selection {
             self.vm,
             self.moref,
             crypto_text(self.encrypted, self.key_provider.as_deref()),
-            if self.refused { "REFUSED" } else { "runnable" }
+            if !self.refused {
+                "runnable"
+            } else if self.disks.iter().all(|d| {
+                matches!(
+                    d.outcome,
+                    Outcome::Refused {
+                        reason: Refusal::WaitingForSlot { .. }
+                    }
+                )
+            }) {
+                "WAITING for a slot"
+            } else {
+                "REFUSED"
+            }
         );
         for d in &self.disks {
             let what = match &d.outcome {
@@ -722,8 +846,9 @@ fn norm(s: &Option<String>) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Effective (encrypted, key provider) of a disk.
-fn disk_crypto(vm: &VmInfo, disk: &DiskInfo) -> (bool, Option<String>) {
+/// Effective (encrypted, key provider) of a disk: encrypted when the disk or
+/// the VM is, under the disk's own provider, else the VM's.
+pub fn disk_crypto(vm: &VmInfo, disk: &DiskInfo) -> (bool, Option<String>) {
     let encrypted = disk.encrypted || vm.encrypted;
     if !encrypted {
         return (false, None);
@@ -732,6 +857,19 @@ fn disk_crypto(vm: &VmInfo, disk: &DiskInfo) -> (bool, Option<String>) {
         true,
         norm(&disk.key_provider).or_else(|| norm(&vm.key_provider)),
     )
+}
+
+/// Every rule but slots for one candidate (`proxy` in `mode`) of `disk` of
+/// `vm`: `None` when it is valid, else the first failing check. The
+/// orchestrator's scheduler explains waiting and capacity on top of this.
+pub fn check_candidate(
+    vm: &VmInfo,
+    disk: &DiskInfo,
+    proxy: &ProxyInfo,
+    mode: Mode,
+    policy: &Policy,
+) -> Option<Reason> {
+    static_check(vm, disk, &disk_crypto(vm, disk), proxy, mode, policy)
 }
 
 /// Every check except slots; `None` = statically valid.

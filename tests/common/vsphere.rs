@@ -72,6 +72,7 @@ pub fn request(
         pipeline: PipelineConfig::new(Some(2), super::CS, 16 << 20),
         lock_wait: Duration::from_secs(10),
         hotadd_wait: Duration::from_secs(10),
+        placement: Default::default(),
     }
 }
 

@@ -32,6 +32,11 @@ enum Cmd {
         /// Fraction of every disk the guests change between the two backups.
         #[arg(long, default_value_t = 0.01)]
         change: f64,
+        /// When a VM may use a lesser mode instead of waiting for a free slot on
+        /// its best proxy: `never` (full HotAdd), `after=DURATION` (`after=0s`:
+        /// spill over at once, as before round 2) or `when-idle`.
+        #[arg(long, default_value = "never", value_parser = parse_lesser_mode)]
+        lesser_mode: String,
         /// Keep the world's directory here instead of a temporary one.
         #[arg(long)]
         keep: Option<PathBuf>,
@@ -309,6 +314,11 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
+fn parse_lesser_mode(s: &str) -> Result<String, String> {
+    s.parse::<ferry::orchestrator::scheduler::LesserMode>()
+        .map(|m| m.to_string())
+}
+
 fn demo_options(
     scenario: Option<PathBuf>,
     disk_mib_max: Option<u64>,
@@ -340,6 +350,7 @@ fn run_demo(
     scenario: Option<PathBuf>,
     disk_mib_max: Option<u64>,
     change: f64,
+    lesser_mode: String,
     keep: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -350,6 +361,7 @@ fn run_demo(
     init_logs("warn");
     let mut opts = demo_options(scenario, disk_mib_max)?;
     opts.change = change;
+    opts.lesser_mode = lesser_mode;
     let (_tmp, work) = workdir(keep)?;
     let report = demo::run(&work, &opts, &mut |m| eprintln!("ferry-sim: {m}"))?;
     if json {
@@ -569,9 +581,17 @@ fn main() -> ExitCode {
             scenario,
             disk_mib_max,
             change,
+            lesser_mode,
             keep,
             json,
-        } => exit(run_demo(scenario, disk_mib_max, change, keep, json)),
+        } => exit(run_demo(
+            scenario,
+            disk_mib_max,
+            change,
+            lesser_mode,
+            keep,
+            json,
+        )),
         Cmd::Up {
             scenario,
             disk_mib_max,

@@ -144,6 +144,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         pipeline: a.pipe.config(repo.config.chunk_size),
         lock_wait: Duration::from_secs(a.lock_wait),
         hotadd_wait: Duration::from_secs(60),
+        placement: Default::default(),
     };
     let client_cfg = v.conn.client_config()?;
     let rt = runtime()?;
