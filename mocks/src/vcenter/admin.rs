@@ -8,6 +8,7 @@
 
 use super::faults::{DropConnections, FailTasks, Latency};
 use super::server::AppState;
+use super::vddk::{AuditEntry, VddkFault};
 use super::world::{lock, AdminError, StateDump, World};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -207,9 +208,27 @@ impl Admin {
         }
     }
 
-    /// Remove every injected fault.
+    /// Remove every injected fault (the VDDK faults too).
     pub fn clear_faults(&self) {
         *lock(&self.world.faults) = Default::default();
+        lock(&self.world.vddk).clear_faults();
+    }
+
+    /// Inject a fault for the mock VDDK's next opens of a disk (read errors, a
+    /// connection dying mid-disk, slow reads).
+    pub fn vddk_fault(&self, f: VddkFault) {
+        lock(&self.world.vddk).add_fault(f);
+    }
+
+    /// The mock VDDK audit log (every open, close, hot-add, detach, refusal and
+    /// cleanup), oldest first.
+    pub fn vddk_audit(&self) -> Vec<AuditEntry> {
+        lock(&self.world.vddk).audit()
+    }
+
+    /// Disk handles the mock VDDK holds open.
+    pub fn vddk_open_handles(&self) -> usize {
+        lock(&self.world.vddk).open_handles()
     }
 
     /// End every session now; returns how many.
@@ -300,6 +319,8 @@ pub fn router(_state: AppState) -> Router<AppState> {
         .route("/faults/fail-tasks", post(fail_tasks))
         .route("/faults/drop-connections", post(drop_connections))
         .route("/faults/clear", post(clear))
+        .route("/faults/vddk", post(vddk_fault))
+        .route("/vddk/audit", get(vddk_audit))
         .route("/sessions/expire", post(expire_sessions))
         .route("/tickets/expire", post(expire_tickets))
 }
@@ -448,6 +469,21 @@ async fn drop_connections(
     let a = admin!(st, h);
     a.drop_connections(d);
     StatusCode::NO_CONTENT.into_response()
+}
+
+async fn vddk_fault(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Json(f): Json<VddkFault>,
+) -> Response {
+    let a = admin!(st, h);
+    a.vddk_fault(f);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn vddk_audit(State(st): State<AppState>, h: HeaderMap) -> Response {
+    let a = admin!(st, h);
+    Json(a.vddk_audit()).into_response()
 }
 
 async fn clear(State(st): State<AppState>, h: HeaderMap) -> Response {

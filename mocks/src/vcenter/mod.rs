@@ -14,6 +14,7 @@
 //! - [`admin`]: admin endpoints and the in-process [`Admin`] handle; [`faults`]:
 //!   fault injection.
 //! - [`server`]: HTTPS; [`world`]: shared state and operations.
+//! - [`vddk`]: what ESXi/vCenter do for the mock VDDK (`/mockvddk/`, audit log).
 //!
 //! Start one in-process with [`VcenterMock::start`].
 
@@ -32,12 +33,14 @@ pub mod session;
 pub mod tasks;
 pub mod tickets;
 pub mod updates;
+pub mod vddk;
 pub mod vim;
 pub mod world;
 
 pub use admin::Admin;
 pub use faults::{DropConnections, FailTasks, Latency};
 pub use scenario::Scenario;
+pub use vddk::{AuditEntry, VddkFault};
 pub use world::{AdminError, StateDump};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -142,6 +145,7 @@ pub struct VcenterMock {
     admin_token: String,
     ca_pem: String,
     ca_path: PathBuf,
+    thumbprint: String,
     state_dir: PathBuf,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -178,6 +182,7 @@ impl VcenterMock {
             .server(&names)
             .map_err(|e| VcenterError::Tls(e.to_string()))?;
         let ca_pem = ca.cert_pem();
+        let thumbprint = sha1_thumbprint(&issued.cert_pem).unwrap_or_default();
         let ca_path = state_dir.join("ca-cert.pem");
         crate::pki::write(&state_dir, "ca-cert.pem", &ca_pem, false)
             .map_err(|e| VcenterError::Tls(e.to_string()))?;
@@ -238,6 +243,7 @@ impl VcenterMock {
             admin_token,
             ca_pem,
             ca_path,
+            thumbprint,
             state_dir,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -278,6 +284,12 @@ impl VcenterMock {
     /// Path of the CA certificate file (ferry's `[vcenter] ca`).
     pub fn ca_path(&self) -> &Path {
         &self.ca_path
+    }
+
+    /// SHA-1 thumbprint of the server's own (leaf) certificate, `AA:BB:...`: what a
+    /// VDDK client puts in `VixDiskLibConnectParams.thumbPrint`.
+    pub fn thumbprint(&self) -> &str {
+        &self.thumbprint
     }
 
     /// State directory.

@@ -1,6 +1,7 @@
 //! The HTTPS face of the mock vCenter: axum over tokio-rustls. `POST /sdk` speaks
 //! vim25 SOAP, `GET /sdk/vimServiceVersions.xml` tells clients the API version, and
-//! `/admin/` is the token-protected test API. Injected latency and dropped
+//! `/admin/` is the token-protected test API; `/mockvddk/` serves the mock VDDK
+//! (see [`super::vddk`]). Injected latency and dropped
 //! connections are applied here (a dropped connection closes the TCP stream with no
 //! response at all).
 //!
@@ -217,6 +218,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sdk", post(soap))
         .route("/sdk/vimServiceVersions.xml", get(versions))
         .nest("/admin", super::admin::router(state.clone()))
+        .nest("/mockvddk", super::vddk::router())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }

@@ -65,6 +65,8 @@ pub struct World {
     pub tickets: Mutex<Tickets>,
     /// SHA-1 thumbprint of the ESXi NBD certificate, handed out with tickets.
     pub nbd_thumbprint: Mutex<Option<String>>,
+    /// The mock VDDK's handles, audit log and faults (`/mockvddk/`).
+    pub vddk: Mutex<super::vddk::VddkState>,
     /// Tunables.
     pub cfg: WorldConfig,
     /// Moref ids.
@@ -90,6 +92,7 @@ impl World {
             faults: Mutex::new(FaultPlan::default()),
             tickets: Mutex::new(Tickets::new(ticket_ttl)),
             nbd_thumbprint: Mutex::new(None),
+            vddk: Mutex::new(Default::default()),
             cfg,
             ids,
             state_dir,
