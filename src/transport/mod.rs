@@ -14,6 +14,7 @@ pub mod file;
 pub mod hotadd;
 pub mod nbd;
 pub mod select;
+pub mod vddk;
 
 /// A byte range of a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
