@@ -71,6 +71,11 @@ pub struct Config {
     /// `[pipeline]`: data-plane threads and memory.
     #[serde(default)]
     pub pipeline: PipelineSection,
+    /// `[vddk]`: read and write disks through VMware's VDDK (`libvixDiskLib`)
+    /// instead of ferry's native HotAdd (ReconfigVM) and NBD client. Absent:
+    /// native.
+    #[serde(default)]
+    pub vddk: Option<VddkSection>,
     /// `[[tenant]]`: tenants served, each with a repository and a key source.
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantSection>,
@@ -217,6 +222,25 @@ fn default_nbd_port() -> u16 {
     10809
 }
 
+/// `[vddk]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VddkSection {
+    /// The VDDK directory (`vmware-vix-disklib-distrib`, holding
+    /// `lib64/libvixDiskLib.so.8` or `.so.7`).
+    pub libdir: PathBuf,
+    /// VDDK's own configuration file (passed to `VixDiskLib_InitEx`), if any.
+    #[serde(default)]
+    pub config_file: Option<PathBuf>,
+    /// ESXi's NFC port for NBD / NBD-SSL through VDDK.
+    #[serde(default = "default_nfc_port")]
+    pub nfc_port: u16,
+}
+
+fn default_nfc_port() -> u16 {
+    902
+}
+
 /// `[pipeline]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -342,6 +366,10 @@ impl Config {
             fix_opt(&mut v.ca);
         }
         fix_opt(&mut self.nbd.tls_certificates);
+        if let Some(v) = &mut self.vddk {
+            fix(&mut v.libdir);
+            fix_opt(&mut v.config_file);
+        }
         for t in &mut self.tenants {
             fix(&mut t.repository);
             if let Some(k) = &mut t.kms {

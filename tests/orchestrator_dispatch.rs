@@ -68,6 +68,7 @@ impl Fake {
                 datastores: vec!["ds".into()],
                 reachable_hosts: None,
                 modes: modes.to_vec(),
+                data_path: "native".into(),
                 slots: Slots {
                     total: slots,
                     used: 0,
@@ -240,20 +241,34 @@ async fn busy_and_refusing_agents() {
     let job = o.config().jobs[0].clone();
     let r = o.run_job(&job).await.unwrap();
     assert_eq!(r.state, RunState::Succeeded, "{}", r.render());
-    // v1: proxy-a busy (429) -> no slot left there this round -> shared; a busy
-    // agent costs no attempt. v2, v3: shared as well (proxy-a counted as full).
+    // v1: proxy-a answers busy (429) -> back in the queue, no attempt used, and
+    // proxy-a counts as full for the round, so v2 and v3 wait for it too (the
+    // default wait policy: never spill to the shared proxy). Next round proxy-a
+    // takes v1 and v3; it refuses v2 (its own selector), which goes to shared.
     assert_eq!(r.items[0].attempts, 1);
-    assert_eq!(r.items[0].agent.as_deref(), Some("shared"));
-    assert_eq!(*hot.attempts.lock().unwrap(), ["v1"]);
-
-    // Next run: proxy-a free again; it refuses v2 (its own selector), takes v1, v3.
-    let r = o.run_job(&job).await.unwrap();
-    assert_eq!(r.state, RunState::Succeeded, "{}", r.render());
+    assert_eq!(r.items[0].agent.as_deref(), Some("proxy-a"));
+    assert!(
+        r.items[0].detail["waited_ms"].as_u64().unwrap() > 0,
+        "{}",
+        r.items[0].detail
+    );
     let agents: Vec<Option<&str>> = r.items.iter().map(|i| i.agent.as_deref()).collect();
     assert_eq!(agents, [Some("proxy-a"), Some("shared"), Some("proxy-a")]);
     assert_eq!(r.items[1].attempts, 2);
     assert_eq!(r.items[1].detail["tried"], serde_json::json!(["proxy-a"]));
     assert_eq!(*hot.attempts.lock().unwrap(), ["v1", "v1", "v2", "v3"]);
+    assert_eq!(*shared.accepted.lock().unwrap(), ["v2"]);
+
+    // Next run: the same, without the busy answer.
+    let r = o.run_job(&job).await.unwrap();
+    assert_eq!(r.state, RunState::Succeeded, "{}", r.render());
+    let agents: Vec<Option<&str>> = r.items.iter().map(|i| i.agent.as_deref()).collect();
+    assert_eq!(agents, [Some("proxy-a"), Some("shared"), Some("proxy-a")]);
+    assert_eq!(r.items[0].detail["waited_ms"], 0);
+    assert_eq!(
+        *hot.attempts.lock().unwrap(),
+        ["v1", "v1", "v2", "v3", "v1", "v2", "v3"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,11 @@ fn mock_library() -> PathBuf {
     // The test executable is target/<profile>/deps/vddk_mock-*; the cdylib sits
     // in target/<profile>/.
     let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().and_then(|d| d.parent()).unwrap().join("libvixDiskLib.so");
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("libvixDiskLib.so");
     assert!(
         p.exists(),
         "{} is missing: build the mock VDDK first (cargo build -p ferry-mock-vddk; cargo test --workspace does)",
@@ -49,18 +53,20 @@ fn the_mock_vddk_loads_initialises_and_exits_once() {
     // The same directory again: the same handle, no second InitEx.
     let again = Vddk::init(dir.path(), None).unwrap();
     assert!(std::sync::Arc::ptr_eq(&vddk, &again));
-    // Another directory is refused while loaded.
+    // Another directory is another library instance (as on another proxy).
     let other = tempfile::tempdir().unwrap();
-    assert!(matches!(
-        Vddk::init(other.path(), None),
-        Err(VddkError::InvalidArgument(_))
-    ));
+    std::fs::create_dir(other.path().join("lib64")).unwrap();
+    std::fs::copy(&mock, other.path().join("lib64/libvixDiskLib.so.8")).unwrap();
+    let second = Vddk::init(other.path(), None).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&vddk, &second));
+    assert_eq!(second.libdir(), other.path());
+    drop(second);
     // Shutdown is refused while a handle is held, then runs Exit once.
     assert!(Vddk::shutdown().is_err());
     drop(again);
     drop(vddk);
     Vddk::shutdown().unwrap();
-    assert!(Vddk::get().is_none());
+    assert!(Vddk::get(dir.path()).is_none());
     assert!(matches!(
         Vddk::init(dir.path(), None),
         Err(VddkError::ShutDown)

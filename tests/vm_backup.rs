@@ -143,7 +143,7 @@ fn orphan_sweep_removes_this_proxys_leftovers_and_nothing_else() {
     });
     assert_eq!(vc.admin().state().attached_count(), 1);
     let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
-    let rep = rt.block_on(vm::sweep_orphans(&c, &me, &[])).unwrap();
+    let rep = rt.block_on(vm::sweep_orphans(&c, &me, &[], None)).unwrap();
     assert_eq!(rep.detached.len(), 1, "{rep:?}");
     assert_eq!(
         rep.snapshots_removed,

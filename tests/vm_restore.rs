@@ -604,7 +604,9 @@ fn the_orphan_sweep_detaches_a_restore_disk_left_on_the_proxy() {
         s.c.attach_disk_for_write(&pxa.moref, &d).await.unwrap();
     });
     assert_eq!(s.vc.admin().state().attached_count(), 1);
-    let rep = s.rt.block_on(vm::sweep_orphans(&s.c, &me, &[])).unwrap();
+    let rep =
+        s.rt.block_on(vm::sweep_orphans(&s.c, &me, &[], None))
+            .unwrap();
     assert_eq!(rep.detached.len(), 1, "{rep:?}");
     assert!(
         rep.detached[0].contains("ferry-restore-px-a-77-disk0"),

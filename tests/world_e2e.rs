@@ -7,6 +7,8 @@
 //! clear text; nothing is left on vCenter; restores are bit-identical, to files
 //! and into new disks of a VM (through the agent API and `ferry restore --vm`).
 
+mod common;
+
 use ferry::agent::api::{RestoreRequest, RestoreTargetSpec};
 use ferry::orchestrator::client::AgentApi;
 use ferry::state::{ItemState, JobState, RunState};
@@ -207,6 +209,120 @@ fn with_after_0s_the_overflow_goes_nbdssl_naming_the_busy_hotadd_proxy() {
         }
     }
     assert!(spilled > 0, "the 4-slot HotAdd proxies overflowed");
+}
+
+/// The whitepaper world with every agent's disks carried by VDDK (each proxy
+/// with its own copy of the mock `libvixDiskLib`): every encrypted disk goes
+/// HotAdd only through its own tenant's proxy, nothing over clear text, and
+/// the mock VDDK's call logs and vCenter's audit log prove which transport
+/// carried which disk; restores are bit-identical.
+#[test]
+fn whitepaper_world_through_the_mock_vddk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = WorldOptions::new(whitepaper(), dir.path());
+    opts.workers = Some(2);
+    opts.poll = Duration::from_millis(50);
+    opts.vddk_library = Some(common::vsphere::mock_vddk_library());
+    let world = World::start(opts).unwrap();
+    let orch = world.orchestrator().unwrap();
+    let plan = world.runtime().block_on(orch.plan(&[])).unwrap();
+    let text = plan.render(false);
+    assert!(text.contains("carried by vddk 8"), "{text}");
+    let runs = world.runtime().block_on(orch.run_once(&[], false)).unwrap();
+    let mut disks = 0;
+    for run in &runs {
+        assert_eq!(run.state, RunState::Succeeded, "{}", run.render());
+        let t = world.tenant(run.job.trim_end_matches("-backup")).unwrap();
+        for item in &run.items {
+            for d in item.detail["result"].as_array().unwrap() {
+                disks += 1;
+                assert_eq!(d["mode"], "hotadd", "{d}");
+                let proxy = world.agents.iter().find(|a| a.id == d["proxy"]).unwrap();
+                assert_eq!(proxy.key_provider.as_deref(), Some(t.key_provider.as_str()));
+                let reason = d["reason"].as_str().unwrap();
+                assert!(reason.contains("carried by VDDK 8"), "{reason}");
+            }
+        }
+    }
+    assert_eq!(disks, 30);
+    // Each proxy's own library: only its tenant's VMs, only hotadd, one mode per
+    // connection.
+    for a in &world.agents {
+        let calls = common::vsphere::vddk_calls(a.vddk_calls.as_ref().unwrap());
+        let modes: Vec<&str> = calls
+            .iter()
+            .filter(|c| c["fn"] == "VixDiskLib_ConnectEx")
+            .map(|c| c["modes"].as_str().unwrap())
+            .collect();
+        match &a.key_provider {
+            Some(_) => {
+                assert!(!modes.is_empty(), "{}", a.id);
+                assert!(modes.iter().all(|m| *m == "hotadd"), "{}: {modes:?}", a.id);
+            }
+            None => assert!(
+                modes.is_empty(),
+                "the shared proxy took no encrypted VM: {modes:?}"
+            ),
+        }
+    }
+    // vCenter's audit: no hot-add across key providers, no clear text.
+    let audit = world.vcenter.admin().vddk_audit();
+    assert!(audit.iter().any(|e| e.op == "hotadd"));
+    for e in &audit {
+        if e.op == "hotadd" {
+            assert_eq!(e.proxy_key_provider, e.disk_key_provider, "{e:?}");
+        }
+        assert_ne!(e.mode, "nbd", "{e:?}");
+    }
+    let st = world.vcenter.admin().state();
+    assert_eq!((st.snapshot_count(), st.attached_count()), (0, 0), "{st:?}");
+    assert_eq!(world.vcenter.admin().vddk_open_handles(), 0);
+    // One VM per tenant restores bit for bit.
+    for t in &world.tenants {
+        let vm = &t.vms[0];
+        let agent = world
+            .agents
+            .iter()
+            .find(|a| a.key_provider.as_deref() == Some(t.key_provider.as_str()))
+            .unwrap();
+        let client = world.agent_client(&agent.id).unwrap();
+        let target = dir.path().join("restores").join(vm);
+        let job = world
+            .runtime()
+            .block_on(client.start_restore(&RestoreRequest {
+                tenant: t.name.clone(),
+                point: format!("latest:{vm}"),
+                disks: None,
+                target: RestoreTargetSpec::Directory {
+                    path: target.display().to_string(),
+                },
+            }))
+            .unwrap();
+        let done = world.runtime().block_on(async {
+            loop {
+                let j = client.job(&job.id).await.unwrap();
+                if j.state.is_terminal() {
+                    return j;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+        for n in 0..done.disks.len() {
+            let file = ferry::job::runner::restore_path(&target, vm, n as u32);
+            let got = ferry_mocks::diskgen::hash_file(&file)
+                .unwrap()
+                .to_hex()
+                .to_string();
+            let key = 2000 + n as i64;
+            let (want, _) = world
+                .vcenter
+                .admin()
+                .digest(vm, &key.to_string(), None)
+                .unwrap();
+            assert_eq!(got, want, "{vm} disk {key}");
+        }
+    }
 }
 
 /// The tenant's KMS rotates its key (ReKeyKeyPair, as a KMS admin would); the

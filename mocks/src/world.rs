@@ -80,6 +80,12 @@ pub struct WorldOptions {
     /// The jobs' `lesser_mode` (when a VM may use a lesser mode instead of
     /// waiting for its best proxy): `never` by default.
     pub lesser_mode: String,
+    /// Carry every agent's disks through this VDDK library (the mock
+    /// `libvixDiskLib.so` of crate `ferry-mock-vddk`) instead of ferry's native
+    /// paths: each agent gets its own copy as `<agent>/vddk/lib64/libvixDiskLib.so.8`
+    /// (one library per proxy VM, as on real proxies) and a VDDK config file naming
+    /// its proxy VM and a call log (`<agent>/vddk/calls.jsonl`).
+    pub vddk_library: Option<PathBuf>,
 }
 
 impl WorldOptions {
@@ -93,6 +99,7 @@ impl WorldOptions {
             poll: Duration::from_millis(100),
             agent_listen: "127.0.0.1:0".into(),
             lesser_mode: "never".into(),
+            vddk_library: None,
         }
     }
 }
@@ -136,6 +143,8 @@ pub struct SimAgent {
     pub url: String,
     /// Its configuration file.
     pub config: PathBuf,
+    /// The mock VDDK's call log of this agent, when disks go through VDDK.
+    pub vddk_calls: Option<PathBuf>,
     running: Option<RunningAgent>,
 }
 
@@ -332,6 +341,46 @@ impl World {
             if let Some(w) = opts.workers {
                 t.push_str(&format!("workers = {w}\n"));
             }
+            let vddk_calls = match &opts.vddk_library {
+                Some(lib) => {
+                    let vdir = adir.join("vddk");
+                    std::fs::create_dir_all(vdir.join("lib64"))
+                        .map_err(|e| start_err("VDDK directory", e))?;
+                    std::fs::copy(lib, vdir.join("lib64/libvixDiskLib.so.8")).map_err(|e| {
+                        start_err(
+                            format!(
+                                "{} (build it with cargo build -p ferry-mock-vddk)",
+                                lib.display()
+                            ),
+                            e,
+                        )
+                    })?;
+                    let calls = vdir.join("calls.jsonl");
+                    let moref = vcenter
+                        .admin()
+                        .state()
+                        .vm(&p.name)
+                        .map(|v| v.moref.clone())
+                        .ok_or_else(|| {
+                            start_err(format!("proxy VM {}", p.name), "not in vCenter")
+                        })?;
+                    write(
+                        &vdir.join("vixDiskLib.config"),
+                        &format!(
+                            "# VDDK configuration of proxy {name} (written by ferry-sim)\n\
+                             tmpDirectory = {tmp:?}\nmock.proxyVmMoref = {moref:?}\nmock.callLog = {calls:?}\n",
+                            name = p.name,
+                            tmp = vdir,
+                        ),
+                    )?;
+                    t.push_str(&format!(
+                        "\n[vddk]\nlibdir = {vdir:?}\nconfig_file = {cfgf:?}\n",
+                        cfgf = vdir.join("vixDiskLib.config")
+                    ));
+                    Some(calls)
+                }
+                None => None,
+            };
             for ten in &served {
                 let k = ten.section.kms.as_ref().expect("sim tenants use a KMS");
                 t.push_str(&format!(
@@ -367,6 +416,7 @@ impl World {
                 tenants: served.iter().map(|t| t.name.clone()).collect(),
                 url: running.url(),
                 config: cfg_path,
+                vddk_calls,
                 running: Some(running),
             });
         }

@@ -835,12 +835,21 @@ pub struct Info {
     pub reachable_hosts: Option<Vec<String>>,
     /// Transport modes enabled.
     pub modes: Vec<Mode>,
+    /// Which layer carries the disks: `native` (ferry's ReconfigVM hot-add and
+    /// NBD client), `vddk <version> (<library>)`, or `vddk unavailable: <why>`.
+    #[serde(default = "native")]
+    #[schema(max_length = 4096)]
+    pub data_path: String,
     /// Slot use.
     pub slots: Slots,
     /// Tenants served.
     pub tenants: Vec<TenantView>,
     /// The agent's default transport policy.
     pub policy: PolicySpec,
+}
+
+fn native() -> String {
+    "native".into()
 }
 
 impl Info {
@@ -1094,6 +1103,7 @@ mod tests {
             host: None,
             key_provider: Some("KMS-A".into()),
             datastores: vec!["ds".into()],
+            data_path: "native".into(),
             reachable_hosts: Some(vec!["esx-1".into()]),
             modes: vec![Mode::HotAdd],
             slots: Slots {

@@ -311,6 +311,7 @@ pub(crate) fn info_of(s: &AppState) -> Info {
         datastores: st.datastores.clone(),
         reachable_hosts: st.reachable_hosts.clone(),
         modes: st.modes.clone(),
+        data_path: st.data_path.clone(),
         slots: Slots {
             total,
             used,

@@ -118,6 +118,24 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// State database.
     pub state_path: PathBuf,
+    /// Which layer carries this agent's disks: `native`, or `vddk <version>
+    /// (<library>)`, or `vddk unavailable: <why>` (see [`data_path_of`]).
+    pub data_path: String,
+}
+
+/// What `[vddk]` makes of this agent's data path, checked at start without
+/// loading the library (its files and version only): `native` without `[vddk]`.
+pub fn data_path_of(v: Option<&crate::config::VddkSection>) -> String {
+    let Some(v) = v else {
+        return "native".into();
+    };
+    match crate::transport::vddk::loader::probe(&v.libdir) {
+        Ok((path, version)) => format!("vddk {version} ({})", path.display()),
+        Err(e) => {
+            tracing::warn!(error = %e, "[vddk] is configured but VDDK cannot be used; jobs will fail until it is installed");
+            format!("vddk unavailable: {e}")
+        }
+    }
 }
 
 /// A configured agent, ready to start.
@@ -196,6 +214,7 @@ impl Agent {
             tenants: cfg.tenants.clone(),
             shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
             state_path: a.state_dir.join(STATE_FILE),
+            data_path: data_path_of(cfg.vddk.as_ref()),
         };
         Ok(Agent {
             settings,

@@ -39,6 +39,7 @@ const HOTADD_WAIT: Duration = Duration::from_secs(60);
 pub struct VmJobRunner {
     vcenter: Option<VcenterSection>,
     nbd: NbdSettings,
+    vddk: Option<vm::VddkSettings>,
     proxy_vm: Option<String>,
     device_dir: Option<PathBuf>,
     proxy_id: String,
@@ -64,6 +65,7 @@ impl VmJobRunner {
                 port: cfg.nbd.port,
                 connections: cfg.nbd.connections.max(1),
             },
+            vddk: cfg.vddk.as_ref().map(vm::VddkSettings::from),
             proxy_vm: cfg.vcenter.as_ref().and_then(|v| v.proxy_vm.clone()),
             device_dir: agent.hotadd_device_dir.clone(),
             proxy_id: agent.id.clone(),
@@ -121,7 +123,7 @@ impl VmJobRunner {
         let me = self.this_proxy(0);
         // At agent start nothing of this proxy runs: every ferry leftover of it goes.
         let rep = rt
-            .block_on(vm::sweep_orphans(client, &me, &[]))
+            .block_on(vm::sweep_orphans(client, &me, &[], self.vddk.as_ref()))
             .map_err(vm_err)?;
         let mut report = SweepReport::default();
         let mut claimed = vec![false; rep.snapshots_removed.len()];
@@ -177,6 +179,12 @@ impl VmJobRunner {
                 .other
                 .push(format!("hot-added disk {d} detached from this proxy"));
         }
+        if rep.vddk_cleaned > 0 {
+            report.other.push(format!(
+                "VDDK cleanup: {} leftover(s) of VDDK (hot-added disks) cleaned",
+                rep.vddk_cleaned
+            ));
+        }
         for e in &rep.errors {
             tracing::error!(error = %e, "orphan sweep could not clean a leftover");
             report.other.push(format!("NOT cleaned: {e}"));
@@ -221,6 +229,7 @@ impl VmJobRunner {
             hotadd_wait: HOTADD_WAIT,
             full: spec.full,
             placement: spec.placed(),
+            vddk: self.vddk.clone(),
         };
         let started = Instant::now();
         let keys_for_retention = keys.clone();
@@ -627,6 +636,7 @@ fn vm_err(e: VmJobError) -> RunError {
         VmJobError::Source { .. } => RunError::Transport(e.to_string()),
         VmJobError::Job(j) => job_err(j),
         VmJobError::Invalid(m) => RunError::Failed(m),
+        VmJobError::Vddk(_) => RunError::Transport(e.to_string()),
     }
 }
 

@@ -57,6 +57,9 @@ pub enum VmJobError {
     /// Backup pipeline or repository.
     #[error(transparent)]
     Job(#[from] JobError),
+    /// VMware's VDDK could not be loaded, initialised or used for the VM.
+    #[error("VDDK: {0}")]
+    Vddk(#[from] crate::transport::vddk::VddkError),
     /// Bad request or configuration.
     #[error("{0}")]
     Invalid(String),
@@ -78,6 +81,162 @@ pub struct NbdSettings {
     pub port: u16,
     /// Connections per export.
     pub connections: usize,
+}
+
+/// How this proxy reaches disks through VMware's VDDK (`[vddk]`), instead of
+/// ferry's native HotAdd (ReconfigVM) and NBD client. VDDK carries exactly the
+/// mode the selector chose for each disk, never another.
+#[derive(Clone, Debug)]
+pub struct VddkSettings {
+    /// The VDDK directory.
+    pub libdir: PathBuf,
+    /// VDDK's own configuration file.
+    pub config_file: Option<PathBuf>,
+    /// ESXi's NFC port (NBD / NBD-SSL through VDDK).
+    pub nfc_port: u16,
+}
+
+impl From<&crate::config::VddkSection> for VddkSettings {
+    fn from(v: &crate::config::VddkSection) -> Self {
+        VddkSettings {
+            libdir: v.libdir.clone(),
+            config_file: v.config_file.clone(),
+            nfc_port: v.nfc_port,
+        }
+    }
+}
+
+/// VDDK for one VM job: the initialised library, the connection parameters
+/// from ferry's own vCenter session (cookie, and the SHA-1 thumbprint of the
+/// certificate ferry verified), and PrepareForAccess held until the job ends.
+struct VddkJob {
+    vddk: Arc<crate::transport::vddk::Vddk>,
+    spec: crate::transport::vddk::ConnectSpec,
+    access: Option<crate::transport::vddk::AccessGuard>,
+}
+
+impl VddkJob {
+    /// Load and initialise VDDK, describe vCenter and the VM to it, and announce
+    /// the access (before the snapshot, as VDDK asks).
+    async fn start(client: &Client, vm: &Vm, s: &VddkSettings) -> Result<VddkJob, VmJobError> {
+        use crate::transport::vddk::AccessGuard;
+        let vddk = init_vddk(s).await?;
+        let spec = connect_spec(client, &vm.moref.value, s)
+            .map_err(|e| VmJobError::Invalid(e.to_string()))?;
+        let (v, sp) = (vddk.clone(), spec.clone());
+        let access = tokio::task::spawn_blocking(move || AccessGuard::prepare(&v, &sp))
+            .await
+            .map_err(|e| VmJobError::Invalid(format!("VDDK access thread failed: {e}")))??;
+        tracing::info!(library = %vddk.library_path().display(), version = %vddk.version(), "disks go through VDDK");
+        Ok(VddkJob {
+            vddk,
+            spec,
+            access: Some(access),
+        })
+    }
+
+    /// Open `disk` of snapshot `snap` through VDDK in exactly `mode`, read-only,
+    /// on the session `client` holds now (it may have logged in again).
+    async fn open(
+        &self,
+        client: &Client,
+        snap: &MoRef,
+        disk: &VirtualDisk,
+        mode: Mode,
+    ) -> Result<Box<dyn DiskSource>, SourceError> {
+        use crate::transport::vddk::{Connection, VddkSource};
+        let mut spec = self.spec.clone();
+        if let Some(c) = client.session_cookie() {
+            spec.session_cookie = c.to_string();
+        }
+        spec.snapshot_moref = Some(snap.value.clone());
+        spec.mode = mode;
+        spec.read_only = true;
+        let vddk = self.vddk.clone();
+        let path = disk.file_name.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::connect(&vddk, &spec).map_err(|e| SourceError::Open {
+                path: path.clone(),
+                err: std::io::Error::other(e),
+            })?;
+            let src = VddkSource::open(&conn, &path)?;
+            Ok(Box::new(src) as Box<dyn DiskSource>)
+        })
+        .await
+        .map_err(|e| SourceError::Open {
+            path: disk.file_name.clone(),
+            err: std::io::Error::other(format!("VDDK open thread failed: {e}")),
+        })?
+    }
+
+    /// EndAccess (after the snapshot is gone).
+    async fn end(mut self) {
+        if let Some(a) = self.access.take() {
+            match tokio::task::spawn_blocking(move || a.end()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "VDDK EndAccess failed"),
+                Err(e) => tracing::warn!(error = %e, "VDDK EndAccess thread failed"),
+            }
+        }
+    }
+}
+
+/// Load and initialise VDDK from `s` (once per directory and process).
+async fn init_vddk(s: &VddkSettings) -> Result<Arc<crate::transport::vddk::Vddk>, VmJobError> {
+    let (libdir, cfg) = (s.libdir.clone(), s.config_file.clone());
+    Ok(tokio::task::spawn_blocking(move || {
+        crate::transport::vddk::Vddk::init(&libdir, cfg.as_deref())
+    })
+    .await
+    .map_err(|e| VmJobError::Invalid(format!("VDDK init thread failed: {e}")))??)
+}
+
+/// VDDK's connection parameters for `vm_moref` from ferry's own vCenter session:
+/// the session cookie (no password is handed over) and the SHA-1 thumbprint of
+/// the certificate ferry verified.
+fn connect_spec(
+    client: &Client,
+    vm_moref: &str,
+    s: &VddkSettings,
+) -> Result<crate::transport::vddk::ConnectSpec, &'static str> {
+    use crate::transport::vddk::{session, ConnectSpec};
+    let der = client
+        .server_certificate()
+        .ok_or("vCenter's certificate is not known to this session, so VDDK cannot pin it")?;
+    let cookie = client
+        .session_cookie()
+        .ok_or("no vCenter session cookie to hand to VDDK (not logged in?)")?;
+    let (host, port) = client.host_port();
+    let mut spec = ConnectSpec::new(
+        host,
+        session::thumbprint_from_der(&der),
+        cookie.to_string(),
+        vm_moref.to_string(),
+        None,
+        Mode::NbdSsl,
+    );
+    spec.port = port;
+    spec.nfc_host_port = s.nfc_port;
+    Ok(spec)
+}
+
+/// Whether `e` is VDDK refusing to open a disk in the mode asked for (a refused
+/// HotAdd, for example across key providers): the job then takes the selector's
+/// next decision, as for a hot-add vCenter refuses. Library or session trouble
+/// is not a refusal of the mode.
+fn vddk_refused_mode(e: &SourceError) -> bool {
+    use crate::transport::vddk::VddkError;
+    match crate::transport::vddk::vddk_error(e) {
+        Some(VddkError::ModeMismatch { .. }) => true,
+        Some(VddkError::Vix { call, code, .. }) => {
+            call.contains("Open")
+                && !matches!(
+                    crate::transport::vddk::ffi::vix_error_code(*code),
+                    3014 | 13003 | 4 | 4000 | 18000
+                )
+        }
+        _ => false,
+    }
 }
 
 /// This proxy, as the job sees it.
@@ -122,6 +281,8 @@ pub struct VmBackupRequest {
     /// The orchestrator's placement per disk key: mode and reason, used as the
     /// disk's reason where this agent's own selector picks the same mode.
     pub placement: std::collections::BTreeMap<i32, (Mode, String)>,
+    /// Carry every disk through VDDK instead of the native paths.
+    pub vddk: Option<VddkSettings>,
 }
 
 /// What happened to one disk.
@@ -271,6 +432,10 @@ pub async fn backup_vm(
     if progress.cancelled() {
         return Err(JobError::Pipeline(crate::pipeline::PipelineError::Cancelled).into());
     }
+    let vddk = match &req.vddk {
+        Some(settings) => Some(VddkJob::start(client, &vm, settings).await?),
+        None => None,
+    };
     let snap_name = crate::vsphere::snapshot_name(&req.job_id);
     let snap = client
         .create_snapshot(
@@ -297,6 +462,7 @@ pub async fn backup_vm(
         req,
         progress,
         &mut attached,
+        vddk.as_ref(),
     )
     .await;
     // Cleanup, always: detach every hot-added disk, then remove the snapshot.
@@ -310,6 +476,9 @@ pub async fn backup_vm(
     if let Err(e) = client.remove_snapshot(&snap).await {
         tracing::error!(error = %e, snapshot = %snap_name, "removing the snapshot failed; the orphan sweep will retry");
         cleanup_err.get_or_insert(e);
+    }
+    if let Some(v) = vddk {
+        v.end().await;
     }
     let (mut disks, report) = result?;
     for d in &mut disks {
@@ -345,6 +514,7 @@ async fn with_snapshot(
     req: &VmBackupRequest,
     progress: Arc<Progress>,
     attached: &mut Vec<AttachedDisk>,
+    vddk: Option<&VddkJob>,
 ) -> Result<(Vec<DiskOutcome>, BackupReport), VmJobError> {
     let snap_disks = client.snapshot_disks(snap).await?;
     let host = vm.host.clone().ok_or_else(|| {
@@ -375,6 +545,44 @@ async fn with_snapshot(
         );
         let label = format!("{} (key {})", disk.label, disk.key);
         let source: Box<dyn DiskSource> = loop {
+            if mode == Mode::Nbd && (vm.key_id.is_some() || disk.key_id.is_some()) {
+                // The selector never picks it; this is the last line of defence.
+                return Err(VmJobError::Invalid(format!(
+                    "refusing clear-text NBD for encrypted VM {}",
+                    vm.name
+                )));
+            }
+            if let Some(v) = vddk {
+                match v.open(client, snap, disk, mode).await {
+                    Ok(s) => {
+                        reason = format!(
+                            "{reason}; carried by VDDK {} ({mode} confirmed by GetTransportMode)",
+                            v.vddk.version()
+                        );
+                        break s;
+                    }
+                    Err(e)
+                        if mode == Mode::HotAdd
+                            && vddk_refused_mode(&e)
+                            && req.policy.failover_to_network
+                            && me.modes.contains(&Mode::NbdSsl) =>
+                    {
+                        tracing::warn!(disk = disk.key, error = %e, "HotAdd refused by VDDK; continuing by NBD-SSL as policy allows");
+                        reason = format!(
+                            "{reason}; HotAdd then refused by VDDK ({e}), failed over to NBD-SSL"
+                        );
+                        mode = Mode::NbdSsl;
+                        continue;
+                    }
+                    Err(source) => {
+                        return Err(VmJobError::Source {
+                            vm: vm.name.clone(),
+                            disk: label.clone(),
+                            source,
+                        })
+                    }
+                }
+            }
             match mode {
                 Mode::HotAdd => {
                     let pvm = proxy_vm.ok_or_else(|| {
@@ -659,6 +867,8 @@ pub struct SweepReport {
     pub snapshots_removed: Vec<(String, String)>,
     /// Failures, for the log and the operator.
     pub errors: Vec<String>,
+    /// What `VixDiskLib_Cleanup` cleaned up (VDDK's leftover hot-adds).
+    pub vddk_cleaned: u32,
 }
 
 /// Job ids of this proxy start with its id, so snapshot names tell which proxy's
@@ -675,8 +885,30 @@ pub async fn sweep_orphans(
     client: &Client,
     me: &ThisProxy,
     running: &[String],
+    vddk: Option<&VddkSettings>,
 ) -> Result<SweepReport, VmJobError> {
     let mut rep = SweepReport::default();
+    if let (Some(s), true) = (vddk, running.is_empty()) {
+        // VDDK's own leftovers first (disks it hot-added for a killed job).
+        let v = init_vddk(s).await?;
+        let spec = crate::transport::vddk::CleanupSpec::from(
+            &connect_spec(client, "", s).map_err(|e| VmJobError::Invalid(e.to_string()))?,
+        );
+        match tokio::task::spawn_blocking(move || crate::transport::vddk::cleanup(&v, &spec)).await
+        {
+            Ok(Ok((cleaned, remaining))) => {
+                tracing::info!(cleaned, remaining, "VDDK cleanup");
+                rep.vddk_cleaned = cleaned;
+                if remaining > 0 {
+                    rep.errors.push(format!(
+                        "VDDK cleanup left {remaining} item(s) it could not clean"
+                    ));
+                }
+            }
+            Ok(Err(e)) => rep.errors.push(format!("VDDK cleanup: {e}")),
+            Err(e) => rep.errors.push(format!("VDDK cleanup thread: {e}")),
+        }
+    }
     let keep: Vec<String> = running
         .iter()
         .map(|j| crate::vsphere::snapshot_name(j))

@@ -793,7 +793,7 @@ impl PlanReport {
         for (id, st) in &self.agents {
             match st {
                 AgentStatus::Up { info } => s.push_str(&format!(
-                    "  {id}: up, {} of {} slots free, modes {}, proxy VM {}, tenants {}\n",
+                    "  {id}: up, {} of {} slots free, modes {} carried by {}, proxy VM {}, tenants {}\n",
                     info.slots.free,
                     info.slots.total,
                     info.modes
@@ -801,6 +801,7 @@ impl PlanReport {
                         .map(|m| m.as_str())
                         .collect::<Vec<_>>()
                         .join("+"),
+                    info.data_path,
                     match &info.key_provider {
                         Some(k) => format!("encrypted under {k}"),
                         None => "unencrypted".into(),

@@ -140,6 +140,8 @@ struct Inner {
     sc: ServiceContent,
     soap_action: String,
     cookie: Mutex<Option<Zeroizing<String>>>,
+    /// vCenter's leaf certificate (DER) as the verified TLS handshake saw it.
+    peer_certificate: Mutex<Option<Vec<u8>>>,
     session_key: Mutex<Option<String>>,
     generation: AtomicU64,
     login_lock: tokio::sync::Mutex<()>,
@@ -260,6 +262,8 @@ impl Client {
             .timeout(cfg.timeout)
             .pool_idle_timeout(Duration::from_secs(50))
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+            // The verified peer certificate, for layers that pin it (VDDK).
+            .tls_info(true)
             .build()
             .map_err(|e| cfg_err(format!("HTTPS client: {}", error_chain(&e))))?;
         let inner = Inner {
@@ -277,6 +281,7 @@ impl Client {
             },
             soap_action: "\"urn:vim25/7.0\"".into(),
             cookie: Mutex::new(None),
+            peer_certificate: Mutex::new(None),
             session_key: Mutex::new(None),
             generation: AtomicU64::new(0),
             login_lock: tokio::sync::Mutex::new(()),
@@ -337,6 +342,38 @@ impl Client {
     /// find ferry's session in vCenter's session list.
     pub fn session_key(&self) -> Option<String> {
         self.inner.session_key.lock().ok().and_then(|k| k.clone())
+    }
+
+    /// The session cookie (`vmware_soap_session=...`), for a layer that joins this
+    /// session instead of logging in with the password (VDDK's session-id
+    /// credentials). A credential: never log it.
+    pub fn session_cookie(&self) -> Option<Zeroizing<String>> {
+        self.inner.cookie.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// vCenter's leaf certificate (DER) as ferry verified it on its own
+    /// connection (CA or thumbprint pin), so a layer that pins a thumbprint
+    /// (VDDK) pins exactly the certificate ferry trusts.
+    pub fn server_certificate(&self) -> Option<Vec<u8>> {
+        self.inner
+            .peer_certificate
+            .lock()
+            .ok()
+            .and_then(|c| c.clone())
+    }
+
+    /// vCenter's host name and port, from the URL.
+    pub fn host_port(&self) -> (String, u16) {
+        match reqwest::Url::parse(&self.inner.url) {
+            Ok(u) => (
+                u.host_str()
+                    .unwrap_or_default()
+                    .trim_matches(['[', ']'])
+                    .to_string(),
+                u.port_or_known_default().unwrap_or(443),
+            ),
+            Err(_) => (String::new(), 443),
+        }
     }
 
     /// How many times this client has logged in (1 after connect; +1 per re-login).
@@ -590,6 +627,17 @@ impl Client {
             Ok(r) => r,
             Err(e) => return self.classify(&e, doing),
         };
+        if let Some(der) = resp
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+        {
+            if let Ok(mut c) = inner.peer_certificate.lock() {
+                if c.as_deref() != Some(der) {
+                    *c = Some(der.to_vec());
+                }
+            }
+        }
         for v in resp.headers().get_all(reqwest::header::SET_COOKIE) {
             if let Some(pair) = v.to_str().ok().and_then(session_cookie) {
                 if let Ok(mut c) = inner.cookie.lock() {

@@ -1,7 +1,7 @@
 //! A vSphere world for end-to-end tests: the mock vCenter on a scenario, ferry's SOAP
 //! client logged in to it (CA pinned), and helpers to build VM job requests.
 
-use ferry::job::vm::{NbdSettings, ThisProxy, VmBackupRequest};
+use ferry::job::vm::{NbdSettings, ThisProxy, VddkSettings, VmBackupRequest};
 use ferry::pipeline::PipelineConfig;
 use ferry::transport::select::{Mode, Policy};
 use ferry::vsphere::{Client, ClientConfig, ServerTrust};
@@ -73,6 +73,7 @@ pub fn request(
         lock_wait: Duration::from_secs(10),
         hotadd_wait: Duration::from_secs(10),
         placement: Default::default(),
+        vddk: None,
     }
 }
 
@@ -93,4 +94,57 @@ pub fn esxi(vc: &VcenterMock, dir: &Path) -> (ferry_mocks::esxi::MockEsxi, PathB
     let tls = ferry_mocks::esxi::ServerTls::from_dir(&certs, false).unwrap();
     let esx = ferry_mocks::esxi::MockEsxi::start(vc.export_provider(), &tls).unwrap();
     (esx, certs)
+}
+
+/// The mock VDDK (`libvixDiskLib.so` of crate `ferry-mock-vddk`, built by
+/// `cargo test --workspace` beside the test executables).
+pub fn mock_vddk_library() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("libvixDiskLib.so");
+    assert!(
+        p.exists(),
+        "{} is missing: build the mock VDDK first (cargo build -p ferry-mock-vddk; cargo test --workspace does)",
+        p.display()
+    );
+    p
+}
+
+/// A VDDK directory under `dir` holding the mock VDDK as
+/// `lib64/libvixDiskLib.so.8`, with a VDDK config file naming `proxy_vm` (the VM
+/// this "proxy" runs in) and a call log. Returns the settings and the call log.
+pub fn mock_vddk(vc: &VcenterMock, dir: &Path, proxy_vm: &str) -> (VddkSettings, PathBuf) {
+    let vdir = dir.join(format!("vddk-{proxy_vm}"));
+    std::fs::create_dir_all(vdir.join("lib64")).unwrap();
+    std::fs::copy(mock_vddk_library(), vdir.join("lib64/libvixDiskLib.so.8")).unwrap();
+    let moref = vc.admin().state().vm(proxy_vm).unwrap().moref.clone();
+    let calls = vdir.join("calls.jsonl");
+    let config = vdir.join("vixDiskLib.config");
+    std::fs::write(
+        &config,
+        format!(
+            "tmpDirectory = {vdir:?}\nmock.proxyVmMoref = {moref:?}\nmock.callLog = {calls:?}\n"
+        ),
+    )
+    .unwrap();
+    (
+        VddkSettings {
+            libdir: vdir,
+            config_file: Some(config),
+            nfc_port: 902,
+        },
+        calls,
+    )
+}
+
+/// The mock VDDK's call log: one JSON object per call.
+pub fn vddk_calls(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

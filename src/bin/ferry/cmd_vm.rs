@@ -145,6 +145,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         lock_wait: Duration::from_secs(a.lock_wait),
         hotadd_wait: Duration::from_secs(60),
         placement: Default::default(),
+        vddk: cfg.vddk.as_ref().map(ferry::job::vm::VddkSettings::from),
     };
     let client_cfg = v.conn.client_config()?;
     let rt = runtime()?;

@@ -26,6 +26,7 @@ fn info(
             datastores: ds.iter().map(|s| s.to_string()).collect(),
             reachable_hosts: None,
             modes: modes.to_vec(),
+            data_path: "native".into(),
             slots: Slots {
                 total,
                 used: total - free,

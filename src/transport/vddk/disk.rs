@@ -604,9 +604,10 @@ impl VddkDisk {
                     )
                 },
             };
-            match code {
-                ffi::VIX_ASYNC => submitted += 1,
-                ffi::VIX_OK => {
+            // Only the low 16 bits are the code; VDDK may set higher bits.
+            match ffi::vix_error_code(code) {
+                c if c == ffi::vix_error_code(ffi::VIX_ASYNC) => submitted += 1,
+                c if c == ffi::VIX_OK => {
                     // Completed synchronously; the callback may or may not have run.
                     let _ = infl.slots[i].compare_exchange(
                         PENDING,
@@ -616,18 +617,16 @@ impl VddkDisk {
                     );
                     submitted += 1;
                 }
-                err => {
-                    submit_err = Some(err);
+                _ => {
+                    submit_err = Some(code);
                     break;
                 }
             }
         }
-        let wait_code = if submitted > 0 {
-            // SAFETY: a valid handle; blocks until every request on it completed.
-            unsafe { wait(self.h.raw) }
-        } else {
-            ffi::VIX_OK
-        };
+        // Always wait, also after a refused submission: a request VDDK took while
+        // reporting an error must not outlive this buffer.
+        // SAFETY: a valid handle; blocks until every request on it completed.
+        let wait_code = unsafe { wait(self.h.raw) };
         if let Some(i) = infl.slots[..submitted]
             .iter()
             .position(|s| s.load(Ordering::Acquire) == PENDING)

@@ -14,6 +14,7 @@
 
 use super::error::VddkError;
 use super::ffi;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -420,13 +421,17 @@ unsafe extern "C" fn panic_cb(fmt: *const c_char, ap: *mut c_void) {
     forward(LogLevel::Panic, fmt, ap)
 }
 
-/// The process-wide, initialised VDDK.
+/// An initialised VDDK library.
 ///
-/// `VixDiskLib_InitEx` runs once per process ([`Vddk::init`]); every later
-/// `init` with the same directory returns the same handle. `VixDiskLib_Exit`
-/// runs only on [`Vddk::shutdown`] (agent stop), never implicitly on drop:
-/// VMware allows one InitEx per process, so an Exit on "last user gone" would
-/// make the next job fail. The library is never unloaded.
+/// `VixDiskLib_InitEx` runs once per loaded library ([`Vddk::init`]); every later
+/// `init` with the same directory returns the same handle. A production agent
+/// has one VDDK directory, so InitEx runs once per process as VMware requires;
+/// ferry's simulator runs several proxies in one process, each with its own copy
+/// of the library in its own directory (separate files are separate library
+/// instances to the dynamic loader, as separate proxy VMs would be).
+/// `VixDiskLib_Exit` runs only on [`Vddk::shutdown`] (agent stop), never
+/// implicitly on drop: an Exit on "last user gone" would make the next job
+/// fail. The library is never unloaded.
 pub struct Vddk {
     lib: LoadedLibrary,
     /// Serialises ConnectEx, Disconnect, Open, Close, PrepareForAccess,
@@ -435,8 +440,7 @@ pub struct Vddk {
     exited: AtomicBool,
 }
 
-enum ProcessState {
-    Fresh,
+enum LibState {
     Ready(Arc<Vddk>),
     /// InitEx failed; kept loaded (it may have started threads), and the same
     /// error is returned to every later `init`.
@@ -445,36 +449,29 @@ enum ProcessState {
     Exited(#[allow(dead_code)] Arc<Vddk>),
 }
 
-static PROCESS: Mutex<ProcessState> = Mutex::new(ProcessState::Fresh);
+/// Every VDDK directory loaded in this process.
+static PROCESS: Mutex<BTreeMap<PathBuf, LibState>> = Mutex::new(BTreeMap::new());
 
-fn process_state() -> MutexGuard<'static, ProcessState> {
+fn process_state() -> MutexGuard<'static, BTreeMap<PathBuf, LibState>> {
     PROCESS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Vddk {
-    /// Load VDDK from `libdir` and initialise it (once per process). `config_file`
+    /// Load VDDK from `libdir` and initialise it (once per directory). `config_file`
     /// is VDDK's own configuration file (`tmpDirectory`, log levels, NFC timeouts).
-    /// A second call with the same `libdir` returns the same handle; another
-    /// `libdir` is refused.
+    /// A second call with the same `libdir` returns the same handle.
     pub fn init(libdir: &Path, config_file: Option<&Path>) -> Result<Arc<Vddk>, VddkError> {
         let mut state = process_state();
-        match &*state {
-            ProcessState::Ready(v) if v.lib.libdir == libdir => return Ok(v.clone()),
-            ProcessState::Ready(v) => {
-                return Err(VddkError::InvalidArgument(format!(
-                    "VDDK is already loaded from {} in this process; cannot load it from {}",
-                    v.lib.libdir.display(),
-                    libdir.display()
-                )))
-            }
-            ProcessState::InitFailed(_, code, text) => {
+        match state.get(libdir) {
+            Some(LibState::Ready(v)) => return Ok(v.clone()),
+            Some(LibState::InitFailed(_, code, text)) => {
                 return Err(VddkError::Init {
                     code: *code,
                     text: text.clone(),
                 })
             }
-            ProcessState::Exited(_) => return Err(VddkError::ShutDown),
-            ProcessState::Fresh => {}
+            Some(LibState::Exited(_)) => return Err(VddkError::ShutDown),
+            None => {}
         }
         let lib = load_library(libdir)?;
         warn_if_not_on_library_path(&lib.path);
@@ -502,7 +499,10 @@ impl Vddk {
             let text = vddk.error_text(code);
             // Keep the library loaded: InitEx may have started threads.
             vddk.exited.store(true, Ordering::SeqCst);
-            *state = ProcessState::InitFailed(vddk, code, text.clone());
+            state.insert(
+                libdir.to_path_buf(),
+                LibState::InitFailed(vddk, code, text.clone()),
+            );
             return Err(VddkError::Init { code, text });
         }
         tracing::info!(
@@ -512,42 +512,52 @@ impl Vddk {
             query_allocated = vddk.lib.api.has_query_allocated(),
             "VDDK initialised"
         );
-        *state = ProcessState::Ready(vddk.clone());
+        state.insert(libdir.to_path_buf(), LibState::Ready(vddk.clone()));
         Ok(vddk)
     }
 
-    /// The initialised handle, if [`Vddk::init`] succeeded and no shutdown ran.
-    pub fn get() -> Option<Arc<Vddk>> {
-        match &*process_state() {
-            ProcessState::Ready(v) => Some(v.clone()),
+    /// The initialised handle of `libdir`, if [`Vddk::init`] succeeded and no
+    /// shutdown ran.
+    pub fn get(libdir: &Path) -> Option<Arc<Vddk>> {
+        match process_state().get(libdir) {
+            Some(LibState::Ready(v)) => Some(v.clone()),
             _ => None,
         }
     }
 
-    /// Call `VixDiskLib_Exit` (agent stop). Refused while connections or access
-    /// guards still hold the handle. Afterwards VDDK cannot be used again in this
-    /// process. A no-op when VDDK was never initialised.
+    /// Call `VixDiskLib_Exit` on every initialised library (agent stop).
+    /// Refused while connections or access guards still hold a handle.
+    /// Afterwards VDDK cannot be used again in this process. A no-op when VDDK
+    /// was never initialised.
     pub fn shutdown() -> Result<(), VddkError> {
         let mut state = process_state();
-        let vddk = match &*state {
-            ProcessState::Ready(v) => v.clone(),
-            _ => return Ok(()),
-        };
+        let ready: Vec<(PathBuf, Arc<Vddk>)> = state
+            .iter()
+            .filter_map(|(d, s)| match s {
+                LibState::Ready(v) => Some((d.clone(), v.clone())),
+                _ => None,
+            })
+            .collect();
         // The state's Arc and ours.
-        let users = Arc::strong_count(&vddk).saturating_sub(2);
+        let users: usize = ready
+            .iter()
+            .map(|(_, v)| Arc::strong_count(v).saturating_sub(2))
+            .sum();
         if users > 0 {
             return Err(VddkError::InvalidArgument(format!(
                 "VDDK is still used by {users} connection(s) or handle(s); close them before shutdown"
             )));
         }
-        vddk.exited.store(true, Ordering::SeqCst);
-        {
-            let _g = vddk.lock();
-            // SAFETY: InitEx succeeded and nothing else holds the handle.
-            unsafe { (vddk.lib.api.exit)() };
+        for (dir, vddk) in ready {
+            vddk.exited.store(true, Ordering::SeqCst);
+            {
+                let _g = vddk.lock();
+                // SAFETY: InitEx succeeded and nothing else holds the handle.
+                unsafe { (vddk.lib.api.exit)() };
+            }
+            tracing::info!(libdir = %dir.display(), "VDDK shut down (VixDiskLib_Exit)");
+            state.insert(dir, LibState::Exited(vddk));
         }
-        tracing::info!("VDDK shut down (VixDiskLib_Exit)");
-        *state = ProcessState::Exited(vddk);
         Ok(())
     }
 

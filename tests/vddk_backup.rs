@@ -1,0 +1,335 @@
+//! The VM backup job through VDDK: ferry's real loader and bindings drive the
+//! mock `libvixDiskLib` (crate `ferry-mock-vddk`) against the mock vCenter. The
+//! transport is the selector's, carried by VDDK and confirmed by
+//! GetTransportMode; a HotAdd VDDK refuses across key providers is recorded and
+//! the job takes the selector's next decision (NBD-SSL) or fails before writing
+//! anything; nothing is left on vCenter; points restore bit for bit.
+
+mod common;
+
+use common::vsphere::{self, client, mock_vddk, proxy, request, rt, vddk_calls};
+use common::World;
+use ferry::job::vm::{self, VmJobError};
+use ferry::transport::select::{Mode, Policy};
+use ferry_mocks::vcenter::{Latency, VcenterMock};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn policy(failover: bool) -> Policy {
+    Policy {
+        failover_to_network: failover,
+        allow_cleartext_nbd: false,
+        preferred: None,
+    }
+}
+
+fn restore_matches(w: &World, vc: &VcenterMock, vm_name: &str, out: &vm::VmBackupOutcome) {
+    for d in &out.disks {
+        let target = w.path(&format!("restored-{vm_name}-{}", d.disk));
+        w.restore(&out.report.point_id, d.disk, &target).unwrap();
+        let (want, _) = vc
+            .admin()
+            .digest(vm_name, &d.device_key.to_string(), None)
+            .unwrap();
+        assert_eq!(
+            common::hash(&target).to_hex().to_string(),
+            want,
+            "{vm_name} disk {}",
+            d.disk
+        );
+    }
+}
+
+/// Nothing left on vCenter: no snapshot, no hot-added disk, no open VDDK handle.
+fn nothing_left(vc: &VcenterMock) {
+    let st = vc.admin().state();
+    assert_eq!(st.snapshot_count(), 0, "{st:?}");
+    assert_eq!(st.attached_count(), 0, "{st:?}");
+    assert_eq!(vc.admin().vddk_open_handles(), 0);
+}
+
+/// The modes the mock VDDK was asked for (ConnectEx) and opened disks in (Open).
+fn modes_used(calls: &[serde_json::Value]) -> (Vec<String>, Vec<String>) {
+    let asked = calls
+        .iter()
+        .filter(|c| c["fn"] == "VixDiskLib_ConnectEx")
+        .map(|c| c["modes"].as_str().unwrap_or("").to_string())
+        .collect();
+    let opened = calls
+        .iter()
+        .filter(|c| c["fn"] == "VixDiskLib_Open" && c["result"] == 0)
+        .map(|c| c["mode"].as_str().unwrap_or("").to_string())
+        .collect();
+    (asked, opened)
+}
+
+#[test]
+fn hotadd_and_nbdssl_through_vddk_carry_exactly_the_selectors_mode() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    let (settings, log) = mock_vddk(&vc, w.dir.path(), "proxy-a");
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
+
+    // tenant-a-web (KMS-A) on proxy-a (KMS-A): HotAdd, through VDDK.
+    let mut req = request("px-a-1", "tenant-a-web", policy(true), 0, None);
+    req.vddk = Some(settings.clone());
+    let out = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap();
+    assert_eq!(out.disks.len(), 2);
+    for d in &out.disks {
+        assert_eq!(d.mode, Mode::HotAdd, "{d:?}");
+        assert!(d.reason.starts_with("hotadd via px-a"), "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("carried by VDDK 8 (hotadd confirmed by GetTransportMode)"),
+            "{}",
+            d.reason
+        );
+    }
+    assert!(out.report.disks.iter().all(|r| r.transport == "hotadd"));
+    nothing_left(&vc);
+    restore_matches(&w, &vc, "tenant-a-web", &out);
+
+    // tenant-b-db (KMS-B) cannot be hot-added by proxy-a: NBD-SSL, through VDDK,
+    // decided by the selector before the snapshot.
+    let mut req = request("px-a-2", "tenant-b-db", policy(true), 0, None);
+    req.vddk = Some(settings);
+    let out = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap();
+    for d in &out.disks {
+        assert_eq!(d.mode, Mode::NbdSsl, "{d:?}");
+        assert!(d.reason.contains("hotadd not used"), "{}", d.reason);
+    }
+    nothing_left(&vc);
+    restore_matches(&w, &vc, "tenant-b-db", &out);
+
+    // The library was handed exactly one mode per connection, never a list, and
+    // opened every disk in it.
+    let calls = vddk_calls(&log);
+    let (asked, opened) = modes_used(&calls);
+    assert_eq!(asked, ["hotadd", "hotadd", "nbdssl"], "{calls:#?}");
+    assert_eq!(opened, asked);
+    for f in [
+        "VixDiskLib_InitEx",
+        "VixDiskLib_PrepareForAccess",
+        "VixDiskLib_EndAccess",
+        "VixDiskLib_GetInfo",
+        "VixDiskLib_GetTransportMode",
+        "VixDiskLib_Close",
+        "VixDiskLib_Disconnect",
+    ] {
+        assert!(calls.iter().any(|c| c["fn"] == f), "{f} never called");
+    }
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c["fn"] == "VixDiskLib_InitEx")
+            .count(),
+        1,
+        "InitEx once per process and library"
+    );
+    // vCenter's own audit: the hot-adds were under the same key provider.
+    for a in vc.admin().vddk_audit() {
+        if a.op == "hotadd" {
+            assert_eq!(a.proxy_key_provider, a.disk_key_provider, "{a:?}");
+        }
+        assert!(!(a.mode == "nbd" && a.encrypted && a.vix == 0), "{a:?}");
+    }
+    rt.block_on(c.logout());
+}
+
+/// Run a backup of tenant-a-web through VDDK on proxy-a while proxy-a is
+/// re-keyed under KMS-B between the selector's decision and the VDDK open
+/// (during the snapshot), as when a proxy VM is re-encrypted mid-job.
+fn with_proxy_rekeyed_mid_job(
+    failover: bool,
+) -> (
+    World,
+    VcenterMock,
+    Result<vm::VmBackupOutcome, VmJobError>,
+    std::path::PathBuf,
+) {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    let (settings, log) = mock_vddk(&vc, w.dir.path(), "proxy-a");
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
+    let mut req = request("px-a-9", "tenant-a-web", policy(failover), 0, None);
+    req.vddk = Some(settings);
+    req.enable_cbt = false;
+    vc.admin().set_latency(Latency {
+        ms: 600,
+        method: Some("CreateSnapshot_Task".into()),
+    });
+    let admin = vc.admin();
+    let rekey = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(250));
+        admin.set_key_provider("proxy-a", Some("KMS-B")).unwrap();
+    });
+    let out = rt.block_on(vm::backup_vm(
+        &c,
+        &me,
+        Arc::new(w.repo()),
+        Arc::new(w.source()),
+        &req,
+        Arc::new(Default::default()),
+    ));
+    rekey.join().unwrap();
+    vc.admin().clear_faults();
+    rt.block_on(c.logout());
+    (w, vc, out, log)
+}
+
+#[test]
+fn a_hotadd_vddk_refuses_across_key_providers_fails_over_to_nbdssl_when_policy_allows() {
+    let (w, vc, out, log) = with_proxy_rekeyed_mid_job(true);
+    let out = out.unwrap();
+    for d in &out.disks {
+        assert_eq!(d.mode, Mode::NbdSsl, "{d:?}");
+        assert!(
+            d.reason.contains("HotAdd then refused by VDDK")
+                && d.reason.contains("failed over to NBD-SSL"),
+            "{}",
+            d.reason
+        );
+    }
+    assert!(out.report.disks.iter().all(|r| r.transport == "nbdssl"));
+    // The library was asked for hotadd, refused it, then asked for nbdssl.
+    let (asked, opened) = modes_used(&vddk_calls(&log));
+    assert!(
+        asked.starts_with(&["hotadd".to_string(), "nbdssl".to_string()]),
+        "{asked:?}"
+    );
+    assert!(opened.iter().all(|m| m == "nbdssl"), "{opened:?}");
+    let refused: Vec<_> = vc
+        .admin()
+        .vddk_audit()
+        .into_iter()
+        .filter(|a| a.op == "refused")
+        .collect();
+    assert!(!refused.is_empty());
+    assert!(refused.iter().all(|a| a.mode == "hotadd"), "{refused:?}");
+    nothing_left(&vc);
+    restore_matches(&w, &vc, "tenant-a-web", &out);
+}
+
+#[test]
+fn a_hotadd_vddk_refuses_fails_the_job_before_writing_anything_when_policy_forbids_failover() {
+    let (w, vc, out, _log) = with_proxy_rekeyed_mid_job(false);
+    let err = out.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, VmJobError::Source { .. }) && text.contains("hotadd"),
+        "{text}"
+    );
+    assert!(
+        text.contains("crypto") || text.contains("key provider"),
+        "{text}"
+    );
+    assert!(w.repo().list_points().unwrap().is_empty(), "no point");
+    nothing_left(&vc);
+}
+
+#[test]
+fn a_missing_vddk_fails_before_any_snapshot_with_a_clear_error() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
+    let mut req = request("px-a-5", "tenant-a-web", policy(false), 0, None);
+    let empty = w.path("no-vddk-here");
+    std::fs::create_dir_all(&empty).unwrap();
+    req.vddk = Some(ferry::job::vm::VddkSettings {
+        libdir: empty.clone(),
+        config_file: None,
+        nfc_port: 902,
+    });
+    let err = rt
+        .block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ))
+        .unwrap_err();
+    assert!(matches!(err, VmJobError::Vddk(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&empty.display().to_string()) && text.contains("libvixDiskLib.so.8"),
+        "{text}"
+    );
+    nothing_left(&vc);
+    assert!(w.repo().list_points().unwrap().is_empty());
+    rt.block_on(c.logout());
+}
+
+#[test]
+fn a_session_that_expires_mid_job_is_renewed_and_vddk_joins_the_new_one() {
+    let w = World::new();
+    let vc = vsphere::vcenter("small");
+    let rt = rt();
+    let c = rt.block_on(client(&vc));
+    let (settings, log) = mock_vddk(&vc, w.dir.path(), "proxy-a");
+    let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
+    let mut req = request("px-a-6", "tenant-a-web", policy(false), 0, None);
+    req.vddk = Some(settings);
+    req.enable_cbt = false;
+    // vCenter drops every session while the snapshot is being taken; ferry's SOAP
+    // client logs in again on its next call, and VDDK is handed the session ferry
+    // holds at each open, never a stale cookie (and never the password).
+    vc.admin().set_latency(Latency {
+        ms: 600,
+        method: Some("CreateSnapshot_Task".into()),
+    });
+    let admin = vc.admin();
+    let expire = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(admin.expire_sessions() > 0);
+    });
+    let out = rt.block_on(vm::backup_vm(
+        &c,
+        &me,
+        Arc::new(w.repo()),
+        Arc::new(w.source()),
+        &req,
+        Arc::new(Default::default()),
+    ));
+    expire.join().unwrap();
+    vc.admin().clear_faults();
+    let out = out.unwrap();
+    assert_eq!(c.logins(), 2, "ferry logged in again");
+    assert!(out.disks.iter().all(|d| d.mode == Mode::HotAdd));
+    let calls = vddk_calls(&log);
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c["fn"] == "VixDiskLib_Open")
+            .all(|c| c["result"] == 0),
+        "{calls:#?}"
+    );
+    nothing_left(&vc);
+    restore_matches(&w, &vc, "tenant-a-web", &out);
+    rt.block_on(c.logout());
+}
