@@ -39,6 +39,9 @@ pub struct DemoOptions {
     /// The jobs' `lesser_mode`: `never` (default: every VM waits for its best
     /// proxy, full HotAdd), `after=DURATION` or `when-idle`.
     pub lesser_mode: String,
+    /// Carry every disk through this VDDK library (the mock `libvixDiskLib.so`)
+    /// instead of ferry's native HotAdd and NBD paths.
+    pub vddk_library: Option<std::path::PathBuf>,
 }
 
 impl DemoOptions {
@@ -51,6 +54,7 @@ impl DemoOptions {
             change: 0.01,
             seed: 7,
             lesser_mode: "never".into(),
+            vddk_library: None,
         })
     }
 }
@@ -143,6 +147,7 @@ pub fn run(
     let mut wo = WorldOptions::new(scenario, work);
     wo.poll = Duration::from_millis(100);
     wo.lesser_mode = opts.lesser_mode.clone();
+    wo.vddk_library = opts.vddk_library.clone();
     let world = World::start(wo)?;
     for t in &world.tenants {
         if let Some(k) = &t.section.kms {

@@ -37,6 +37,11 @@ enum Cmd {
         /// spill over at once, as before round 2) or `when-idle`.
         #[arg(long, default_value = "never", value_parser = parse_lesser_mode)]
         lesser_mode: String,
+        /// Carry every disk through VDDK: the mock libvixDiskLib (crate
+        /// ferry-mock-vddk; `cargo build --release -p ferry-mock-vddk` puts it
+        /// next to this binary), or the library at PATH.
+        #[arg(long, num_args = 0..=1, value_name = "PATH")]
+        vddk: Option<Option<PathBuf>>,
         /// Keep the world's directory here instead of a temporary one.
         #[arg(long)]
         keep: Option<PathBuf>,
@@ -346,11 +351,34 @@ fn workdir(keep: Option<PathBuf>) -> anyhow::Result<(Option<tempfile::TempDir>, 
     }
 }
 
+/// The mock VDDK library for `--vddk`: PATH, or `libvixDiskLib.so` next to
+/// this binary.
+fn vddk_library(arg: Option<Option<PathBuf>>) -> anyhow::Result<Option<PathBuf>> {
+    let Some(arg) = arg else {
+        return Ok(None);
+    };
+    let p = match arg {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("libvixDiskLib.so"))
+            .ok_or_else(|| anyhow::anyhow!("cannot tell where ferry-sim runs from"))?,
+    };
+    anyhow::ensure!(
+        p.exists(),
+        "--vddk: {} does not exist; build the mock VDDK first: cargo build --release -p ferry-mock-vddk",
+        p.display()
+    );
+    Ok(Some(p))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_demo(
     scenario: Option<PathBuf>,
     disk_mib_max: Option<u64>,
     change: f64,
     lesser_mode: String,
+    vddk: Option<Option<PathBuf>>,
     keep: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -362,6 +390,7 @@ fn run_demo(
     let mut opts = demo_options(scenario, disk_mib_max)?;
     opts.change = change;
     opts.lesser_mode = lesser_mode;
+    opts.vddk_library = vddk_library(vddk)?;
     let (_tmp, work) = workdir(keep)?;
     let report = demo::run(&work, &opts, &mut |m| eprintln!("ferry-sim: {m}"))?;
     if json {
@@ -582,6 +611,7 @@ fn main() -> ExitCode {
             disk_mib_max,
             change,
             lesser_mode,
+            vddk,
             keep,
             json,
         } => exit(run_demo(
@@ -589,6 +619,7 @@ fn main() -> ExitCode {
             disk_mib_max,
             change,
             lesser_mode,
+            vddk,
             keep,
             json,
         )),

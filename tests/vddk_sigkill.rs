@@ -1,0 +1,144 @@
+//! An agent whose disks go through VDDK, killed with SIGKILL in the middle of a
+//! HotAdd read through the (mock) VDDK, then restarted: the job is recorded as
+//! failed ("interrupted"), the orphan sweep runs `VixDiskLib_Cleanup` (the disk
+//! VDDK hot-added is detached, its handle released) and removes the snapshot,
+//! and the tenant's repository still verifies (no half-written restore point).
+//!
+//! The agent runs as a real `ferry agent` process on the config file the
+//! simulated world wrote for proxy `proxy-a` (with `[vddk]`); the mock VDDK
+//! delays every read so the kill lands mid-disk.
+
+mod agent_support;
+mod common;
+
+use agent_support::AgentProcess;
+use ferry::agent::api::BackupRequest;
+use ferry_mocks::vcenter::Scenario;
+use ferry_mocks::world::{World, WorldOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn http(world: &World) -> reqwest::Client {
+    let tls = ferry::tls::client_config(&world.ca, None).unwrap();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured((*tls).clone())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn sigkill_mid_vddk_read_then_restart_cleans_up_and_the_repository_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario =
+        Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mocks/scenarios/small.toml"))
+            .unwrap();
+    let mut opts = WorldOptions::new(scenario, dir.path());
+    opts.vddk_library = Some(common::vsphere::mock_vddk_library());
+    let mut world = World::start(opts).unwrap();
+    let config = world
+        .agents
+        .iter()
+        .find(|a| a.id == "proxy-a")
+        .unwrap()
+        .config
+        .clone();
+    assert!(world.stop_agent("proxy-a"));
+    let vm = world.vm_info("tenant-a-web").unwrap();
+    let admin = world.vcenter.admin();
+    admin.vddk_fault(ferry_mocks::vcenter::VddkFault {
+        count: 100,
+        delay_ms: 50,
+        ..Default::default()
+    });
+
+    let agent = AgentProcess::start(&config);
+    let url = agent.url.clone();
+    let client = http(&world);
+    let token = world.token();
+    let rt = world.runtime();
+    let req = serde_json::json!({"tenant": "tenant-a", "vm": vm});
+    // The request type the orchestrator sends accepts it.
+    let _: BackupRequest = serde_json::from_value(req.clone()).unwrap();
+    let job: serde_json::Value = rt.block_on(async {
+        let r = client
+            .post(format!("{url}/v1/backups"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&req).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{text}");
+        serde_json::from_str(&text).unwrap()
+    });
+    let id = job["id"].as_str().unwrap().to_string();
+
+    // Kill the agent while VDDK has a disk of the snapshot hot-added and open.
+    let t = Instant::now();
+    loop {
+        let st = admin.state();
+        if st.attached_count() > 0 && st.snapshot_count() > 0 && admin.vddk_open_handles() > 0 {
+            // Let some reads through first.
+            std::thread::sleep(Duration::from_millis(300));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the disk was never hot-added: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.signal(libc::SIGKILL);
+    drop(agent);
+    let st = admin.state();
+    assert!(st.snapshot_count() > 0 && st.attached_count() > 0, "{st:?}");
+    assert!(admin.vddk_open_handles() > 0);
+
+    // Restart on the same state directory: recovery and the orphan sweep run
+    // before the API serves.
+    admin.clear_faults();
+    let mut agent = AgentProcess::start(&config);
+    let url = agent.url.clone();
+    let st = admin.state();
+    assert_eq!(st.snapshot_count(), 0, "snapshot left behind: {st:?}");
+    assert_eq!(st.attached_count(), 0, "hot-added disk left behind: {st:?}");
+    assert_eq!(admin.vddk_open_handles(), 0, "VDDK handle left open");
+    assert!(
+        admin.vddk_audit().iter().any(|e| e.op == "cleanup"),
+        "VixDiskLib_Cleanup ran"
+    );
+    let rec: serde_json::Value = rt.block_on(async {
+        let r = client
+            .get(format!("{url}/v1/jobs/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        serde_json::from_str(&r.text().await.unwrap()).unwrap()
+    });
+    assert_eq!(rec["state"], "failed", "{rec:#}");
+    assert_eq!(rec["error"]["code"], "interrupted", "{rec:#}");
+    let cleanup = rec["cleanup"].as_str().unwrap_or_default();
+    assert!(cleanup.contains("removed"), "{rec:#}");
+
+    // The repository holds only whole restore points.
+    let t = world.tenant("tenant-a").unwrap();
+    let repo = ferry::repo::Repository::open(&t.repository).unwrap();
+    let keys = t.key_source().unwrap();
+    let rep = ferry::repo::verify::verify(
+        &repo,
+        keys.as_ref(),
+        &[],
+        2,
+        false,
+        &ferry::progress::Progress::default(),
+    )
+    .unwrap();
+    assert!(rep.ok(), "{:?}", rep.points);
+
+    agent.signal(libc::SIGTERM);
+    assert!(agent.child.wait().unwrap().success());
+}
