@@ -1,13 +1,17 @@
 //! An agent killed with SIGKILL in the middle of a HotAdd backup, then restarted:
 //! the job is recorded as failed ("interrupted"), the orphan sweep removes the
 //! snapshot and detaches the hot-added disk it left on vCenter, and the tenant's
-//! repository still verifies (no half-written restore point).
+//! repository still verifies (no half-written restore point). Twice: on ferry's
+//! native HotAdd path (the mock vCenter keeps every task running 1.5 s so the
+//! kill lands while the disk is attached), and with the agent's disks carried
+//! by VDDK (the mock VDDK delays every read so the kill lands mid-disk; the
+//! sweep's `VixDiskLib_Cleanup` detaches the disk and releases its handle).
 //!
 //! The agent runs as a real `ferry agent` process on the config file the
-//! simulated world wrote for proxy `proxy-a`; the mock vCenter keeps every task
-//! running 1.5 s so the kill lands while the disk is attached.
+//! simulated world wrote for proxy `proxy-a`.
 
 mod agent_support;
+mod common;
 
 use agent_support::AgentProcess;
 use ferry::agent::api::BackupRequest;
@@ -27,11 +31,24 @@ fn http(world: &World) -> reqwest::Client {
 
 #[test]
 fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
+    sigkill_mid_backup_then_restart(false);
+}
+
+#[test]
+fn sigkill_mid_vddk_read_then_restart_cleans_up_and_the_repository_verifies() {
+    sigkill_mid_backup_then_restart(true);
+}
+
+fn sigkill_mid_backup_then_restart(vddk: bool) {
     let dir = tempfile::tempdir().unwrap();
     let scenario =
         Scenario::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("mocks/scenarios/small.toml"))
             .unwrap();
-    let mut world = World::start(WorldOptions::new(scenario, dir.path())).unwrap();
+    let mut opts = WorldOptions::new(scenario, dir.path());
+    if vddk {
+        opts.vddk_library = Some(common::vsphere::mock_vddk_library());
+    }
+    let mut world = World::start(opts).unwrap();
     let config = world
         .agents
         .iter()
@@ -42,7 +59,15 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
     assert!(world.stop_agent("proxy-a"));
     let vm = world.vm_info("tenant-a-web").unwrap();
     let admin = world.vcenter.admin();
-    admin.set_task_delay(1500);
+    if vddk {
+        admin.vddk_fault(ferry_mocks::vcenter::VddkFault {
+            count: 100,
+            delay_ms: 50,
+            ..Default::default()
+        });
+    } else {
+        admin.set_task_delay(1500);
+    }
 
     let agent = AgentProcess::start(&config);
     let url = agent.url.clone();
@@ -68,11 +93,18 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
     });
     let id = job["id"].as_str().unwrap().to_string();
 
-    // Kill the agent while a snapshot exists and a disk is hot-added to proxy-a.
+    // Kill the agent while a snapshot exists and a disk is hot-added to proxy-a
+    // (with VDDK: open, and some reads through).
     let t = Instant::now();
     loop {
         let st = admin.state();
-        if st.attached_count() > 0 && st.snapshot_count() > 0 {
+        if st.attached_count() > 0
+            && st.snapshot_count() > 0
+            && (!vddk || admin.vddk_open_handles() > 0)
+        {
+            if vddk {
+                std::thread::sleep(Duration::from_millis(300));
+            }
             break;
         }
         assert!(
@@ -85,15 +117,23 @@ fn sigkill_mid_hotadd_then_restart_cleans_up_and_the_repository_verifies() {
     drop(agent);
     let st = admin.state();
     assert!(st.snapshot_count() > 0 && st.attached_count() > 0, "{st:?}");
+    assert_eq!(admin.vddk_open_handles() > 0, vddk);
 
     // Restart on the same state directory: recovery and the orphan sweep run
     // before the API serves.
+    admin.clear_faults();
     admin.set_task_delay(0);
     let mut agent = AgentProcess::start(&config);
     let url = agent.url.clone();
     let st = admin.state();
     assert_eq!(st.snapshot_count(), 0, "snapshot left behind: {st:?}");
     assert_eq!(st.attached_count(), 0, "hot-added disk left behind: {st:?}");
+    assert_eq!(admin.vddk_open_handles(), 0, "VDDK handle left open");
+    assert_eq!(
+        admin.vddk_audit().iter().any(|e| e.op == "cleanup"),
+        vddk,
+        "VixDiskLib_Cleanup ran"
+    );
     let rec: serde_json::Value = rt.block_on(async {
         let r = client
             .get(format!("{url}/v1/jobs/{id}"))

@@ -23,23 +23,6 @@ fn policy(failover: bool) -> Policy {
     }
 }
 
-fn restore_matches(w: &World, vc: &VcenterMock, vm_name: &str, out: &vm::VmBackupOutcome) {
-    for d in &out.disks {
-        let target = w.path(&format!("restored-{vm_name}-{}", d.disk));
-        w.restore(&out.report.point_id, d.disk, &target).unwrap();
-        let (want, _) = vc
-            .admin()
-            .digest(vm_name, &d.device_key.to_string(), None)
-            .unwrap();
-        assert_eq!(
-            common::hash(&target).to_hex().to_string(),
-            want,
-            "{vm_name} disk {}",
-            d.disk
-        );
-    }
-}
-
 /// Nothing left on vCenter: no snapshot, no hot-added disk, no open VDDK handle.
 fn nothing_left(vc: &VcenterMock) {
     let st = vc.admin().state();
@@ -98,7 +81,7 @@ fn hotadd_and_nbdssl_through_vddk_carry_exactly_the_selectors_mode() {
     }
     assert!(out.report.disks.iter().all(|r| r.transport == "hotadd"));
     nothing_left(&vc);
-    restore_matches(&w, &vc, "tenant-a-web", &out);
+    vsphere::restore_matches(&w, &vc, "tenant-a-web", &out);
 
     // tenant-b-db (KMS-B) cannot be hot-added by proxy-a: NBD-SSL, through VDDK,
     // decided by the selector before the snapshot.
@@ -119,7 +102,7 @@ fn hotadd_and_nbdssl_through_vddk_carry_exactly_the_selectors_mode() {
         assert!(d.reason.contains("hotadd not used"), "{}", d.reason);
     }
     nothing_left(&vc);
-    restore_matches(&w, &vc, "tenant-b-db", &out);
+    vsphere::restore_matches(&w, &vc, "tenant-b-db", &out);
 
     // The library was handed exactly one mode per connection, never a list, and
     // opened every disk in it.
@@ -229,7 +212,7 @@ fn a_hotadd_vddk_refuses_across_key_providers_fails_over_to_nbdssl_when_policy_a
     assert!(!refused.is_empty());
     assert!(refused.iter().all(|a| a.mode == "hotadd"), "{refused:?}");
     nothing_left(&vc);
-    restore_matches(&w, &vc, "tenant-a-web", &out);
+    vsphere::restore_matches(&w, &vc, "tenant-a-web", &out);
 }
 
 #[test]
@@ -330,6 +313,6 @@ fn a_session_that_expires_mid_job_is_renewed_and_vddk_joins_the_new_one() {
         "{calls:#?}"
     );
     nothing_left(&vc);
-    restore_matches(&w, &vc, "tenant-a-web", &out);
+    vsphere::restore_matches(&w, &vc, "tenant-a-web", &out);
     rt.block_on(c.logout());
 }

@@ -7,29 +7,13 @@
 //!
 //! One test function: the VDDK state is process-wide.
 
-use ferry::transport::vddk::{loader, Vddk, VddkError};
-use std::path::PathBuf;
+mod common;
 
-fn mock_library() -> PathBuf {
-    // The test executable is target/<profile>/deps/vddk_mock-*; the cdylib sits
-    // in target/<profile>/.
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("libvixDiskLib.so");
-    assert!(
-        p.exists(),
-        "{} is missing: build the mock VDDK first (cargo build -p ferry-mock-vddk; cargo test --workspace does)",
-        p.display()
-    );
-    p
-}
+use ferry::transport::vddk::{loader, Vddk, VddkError};
 
 #[test]
 fn the_mock_vddk_loads_initialises_and_exits_once() {
-    let mock = mock_library();
+    let mock = common::vsphere::mock_vddk_library();
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("lib64")).unwrap();
     let installed = dir.path().join("lib64/libvixDiskLib.so.8");

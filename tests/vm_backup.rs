@@ -155,28 +155,6 @@ fn orphan_sweep_removes_this_proxys_leftovers_and_nothing_else() {
     assert_eq!(st.snapshot_count(), 1, "px-b's snapshot stays");
 }
 
-fn restore_matches(
-    w: &World,
-    vc: &ferry_mocks::vcenter::VcenterMock,
-    vm_name: &str,
-    out: &vm::VmBackupOutcome,
-) {
-    for d in &out.disks {
-        let target = w.path(&format!("restored-{vm_name}-{}", d.disk));
-        w.restore(&out.report.point_id, d.disk, &target).unwrap();
-        let (want, _) = vc
-            .admin()
-            .digest(vm_name, &d.device_key.to_string(), None)
-            .unwrap();
-        assert_eq!(
-            common::hash(&target).to_hex().to_string(),
-            want,
-            "{vm_name} disk {}",
-            d.disk
-        );
-    }
-}
-
 #[test]
 fn an_encrypted_vm_without_a_matching_hotadd_proxy_goes_nbd_ssl() {
     let w = World::new();
@@ -227,7 +205,7 @@ fn an_encrypted_vm_without_a_matching_hotadd_proxy_goes_nbd_ssl() {
         (0, 0, 0),
         "{st:?}"
     );
-    restore_matches(&w, &vc, "tenant-b-db", &out);
+    vsphere::restore_matches(&w, &vc, "tenant-b-db", &out);
 }
 
 #[test]
@@ -280,7 +258,7 @@ fn a_hotadd_refused_by_vcenter_at_attach_time_fails_over_to_nbd_ssl() {
     );
     let st = vc.admin().state();
     assert_eq!((st.snapshot_count(), st.attached_count()), (0, 0), "{st:?}");
-    restore_matches(&w, &vc, "tenant-a-web", &out);
+    vsphere::restore_matches(&w, &vc, "tenant-a-web", &out);
 }
 
 #[test]

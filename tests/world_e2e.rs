@@ -33,6 +33,54 @@ fn whitepaper() -> Scenario {
     s
 }
 
+/// Restore the latest point of `vm` (tenant `tenant`) through agent `proxy`'s
+/// API into `target` and check every disk (device keys `keys`, in order) is
+/// bit-identical to the VM's disk in the mock vCenter.
+fn restore_and_compare(
+    world: &World,
+    tenant: &str,
+    vm: &str,
+    proxy: &str,
+    keys: &[i64],
+    target: &Path,
+) {
+    let client = world.agent_client(proxy).unwrap();
+    let job = world
+        .runtime()
+        .block_on(client.start_restore(&RestoreRequest {
+            tenant: tenant.to_string(),
+            point: format!("latest:{vm}"),
+            disks: None,
+            target: RestoreTargetSpec::Directory {
+                path: target.display().to_string(),
+            },
+        }))
+        .unwrap();
+    let done = world.runtime().block_on(async {
+        loop {
+            let j = client.job(&job.id).await.unwrap();
+            if j.state.is_terminal() {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    for (n, key) in keys.iter().enumerate() {
+        let file = ferry::job::runner::restore_path(target, vm, n as u32);
+        let got = ferry_mocks::diskgen::hash_file(&file)
+            .unwrap()
+            .to_hex()
+            .to_string();
+        let (want, _) = world
+            .vcenter
+            .admin()
+            .digest(vm, &key.to_string(), None)
+            .unwrap();
+        assert_eq!(got, want, "{vm} disk {key} restored through {proxy}");
+    }
+}
+
 #[test]
 fn whitepaper_world_backs_up_every_vm_by_key_provider_and_restores_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,47 +169,12 @@ fn whitepaper_world_backs_up_every_vm_by_key_provider_and_restores_bit_identical
             }
         }
         for (vm, proxy, _, _) in picked {
-            let client = world.agent_client(proxy).unwrap();
-            let target = restores.join(vm);
-            let job = world
-                .runtime()
-                .block_on(client.start_restore(&RestoreRequest {
-                    tenant: t.name.clone(),
-                    point: format!("latest:{vm}"),
-                    disks: None,
-                    target: RestoreTargetSpec::Directory {
-                        path: target.display().to_string(),
-                    },
-                }))
-                .unwrap();
-            let done = world.runtime().block_on(async {
-                loop {
-                    let j = client.job(&job.id).await.unwrap();
-                    if j.state.is_terminal() {
-                        return j;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            });
-            assert_eq!(done.state, JobState::Succeeded, "{done:?}");
             let keys: Vec<i64> = backed_up
                 .iter()
                 .filter(|b| &b.0 == vm)
                 .map(|b| b.3)
                 .collect();
-            for (n, key) in keys.iter().enumerate() {
-                let file = ferry::job::runner::restore_path(&target, vm, n as u32);
-                let got = ferry_mocks::diskgen::hash_file(&file)
-                    .unwrap()
-                    .to_hex()
-                    .to_string();
-                let (want, _) = world
-                    .vcenter
-                    .admin()
-                    .digest(vm, &key.to_string(), None)
-                    .unwrap();
-                assert_eq!(got, want, "{vm} disk {key} restored through {proxy}");
-            }
+            restore_and_compare(&world, &t.name, vm, proxy, &keys, &restores.join(vm));
         }
     }
 }
@@ -285,43 +298,18 @@ fn whitepaper_world_through_the_mock_vddk() {
             .iter()
             .find(|a| a.key_provider.as_deref() == Some(t.key_provider.as_str()))
             .unwrap();
-        let client = world.agent_client(&agent.id).unwrap();
+        let keys: Vec<i64> = world
+            .vcenter
+            .admin()
+            .state()
+            .vm(vm)
+            .unwrap()
+            .disks
+            .iter()
+            .map(|d| i64::from(d.key))
+            .collect();
         let target = dir.path().join("restores").join(vm);
-        let job = world
-            .runtime()
-            .block_on(client.start_restore(&RestoreRequest {
-                tenant: t.name.clone(),
-                point: format!("latest:{vm}"),
-                disks: None,
-                target: RestoreTargetSpec::Directory {
-                    path: target.display().to_string(),
-                },
-            }))
-            .unwrap();
-        let done = world.runtime().block_on(async {
-            loop {
-                let j = client.job(&job.id).await.unwrap();
-                if j.state.is_terminal() {
-                    return j;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
-        for n in 0..done.disks.len() {
-            let file = ferry::job::runner::restore_path(&target, vm, n as u32);
-            let got = ferry_mocks::diskgen::hash_file(&file)
-                .unwrap()
-                .to_hex()
-                .to_string();
-            let key = 2000 + n as i64;
-            let (want, _) = world
-                .vcenter
-                .admin()
-                .digest(vm, &key.to_string(), None)
-                .unwrap();
-            assert_eq!(got, want, "{vm} disk {key}");
-        }
+        restore_and_compare(&world, &t.name, vm, &agent.id, &keys, &target);
     }
 }
 

@@ -126,16 +126,11 @@ pub struct Settings {
 /// What `[vddk]` makes of this agent's data path, checked at start without
 /// loading the library (its files and version only): `native` without `[vddk]`.
 pub fn data_path_of(v: Option<&crate::config::VddkSection>) -> String {
-    let Some(v) = v else {
-        return "native".into();
-    };
-    match crate::transport::vddk::loader::probe(&v.libdir) {
-        Ok((path, version)) => format!("vddk {version} ({})", path.display()),
-        Err(e) => {
-            tracing::warn!(error = %e, "[vddk] is configured but VDDK cannot be used; jobs will fail until it is installed");
-            format!("vddk unavailable: {e}")
-        }
+    let d = crate::transport::vddk::loader::data_path(v.map(|v| v.libdir.as_path()));
+    if d.starts_with("vddk unavailable") {
+        tracing::warn!(data_path = %d, "[vddk] is configured but VDDK cannot be used; jobs will fail until it is installed");
     }
+    d
 }
 
 /// A configured agent, ready to start.

@@ -662,15 +662,18 @@ impl Orchestrator {
             grant: job.lesser_mode.grant(&wait, &idle),
         };
         let load = ledger.load(reported);
-        let mut plan = plan_vm(
-            &it.inv,
-            tenant,
-            &job.policy,
-            cands,
-            &mut load.clone(),
-            &it.tried,
-            &allow,
-        );
+        let plan_with = |allow: &Allowance| {
+            plan_vm(
+                &it.inv,
+                tenant,
+                &job.policy,
+                cands,
+                &mut load.clone(),
+                &it.tried,
+                allow,
+            )
+        };
+        let mut plan = plan_with(&allow);
         if job.lesser_mode == LesserMode::WhenIdle
             && matches!(plan.decision, Decision::Deferred { .. })
         {
@@ -682,15 +685,7 @@ impl Orchestrator {
                     ledger.expected_wait(&agent, total, free, it.inv.vm.disks.len() as u32, 0);
                 allow.grant = job.lesser_mode.grant(&wait, &idle);
                 if allow.grant != Grant::No {
-                    plan = plan_vm(
-                        &it.inv,
-                        tenant,
-                        &job.policy,
-                        cands,
-                        &mut load.clone(),
-                        &it.tried,
-                        &allow,
-                    );
+                    plan = plan_with(&allow);
                 }
             }
         }

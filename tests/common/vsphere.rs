@@ -148,3 +148,27 @@ pub fn vddk_calls(log: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Every disk of `out` restores from `w`'s repository to exactly what `vm_name`
+/// held at snapshot time (the mock's digest).
+pub fn restore_matches(
+    w: &super::World,
+    vc: &VcenterMock,
+    vm_name: &str,
+    out: &ferry::job::vm::VmBackupOutcome,
+) {
+    for d in &out.disks {
+        let target = w.path(&format!("restored-{vm_name}-{}", d.disk));
+        w.restore(&out.report.point_id, d.disk, &target).unwrap();
+        let (want, _) = vc
+            .admin()
+            .digest(vm_name, &d.device_key.to_string(), None)
+            .unwrap();
+        assert_eq!(
+            super::hash(&target).to_hex().to_string(),
+            want,
+            "{vm_name} disk {}",
+            d.disk
+        );
+    }
+}

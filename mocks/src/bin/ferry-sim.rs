@@ -312,6 +312,8 @@ fn exit(r: anyhow::Result<()>) -> ExitCode {
 fn init_logs(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // No colour codes into files and journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),

@@ -296,7 +296,10 @@ fn restore_into_vm(
             disks.as_deref(),
             ferry::job::vm_restore::VmRef::Name(vm.clone()),
         )?;
-        return Ok(crate::cmd_vm::print_plan(out, &sel));
+        let layer = ferry::transport::vddk::loader::data_path(
+            cfg.vddk.as_ref().map(|s| s.libdir.as_path()),
+        );
+        return Ok(crate::cmd_vm::print_plan(out, &sel, &layer));
     }
     let bar = out.progress_bar(progress.clone(), "restore");
     let res = runner.restore_into_vm(

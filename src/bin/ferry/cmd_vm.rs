@@ -47,6 +47,11 @@ pub struct VmArgs {
     /// Directory with ca-cert.pem for NBD-SSL (default: [nbd] tls_certificates).
     #[arg(long, requires = "vm")]
     pub nbd_tls_certificates: Option<PathBuf>,
+    /// Carry the disks through VMware's VDDK from this directory (the one holding
+    /// lib64/libvixDiskLib.so.8 or .so.7; default: [vddk] libdir, else ferry's
+    /// native HotAdd and NBD paths).
+    #[arg(long, requires = "vm")]
+    pub vddk_libdir: Option<PathBuf>,
     /// Turn changed block tracking on for the VM when it is off (incrementals
     /// start with the backup after this one).
     #[arg(long, requires = "vm")]
@@ -111,6 +116,14 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
     if v.no_failover {
         policy.failover_to_network = false;
     }
+    let vddk = match (&v.vddk_libdir, &cfg.vddk) {
+        (Some(dir), section) => Some(ferry::job::vm::VddkSettings {
+            libdir: dir.clone(),
+            config_file: section.as_ref().and_then(|s| s.config_file.clone()),
+            nfc_port: section.as_ref().map_or(902, |s| s.nfc_port),
+        }),
+        (None, section) => section.as_ref().map(ferry::job::vm::VddkSettings::from),
+    };
     if v.dry_run {
         let client_cfg = v.conn.client_config()?;
         let sel = runtime()?.block_on(async {
@@ -119,7 +132,9 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
             c.logout().await;
             Ok::<_, anyhow::Error>(r?)
         })?;
-        return Ok(print_plan(out, &sel));
+        let layer =
+            ferry::transport::vddk::loader::data_path(vddk.as_ref().map(|s| s.libdir.as_path()));
+        return Ok(print_plan(out, &sel, &layer));
     }
     let repo = Arc::new(Repository::open(
         a.repo.as_deref().context("--repo is required")?,
@@ -145,7 +160,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         lock_wait: Duration::from_secs(a.lock_wait),
         hotadd_wait: Duration::from_secs(60),
         placement: Default::default(),
-        vddk: cfg.vddk.as_ref().map(ferry::job::vm::VddkSettings::from),
+        vddk,
     };
     let client_cfg = v.conn.client_config()?;
     let rt = runtime()?;
@@ -173,10 +188,10 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// `--dry-run`: the selection table and the full explanation (or the selection as
 /// JSON); exit 1 when the job would be refused, 0 when it would run.
-pub fn print_plan(out: &Output, sel: &Selection) -> u8 {
+pub fn print_plan(out: &Output, sel: &Selection, data_path: &str) -> u8 {
     out.result(sel, || {
         format!(
-            "{}\n{}\n(dry run: nothing was changed)",
+            "{}\n{}\ndata path: {data_path}\n(dry run: nothing was changed)",
             select::render_table(std::slice::from_ref(sel)),
             sel.explain()
         )

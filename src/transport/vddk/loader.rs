@@ -421,6 +421,19 @@ unsafe extern "C" fn panic_cb(fmt: *const c_char, ap: *mut c_void) {
     forward(LogLevel::Panic, fmt, ap)
 }
 
+/// Which layer will carry disks, checked without loading the library: `native`
+/// without a VDDK directory, else `vddk <version> (<library>)` or `vddk
+/// unavailable: <why>`. For `GET /v1/info`, `plan` and `--dry-run`.
+pub fn data_path(libdir: Option<&Path>) -> String {
+    let Some(dir) = libdir else {
+        return "native".into();
+    };
+    match probe(dir) {
+        Ok((path, version)) => format!("vddk {version} ({})", path.display()),
+        Err(e) => format!("vddk unavailable: {e}"),
+    }
+}
+
 /// An initialised VDDK library.
 ///
 /// `VixDiskLib_InitEx` runs once per loaded library ([`Vddk::init`]); every later
