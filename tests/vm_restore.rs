@@ -176,6 +176,7 @@ impl Setup {
             lock_wait: Duration::from_secs(10),
             hotadd_wait: Duration::from_secs(10),
             required_key_provider: Some("KMS-A".into()),
+            vddk: None,
         }
     }
 

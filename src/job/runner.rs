@@ -347,6 +347,8 @@ impl VmJobRunner {
             lock_wait: LOCK_WAIT,
             hotadd_wait: HOTADD_WAIT,
             required_key_provider: ctx.tenant.key_provider.clone(),
+            // Through VDDK when the agent has [vddk], exactly as backups.
+            vddk: self.vddk.clone(),
         };
         let result = ctx.runtime.block_on(vm_restore::restore_vm(
             &client,
@@ -659,7 +661,7 @@ fn restore_vm_err(e: VmRestoreError) -> RunError {
         }
         VmRestoreError::Vsphere(_) => RunError::Vsphere(msg),
         VmRestoreError::NoSuchDisk { .. } => RunError::NotFound(msg),
-        VmRestoreError::Target { .. } => RunError::Transport(msg),
+        VmRestoreError::Target { .. } | VmRestoreError::Vddk(_) => RunError::Transport(msg),
         VmRestoreError::Job(j) => match job_err_ref(j) {
             Code::Transport => RunError::Transport(msg),
             Code::Repository => RunError::Repository(msg),

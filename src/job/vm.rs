@@ -109,16 +109,21 @@ impl From<&crate::config::VddkSection> for VddkSettings {
 /// VDDK for one VM job: the initialised library, the connection parameters
 /// from ferry's own vCenter session (cookie, and the SHA-1 thumbprint of the
 /// certificate ferry verified), and PrepareForAccess held until the job ends.
-struct VddkJob {
-    vddk: Arc<crate::transport::vddk::Vddk>,
-    spec: crate::transport::vddk::ConnectSpec,
+/// Also used by restores into a VM ([`super::vm_restore`]).
+pub(super) struct VddkJob {
+    pub(super) vddk: Arc<crate::transport::vddk::Vddk>,
+    pub(super) spec: crate::transport::vddk::ConnectSpec,
     access: Option<crate::transport::vddk::AccessGuard>,
 }
 
 impl VddkJob {
     /// Load and initialise VDDK, describe vCenter and the VM to it, and announce
     /// the access (before the snapshot, as VDDK asks).
-    async fn start(client: &Client, vm: &Vm, s: &VddkSettings) -> Result<VddkJob, VmJobError> {
+    pub(super) async fn start(
+        client: &Client,
+        vm: &Vm,
+        s: &VddkSettings,
+    ) -> Result<VddkJob, VmJobError> {
         use crate::transport::vddk::AccessGuard;
         let vddk = init_vddk(s).await?;
         let spec = connect_spec(client, &vm.moref.value, s)
@@ -170,7 +175,7 @@ impl VddkJob {
     }
 
     /// EndAccess (after the snapshot is gone).
-    async fn end(mut self) {
+    pub(super) async fn end(mut self) {
         if let Some(a) = self.access.take() {
             match tokio::task::spawn_blocking(move || a.end()).await {
                 Ok(Ok(())) => {}
@@ -182,7 +187,9 @@ impl VddkJob {
 }
 
 /// Load and initialise VDDK from `s` (once per directory and process).
-async fn init_vddk(s: &VddkSettings) -> Result<Arc<crate::transport::vddk::Vddk>, VmJobError> {
+pub(super) async fn init_vddk(
+    s: &VddkSettings,
+) -> Result<Arc<crate::transport::vddk::Vddk>, VmJobError> {
     let (libdir, cfg) = (s.libdir.clone(), s.config_file.clone());
     Ok(tokio::task::spawn_blocking(move || {
         crate::transport::vddk::Vddk::init(&libdir, cfg.as_deref())
@@ -194,7 +201,7 @@ async fn init_vddk(s: &VddkSettings) -> Result<Arc<crate::transport::vddk::Vddk>
 /// VDDK's connection parameters for `vm_moref` from ferry's own vCenter session:
 /// the session cookie (no password is handed over) and the SHA-1 thumbprint of
 /// the certificate ferry verified.
-fn connect_spec(
+pub(super) fn connect_spec(
     client: &Client,
     vm_moref: &str,
     s: &VddkSettings,
@@ -224,7 +231,7 @@ fn connect_spec(
 /// HotAdd, for example across key providers): the job then takes the selector's
 /// next decision, as for a hot-add vCenter refuses. Library or session trouble
 /// is not a refusal of the mode.
-fn vddk_refused_mode(e: &SourceError) -> bool {
+pub(super) fn vddk_refused_mode(e: &SourceError) -> bool {
     use crate::transport::vddk::VddkError;
     match crate::transport::vddk::vddk_error(e) {
         Some(VddkError::ModeMismatch { .. }) => true,

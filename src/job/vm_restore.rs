@@ -13,12 +13,28 @@
 //! created is detached and destroyed, so no half-written disk is left on the VM,
 //! and the error says what cleanup did.
 //!
+//! With VDDK settings the writes go through VMware's VDDK instead, exactly as
+//! backups do: VDDK is loaded and PrepareForAccess announced for the target VM
+//! before anything changes, and each new disk is opened writable in exactly the
+//! selector's mode. VDDK opens a disk for write by HotAdd only with a snapshot
+//! ("With SAN/HotAdd, opening for write requires a pre-existing snapshot"), so a
+//! HotAdd disk is written under a `ferry-<job id>` snapshot of the target VM taken
+//! after the new disk exists: the new disk's base is written through the snapshot,
+//! then the snapshot is removed, which consolidates the (empty) delta of the new
+//! disk into it. ferry removes rather than reverts: reverting a VM to a snapshot
+//! taken without memory powers it off and discards what its guest wrote to its
+//! other disks meanwhile, which a restore into new disks of a running VM must not
+//! do. A HotAdd VDDK refuses fails over to NBD-SSL through VDDK when policy allows
+//! (without a snapshot: NFC writes the live disk).
+//!
 //! Owns the order of control-plane steps of a VM restore and its cleanup. Must not:
 //! decide transports itself (that is [`crate::transport::select`]), know SOAP (that
 //! is [`crate::vsphere`]), touch disks it did not create, or open the restore point
 //! (the caller hands it over opened, with its keys).
 
-use super::vm::{proxy_info, NbdSettings, ThisProxy, VmJobError};
+use super::vm::{
+    proxy_info, vddk_refused_mode, NbdSettings, ThisProxy, VddkJob, VddkSettings, VmJobError,
+};
 use super::JobError;
 use crate::pipeline::restore::{restore_disk, KeyTable};
 use crate::pipeline::{PipelineConfig, PipelineError};
@@ -64,6 +80,9 @@ pub enum VmRestoreError {
     /// Restore pipeline or repository.
     #[error(transparent)]
     Job(#[from] JobError),
+    /// VMware's VDDK could not be loaded, initialised or used for the VM.
+    #[error("VDDK: {0}")]
+    Vddk(#[from] crate::transport::vddk::VddkError),
     /// The restore point has no disk with this number.
     #[error("restore point {point} has no disk {disk}")]
     NoSuchDisk {
@@ -117,6 +136,7 @@ impl From<VmJobError> for VmRestoreError {
         match e {
             VmJobError::Vsphere(v) => v.into(),
             VmJobError::Job(j) => VmRestoreError::Job(j),
+            VmJobError::Vddk(v) => VmRestoreError::Vddk(v),
             e => VmRestoreError::Invalid(e.to_string()),
         }
     }
@@ -163,6 +183,9 @@ pub struct VmRestoreRequest {
     /// encrypted under it (a tenant's data never lands in another tenant's VM or
     /// in an unencrypted one).
     pub required_key_provider: Option<String>,
+    /// Carry every write through VDDK instead of the native paths (HotAdd then
+    /// writes under a snapshot of the target VM, see the module documentation).
+    pub vddk: Option<VddkSettings>,
 }
 
 /// Why `vm` may not receive data of a tenant whose key provider is `required`
@@ -309,6 +332,8 @@ struct Created {
     disks: Vec<VirtualDisk>,
     /// Of those, attached to this proxy right now.
     attached: Vec<AttachedDisk>,
+    /// The snapshot of the target VM a VDDK HotAdd writes under, while it exists.
+    snapshot: Option<MoRef>,
 }
 
 /// Plan `point`'s disks into `target` on this proxy without changing anything
@@ -450,6 +475,12 @@ pub async fn restore_vm(
             .map_err(|e| VmRestoreError::Invalid(format!("repository lock thread failed: {e}")))?
             .map_err(JobError::from)?
     };
+    // VDDK is loaded and the access announced before anything changes, so a
+    // missing or broken library leaves nothing to clean up.
+    let vddk = match &req.vddk {
+        Some(settings) => Some(VddkJob::start(client, &vm, settings).await?),
+        None => None,
+    };
     Progress::add(&progress.total, disks.iter().map(|d| d.size).sum());
     let mut created = Created::default();
     let ctx = Ctx {
@@ -463,19 +494,12 @@ pub async fn restore_vm(
         point,
         req,
         progress,
+        vddk: vddk.as_ref(),
     };
     let result = ctx.restore_all(&disks, &mut created).await;
     drop(lock);
-    match result {
-        Ok(out) => {
-            // Every hot-added disk was detached right after it was written.
-            Ok(VmRestoreOutcome {
-                vm: vm.name.clone(),
-                moref: vm.moref.value.clone(),
-                selection,
-                disks: out,
-            })
-        }
+    let result = match result {
+        Ok(out) => Ok(out),
         Err(cause) => {
             let cleanup = cleanup(client, &vm, &mut created).await;
             tracing::error!(error = %cause, %cleanup, "restore into VM failed");
@@ -484,6 +508,21 @@ pub async fn restore_vm(
                 cleanup,
             })
         }
+    };
+    // EndAccess once every VDDK handle is closed and the snapshot is gone.
+    if let Some(v) = vddk {
+        v.end().await;
+    }
+    match result {
+        // Every hot-added disk was detached (every VDDK handle closed, every
+        // snapshot removed) right after it was written.
+        Ok(out) => Ok(VmRestoreOutcome {
+            vm: vm.name.clone(),
+            moref: vm.moref.value.clone(),
+            selection,
+            disks: out,
+        }),
+        Err(e) => Err(e),
     }
 }
 
@@ -517,8 +556,9 @@ pub async fn remove_interrupted_disks(
     Ok(removed)
 }
 
-/// Detach every disk still attached to this proxy, then destroy every disk the job
-/// created on the VM. Returns what happened, for the error message.
+/// Detach every disk still attached to this proxy, remove the job's snapshot of
+/// the VM (a disk with snapshots cannot be destroyed), then destroy every disk the
+/// job created on the VM. Returns what happened, for the error message.
 async fn cleanup(client: &Client, vm: &Vm, created: &mut Created) -> String {
     let mut left = Vec::new();
     for a in created.attached.drain(..).rev() {
@@ -527,6 +567,15 @@ async fn cleanup(client: &Client, vm: &Vm, created: &mut Created) -> String {
             left.push(format!(
                 "{} is still attached to the proxy VM ({e})",
                 a.file_name
+            ));
+        }
+    }
+    if let Some(snap) = created.snapshot.take() {
+        if let Err(e) = client.remove_snapshot(&snap).await {
+            tracing::error!(error = %e, snapshot = %snap.value, "removing the restore's snapshot failed; the orphan sweep will retry");
+            left.push(format!(
+                "snapshot {} of VM {} is still there ({e})",
+                snap.value, vm.name
             ));
         }
     }
@@ -573,6 +622,8 @@ struct Ctx<'a> {
     point: Arc<OpenPoint>,
     req: &'a VmRestoreRequest,
     progress: Arc<Progress>,
+    /// VDDK for the target VM, when the writes go through it.
+    vddk: Option<&'a VddkJob>,
 }
 
 impl Ctx<'_> {
@@ -627,41 +678,46 @@ impl Ctx<'_> {
         let new_disk = self.client.create_disk(&self.vm.moref, &spec).await?;
         created.disks.push(new_disk.clone());
         self.check_new_disk(&new_disk, d.size)?;
-        let target: Box<dyn DiskTarget> = loop {
-            match mode {
-                Mode::HotAdd => match self.hotadd(&new_disk, created).await {
-                    Ok(t) => break t,
-                    Err(e)
-                        if e.is_crypto()
-                            && self.req.policy.failover_to_network
-                            && self.me.modes.contains(&Mode::NbdSsl) =>
-                    {
-                        tracing::warn!(error = %e, "HotAdd of the new disk refused by vCenter; continuing by NBD-SSL as policy allows");
-                        reason = format!(
+        let target: Box<dyn DiskTarget> = if let Some(v) = self.vddk {
+            self.vddk_target(v, &new_disk, &mut mode, &mut reason, &what, created)
+                .await?
+        } else {
+            loop {
+                match mode {
+                    Mode::HotAdd => match self.hotadd(&new_disk, created).await {
+                        Ok(t) => break t,
+                        Err(e)
+                            if e.is_crypto()
+                                && self.req.policy.failover_to_network
+                                && self.me.modes.contains(&Mode::NbdSsl) =>
+                        {
+                            tracing::warn!(error = %e, "HotAdd of the new disk refused by vCenter; continuing by NBD-SSL as policy allows");
+                            reason = format!(
                             "{reason}; HotAdd then refused by vCenter ({e}), failed over to NBD-SSL"
                         );
-                        mode = Mode::NbdSsl;
+                            mode = Mode::NbdSsl;
+                        }
+                        Err(HotAddError::Vsphere(v)) => return Err(v.into()),
+                        Err(HotAddError::Target(source)) => {
+                            return Err(VmRestoreError::Target {
+                                vm: self.vm.name.clone(),
+                                disk: what,
+                                source,
+                            })
+                        }
+                        Err(HotAddError::Invalid(m)) => return Err(VmRestoreError::Invalid(m)),
+                    },
+                    Mode::NbdSsl | Mode::Nbd => {
+                        break self.nbd(&new_disk, mode).await.map_err(|e| match e {
+                            NbdOpenError::Vsphere(v) => v.into(),
+                            NbdOpenError::Target(source) => VmRestoreError::Target {
+                                vm: self.vm.name.clone(),
+                                disk: what.clone(),
+                                source,
+                            },
+                            NbdOpenError::Invalid(m) => VmRestoreError::Invalid(m),
+                        })?
                     }
-                    Err(HotAddError::Vsphere(v)) => return Err(v.into()),
-                    Err(HotAddError::Target(source)) => {
-                        return Err(VmRestoreError::Target {
-                            vm: self.vm.name.clone(),
-                            disk: what,
-                            source,
-                        })
-                    }
-                    Err(HotAddError::Invalid(m)) => return Err(VmRestoreError::Invalid(m)),
-                },
-                Mode::NbdSsl | Mode::Nbd => {
-                    break self.nbd(&new_disk, mode).await.map_err(|e| match e {
-                        NbdOpenError::Vsphere(v) => v.into(),
-                        NbdOpenError::Target(source) => VmRestoreError::Target {
-                            vm: self.vm.name.clone(),
-                            disk: what.clone(),
-                            source,
-                        },
-                        NbdOpenError::Invalid(m) => VmRestoreError::Invalid(m),
-                    })?
                 }
             }
         };
@@ -673,7 +729,7 @@ impl Ctx<'_> {
             tokio::task::spawn_blocking(move || -> Result<_, JobError> {
                 let index = repo.open_index(&point, n)?;
                 let table = KeyTable::new(point.keys.iter());
-                Ok(restore_disk(
+                let stats = restore_disk(
                     repo.as_ref(),
                     index,
                     &table,
@@ -681,7 +737,11 @@ impl Ctx<'_> {
                     target.as_ref(),
                     pipeline,
                     &progress,
-                )?)
+                );
+                // Closed here, whatever happened: a VDDK handle (and the disk VDDK
+                // hot-added for it) is gone before the snapshot is removed.
+                drop(target);
+                Ok(stats?)
             })
             .await
             .map_err(|e| VmRestoreError::Invalid(format!("restore thread failed: {e}")))??
@@ -691,6 +751,13 @@ impl Ctx<'_> {
         if let Some(a) = created.attached.last().cloned() {
             self.client.detach_disk(&a).await?;
             created.attached.pop();
+        }
+        // VDDK HotAdd wrote the new disk's base under a snapshot: removing it
+        // consolidates, and the new disk is the VM's again (it stays in the cleanup
+        // list until the removal succeeded).
+        if let Some(snap) = created.snapshot.clone() {
+            self.client.remove_snapshot(&snap).await?;
+            created.snapshot = None;
         }
         tracing::info!(
             bytes = stats.bytes_written,
@@ -707,6 +774,112 @@ impl Ctx<'_> {
             bytes_written: stats.bytes_written,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Open the new disk `disk` through VDDK, writable, in exactly `mode` (the
+    /// selector's; NBD-SSL after a HotAdd VDDK refused, when policy allows, with
+    /// the reason extended). HotAdd writes the disk's base under a snapshot of the
+    /// VM taken now, recorded in `created` until it is removed; NBD-SSL writes the
+    /// live disk, without a snapshot.
+    async fn vddk_target(
+        &self,
+        v: &VddkJob,
+        disk: &VirtualDisk,
+        mode: &mut Mode,
+        reason: &mut String,
+        what: &str,
+        created: &mut Created,
+    ) -> Result<Box<dyn DiskTarget>, VmRestoreError> {
+        loop {
+            if *mode == Mode::Nbd && (self.vm.key_id.is_some() || disk.key_id.is_some()) {
+                // The selector never picks it; this is the last line of defence.
+                return Err(VmRestoreError::Invalid(format!(
+                    "refusing clear-text NBD for encrypted VM {}",
+                    self.vm.name
+                )));
+            }
+            let (path, snap) = match *mode {
+                Mode::HotAdd => {
+                    let snap = self.snapshot_for_hotadd(created).await?;
+                    let path = self
+                        .client
+                        .snapshot_disks(&snap)
+                        .await?
+                        .into_iter()
+                        .find(|x| x.key == disk.key)
+                        .map(|x| x.file_name)
+                        .ok_or_else(|| {
+                            VmRestoreError::Invalid(format!(
+                                "snapshot {} of VM {} has no disk {} ({})",
+                                snap.value, self.vm.name, disk.key, disk.file_name
+                            ))
+                        })?;
+                    (path, Some(snap))
+                }
+                Mode::NbdSsl | Mode::Nbd => (disk.file_name.clone(), None),
+            };
+            match open_vddk_target(self.client, v, path, snap.as_ref(), *mode).await {
+                Ok(t) => {
+                    *reason = format!(
+                        "{reason}; carried by VDDK {} ({mode} confirmed by GetTransportMode, opened for write{})",
+                        v.vddk.version(),
+                        match &snap {
+                            Some(s) => format!(" under snapshot {}", s.value),
+                            None => String::new(),
+                        }
+                    );
+                    return Ok(t);
+                }
+                Err(e)
+                    if *mode == Mode::HotAdd
+                        && vddk_refused_mode(&e)
+                        && self.req.policy.failover_to_network
+                        && self.me.modes.contains(&Mode::NbdSsl) =>
+                {
+                    tracing::warn!(error = %e, "HotAdd of the new disk refused by VDDK; continuing by NBD-SSL as policy allows");
+                    *reason = format!(
+                        "{reason}; HotAdd then refused by VDDK ({e}), failed over to NBD-SSL"
+                    );
+                    // NBD-SSL writes the live disk: no snapshot.
+                    if let Some(s) = created.snapshot.clone() {
+                        self.client.remove_snapshot(&s).await?;
+                        created.snapshot = None;
+                    }
+                    *mode = Mode::NbdSsl;
+                }
+                Err(source) => {
+                    return Err(VmRestoreError::Target {
+                        vm: self.vm.name.clone(),
+                        disk: what.to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Snapshot the target VM for a VDDK HotAdd write (`ferry-<job id>`, the name
+    /// the orphan sweep removes after a crash), recorded in `created`.
+    async fn snapshot_for_hotadd(&self, created: &mut Created) -> Result<MoRef, VmRestoreError> {
+        if let Some(s) = &created.snapshot {
+            return Ok(s.clone());
+        }
+        let name = crate::vsphere::snapshot_name(&self.req.job_id);
+        let snap = self
+            .client
+            .create_snapshot(
+                self.vm,
+                &name,
+                &format!(
+                    "{} {} (restore: new disks written by HotAdd through VDDK)",
+                    crate::vsphere::SNAPSHOT_DESCRIPTION_PREFIX,
+                    self.req.job_id
+                ),
+                false,
+            )
+            .await?;
+        created.snapshot = Some(snap.clone());
+        Ok(snap)
     }
 
     /// ferry writes only into a disk that is what it asked for: big enough, and
@@ -826,6 +999,41 @@ impl Ctx<'_> {
             .map_err(NbdOpenError::Target)?;
         Ok(Box::new(t))
     }
+}
+
+/// Connect VDDK to the target VM on the session `client` holds now (it may have
+/// logged in again), read-write, in exactly `mode` (under `snap` for HotAdd), and
+/// open `path` for writing; the disk is new, so zero chunks need no write.
+async fn open_vddk_target(
+    client: &Client,
+    v: &VddkJob,
+    path: String,
+    snap: Option<&MoRef>,
+    mode: Mode,
+) -> Result<Box<dyn DiskTarget>, SourceError> {
+    use crate::transport::vddk::{Connection, VddkTarget};
+    let mut spec = v.spec.clone();
+    if let Some(c) = client.session_cookie() {
+        spec.session_cookie = c.to_string();
+    }
+    spec.snapshot_moref = snap.map(|s| s.value.clone());
+    spec.mode = mode;
+    spec.read_only = false;
+    let vddk = v.vddk.clone();
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = Connection::connect(&vddk, &spec).map_err(|e| SourceError::Open {
+            path: p.clone(),
+            err: std::io::Error::other(e),
+        })?;
+        let t = VddkTarget::open(&conn, &p, true)?;
+        Ok(Box::new(t) as Box<dyn DiskTarget>)
+    })
+    .await
+    .map_err(|e| SourceError::Open {
+        path,
+        err: std::io::Error::other(format!("VDDK open thread failed: {e}")),
+    })?
 }
 
 #[derive(Debug, thiserror::Error)]

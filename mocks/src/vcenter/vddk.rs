@@ -1,13 +1,20 @@
 //! What ESXi and vCenter do for VDDK, for the mock VDDK (`mocks/vddk`, the
 //! `libvixDiskLib` cdylib): JSON endpoints under `/mockvddk/` on the mock vCenter's
 //! HTTPS server, authenticated by the `vmware_soap_session` cookie of a live SOAP
-//! session. They open a VM's snapshot disk (or a live disk, for restores) with one
-//! transport, serve NBD/NBD-SSL reads and writes as HTTPS range requests, hot-add
-//! through the same ReconfigVM rules and device entries as the SOAP face (so a
-//! `hotadd` open really attaches the disk to the proxy VM, and the mock VDDK reads the
-//! device file locally), answer allocated extents, clean up leftovers, keep an
+//! session. They open a VM's snapshot disk (or a live disk, for restores over the
+//! network) with one transport, serve NBD/NBD-SSL reads and writes as HTTPS range
+//! requests, hot-add through the same ReconfigVM rules and device entries as the
+//! SOAP face (so a `hotadd` open really attaches the disk to the proxy VM, and the
+//! mock VDDK reads and writes the device file locally), answer allocated extents,
+//! clean up leftovers, keep an
 //! **audit log** of every open, close, hot-add, detach and refusal, and apply the
 //! VDDK fault plan (read errors, a connection dying mid-disk, slow reads).
+//!
+//! `hotadd` always needs a snapshot, as on vSphere ("With SAN/HotAdd, opening for
+//! write requires a pre-existing snapshot"): read-only it serves the snapshot's
+//! frozen disk; writable it writes the snapshot's base disk (VDDK's restore
+//! procedure), and what was written is in the disk once the snapshot is removed.
+//! A `hotadd` open without a snapshot is refused (VIX_E_FAIL) and audited.
 //!
 //! Errors are answered as `{"vix": <VDDK error code>, "error": "<message>"}` with a
 //! 4xx status; the codes are the ones a real VDDK returns (see docs/mocks.md, "The mock
@@ -17,9 +24,7 @@
 
 use super::disk::{Disk, Frozen, ReaderKind};
 use super::ids;
-use super::inventory::{
-    AddDisk, DeviceChange, ReconfigSpec, READ_ONLY_MODE, SCSI_KEY, WRITABLE_MODE,
-};
+use super::inventory::{AddDisk, DeviceChange, ReconfigSpec, READ_ONLY_MODE, SCSI_KEY};
 use super::server::{AppState, ConnInfo};
 use super::session;
 use super::world::{lock, World};
@@ -153,6 +158,9 @@ struct OpenDisk {
     read_only: bool,
     /// (proxy VM moref, device key) of a hot-added disk.
     attached: Option<(String, i32)>,
+    /// The device entry a writable hot-add writes through (folded into the disk
+    /// at close, see [`fold_written`]).
+    written_through: Option<std::path::PathBuf>,
     fault: Option<VddkFault>,
     served: u64,
 }
@@ -548,8 +556,10 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
         Ok(r) => r,
         Err(e) => return Err(refuse(world, a, e)),
     };
-    // A snapshot's disk is frozen: always read-only, whatever the flags say.
-    let read_only = b.read_only || r.snap.is_some();
+    // A snapshot's disk is frozen for the network modes: always read-only,
+    // whatever the flags say. HotAdd is VDDK's way to write a VM's base disk:
+    // with a snapshot (see below), and only with one.
+    let read_only = b.read_only || (r.snap.is_some() && b.mode != "hotadd");
     a.read_only = read_only;
     match b.mode.as_str() {
         "hotadd" | "nbdssl" => {}
@@ -584,6 +594,7 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
         "uuid": r.uuid,
         "encrypted": r.provider.is_some(),
     });
+    let mut written_through = None;
     let (src, attached) = if b.mode == "hotadd" {
         let Some((pi, _, op)) = &r.proxy else {
             let e = verr(
@@ -592,14 +603,28 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
             );
             return Err(refuse(world, a, e));
         };
-        if r.snap.is_none() && read_only {
-            // A live disk can only be hot-added writable (independent_persistent).
-            let e = verr(
-                vix::FAIL,
-                format!("Cannot use mode hotadd to access {} read-only: open a snapshot's disk, or the live disk for writing", b.path),
-            );
+        if r.snap.is_none() {
+            // VMware's rule: "With SAN/HotAdd, opening for write requires a
+            // pre-existing snapshot" (restores snapshot the VM, open the base disk
+            // for write by HotAdd, then remove or revert to the snapshot); reads
+            // hot-add a snapshot's disk too.
+            let e = if read_only {
+                verr(
+                    vix::FAIL,
+                    format!("Cannot use mode hotadd to access {} read-only without a snapshot: open a snapshot's disk (pass its moref to ConnectEx)", b.path),
+                )
+            } else {
+                verr(
+                    vix::FAIL,
+                    format!("Cannot use mode hotadd to open {} for writing without a snapshot: with SAN/HotAdd, opening for write requires a pre-existing snapshot of VM {} (take one and pass its moref to ConnectEx, or write by nbdssl)", b.path, r.vm_name),
+                )
+            };
             return Err(refuse(world, a, e));
         }
+        // The snapshot's base disk, attached through the inventory's ReconfigVM
+        // rules (key provider, datastore, locks). The inventory attaches a
+        // snapshot's file only non-persistent; a writable handle writes through
+        // the device entry and what it wrote is folded into the disk at close.
         let spec = ReconfigSpec {
             cbt: None,
             changes: vec![DeviceChange::Add(AddDisk {
@@ -607,12 +632,7 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
                 controller_key: SCSI_KEY,
                 unit: None,
                 file_name: r.file.clone(),
-                disk_mode: if r.snap.is_some() {
-                    READ_ONLY_MODE
-                } else {
-                    WRITABLE_MODE
-                }
-                .into(),
+                disk_mode: READ_ONLY_MODE.into(),
             })],
         };
         let done = {
@@ -653,6 +673,9 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
             ));
         };
         out["device"] = serde_json::json!(entry.display().to_string());
+        if !read_only {
+            written_through = Some(entry.clone());
+        }
         if let Some(f) = &fault {
             out["fault"] = serde_json::to_value(f).unwrap_or_default();
         }
@@ -703,11 +726,49 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
             capacity: r.capacity,
             read_only,
             attached,
+            written_through,
             fault,
             served: 0,
         },
     );
     Ok(out)
+}
+
+/// What a writable hot-add wrote through its device entry `dev` into the base
+/// disk of snapshot `snap`, made part of `disk`: every 64 KiB block whose device
+/// content differs from the snapshot's content is written into the disk's chain.
+/// The mock's layers keep their own allocation maps and only the live layer takes
+/// writes, so the blocks land in the live delta above the snapshot; removing the
+/// snapshot consolidates them into the base, which then holds what was written
+/// (as on ESXi, where the base was written in place). A guest write to the same
+/// block after the snapshot is overwritten (on ESXi it would stay on top); ferry
+/// writes only new disks this way, which no guest has written. Returns the number
+/// of blocks kept.
+fn fold_written(
+    dev: &std::path::Path,
+    disk: &Disk,
+    snap: u64,
+    capacity: u64,
+) -> Result<u64, String> {
+    use std::os::unix::fs::FileExt;
+    const STEP: u64 = super::disk::BLOCK;
+    let f = std::fs::File::open(dev).map_err(|e| format!("{}: {e}", dev.display()))?;
+    let (mut mine, mut theirs) = (vec![0u8; STEP as usize], vec![0u8; STEP as usize]);
+    let mut kept = 0;
+    let mut pos = 0;
+    while pos < capacity {
+        let n = (capacity - pos).min(STEP) as usize;
+        f.read_exact_at(&mut mine[..n], pos)
+            .map_err(|e| format!("{}: {e}", dev.display()))?;
+        disk.read(Some(snap), pos, &mut theirs[..n])
+            .map_err(|e| e.to_string())?;
+        if mine[..n] != theirs[..n] {
+            disk.write(pos, &mine[..n]).map_err(|e| e.to_string())?;
+            kept += 1;
+        }
+        pos += n as u64;
+    }
+    Ok(kept)
 }
 
 /// Detach a disk the mock VDDK hot-added; logs it. True when it is gone.
@@ -791,12 +852,36 @@ async fn close(State(st): State<AppState>, Json(b): Json<HandleBody>) -> Respons
             ));
         };
         let mut ok = true;
+        let mut folded = None;
+        if let (
+            Some(dev),
+            Src::HotAdd {
+                disk,
+                snap: Some(s),
+            },
+        ) = (&d.written_through, &d.src)
+        {
+            // Before the detach removes the device entry.
+            folded = Some(fold_written(dev, disk, *s, d.capacity));
+        }
         if let Some((proxy, key)) = &d.attached {
             ok = detach(&world, proxy, *key, &d.audit);
         }
         let mut e = d.audit.clone();
         e.op = "close".into();
         e.message = format!("closed {}", e.disk_path);
+        match folded {
+            Some(Ok(n)) => e.message.push_str(&format!(
+                "; {n} block(s) written through the hot-added device are in the disk"
+            )),
+            Some(Err(m)) => {
+                e.vix = vix::FILE_ERROR;
+                e.message
+                    .push_str(&format!("; the writes could not be kept: {m}"));
+                ok = false;
+            }
+            None => {}
+        }
         drop(d);
         lock(&world.vddk).log(e);
         if ok {

@@ -2,7 +2,8 @@
 //! against a running mock vCenter: hot-add and NBD(-SSL) reads equal the snapshot's
 //! content, VDDK's refusals and their error codes (cross-provider hot-add, clear NBD
 //! of an encrypted disk, wrong thumbprint, dead session, missing snapshot or disk,
-//! writes to a read-only handle, mixed sync/async I/O), QueryAllocatedBlocks and its
+//! writes to a read-only handle, a writable hot-add without a snapshot, mixed
+//! sync/async I/O), writes of a snapshot's base disk by hot-add, QueryAllocatedBlocks and its
 //! chunk rules, fault injection, Cleanup of leftovers, the call log and the audit log.
 
 mod common;
@@ -466,6 +467,47 @@ fn faults_restore_writes_and_cleanup() {
         .vddk_audit()
         .iter()
         .any(|e| e.op == "cleanup" && e.message.contains("1 hot-added")));
+
+    // Restore path by HotAdd: "With SAN/HotAdd, opening for write requires a
+    // pre-existing snapshot". Without one the open is refused (and audited)...
+    let conn = v.connect(&p, false, None, "hotadd").unwrap();
+    let r = v.open(conn, &disk, 0).unwrap_err();
+    assert_eq!(r, VIX_E_FAIL, "{}", v.error_text(r));
+    assert!(
+        a.vddk_audit().iter().any(|e| e.op == "refused"
+            && e.mode == "hotadd"
+            && !e.read_only
+            && e.snapshot.is_none()
+            && e.message.contains("requires a pre-existing snapshot")),
+        "{:#?}",
+        a.vddk_audit()
+    );
+    assert_eq!(a.state().attached_count(), 0, "nothing was hot-added");
+    v.disconnect(conn);
+    // ...with one, the base disk is hot-added writable and written through the
+    // device; once the snapshot is removed the disk holds what was written.
+    let conn = v.connect(&p, false, Some(&snap), "hotadd").unwrap();
+    let h = v.open(conn, &disk, 0).unwrap();
+    assert_eq!(v.mode(h), "hotadd");
+    let block = 3u64 << 20; // in the 4 MiB disk
+    assert_eq!(v.write(h, block / 512, &[0xCD; 4096]), VIX_OK);
+    assert_eq!(v.write(h, 8, &[0xEF; 1024]), VIX_OK);
+    assert_eq!(a.state().vm("proxy-plain").unwrap().attached.len(), 1);
+    assert_eq!(v.close(h), VIX_OK);
+    v.disconnect(conn);
+    assert_eq!(a.state().attached_count(), 0);
+    assert!(a.vddk_audit().iter().any(|e| e.op == "open"
+        && e.mode == "hotadd"
+        && !e.read_only
+        && e.snapshot.as_deref() == Some(snap.as_str())));
+    w.remove_snapshot(&snap);
+    assert_eq!(a.state().snapshot_count(), 0);
+    let mut back = [0u8; 4096];
+    a.read("plain", "2000", None, block, &mut back).unwrap();
+    assert_eq!(back, [0xCD; 4096]);
+    let mut back = [0u8; 1024];
+    a.read("plain", "2000", None, 4096, &mut back).unwrap();
+    assert_eq!(back, [0xEF; 1024]);
     assert_eq!(a.vddk_open_handles(), 0);
     v.free_params(p);
     v.exit();

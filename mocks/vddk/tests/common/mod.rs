@@ -521,7 +521,26 @@ impl World {
                 "<CreateSnapshot_Task xmlns=\"urn:vim25\"><_this type=\"VirtualMachine\">{id}</_this><name>ferry-vddk</name><memory>false</memory><quiesce>false</quiesce></CreateSnapshot_Task>"
             ),
         );
-        let task = between(&body, "<returnval type=\"Task\">", "</returnval>").expect("task moref");
+        self.wait_task(&body);
+        let st = self.mock.admin().state();
+        st.vm(vm).unwrap().snapshots.last().unwrap().moref.clone()
+    }
+
+    /// Remove a snapshot through SOAP (consolidating its delta), and wait for it.
+    pub fn remove_snapshot(&self, snapshot: &str) {
+        let body = call(
+            &self.mock,
+            Some(&self.cookie),
+            &format!(
+                "<RemoveSnapshot_Task xmlns=\"urn:vim25\"><_this type=\"VirtualMachineSnapshot\">{snapshot}</_this><removeChildren>false</removeChildren><consolidate>true</consolidate></RemoveSnapshot_Task>"
+            ),
+        );
+        self.wait_task(&body);
+    }
+
+    /// Wait until the task a SOAP call answered with succeeded.
+    fn wait_task(&self, body: &str) {
+        let task = between(body, "<returnval type=\"Task\">", "</returnval>").expect("task moref");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let info = call(
@@ -536,8 +555,6 @@ impl World {
             assert!(Instant::now() < deadline, "snapshot task did not finish");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let st = self.mock.admin().state();
-        st.vm(vm).unwrap().snapshots.last().unwrap().moref.clone()
     }
 
     /// Write a config file for InitEx.
