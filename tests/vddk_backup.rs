@@ -316,3 +316,64 @@ fn a_session_that_expires_mid_job_is_renewed_and_vddk_joins_the_new_one() {
     vsphere::restore_matches(&w, &vc, "tenant-a-web", &out);
     rt.block_on(c.logout());
 }
+
+/// VDDK may open a disk in another mode than the one asked for (VMware documents
+/// a fallback to NBD-SSL when an advanced mode is unavailable): ferry closes such
+/// a disk and refuses it, then takes the selector's next decision when the policy
+/// allows it, else fails before writing anything. The selector's mode is the only
+/// one that ever carries data.
+#[test]
+fn a_disk_vddk_opens_in_another_mode_is_closed_and_refused() {
+    for failover in [true, false] {
+        let w = World::new();
+        let vc = vsphere::vcenter("small");
+        let rt = rt();
+        let c = rt.block_on(client(&vc));
+        let (settings, log) = mock_vddk(&vc, w.dir.path(), "proxy-a");
+        let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
+        let mut req = request("px-a-8", "tenant-a-web", policy(failover), 0, None);
+        req.vddk = Some(settings);
+        req.enable_cbt = false;
+        // The first open of Hard disk 1 "falls back" to nbdssl inside VDDK.
+        vc.admin().vddk_fault(ferry_mocks::vcenter::VddkFault {
+            disk: Some("2000".into()),
+            count: 1,
+            open_as: Some("nbdssl".into()),
+            ..Default::default()
+        });
+        let out = rt.block_on(vm::backup_vm(
+            &c,
+            &me,
+            Arc::new(w.repo()),
+            Arc::new(w.source()),
+            &req,
+            Arc::new(Default::default()),
+        ));
+        let calls = vddk_calls(&log);
+        // The silently re-moded handle was closed right after GetTransportMode.
+        let opened: Vec<&serde_json::Value> = calls
+            .iter()
+            .filter(|c| c["fn"] == "VixDiskLib_Open" && c["result"] == 0)
+            .collect();
+        assert_eq!(opened[0]["mode"], "nbdssl", "{calls:#?}");
+        if failover {
+            let out = out.unwrap();
+            let d0 = &out.disks[0];
+            assert_eq!(d0.mode, Mode::NbdSsl);
+            assert!(
+                d0.reason.contains("HotAdd then refused by VDDK") && d0.reason.contains("nbdssl"),
+                "{}",
+                d0.reason
+            );
+            // The other disk was not affected.
+            assert_eq!(out.disks[1].mode, Mode::HotAdd);
+            vsphere::restore_matches(&w, &vc, "tenant-a-web", &out);
+        } else {
+            let text = out.unwrap_err().to_string();
+            assert!(text.contains("hotadd") && text.contains("nbdssl"), "{text}");
+            assert!(w.repo().list_points().unwrap().is_empty(), "no point");
+        }
+        nothing_left(&vc);
+        rt.block_on(c.logout());
+    }
+}

@@ -93,6 +93,11 @@ pub struct VddkFault {
     /// Every read is delayed this long.
     #[serde(default)]
     pub delay_ms: u64,
+    /// Open the disk in this mode instead of the one asked for and report it from
+    /// `GetTransportMode` (VMware documents that an unavailable advanced mode
+    /// falls back to NBD-SSL at Open): ferry must close such a disk and refuse it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_as: Option<String>,
 }
 
 fn one() -> u32 {
@@ -533,7 +538,7 @@ fn hotadd_refusal(path: &str, f: &super::codec::Fault) -> VixError {
     }
 }
 
-fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Value, VixError> {
+fn open_disk(world: &World, user: String, mut b: OpenBody) -> Result<serde_json::Value, VixError> {
     let mut a = AuditEntry {
         op: "open".into(),
         user,
@@ -584,6 +589,12 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
         }
     }
     let fault = lock(&world.vddk).take_fault((&r.vm_id, &r.vm_name), (r.key, &r.label, &b.path));
+    if let Some(m) = fault.as_ref().and_then(|f| f.open_as.clone()) {
+        // A silent fallback, as real VDDK may do: the audit says what happened.
+        a.message = format!("asked for {}, opened as {m}", b.mode);
+        a.mode = m.clone();
+        b.mode = m;
+    }
     let handle = ids::token(16);
     a.handle = Some(handle.clone());
     let mut out = serde_json::json!({
@@ -715,7 +726,12 @@ fn open_disk(world: &World, user: String, b: OpenBody) -> Result<serde_json::Val
             }
         }
     };
-    a.message = format!("opened {} ({}) with {}", b.path, r.file, b.mode);
+    let opened = format!("opened {} ({}) with {}", b.path, r.file, b.mode);
+    a.message = if a.message.is_empty() {
+        opened
+    } else {
+        format!("{}; {opened}", a.message)
+    };
     let mut st = lock(&world.vddk);
     st.log(a.clone());
     st.handles.insert(

@@ -61,6 +61,12 @@ pub fn run(a: AgentArgs, out: &Output) -> anyhow::Result<u8> {
         });
         signals.wait().await;
         let report = running.shutdown().await?;
+        if report.still_running.is_empty() {
+            // VixDiskLib_Exit once nothing uses VDDK (a no-op without [vddk]).
+            if let Err(e) = ferry::transport::vddk::Vddk::shutdown() {
+                tracing::warn!(error = %e, "VDDK not shut down");
+            }
+        }
         out.result(
             &serde_json::json!({"event": "stopped", "still_running": report.still_running}),
             || {
