@@ -232,39 +232,67 @@ fn a_hotadd_vddk_refuses_fails_the_job_before_writing_anything_when_policy_forbi
     nothing_left(&vc);
 }
 
+/// A VDDK directory that cannot serve: missing, only an unsupported version, or
+/// a library without VDDK's symbols. Each fails the job with a typed error naming
+/// the problem, before any snapshot, leaving nothing.
 #[test]
-fn a_missing_vddk_fails_before_any_snapshot_with_a_clear_error() {
+fn a_missing_or_unusable_vddk_fails_before_any_snapshot_with_a_clear_error() {
     let w = World::new();
     let vc = vsphere::vcenter("small");
     let rt = rt();
     let c = rt.block_on(client(&vc));
     let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
-    let mut req = request("px-a-5", "tenant-a-web", policy(false), 0, None);
-    let empty = w.path("no-vddk-here");
-    std::fs::create_dir_all(&empty).unwrap();
-    req.vddk = Some(ferry::job::vm::VddkSettings {
-        libdir: empty.clone(),
-        config_file: None,
-        nfc_port: 902,
-    });
-    let err = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap_err();
-    assert!(matches!(err, VmJobError::Vddk(_)), "{err:?}");
-    let text = err.to_string();
-    assert!(
-        text.contains(&empty.display().to_string()) && text.contains("libvixDiskLib.so.8"),
-        "{text}"
-    );
-    nothing_left(&vc);
-    assert!(w.repo().list_points().unwrap().is_empty());
+    let lib64 = |name: &str| {
+        let d = w.path(name);
+        std::fs::create_dir_all(d.join("lib64")).unwrap();
+        d
+    };
+    let empty = lib64("no-vddk-here");
+    let old = lib64("vddk-6");
+    std::fs::copy(
+        vsphere::mock_vddk_library(),
+        old.join("lib64/libvixDiskLib.so.6"),
+    )
+    .unwrap();
+    let not_vddk = lib64("not-vddk");
+    let some_lib = [
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("libz is on every Debian machine");
+    std::fs::copy(some_lib, not_vddk.join("lib64/libvixDiskLib.so.8")).unwrap();
+    for (dir, want) in [
+        (&empty, "not found under"),
+        (&old, "unsupported VDDK version 6"),
+        (&not_vddk, "VixDiskLib_InitEx"),
+    ] {
+        let mut req = request("px-a-5", "tenant-a-web", policy(false), 0, None);
+        req.vddk = Some(ferry::job::vm::VddkSettings {
+            libdir: dir.clone(),
+            config_file: None,
+            nfc_port: 902,
+        });
+        let err = rt
+            .block_on(vm::backup_vm(
+                &c,
+                &me,
+                Arc::new(w.repo()),
+                Arc::new(w.source()),
+                &req,
+                Arc::new(Default::default()),
+            ))
+            .unwrap_err();
+        assert!(matches!(err, VmJobError::Vddk(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&dir.display().to_string()) && text.contains(want),
+            "{want}: {text}"
+        );
+        nothing_left(&vc);
+        assert!(w.repo().list_points().unwrap().is_empty());
+    }
     rt.block_on(c.logout());
 }
 

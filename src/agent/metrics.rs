@@ -70,11 +70,43 @@ pub(crate) fn render(
     info.get_or_create(&vec![
         ("id".into(), s.settings.id.clone()),
         ("version".into(), env!("CARGO_PKG_VERSION").into()),
+        ("data_path".into(), data_path_label(&s.settings.data_path)),
     ])
     .set(1);
-    reg.register("info", "Agent id and version (value is always 1)", info);
+    reg.register(
+        "info",
+        "Agent id, version and data path (native, vddk <version>, vddk-unavailable; value is always 1)",
+        info,
+    );
 
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)
+}
+
+/// The data path as a short label: `native`, `vddk 8.0.3`, `vddk-unavailable`.
+fn data_path_label(d: &str) -> String {
+    if d.starts_with("vddk unavailable") {
+        "vddk-unavailable".into()
+    } else if let Some(rest) = d.strip_prefix("vddk ") {
+        format!("vddk {}", rest.split_whitespace().next().unwrap_or(""))
+    } else {
+        "native".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_path_labels_are_short() {
+        assert_eq!(super::data_path_label("native"), "native");
+        assert_eq!(
+            super::data_path_label("vddk 8.0.3 (/opt/vddk/lib64/libvixDiskLib.so.8)"),
+            "vddk 8.0.3"
+        );
+        assert_eq!(
+            super::data_path_label("vddk unavailable: VDDK (libvixDiskLib) not found under /x"),
+            "vddk-unavailable"
+        );
+    }
 }
