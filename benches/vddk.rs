@@ -32,20 +32,10 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The mock VDDK built next to this bench executable (release).
+/// The mock VDDK built for this profile (release).
 fn mock_library() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench executable");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps")
-        .join("libvixDiskLib.so");
-    assert!(
-        p.exists(),
-        "{} is missing: cargo build --release -p ferry-mock-vddk",
-        p.display()
-    );
-    p
+    ferry_mocks::fixtures::mock_vddk_library()
+        .expect("libvixDiskLib.so is missing: cargo build --release -p ferry-mock-vddk")
 }
 
 fn scenario(mib: u64) -> Scenario {

@@ -410,25 +410,21 @@ pub fn plan_vm(
         return out;
     }
     let options = whole_vm_options(&vm.vm, policy, &agents);
-    let Some(best) = options.iter().map(|o| o.rank).min() else {
+    let needed = vm.vm.disks.len() as u32;
+    let fits = |o: &&WholeVm| load.free_of(&o.id) >= needed;
+    // Best rank first; among equals more free slots, then the tenant's agent order.
+    let prefer = |o: &&WholeVm| (o.rank, std::cmp::Reverse(load.free_of(&o.id)), o.pos);
+    // The best option: what the VM waits for (or falls back from).
+    let Some(waited_for) = options.iter().min_by_key(prefer) else {
         refuse_at_capacity(&mut out, &vm.vm, policy, cands, skip);
         return out;
     };
-    let needed = vm.vm.disks.len() as u32;
-    let fits = |o: &&WholeVm| load.free_of(&o.id) >= needed;
-    // Among equals: more free slots, then the tenant's agent order.
-    let prefer = |o: &&WholeVm| (o.rank, std::cmp::Reverse(load.free_of(&o.id)), o.pos);
+    let best = waited_for.rank;
     let best_fit = options
         .iter()
         .filter(|o| o.rank == best)
         .filter(fits)
         .min_by_key(prefer);
-    // The best option everything waits for (or fell back from): most room first.
-    let waited_for = options
-        .iter()
-        .filter(|o| o.rank == best)
-        .min_by_key(prefer)
-        .expect("a best option exists");
     let lesser = options
         .iter()
         .filter(|o| o.rank > best)

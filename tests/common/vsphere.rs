@@ -99,18 +99,9 @@ pub fn esxi(vc: &VcenterMock, dir: &Path) -> (ferry_mocks::esxi::MockEsxi, PathB
 /// The mock VDDK (`libvixDiskLib.so` of crate `ferry-mock-vddk`, built by
 /// `cargo test --workspace` beside the test executables).
 pub fn mock_vddk_library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("libvixDiskLib.so");
-    assert!(
-        p.exists(),
-        "{} is missing: build the mock VDDK first (cargo build -p ferry-mock-vddk; cargo test --workspace does)",
-        p.display()
-    );
-    p
+    ferry_mocks::fixtures::mock_vddk_library().expect(
+        "the mock VDDK (libvixDiskLib.so) is missing: cargo test --workspace builds it (or cargo build -p ferry-mock-vddk)",
+    )
 }
 
 /// A VDDK directory under `dir` holding the mock VDDK as

@@ -361,10 +361,11 @@ fn vddk_library(arg: Option<Option<PathBuf>>) -> anyhow::Result<Option<PathBuf>>
     };
     let p = match arg {
         Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("libvixDiskLib.so"))
-            .ok_or_else(|| anyhow::anyhow!("cannot tell where ferry-sim runs from"))?,
+        None => ferry_mocks::fixtures::mock_vddk_library().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--vddk: no libvixDiskLib.so beside ferry-sim; build the mock VDDK first: cargo build --release -p ferry-mock-vddk"
+            )
+        })?,
     };
     anyhow::ensure!(
         p.exists(),

@@ -20,20 +20,11 @@ pub fn serial() -> MutexGuard<'static, ()> {
     M.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Where cargo put the cdylib: next to the test executable's `deps/` directory.
+/// Where cargo put the cdylib (beside the test executable in `deps/`, or in
+/// `target/<profile>/`).
 pub fn lib_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/..");
-    let p = dir.join("libvixDiskLib.so");
-    assert!(
-        p.exists(),
-        "{} is missing: cargo builds it with `cargo test -p ferry-mock-vddk`",
-        p.display()
-    );
-    p
+    ferry_mocks::fixtures::mock_vddk_library()
+        .expect("libvixDiskLib.so is missing: cargo test -p ferry-mock-vddk builds it")
 }
 
 pub const VIX_OK: u64 = 0;
