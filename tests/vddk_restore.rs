@@ -24,53 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const SCENARIO: &str = r#"
-name = "vddk-restore"
-[[cluster]]
-name = "C1"
-[[host]]
-name = "esx-01.lab"
-cluster = "C1"
-datastores = ["ds-a", "ds-shared"]
-[[datastore]]
-name = "ds-a"
-[[datastore]]
-name = "ds-shared"
-[[key_provider]]
-id = "KMS-A"
-[[key_provider]]
-id = "KMS-B"
-[[vm]]
-name = "a-web"
-host = "esx-01.lab"
-datastore = "ds-a"
-key_provider = "KMS-A"
-cbt = true
-[[vm.disk]]
-size_mib = 6
-content = "mixed"
-[[vm.disk]]
-size_mib = 3
-content = "mixed"
-[[vm]]
-name = "a-app"
-host = "esx-01.lab"
-datastore = "ds-a"
-key_provider = "KMS-A"
-[[vm.disk]]
-size_mib = 2
-content = "mixed"
-[[proxy]]
-name = "proxy-a"
-host = "esx-01.lab"
-datastore = "ds-shared"
-key_provider = "KMS-A"
-[[proxy]]
-name = "proxy-nbd"
-host = "esx-01.lab"
-datastore = "ds-shared"
-"#;
-
 /// Open flag `VIXDISKLIB_FLAG_OPEN_READ_ONLY`.
 const FLAG_READ_ONLY: u64 = 4;
 
@@ -95,7 +48,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let w = World::new();
-    let sc = Scenario::parse(SCENARIO, Path::new("vddk-restore.toml")).unwrap();
+    let sc = Scenario::parse(vsphere::RESTORE_SCENARIO, Path::new("vddk-restore.toml")).unwrap();
     let vc = VcenterMock::start(VcenterOptions::new(sc)).unwrap();
     let rt = rt();
     let c = rt.block_on(client(&vc));

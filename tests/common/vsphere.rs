@@ -163,3 +163,60 @@ pub fn restore_matches(
         );
     }
 }
+
+/// The scenario of the restore-into-a-VM tests (native and VDDK): tenant A's
+/// a-web (two disks) to restore from and a-app to restore into, HotAdd proxies
+/// of both key providers and a shared NBD proxy.
+pub const RESTORE_SCENARIO: &str = r#"
+name = "restore"
+[[cluster]]
+name = "C1"
+[[host]]
+name = "esx-01.lab"
+cluster = "C1"
+datastores = ["ds-a", "ds-b", "ds-shared"]
+[[datastore]]
+name = "ds-a"
+[[datastore]]
+name = "ds-b"
+[[datastore]]
+name = "ds-shared"
+[[key_provider]]
+id = "KMS-A"
+[[key_provider]]
+id = "KMS-B"
+[[vm]]
+name = "a-web"
+host = "esx-01.lab"
+datastore = "ds-a"
+key_provider = "KMS-A"
+cbt = true
+[[vm.disk]]
+size_mib = 12
+content = "mixed"
+[[vm.disk]]
+size_mib = 4
+content = "mixed"
+[[vm]]
+name = "a-app"
+host = "esx-01.lab"
+datastore = "ds-a"
+key_provider = "KMS-A"
+[[vm.disk]]
+size_mib = 2
+content = "mixed"
+[[proxy]]
+name = "proxy-a"
+host = "esx-01.lab"
+datastore = "ds-shared"
+key_provider = "KMS-A"
+[[proxy]]
+name = "proxy-b"
+host = "esx-01.lab"
+datastore = "ds-shared"
+key_provider = "KMS-B"
+[[proxy]]
+name = "proxy-nbd"
+host = "esx-01.lab"
+datastore = "ds-shared"
+"#;
