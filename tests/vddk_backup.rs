@@ -12,7 +12,6 @@ use common::World;
 use ferry::job::vm::{self, VmJobError};
 use ferry::transport::select::{Mode, Policy};
 use ferry_mocks::vcenter::{Latency, VcenterMock};
-use std::sync::Arc;
 use std::time::Duration;
 
 fn policy(failover: bool) -> Policy {
@@ -58,16 +57,7 @@ fn hotadd_and_nbdssl_through_vddk_carry_exactly_the_selectors_mode() {
     // tenant-a-web (KMS-A) on proxy-a (KMS-A): HotAdd, through VDDK.
     let mut req = request("px-a-1", "tenant-a-web", policy(true), 0, None);
     req.vddk = Some(settings.clone());
-    let out = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap();
+    let out = vsphere::backup(&rt, &c, &me, &w, &req).unwrap();
     assert_eq!(out.disks.len(), 2);
     for d in &out.disks {
         assert_eq!(d.mode, Mode::HotAdd, "{d:?}");
@@ -87,16 +77,7 @@ fn hotadd_and_nbdssl_through_vddk_carry_exactly_the_selectors_mode() {
     // decided by the selector before the snapshot.
     let mut req = request("px-a-2", "tenant-b-db", policy(true), 0, None);
     req.vddk = Some(settings);
-    let out = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap();
+    let out = vsphere::backup(&rt, &c, &me, &w, &req).unwrap();
     for d in &out.disks {
         assert_eq!(d.mode, Mode::NbdSsl, "{d:?}");
         assert!(d.reason.contains("hotadd not used"), "{}", d.reason);
@@ -168,14 +149,7 @@ fn with_proxy_rekeyed_mid_job(
         std::thread::sleep(Duration::from_millis(250));
         admin.set_key_provider("proxy-a", Some("KMS-B")).unwrap();
     });
-    let out = rt.block_on(vm::backup_vm(
-        &c,
-        &me,
-        Arc::new(w.repo()),
-        Arc::new(w.source()),
-        &req,
-        Arc::new(Default::default()),
-    ));
+    let out = vsphere::backup(&rt, &c, &me, &w, &req);
     rekey.join().unwrap();
     vc.admin().clear_faults();
     rt.block_on(c.logout());
@@ -274,16 +248,7 @@ fn a_missing_or_unusable_vddk_fails_before_any_snapshot_with_a_clear_error() {
             config_file: None,
             nfc_port: 902,
         });
-        let err = rt
-            .block_on(vm::backup_vm(
-                &c,
-                &me,
-                Arc::new(w.repo()),
-                Arc::new(w.source()),
-                &req,
-                Arc::new(Default::default()),
-            ))
-            .unwrap_err();
+        let err = vsphere::backup(&rt, &c, &me, &w, &req).unwrap_err();
         assert!(matches!(err, VmJobError::Vddk(_)), "{err:?}");
         let text = err.to_string();
         assert!(
@@ -319,14 +284,7 @@ fn a_session_that_expires_mid_job_is_renewed_and_vddk_joins_the_new_one() {
         std::thread::sleep(Duration::from_millis(250));
         assert!(admin.expire_sessions() > 0);
     });
-    let out = rt.block_on(vm::backup_vm(
-        &c,
-        &me,
-        Arc::new(w.repo()),
-        Arc::new(w.source()),
-        &req,
-        Arc::new(Default::default()),
-    ));
+    let out = vsphere::backup(&rt, &c, &me, &w, &req);
     expire.join().unwrap();
     vc.admin().clear_faults();
     let out = out.unwrap();
@@ -369,14 +327,7 @@ fn a_disk_vddk_opens_in_another_mode_is_closed_and_refused() {
             open_as: Some("nbdssl".into()),
             ..Default::default()
         });
-        let out = rt.block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ));
+        let out = vsphere::backup(&rt, &c, &me, &w, &req);
         let calls = vddk_calls(&log);
         // The silently re-moded handle was closed right after GetTransportMode.
         let opened: Vec<&serde_json::Value> = calls

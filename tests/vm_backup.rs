@@ -26,16 +26,7 @@ fn hotadd_through_the_tenants_own_proxy_restores_bit_identically_and_cleans_up()
     let c = rt.block_on(client(&vc));
     let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
     let req = request("px-a-1", "tenant-a-web", policy(false), 0, None);
-    let out = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap();
+    let out = vsphere::backup(&rt, &c, &me, &w, &req).unwrap();
     assert_eq!(out.disks.len(), 2);
     for d in &out.disks {
         assert_eq!(d.mode, Mode::HotAdd, "{d:?}");
@@ -77,16 +68,7 @@ fn a_wrong_kms_proxy_with_failover_off_is_refused_before_any_snapshot() {
     let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd, Mode::NbdSsl]);
     let mut req = request("px-a-2", "tenant-b-db", policy(false), 0, None);
     req.enable_cbt = false;
-    let err = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap_err();
+    let err = vsphere::backup(&rt, &c, &me, &w, &req).unwrap_err();
     let VmJobError::Refused { summary, .. } = &err else {
         panic!("expected a refusal, got {err}");
     };
@@ -171,16 +153,7 @@ fn an_encrypted_vm_without_a_matching_hotadd_proxy_goes_nbd_ssl() {
         esx.port(),
         Some(certs),
     );
-    let out = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap();
+    let out = vsphere::backup(&rt, &c, &me, &w, &req).unwrap();
     for d in &out.disks {
         assert_eq!(d.mode, Mode::NbdSsl);
         assert!(d.reason.starts_with("nbdssl via px-a"), "{}", d.reason);
@@ -233,16 +206,7 @@ fn a_hotadd_refused_by_vcenter_at_attach_time_fails_over_to_nbd_ssl() {
         Some(certs),
     );
     req.enable_cbt = false;
-    let out = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap();
+    let out = vsphere::backup(&rt, &c, &me, &w, &req).unwrap();
     assert_eq!(out.disks[0].mode, Mode::NbdSsl, "{:?}", out.disks[0]);
     assert!(
         out.disks[0].reason.contains("refused by vCenter")
@@ -272,16 +236,7 @@ fn an_unreachable_esxi_host_fails_the_job_and_still_removes_the_snapshot() {
     let c = rt.block_on(client(&vc));
     let me = proxy(&vc, "px-n", None, &[Mode::NbdSsl]);
     let req = request("px-n-5", "tenant-b-db", policy(true), port, Some(certs));
-    let err = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Default::default()),
-        ))
-        .unwrap_err();
+    let err = vsphere::backup(&rt, &c, &me, &w, &req).unwrap_err();
     assert!(matches!(err, VmJobError::Source { .. }), "{err}");
     assert!(err.to_string().contains("tenant-b-db"), "{err}");
     let st = vc.admin().state();

@@ -265,6 +265,14 @@ impl Item {
             updated_at: 0,
         }
     }
+    /// How long it has waited for a slot at `now` (ms since the epoch).
+    fn waited(&self, now: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.waiting_since
+                .map(|w| now.saturating_sub(w))
+                .unwrap_or(0),
+        )
+    }
     fn open(&self) -> bool {
         matches!(self.state, ItemState::Pending | ItemState::Dispatched)
     }
@@ -644,9 +652,7 @@ impl Orchestrator {
         window_end: u64,
     ) -> super::plan::VmPlan {
         let now = now_ms() as u64;
-        let waited = std::time::Duration::from_millis(
-            it.waiting_since.map(|w| now.saturating_sub(w)).unwrap_or(0),
-        );
+        let waited = it.waited(now);
         let mut ledger = self.lock_ledger();
         let mut wait = WaitState {
             waited,
@@ -716,11 +722,7 @@ impl Orchestrator {
         let max = self.cfg.orchestrator.dispatch_attempts;
         loop {
             let plan = self.plan_now(run_id, it, job, tenant, cands, reported, window_end);
-            let waited = std::time::Duration::from_millis(
-                it.waiting_since
-                    .map(|w| (now_ms() as u64).saturating_sub(w))
-                    .unwrap_or(0),
-            );
+            let waited = it.waited(now_ms() as u64);
             if let Some(sel) = &plan.selection {
                 it.selector = serde_json::Value::Array(super::plan::disk_summaries(sel, waited));
             }
@@ -773,9 +775,7 @@ impl Orchestrator {
                     it.attempts += 1;
                     match api.start_backup(&req).await {
                         Ok(j) => {
-                            let now = now_ms() as u64;
-                            it.waited_ms =
-                                it.waiting_since.map(|w| now.saturating_sub(w)).unwrap_or(0);
+                            it.waited_ms = it.waited(now_ms() as u64).as_millis() as u64;
                             tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %j.id, waited_ms = it.waited_ms, "dispatched");
                             it.state = ItemState::Dispatched;
                             it.agent = Some(agent);

@@ -220,3 +220,22 @@ name = "proxy-nbd"
 host = "esx-01.lab"
 datastore = "ds-shared"
 "#;
+
+/// Back `req` up as proxy `me` into `w`'s repository (fresh progress).
+#[allow(clippy::result_large_err)] // the error type is `backup_vm`'s own
+pub fn backup(
+    rt: &tokio::runtime::Runtime,
+    c: &Client,
+    me: &ThisProxy,
+    w: &super::World,
+    req: &VmBackupRequest,
+) -> Result<ferry::job::vm::VmBackupOutcome, ferry::job::vm::VmJobError> {
+    rt.block_on(ferry::job::vm::backup_vm(
+        c,
+        me,
+        std::sync::Arc::new(w.repo()),
+        std::sync::Arc::new(w.source()),
+        req,
+        std::sync::Arc::new(Default::default()),
+    ))
+}
