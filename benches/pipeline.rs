@@ -101,6 +101,7 @@ fn pipeline(c: &mut Criterion) {
                     }],
                     pipeline: PipelineConfig::new(None, DEFAULT_CHUNK_SIZE, 64 << 20),
                     lock_wait: Duration::from_secs(5),
+                    snapshot: None,
                 },
                 &Progress::default(),
             )

@@ -69,6 +69,7 @@ fn backup(dir: &Path, n: usize, keys: &PemKeySource, source: Box<dyn DiskSource>
             }],
             pipeline: PipelineConfig::new(None, DEFAULT_CHUNK_SIZE, 128 << 20),
             lock_wait: Duration::from_secs(5),
+            snapshot: None,
         },
         &Progress::default(),
     )

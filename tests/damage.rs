@@ -251,6 +251,7 @@ fn wrong_key_is_named_and_harmless() {
             }],
             pipeline: ferry::pipeline::PipelineConfig::new(Some(1), CS, 8 << 20),
             lock_wait: std::time::Duration::from_secs(1),
+            snapshot: None,
         },
         &Progress::default(),
     );

@@ -40,6 +40,7 @@ fn chain_over_two_keys_restores_with_keyring_and_with_own_keys() {
                 }],
                 pipeline: ferry::pipeline::PipelineConfig::new(Some(2), CS, 16 << 20),
                 lock_wait: std::time::Duration::from_secs(5),
+                snapshot: None,
             },
             &ferry::progress::Progress::default(),
         )

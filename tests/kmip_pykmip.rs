@@ -168,6 +168,7 @@ fn pykmip_operations_and_a_kms_held_backup() {
             }],
             pipeline: ferry::pipeline::PipelineConfig::new(Some(2), CS, 16 << 20),
             lock_wait: Duration::from_secs(5),
+            snapshot: None,
         },
         &ferry::progress::Progress::default(),
     )

@@ -30,7 +30,7 @@ use crate::repo::format::{IndexHeader, IndexReader, IndexWriter};
 use crate::repo::keyring::{DataKeyInfo, Keyring};
 use crate::repo::lock::LockMode;
 use crate::repo::manifest::{
-    self, DiskRecord, DiskSummary, ManifestBody, ManifestHeader, ReadMode,
+    self, DiskRecord, DiskSummary, ManifestBody, ManifestHeader, ReadMode, SnapshotRecord,
 };
 use crate::repo::{fsutil, now_rfc3339, OpenPoint, RepoError, Repository};
 use crate::transport::file::FileTarget;
@@ -95,6 +95,9 @@ pub struct BackupRequest {
     pub pipeline: PipelineConfig,
     /// Wait this long for the repository lock.
     pub lock_wait: Duration,
+    /// How the VM snapshot was taken (recorded in the manifest); `None` for
+    /// images.
+    pub snapshot: Option<SnapshotRecord>,
 }
 
 /// What a backup did.
@@ -353,6 +356,8 @@ pub fn backup(
             .collect(),
         data_key_id: dk.id,
         wrapped_key: wrapped,
+        recovery_wrapped_key: None,
+        snapshot: req.snapshot.clone(),
     };
     let body = ManifestBody {
         chunk_size,

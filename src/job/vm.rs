@@ -658,6 +658,7 @@ async fn with_snapshot(
         disks: inputs,
         pipeline: req.pipeline,
         lock_wait: req.lock_wait,
+        snapshot: None,
     };
     let report =
         tokio::task::spawn_blocking(move || super::backup(&repo, keys.as_ref(), breq, &progress))

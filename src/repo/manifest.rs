@@ -35,6 +35,56 @@ pub struct ManifestHeader {
     pub data_key_id: KeyId,
     /// The data key wrapped by the tenant key.
     pub wrapped_key: WrappedKey,
+    /// Key-loss protection: the same data key also wrapped by the provider's
+    /// recovery public key. Absent when protection was off for this point (and in
+    /// every point written before it existed): then only the tenant key opens it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_wrapped_key: Option<WrappedKey>,
+    /// How the VM snapshot behind this point was taken (absent for image backups
+    /// and points written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRecord>,
+}
+
+/// How a point's VM snapshot was taken, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Crash-consistent or application-consistent (quiesced).
+    pub consistency: Consistency,
+    /// Why: the policy, and any fallback taken (e.g. "quiesce failed: ...;
+    /// policy allows a crash-consistent snapshot").
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Consistency of a VM snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Taken without quiescing the guest: as after a power loss.
+    Crash,
+    /// The guest was quiesced through VMware Tools (file systems and VSS writers).
+    Application,
+    /// A value written by a newer ferry (read as such, never written).
+    #[serde(other)]
+    Unknown,
+}
+
+impl Consistency {
+    /// `"crash"`, `"application"` (or `"unknown"`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Consistency::Crash => "crash",
+            Consistency::Application => "application",
+            Consistency::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Per-disk record in the sealed body.

@@ -72,6 +72,7 @@ impl World {
                 disks,
                 pipeline: PipelineConfig::new(Some(2), CS, 16 << 20),
                 lock_wait: Duration::from_secs(10),
+                snapshot: None,
             },
             &Progress::default(),
         )

@@ -89,6 +89,7 @@ pub fn bench(a: BenchArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Re
                 }],
                 pipeline: a.pipe.config(cs as u32),
                 lock_wait: Duration::from_secs(5),
+                snapshot: None,
             },
             progress,
         )?;

@@ -181,6 +181,7 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         disks,
         pipeline: a.pipe.config(repo.config.chunk_size),
         lock_wait: Duration::from_secs(a.lock_wait),
+        snapshot: None,
     };
     let bar = out.progress_bar(progress.clone(), "backup");
     let res = job::backup(&repo, &*ks, req, progress);
