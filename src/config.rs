@@ -271,6 +271,12 @@ pub struct TenantSection {
     /// PEM key files instead of a KMS (small installations, tests).
     #[serde(default)]
     pub pem: Option<PemSection>,
+    /// Key-loss protection for this tenant: the provider's recovery public key
+    /// (PEM). Every backup then makes sure the repository wraps new points' data
+    /// keys with it too (`ferry repo recovery enable`). Unset: the repository's
+    /// own setting stands.
+    #[serde(default)]
+    pub recovery_public_key: Option<PathBuf>,
 }
 
 /// `[tenant.kms]`: a KMIP server over mutual TLS.

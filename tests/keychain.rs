@@ -91,6 +91,34 @@ fn chain_over_two_keys_restores_with_keyring_and_with_own_keys() {
     let bkey = ["--private-key", b.private.to_str().unwrap()];
     // With the keyring, the newest key alone restores the whole chain.
     restore_all(&bkey, &[true, true, true]);
+    // ... and the DR report says so (issue 22): every point opens with B alone,
+    // p1 (wrapped by A) through the keyring, the others through their own key
+    // as well; no key to obtain.
+    let o = ferry(&w, &["--json", "repo", "import", bkey[0], bkey[1]]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["missing_keys"], serde_json::json!([]), "{rep}");
+    let paths: Vec<serde_json::Value> = rep["report"]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["opens_with"].clone())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            serde_json::json!(["keyring"]),
+            serde_json::json!(["own_key", "keyring"]),
+            serde_json::json!(["own_key", "keyring"])
+        ],
+        "{rep}"
+    );
+    let human = ferry(&w, &["repo", "import", bkey[0], bkey[1]]);
+    let table = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        !table.contains("KEY MISSING") && table.contains("no key to obtain"),
+        "{table}"
+    );
 
     // Disaster recovery: the keyring is lost.
     std::fs::remove_file(w.repo_dir.join("keyring")).unwrap();
@@ -108,8 +136,8 @@ fn chain_over_two_keys_restores_with_keyring_and_with_own_keys() {
     let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let missing = rep["missing_keys"].as_array().unwrap();
     assert_eq!(missing.len(), 1, "{rep}");
-    assert_eq!(missing[0][0]["fingerprint"], fp_a.as_str());
-    assert_eq!(missing[0][1], serde_json::json!([p1.point_id]));
+    assert_eq!(missing[0]["key"]["fingerprint"], fp_a.as_str());
+    assert_eq!(missing[0]["points"], serde_json::json!([p1.point_id]));
     let st: Vec<&str> = rep["report"]["points"]
         .as_array()
         .unwrap()

@@ -150,7 +150,11 @@ fn a_chain_mixing_kms_and_passphrase_wrapped_points() {
         .as_array()
         .unwrap_or_else(|| panic!("{v:#}"));
     assert_eq!(missing.len(), 1, "{v:#}");
-    assert_eq!(missing[0][0]["key_id"], pass_key.key_id.as_str(), "{v:#}");
+    assert_eq!(
+        missing[0]["key"]["key_id"],
+        pass_key.key_id.as_str(),
+        "{v:#}"
+    );
     let o = e.ferry(&["--json", "repo", "import"], false, true);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["missing_keys"].as_array().map(Vec::len), Some(0), "{v:#}");

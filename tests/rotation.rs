@@ -229,9 +229,10 @@ fn chain_over_three_key_versions_and_disaster_recovery() {
     let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
     let missing = rep["missing_keys"].as_array().unwrap();
     assert_eq!(missing.len(), 1, "{rep}");
-    assert_eq!(missing[0][0]["key_id"], v2.as_str());
-    assert_eq!(missing[0][0]["kms"], e.kms.address().as_str());
-    assert_eq!(missing[0][1], serde_json::json!([p2]));
+    assert_eq!(missing[0]["key"]["key_id"], v2.as_str());
+    assert_eq!(missing[0]["key"]["kms"], e.kms.address().as_str());
+    assert_eq!(missing[0]["points"], serde_json::json!([p2]));
+    assert!(missing[0]["or_recovery_key"].is_null(), "{rep}");
     let st: Vec<&str> = rep["report"]["points"]
         .as_array()
         .unwrap()
@@ -449,6 +450,6 @@ fn a_chain_mixing_pem_and_kms_wrapped_points() {
     let o = run(&["--json", "repo", "import"]);
     let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(rep["missing_keys"].as_array().unwrap().len(), 1, "{rep}");
-    assert_eq!(rep["missing_keys"][0][0]["source"], "pem");
-    assert_eq!(rep["missing_keys"][0][1], serde_json::json!([p1]));
+    assert_eq!(rep["missing_keys"][0]["key"]["source"], "pem");
+    assert_eq!(rep["missing_keys"][0]["points"], serde_json::json!([p1]));
 }

@@ -111,6 +111,7 @@ impl Setup {
             hotadd_wait: Duration::from_secs(10),
             required_key_provider: Some("KMS-A".into()),
             vddk: Some(settings),
+            options: Default::default(),
         };
         (req, log)
     }

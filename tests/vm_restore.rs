@@ -123,6 +123,7 @@ impl Setup {
             hotadd_wait: Duration::from_secs(10),
             required_key_provider: Some("KMS-A".into()),
             vddk: None,
+            options: Default::default(),
         }
     }
 
@@ -544,6 +545,7 @@ fn the_orphan_sweep_detaches_a_restore_disk_left_on_the_proxy() {
                     datastore: first.datastore.clone().unwrap(),
                     capacity_bytes: 1 << 20,
                     encrypt_with: app.key_id.clone(),
+                    storage_policy: None,
                 },
             )
             .await

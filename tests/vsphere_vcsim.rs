@@ -667,3 +667,132 @@ fn vcsim_native_tls_is_refused_as_too_weak() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A restore into a VM's control-plane calls against vcsim: ferry's
+/// `ReconfigVM_Task` that creates a new disk on a chosen datastore under a storage
+/// policy (`VirtualMachineDefinedProfileSpec`) is accepted and the disk appears
+/// where it was asked for; its removal with `fileOperation = destroy` works; and a
+/// restore dry run plans through vcsim's inventory (datastore summary, host
+/// mounts, power state) without changing anything, refusing an overwrite of the
+/// running VM and a datastore the VM's host does not mount.
+#[test]
+fn restore_disk_spec_with_datastore_and_policy_and_a_dry_run() {
+    use ferry::job::vm::{NbdSettings, ThisProxy};
+    use ferry::job::vm_restore::{self, DiskAction, TargetOptions, VmRef, VmRestoreRequest};
+    use ferry::repo::manifest::DiskSummary;
+    use ferry::transport::select::{Mode, Policy};
+    use ferry::vsphere::newdisk::restore_file_name;
+    use ferry::vsphere::NewDiskSpec;
+    let v = vcsim();
+    rt().block_on(async {
+        let c = connect(&v).await;
+        let vm = c.vm_by_name("DC0_H0_VM0").await.unwrap();
+        assert_eq!(vm.power_state.as_deref(), Some("poweredOn"));
+        let dss = c.datastores().await.unwrap();
+        let ds = dss.iter().find(|d| d.name == "LocalDS_0").unwrap();
+        assert!(ds.free_space.is_some_and(|f| f > 0), "{ds:?}");
+        assert!(
+            ds.capacity.is_some() && ds.accessible != Some(false),
+            "{ds:?}"
+        );
+        let spec = NewDiskSpec {
+            file_name: restore_file_name("LocalDS_0", "DC0_H0_VM0", "vcsim-1", 0),
+            datastore: ds.moref.clone(),
+            capacity_bytes: 1 << 20,
+            encrypt_with: None,
+            storage_policy: Some("aa6d5a82-1c88-45da-85d3-3d74b91a5bad".into()),
+        };
+        let d = c.create_disk(&vm.moref, &spec).await.unwrap();
+        assert_eq!(d.file_name, spec.file_name);
+        assert_eq!(d.datastore.as_ref(), Some(&ds.moref));
+        assert!(d.capacity_bytes >= 1 << 20);
+        c.destroy_disk(&vm.moref, &d).await.unwrap();
+        let after = c.vm(&vm.moref).await.unwrap();
+        assert!(after.disks.iter().all(|x| x.key != d.key));
+
+        let me = ThisProxy {
+            id: "px".into(),
+            vm_name: None,
+            device_dir: None,
+            modes: vec![Mode::NbdSsl],
+            free_slots: 4,
+        };
+        let req = |options: TargetOptions| VmRestoreRequest {
+            job_id: "px-vcsim-2".into(),
+            target: VmRef::Name("DC0_H0_VM0".into()),
+            disks: None,
+            policy: Policy::default(),
+            nbd: NbdSettings {
+                tls_certificates: None,
+                port: 10809,
+                connections: 1,
+            },
+            pipeline: ferry::pipeline::PipelineConfig::new(Some(1), 256 * 1024, 16 << 20),
+            lock_wait: Duration::from_secs(1),
+            hotadd_wait: Duration::from_secs(1),
+            required_key_provider: None,
+            vddk: None,
+            options,
+        };
+        let disks = vec![DiskSummary {
+            disk: 0,
+            size: 1 << 20,
+            label: "Hard disk 1 (key 2000)".into(),
+        }];
+        let before = c.vm(&vm.moref).await.unwrap().disks.len();
+        let plan = vm_restore::plan(
+            &c,
+            &me,
+            &req(TargetOptions {
+                datastore: Some("LocalDS_0".into()),
+                storage_policy: Some("gold".into()),
+                overwrite: false,
+            }),
+            &disks,
+        )
+        .await
+        .unwrap();
+        assert!(plan.is_runnable(), "{}", plan.render());
+        let p = &plan.disks[0];
+        assert_eq!(
+            (p.action, p.datastore.as_str(), p.mode),
+            (DiskAction::New, "LocalDS_0", Some(Mode::NbdSsl))
+        );
+        assert_eq!(p.storage_policy.as_deref(), Some("gold"));
+        let plan = vm_restore::plan(
+            &c,
+            &me,
+            &req(TargetOptions {
+                overwrite: true,
+                ..Default::default()
+            }),
+            &disks,
+        )
+        .await
+        .unwrap();
+        assert!(!plan.is_runnable());
+        assert!(
+            plan.refusals[0].contains("poweredOn"),
+            "{:?}",
+            plan.refusals
+        );
+        let plan = vm_restore::plan(
+            &c,
+            &me,
+            &req(TargetOptions {
+                datastore: Some("no-such-ds".into()),
+                ..Default::default()
+            }),
+            &disks,
+        )
+        .await
+        .unwrap();
+        assert!(
+            plan.refusals[0].contains("no datastore of that name"),
+            "{:?}",
+            plan.refusals
+        );
+        assert_eq!(c.vm(&vm.moref).await.unwrap().disks.len(), before);
+        c.logout().await;
+    });
+}

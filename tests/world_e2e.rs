@@ -326,6 +326,9 @@ fn a_kms_rotation_is_seen_by_key_sync_and_used_by_the_next_backups() {
     let mut opts = WorldOptions::new(s, dir.path());
     opts.workers = Some(2);
     opts.poll = Duration::from_millis(50);
+    // Key-loss protection configured per tenant in the agents' configuration.
+    let provider = ferry_mocks::fixtures::pem_pair(dir.path(), "provider-recovery", 2048).unwrap();
+    opts.recovery_public_key = Some(provider.public.clone());
     let world = World::start(opts).unwrap();
     let orch = world.orchestrator().unwrap();
     let first = world.runtime().block_on(orch.run_once(&[], true)).unwrap();
@@ -380,6 +383,29 @@ fn a_kms_rotation_is_seen_by_key_sync_and_used_by_the_next_backups() {
     let rep = ferry::repo::verify::verify(
         &repo,
         keys.as_ref(),
+        &[],
+        2,
+        false,
+        &ferry::progress::Progress::default(),
+    )
+    .unwrap();
+    assert!(rep.ok(), "{:?}", rep.points);
+    assert_eq!(rep.points.len(), 4);
+
+    // Every point, before and after the rotation, is also wrapped by the
+    // provider's recovery key, which alone verifies them all (the tenant's KMS
+    // is not asked).
+    let recovery = ferry::keys::PemKeySource::open(None, Some(&provider.private)).unwrap();
+    for p in repo.list_points().unwrap() {
+        let h = p.header.unwrap();
+        let w = h
+            .recovery_wrapped_key
+            .expect("point made under key-loss protection");
+        assert_eq!(w.key_ref.source, "recovery");
+    }
+    let rep = ferry::repo::verify::verify(
+        &repo,
+        &recovery,
         &[],
         2,
         false,
@@ -571,13 +597,60 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
     );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["vm"], "tenant-a-vm02", "{v}");
-    assert_eq!(v["refused"], false, "{v}");
+    assert_eq!(v["refusals"], serde_json::json!([]), "{v}");
     assert_eq!(v["disks"].as_array().unwrap().len(), 1, "{v}");
-    let outcome = &v["disks"][0]["outcome"];
+    let d = &v["disks"][0];
+    assert_eq!(
+        (&d["action"], &d["mode"], &d["proxy"]),
+        (&"new".into(), &"hotadd".into(), &"proxy-kms-a".into()),
+        "{v}"
+    );
+    assert!(
+        d["datastore_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("default:"),
+        "{v}"
+    );
+    let outcome = &v["selection"]["disks"][0]["outcome"];
     assert_eq!(
         (&outcome["kind"], &outcome["mode"], &outcome["proxy"]),
         (&"assigned".into(), &"hotadd".into(), &"proxy-kms-a".into()),
         "{v}"
+    );
+    // In text, with a datastore and a storage policy: where each disk goes and why.
+    let ds = admin.state().vm("tenant-a-vm02").unwrap().disks[0]
+        .datastore
+        .clone();
+    let o = ferry(
+        &[
+            &restore_a("0", true)[..],
+            &["--datastore", &ds, "--storage-policy", "pol-gold-1"],
+        ]
+        .concat(),
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "NEW disk",
+        &format!("datastore: {ds} (from --datastore)"),
+        "storage policy: pol-gold-1",
+        "hotadd through proxy proxy-kms-a",
+        "(dry run: nothing was changed)",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    // --overwrite of the running VM: refused in the plan, exit 1.
+    let o = ferry(&[&restore_a("0", true)[..], &["--overwrite"]].concat());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("OVERWRITE") && text.contains("REFUSED") && text.contains("poweredOn"),
+        "{text}"
     );
     let o = ferry(&[
         "restore",
@@ -677,6 +750,7 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
                         datastore: first.datastore.clone().unwrap(),
                         capacity_bytes: 1 << 20,
                         encrypt_with: vm02.key_id.clone(),
+                        storage_policy: None,
                     },
                 )
                 .await

@@ -86,6 +86,12 @@ pub struct WorldOptions {
     /// (one library per proxy VM, as on real proxies) and a VDDK config file naming
     /// its proxy VM and a call log (`<agent>/vddk/calls.jsonl`).
     pub vddk_library: Option<PathBuf>,
+    /// Extra TOML appended to every generated `[[job]]` (keys such as
+    /// `quiesce = "prefer"`, then sub-tables such as `[[job.quiesce_override]]`).
+    pub job_extra: String,
+    /// Key-loss protection for every tenant: the provider's recovery public key
+    /// (PEM) written as `recovery_public_key` into each agent's `[[tenant]]`.
+    pub recovery_public_key: Option<PathBuf>,
 }
 
 impl WorldOptions {
@@ -100,6 +106,8 @@ impl WorldOptions {
             agent_listen: "127.0.0.1:0".into(),
             lesser_mode: "never".into(),
             vddk_library: None,
+            job_extra: String::new(),
+            recovery_public_key: None,
         }
     }
 }
@@ -254,6 +262,7 @@ impl World {
                     timeout_secs: 30,
                 }),
                 pem: None,
+                recovery_public_key: opts.recovery_public_key.clone(),
             };
             // The key pair on the tenant's KMS and the repository bound to it,
             // created up front as `ferry repo init --kms ... --kms-create` would.
@@ -384,12 +393,16 @@ impl World {
             for ten in &served {
                 let k = ten.section.kms.as_ref().expect("sim tenants use a KMS");
                 t.push_str(&format!(
-                    "\n[[tenant]]\nname = {name:?}\nrepository = {repo:?}\nkey_provider = {kp:?}\n\
+                    "\n[[tenant]]\nname = {name:?}\nrepository = {repo:?}\nkey_provider = {kp:?}\n{recovery}\
                      [tenant.kms]\naddress = {addr:?}\nca = {ca:?}\nclient_cert = {cert:?}\n\
                      client_key = {key:?}\nkey_name = {key_name:?}\n",
                     name = ten.name,
                     repo = ten.repository,
                     kp = ten.key_provider,
+                    recovery = match &opts.recovery_public_key {
+                        Some(p) => format!("recovery_public_key = {p:?}\n"),
+                        None => String::new(),
+                    },
                     addr = k.address,
                     ca = k.ca,
                     cert = k.client_cert.as_ref().expect("PEM client certificate"),
@@ -465,7 +478,8 @@ impl World {
                 "\n[[job]]\nname = \"{name}-backup\"\ntenant = {name:?}\nvcenter = \"vc-sim\"\n\
                  folders = [\"/{dc}/vm\"]\nvms = [{vms}]\nretention = {{ keep_last = 7 }}\n\
                  policy = {{ failover_to_network = true, allow_cleartext_nbd = false }}\n\
-                 lesser_mode = {lesser:?}\n",
+                 lesser_mode = {lesser:?}\n{extra}",
+                extra = opts.job_extra,
                 name = ten.name,
                 lesser = opts.lesser_mode,
                 dc = opts.scenario.datacenter.name,

@@ -234,7 +234,7 @@ fn malformed_soap_gets_a_fault_and_the_server_stays_up() {
     let mut s = Soap::new(&mock);
     s.login();
     assert_eq!(
-        s.call("PowerOffVM_Task", ("VirtualMachine", "vm-1"), "")
+        s.call("MigrateVM_Task", ("VirtualMachine", "vm-1"), "")
             .unwrap_err()
             .ty,
         "MethodNotFound"

@@ -10,6 +10,7 @@
 //! `null`. Response types are also what the orchestrator deserializes.
 
 use super::error::ApiError;
+pub use crate::job::quiesce::QuiescePolicy;
 use crate::state::{JobKind, JobState};
 use crate::transport::select::{DiskInfo, HostReach, Mode, Policy, ProxyInfo, VmInfo};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -141,6 +142,21 @@ impl PartialSchema for Mode {
 impl ToSchema for Mode {
     fn name() -> std::borrow::Cow<'static, str> {
         "Mode".into()
+    }
+}
+
+impl PartialSchema for QuiescePolicy {
+    fn schema() -> RefOr<Schema> {
+        let names: Vec<&str> = QuiescePolicy::ALL.iter().map(|p| p.as_str()).collect();
+        string_enum_schema(
+            &names,
+            "Snapshot consistency policy: off (crash-consistent, the guest is not asked), prefer (quiesced through VMware Tools; crash-consistent when the guest cannot be quiesced, recorded in the point), require (quiesced, or the backup fails with the reason).",
+        )
+    }
+}
+impl ToSchema for QuiescePolicy {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "QuiescePolicy".into()
     }
 }
 
@@ -505,6 +521,14 @@ pub struct BackupRequest {
     )]
     #[schema(nullable = false, max_items = 256)]
     pub placement: Option<Vec<DiskPlacement>>,
+    /// Quiesce policy of the VM's snapshot; absent: `off` (crash-consistent).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(nullable = false)]
+    pub quiesce: Option<QuiescePolicy>,
 }
 
 /// Where and why the orchestrator placed one disk.
@@ -951,7 +975,8 @@ pub struct Job {
     pub cleanup: Option<String>,
     /// Restore point created (backup) or read (restore).
     pub point_id: Option<String>,
-    /// Notes from the job (retention applied, ...).
+    /// Notes from the job (backups: how the snapshot was taken, as
+    /// `snapshot: crash-consistent (why)`; retention applied, ...).
     pub notes: Vec<String>,
 }
 

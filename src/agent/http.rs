@@ -441,6 +441,7 @@ pub(crate) async fn post_backup(
         retention: req.retention.as_ref().map(RetentionSpec::to_policy),
         full: req.full,
         placement: req.placement.unwrap_or_default(),
+        quiesce: req.quiesce.unwrap_or_default(),
     };
     let plan = plan_of(&spec.selection, &spec.placed());
     let spec = JobSpec::Backup(Box::new(spec));

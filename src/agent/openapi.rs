@@ -54,6 +54,7 @@ impl utoipa::Modify for BearerScheme {
         RestoreRequest, RestoreTargetSpec, Job, JobList, DiskView, JobError,
         KeySyncRequest, KeySyncResponse, KeySyncResult,
         crate::transport::select::Mode, crate::state::JobState, crate::state::JobKind,
+        crate::job::quiesce::QuiescePolicy,
     )),
     modifiers(&BearerScheme),
     security(("bearer" = [])),

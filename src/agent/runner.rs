@@ -75,6 +75,9 @@ pub struct BackupSpec {
     /// The orchestrator's placement per disk, if it sent one.
     #[serde(default)]
     pub placement: Vec<super::api::DiskPlacement>,
+    /// Quiesce policy of the VM's snapshot (jobs stored before it existed: off).
+    #[serde(default)]
+    pub quiesce: crate::job::quiesce::QuiescePolicy,
 }
 
 impl BackupSpec {

@@ -16,6 +16,7 @@
 //! which and why.
 
 pub mod incremental;
+pub mod quiesce;
 pub mod runner;
 pub mod vm;
 pub mod vm_restore;
@@ -172,6 +173,16 @@ pub fn backup(
         Ok(())
     })?;
     tracing::info!(key = %key_ref, data_key = %dk.id, "data key registered in keyring");
+    // Key-loss protection: the keyring (authenticated by the tenant key) says
+    // whether the provider's recovery key wraps this point's data key too.
+    let recovery_wrapped = match &keyring.header.recovery {
+        Some(r) => {
+            let w = r.wrap(dk.expose())?;
+            tracing::info!(recovery = %r.describe(), "data key also wrapped by the provider's recovery key");
+            Some(w)
+        }
+        None => None,
+    };
     let keyring = Mutex::new(keyring);
     let key_known = |k: KeyId| -> bool {
         let mut kr = keyring.lock().unwrap_or_else(|p| p.into_inner());
@@ -271,7 +282,10 @@ pub fn backup(
                 plan: dp.plan,
                 key_known: &key_known,
                 rewrite: &rewrite,
-                config: req.pipeline,
+                config: crate::pipeline::PipelineConfig {
+                    codec: repo.config.compression,
+                    ..req.pipeline
+                },
                 progress,
             },
             &mut iw,
@@ -356,7 +370,7 @@ pub fn backup(
             .collect(),
         data_key_id: dk.id,
         wrapped_key: wrapped,
-        recovery_wrapped_key: None,
+        recovery_wrapped_key: recovery_wrapped,
         snapshot: req.snapshot.clone(),
     };
     let body = ManifestBody {

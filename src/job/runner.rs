@@ -24,7 +24,7 @@ use crate::keys::{KeyError, KeySource};
 use crate::pipeline::{PipelineConfig, PipelineError};
 use crate::repo::format::DEFAULT_CHUNK_SIZE;
 use crate::repo::{RepoError, Repository};
-use crate::transport::select::{Mode, Selection};
+use crate::transport::select::Mode;
 use crate::vsphere::{Client, ClientConfig, VsphereError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -223,7 +223,7 @@ impl VmJobRunner {
             policy: ctx.policy.clone(),
             nbd: self.nbd.clone(),
             enable_cbt: true,
-            quiesce: false,
+            quiesce: spec.quiesce,
             pipeline: self.pipeline(repo.config.chunk_size),
             lock_wait: LOCK_WAIT,
             hotadd_wait: HOTADD_WAIT,
@@ -265,7 +265,7 @@ impl VmJobRunner {
                 }
             })
             .collect();
-        let mut notes = Vec::new();
+        let mut notes = vec![snapshot_note(&out.snapshot)];
         if let Some(policy) = &spec.retention {
             notes.push(apply_retention(
                 &repo,
@@ -284,44 +284,71 @@ impl VmJobRunner {
     /// What [`Self::restore_into_vm`] would do, changing nothing (`ferry restore --vm
     /// --dry-run`): the point's disks (from its manifest header, read without keys
     /// and so not authenticated: sizes and labels only) planned into `target` on
-    /// this proxy by the selector, after the same refusals the restore makes before
-    /// its first change.
+    /// this proxy, disk by disk (new or overwritten, datastore and why, storage
+    /// policy, proxy and transport and why), with every refusal the restore would
+    /// make before its first change.
     pub fn plan_restore_into_vm(
         &self,
         ctx: &JobContext,
         point: &str,
         disks: Option<&[u32]>,
         target: VmRef,
-    ) -> Result<Selection, RunError> {
+        options: vm_restore::TargetOptions,
+    ) -> Result<vm_restore::RestorePlan, RunError> {
         let repo = Repository::open(&ctx.tenant.repository).map_err(repo_err)?;
         let point_id = repo.resolve_point(point).map_err(repo_err)?;
         let (_, header, _) = repo.read_manifest(&point_id).map_err(repo_err)?;
         let wanted = vm_restore::wanted_disks(&header, disks).map_err(restore_vm_err)?;
         let client = self.connect(&ctx.runtime)?;
         let me = self.proxy_of(ctx);
-        let result = ctx.runtime.block_on(vm_restore::plan(
-            &client,
-            &me,
-            &target,
-            &wanted,
-            &ctx.policy,
-            ctx.tenant.key_provider.as_deref(),
-        ));
+        let req = self.vm_restore_request(ctx, &me, disks, target, options, repo.config.chunk_size);
+        let result = ctx
+            .runtime
+            .block_on(vm_restore::plan(&client, &me, &req, &wanted));
         ctx.runtime.block_on(client.logout());
         result.map_err(restore_vm_err)
+    }
+
+    /// The library request of a restore into a VM by this agent.
+    fn vm_restore_request(
+        &self,
+        ctx: &JobContext,
+        me: &ThisProxy,
+        disks: Option<&[u32]>,
+        target: VmRef,
+        options: vm_restore::TargetOptions,
+        chunk_size: u32,
+    ) -> VmRestoreRequest {
+        VmRestoreRequest {
+            // New disk files carry the proxy id and job id, like snapshot names.
+            job_id: format!("{}{}", vm::job_id_prefix(&me.id), ctx.job_id),
+            target,
+            disks: disks.map(<[u32]>::to_vec),
+            policy: ctx.policy.clone(),
+            nbd: self.nbd.clone(),
+            pipeline: self.pipeline(chunk_size),
+            lock_wait: LOCK_WAIT,
+            hotadd_wait: HOTADD_WAIT,
+            required_key_provider: ctx.tenant.key_provider.clone(),
+            // Through VDDK when the agent has [vddk], exactly as backups.
+            vddk: self.vddk.clone(),
+            options,
+        }
     }
 
     /// Restore `point` (an id or `latest:<name>`) of the context's tenant into new
     /// disks of the VM `target`, one per restored disk (`disks`, or all), through
     /// this proxy: the agent's restores with a `vm` target and `ferry restore
     /// --vm`. The VM must exist; nothing on it changes unless the selector finds a
-    /// transport for every disk, and a failed restore removes the disks it created.
+    /// transport for every disk (and the datastore, power state and `options`
+    /// allow it), and a failed restore removes the disks it created.
     pub fn restore_into_vm(
         &self,
         ctx: &JobContext,
         point: &str,
         disks: Option<&[u32]>,
         target: VmRef,
+        options: vm_restore::TargetOptions,
     ) -> Result<RunOutput, RunError> {
         let keys = open_unwrap_keys(&ctx.tenant)?;
         let repo = Repository::open(&ctx.tenant.repository).map_err(repo_err)?;
@@ -336,20 +363,7 @@ impl VmJobRunner {
         let chunk_size = opened.body.chunk_size;
         let client = self.connect(&ctx.runtime)?;
         let me = self.proxy_of(ctx);
-        let req = VmRestoreRequest {
-            // New disk files carry the proxy id and job id, like snapshot names.
-            job_id: format!("{}{}", vm::job_id_prefix(&me.id), ctx.job_id),
-            target,
-            disks: disks.map(<[u32]>::to_vec),
-            policy: ctx.policy.clone(),
-            nbd: self.nbd.clone(),
-            pipeline: self.pipeline(chunk_size),
-            lock_wait: LOCK_WAIT,
-            hotadd_wait: HOTADD_WAIT,
-            required_key_provider: ctx.tenant.key_provider.clone(),
-            // Through VDDK when the agent has [vddk], exactly as backups.
-            vddk: self.vddk.clone(),
-        };
+        let req = self.vm_restore_request(ctx, &me, disks, target, options, chunk_size);
         let result = ctx.runtime.block_on(vm_restore::restore_vm(
             &client,
             &me,
@@ -406,6 +420,7 @@ impl VmJobRunner {
                     &spec.point,
                     spec.disks.as_deref(),
                     VmRef::Moref(moref.clone()),
+                    Default::default(),
                 )
             }
         };
@@ -550,6 +565,47 @@ fn key_err(t: &TenantSection, e: KeyError) -> RunError {
 /// each other into a half-created repository (operators of several agents
 /// sharing one repository create it first with `ferry repo init`).
 fn open_or_init_repo(t: &TenantSection, keys: &dyn KeySource) -> Result<Repository, RunError> {
+    let repo = open_or_init(t, keys)?;
+    apply_key_loss_protection(t, &repo, keys)?;
+    Ok(repo)
+}
+
+/// The tenant's `recovery_public_key`, when set, is the repository's key-loss
+/// protection for the points this job makes: turned on (or changed) in the
+/// keyring before the backup when it differs.
+fn apply_key_loss_protection(
+    t: &TenantSection,
+    repo: &Repository,
+    keys: &dyn KeySource,
+) -> Result<(), RunError> {
+    let Some(path) = &t.recovery_public_key else {
+        return Ok(());
+    };
+    let bad = |e: String| {
+        RunError::Key(format!(
+            "tenant {}: recovery_public_key {}: {e}",
+            t.name,
+            path.display()
+        ))
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let wanted = crate::keys::RecoveryKey::from_public_pem(
+        &text,
+        &path.display().to_string(),
+        &crate::repo::now_rfc3339(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let current = repo.keyring_header().map_err(repo_err)?.recovery;
+    if current.as_ref().map(|c| &c.key_ref.fingerprint) == Some(&wanted.key_ref.fingerprint) {
+        return Ok(());
+    }
+    repo.set_recovery(keys, Some(wanted.clone()))
+        .map_err(|e| bad(e.to_string()))?;
+    tracing::info!(tenant = %t.name, recovery = %wanted.describe(), "key-loss protection turned on for new restore points (tenant configuration)");
+    Ok(())
+}
+
+fn open_or_init(t: &TenantSection, keys: &dyn KeySource) -> Result<Repository, RunError> {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if let Ok(r) = Repository::open(&t.repository) {
         return Ok(r);
@@ -623,6 +679,12 @@ fn job_err(e: JobError) -> RunError {
     }
 }
 
+/// The job note that says how the point's snapshot was taken
+/// (`snapshot: crash-consistent (policy prefer: quiesce failed ...)`).
+pub fn snapshot_note(s: &crate::repo::manifest::SnapshotRecord) -> String {
+    format!("snapshot: {}-consistent ({})", s.consistency, s.reason)
+}
+
 fn vm_err(e: VmJobError) -> RunError {
     if e.is_cancelled() {
         return RunError::Cancelled;
@@ -639,6 +701,7 @@ fn vm_err(e: VmJobError) -> RunError {
         VmJobError::Job(j) => job_err(j),
         VmJobError::Invalid(m) => RunError::Failed(m),
         VmJobError::Vddk(_) => RunError::Transport(e.to_string()),
+        VmJobError::Quiesce(_) => RunError::Vsphere(e.to_string()),
     }
 }
 
@@ -669,6 +732,10 @@ fn restore_vm_err(e: VmRestoreError) -> RunError {
             Code::Key => RunError::Key(msg),
             Code::Failed => RunError::Failed(msg),
         },
+        VmRestoreError::PoweredOn { .. } | VmRestoreError::Datastore { .. } => {
+            RunError::Refused(msg)
+        }
+        VmRestoreError::FileLocked { .. } => RunError::Vsphere(msg),
         VmRestoreError::Invalid(_) | VmRestoreError::Failed { .. } => RunError::Failed(msg),
     }
 }

@@ -12,11 +12,12 @@
 //! know SOAP (that is [`crate::vsphere`]), or touch repository files directly.
 
 use super::incremental::{ChangeTracker, ReadRequest, TrackerError};
+use super::quiesce::{self, QuiescePolicy, QuiesceRequired};
 use super::{BackupReport, BackupRequest, DiskInput, JobError};
 use crate::keys::KeySource;
 use crate::pipeline::PipelineConfig;
 use crate::progress::Progress;
-use crate::repo::manifest::ReadMode;
+use crate::repo::manifest::{ReadMode, SnapshotRecord};
 use crate::repo::Repository;
 use crate::transport::hotadd::HotAddSource;
 use crate::transport::nbd::NbdSource;
@@ -60,6 +61,10 @@ pub enum VmJobError {
     /// VMware's VDDK could not be loaded, initialised or used for the VM.
     #[error("VDDK: {0}")]
     Vddk(#[from] crate::transport::vddk::VddkError),
+    /// An application-consistent snapshot was required and the guest could not
+    /// be quiesced.
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceRequired),
     /// Bad request or configuration.
     #[error("{0}")]
     Invalid(String),
@@ -277,8 +282,9 @@ pub struct VmBackupRequest {
     /// Read every disk in full even when changed-block tracking could give an
     /// incremental (the changeIds are still recorded for the next backup).
     pub full: bool,
-    /// Quiesce the guest for the snapshot.
-    pub quiesce: bool,
+    /// Whether the snapshot is quiesced (application-consistent) and what
+    /// happens when the guest cannot be quiesced.
+    pub quiesce: QuiescePolicy,
     /// Data-plane settings.
     pub pipeline: PipelineConfig,
     /// Repository lock wait.
@@ -324,6 +330,8 @@ pub struct VmBackupOutcome {
     pub selection: Selection,
     /// Per-disk mode and reason actually used.
     pub disks: Vec<DiskOutcome>,
+    /// How the snapshot was taken (as the point records it).
+    pub snapshot: SnapshotRecord,
     /// The committed point.
     pub report: BackupReport,
 }
@@ -444,18 +452,15 @@ pub async fn backup_vm(
         None => None,
     };
     let snap_name = crate::vsphere::snapshot_name(&req.job_id);
-    let snap = client
-        .create_snapshot(
-            &vm,
-            &snap_name,
-            &format!(
-                "{} {}",
-                crate::vsphere::SNAPSHOT_DESCRIPTION_PREFIX,
-                req.job_id
-            ),
-            req.quiesce,
-        )
-        .await?;
+    let (snap, consistency) = match take_snapshot(client, &vm, &snap_name, req).await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(v) = vddk {
+                v.end().await;
+            }
+            return Err(e);
+        }
+    };
     let mut attached: Vec<AttachedDisk> = Vec::new();
     let result = with_snapshot(
         client,
@@ -467,6 +472,7 @@ pub async fn backup_vm(
         repo,
         keys,
         req,
+        &consistency,
         progress,
         &mut attached,
         vddk.as_ref(),
@@ -504,8 +510,83 @@ pub async fn backup_vm(
     Ok(VmBackupOutcome {
         selection,
         disks,
+        snapshot: consistency,
         report,
     })
+}
+
+/// Take the job's snapshot as the quiesce policy says: quiesced first unless the
+/// policy is off; when the guest cannot be quiesced, crash-consistent instead
+/// (`prefer`) or fail (`require`), never leaving a snapshot of the failed
+/// attempt behind. Returns the snapshot and what the point records about it.
+async fn take_snapshot(
+    client: &Client,
+    vm: &Vm,
+    snap_name: &str,
+    req: &VmBackupRequest,
+) -> Result<(MoRef, SnapshotRecord), VmJobError> {
+    let description = format!(
+        "{} {}",
+        crate::vsphere::SNAPSHOT_DESCRIPTION_PREFIX,
+        req.job_id
+    );
+    let policy = req.quiesce;
+    let failure = match client
+        .create_snapshot(vm, snap_name, &description, policy.asks_quiesce())
+        .await
+    {
+        Ok(snap) => match quiesce::decide(policy, &vm.name, Ok(())) {
+            quiesce::Decision::Keep(record) => {
+                tracing::info!(consistency = %record.consistency, policy = %policy, "snapshot taken");
+                return Ok((snap, record));
+            }
+            // Unreachable for a snapshot that was taken; keep it rather than fail.
+            quiesce::Decision::FallBack(record) => return Ok((snap, record)),
+            quiesce::Decision::Fail(e) => {
+                let _ = client.remove_snapshot(&snap).await;
+                return Err(e.into());
+            }
+        },
+        Err(e) if policy.asks_quiesce() => match quiesce::quiesce_failure(&e) {
+            Some(f) => f,
+            None => return Err(e.into()),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    // vSphere rolls a failed quiesced snapshot back; make sure nothing of the
+    // attempt is left (a second snapshot of the same name would follow).
+    remove_leftover(client, vm, snap_name).await;
+    match quiesce::decide(policy, &vm.name, Err(&failure)) {
+        quiesce::Decision::Fail(e) => {
+            tracing::error!(policy = %policy, fault = %failure, "the guest could not be quiesced and the policy requires it; no backup");
+            Err(e.into())
+        }
+        quiesce::Decision::FallBack(record) | quiesce::Decision::Keep(record) => {
+            tracing::warn!(policy = %policy, fault = %failure, "the guest could not be quiesced; taking a crash-consistent snapshot as the policy allows");
+            let snap = client
+                .create_snapshot(vm, snap_name, &description, false)
+                .await?;
+            Ok((snap, record))
+        }
+    }
+}
+
+/// Remove any snapshot named `snap_name` on `vm` (what a failed snapshot
+/// attempt could have left); failures are logged, the orphan sweep retries.
+async fn remove_leftover(client: &Client, vm: &Vm, snap_name: &str) {
+    let fresh = match client.vm(&vm.moref).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not re-read the VM after a failed quiesced snapshot");
+            return;
+        }
+    };
+    for s in crate::vsphere::snapshot::find_snapshots(&fresh.snapshots, snap_name) {
+        tracing::warn!(snapshot = %s.snapshot.value, "the failed quiesced snapshot left a snapshot; removing it");
+        if let Err(e) = client.remove_snapshot(&s.snapshot).await {
+            tracing::error!(error = %e, "removing the failed attempt's snapshot failed; the orphan sweep will retry");
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -519,6 +600,7 @@ async fn with_snapshot(
     repo: Arc<Repository>,
     keys: Arc<dyn KeySource>,
     req: &VmBackupRequest,
+    consistency: &SnapshotRecord,
     progress: Arc<Progress>,
     attached: &mut Vec<AttachedDisk>,
     vddk: Option<&VddkJob>,
@@ -658,7 +740,7 @@ async fn with_snapshot(
         disks: inputs,
         pipeline: req.pipeline,
         lock_wait: req.lock_wait,
-        snapshot: None,
+        snapshot: Some(consistency.clone()),
     };
     let report =
         tokio::task::spawn_blocking(move || super::backup(&repo, keys.as_ref(), breq, &progress))

@@ -1,5 +1,11 @@
-//! Restore of a restore point into new disks of an existing vSphere VM, start to
-//! cleanup: read the target VM from vCenter, run the key-provider-aware selector for
+//! Restore of a restore point into new disks of an existing vSphere VM (on the
+//! datastore of its first disk, or one chosen with [`TargetOptions::datastore`]
+//! that the VM's host mounts and that has room, under an optional storage policy),
+//! or with [`TargetOptions::overwrite`] over the disks of a **powered-off** VM
+//! (never a running one's: refused before any change), start to cleanup. A disk
+//! file vCenter reports locked comes back as [`VmRestoreError::FileLocked`] naming
+//! the file and the VM; [`plan`] is the dry run (the same reads and refusals, no
+//! change). The steps: read the target VM from vCenter, run the key-provider-aware selector for
 //! the disks to be created (the same rules as backups: HotAdd only through a proxy
 //! VM encrypted under the target VM's key provider, else NBD-SSL when policy allows,
 //! never clear-text NBD for an encrypted VM) and refuse *before changing anything*
@@ -90,6 +96,37 @@ pub enum VmRestoreError {
         point: String,
         /// The disk number asked for.
         disk: u32,
+    },
+    /// `--overwrite` into a VM that is not powered off: ferry never writes over
+    /// the disks of a running (or suspended) VM. Nothing was changed.
+    #[error("restore into VM {vm} refused before any change: it is {power_state}, and ferry never overwrites the disks of a VM that is not powered off; power the VM off and retry, or restore into new disks of it (without --overwrite) or into another VM")]
+    PoweredOn {
+        /// VM name.
+        vm: String,
+        /// `runtime.powerState` as vCenter reported it (`poweredOn`, `suspended`, or
+        /// `unknown`).
+        power_state: String,
+    },
+    /// The datastore for the new disks cannot take them. Nothing was changed.
+    #[error("restore into VM {vm} refused before any change: datastore {datastore}: {problem}")]
+    Datastore {
+        /// VM name.
+        vm: String,
+        /// Datastore name.
+        datastore: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+    /// vCenter or the ESXi host refused a disk file because something else holds
+    /// a lock on it (`FileLocked`).
+    #[error("disk file {file} of VM {vm} is locked ({message}); another ESXi host, a running VM that has the file open, or another backup or consolidation holds it. Find the holder (`vmkfstools -D` on the file shows the lock owner's MAC), power off or unregister the VM that has it open or wait for the other job to end, then retry")]
+    FileLocked {
+        /// VM name.
+        vm: String,
+        /// The datastore path of the file.
+        file: String,
+        /// vCenter's message (with what ferry was doing).
+        message: String,
     },
     /// Bad request, configuration or an answer of vCenter that ferry will not
     /// write into.
@@ -186,6 +223,49 @@ pub struct VmRestoreRequest {
     /// Carry every write through VDDK instead of the native paths (HotAdd then
     /// writes under a snapshot of the target VM, see the module documentation).
     pub vddk: Option<VddkSettings>,
+    /// Where the disks go and whether existing disks are overwritten.
+    pub options: TargetOptions,
+}
+
+/// Where a restore into a VM puts the disks (`ferry restore --vm` flags).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TargetOptions {
+    /// Datastore for the new disks (by name); `None`: the datastore of the VM's
+    /// first disk. Must be mounted on the VM's host and have room for them.
+    pub datastore: Option<String>,
+    /// Storage policy (SPBM profile id) for the new disks; `None`: the
+    /// datastore's default policy.
+    pub storage_policy: Option<String>,
+    /// Write disk N of the point over the VM's disk N (in device key order)
+    /// instead of into new disks: only into a powered-off VM without snapshots.
+    pub overwrite: bool,
+}
+
+impl TargetOptions {
+    /// Check the options themselves (no vCenter needed).
+    pub fn validate(&self) -> Result<(), VmRestoreError> {
+        if let Some(d) = &self.datastore {
+            if d.trim().is_empty() || d.contains(['[', ']', '/']) {
+                return Err(VmRestoreError::Invalid(format!(
+                    "--datastore {d:?}: give the datastore's name as vCenter shows it (no brackets or path)"
+                )));
+            }
+        }
+        if let Some(p) = &self.storage_policy {
+            let p = p.trim();
+            if p.is_empty() || p.len() > 128 || p.chars().any(|c| c.is_control()) {
+                return Err(VmRestoreError::Invalid(format!(
+                    "--storage-policy {p:?}: give the policy's profile id (`govc storage.policy.ls -i` lists them)"
+                )));
+            }
+        }
+        if self.overwrite && (self.datastore.is_some() || self.storage_policy.is_some()) {
+            return Err(VmRestoreError::Invalid(
+                "--overwrite writes over the VM's existing disks where they are: --datastore and --storage-policy apply to new disks only".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Why `vm` may not receive data of a tenant whose key provider is `required`
@@ -249,6 +329,8 @@ pub struct Placement {
     pub datastore_name: String,
     /// The VM's folder on it.
     pub folder: String,
+    /// Why this datastore.
+    pub reason: String,
 }
 
 /// The datastore and folder of the VM's first disk that has both (pure).
@@ -262,6 +344,10 @@ pub fn placement(vm: &Vm) -> Option<Placement> {
             datastore: ds,
             datastore_name: name.to_string(),
             folder: folder.to_string(),
+            reason: format!(
+                "default: the datastore of the VM's first disk ({})",
+                d.file_name
+            ),
         })
     })
 }
@@ -334,22 +420,203 @@ struct Created {
     attached: Vec<AttachedDisk>,
     /// The snapshot of the target VM a VDDK HotAdd writes under, while it exists.
     snapshot: Option<MoRef>,
+    /// Existing disks of the (powered-off) VM this job began to write over.
+    overwritten: Vec<String>,
 }
 
-/// Plan `point`'s disks into `target` on this proxy without changing anything
-/// (`--dry-run`): the same refusals as [`restore_vm`] before its first change (a
-/// template, a VM outside `required_key_provider`, nowhere to place new disks),
-/// then the selection.
+/// What a restore into a VM would do, disk by disk (`--dry-run`), and what it
+/// refuses. Nothing is changed to produce it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestorePlan {
+    /// Target VM name.
+    pub vm: String,
+    /// Its moref id.
+    pub moref: String,
+    /// `runtime.powerState` (`None`: not reported).
+    pub power_state: Option<String>,
+    /// One entry per restored disk, in disk order.
+    pub disks: Vec<PlannedDisk>,
+    /// Why the restore would be refused (empty: it would run).
+    pub refusals: Vec<String>,
+    /// The selector's full decision (every candidate, for `--json`).
+    pub selection: Selection,
+}
+
+impl RestorePlan {
+    /// Whether the restore would run.
+    pub fn is_runnable(&self) -> bool {
+        self.refusals.is_empty()
+    }
+
+    /// The plan for an operator: one block per disk, then the refusals.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "restore into VM {} ({}), power state {}\n",
+            self.vm,
+            self.moref,
+            self.power_state.as_deref().unwrap_or("unknown")
+        );
+        for d in &self.disks {
+            s.push_str(&format!(
+                "disk {} {} ({} bytes) -> {} {}\n  datastore: {} ({})\n  storage policy: {}\n  transport: {}\n",
+                d.disk,
+                d.label,
+                d.size,
+                match d.action {
+                    DiskAction::New => "NEW disk",
+                    DiskAction::Overwrite => "OVERWRITE",
+                },
+                d.target_file,
+                d.datastore,
+                d.datastore_reason,
+                d.storage_policy
+                    .as_deref()
+                    .unwrap_or("(none: the datastore's default)"),
+                match (&d.proxy, d.mode) {
+                    (Some(p), Some(m)) => {
+                        format!("{m} through proxy {p} (why: {})", d.transport_reason)
+                    }
+                    _ => format!("REFUSED: {}", d.transport_reason),
+                }
+            ));
+        }
+        if self.refusals.is_empty() {
+            s.push_str("would run");
+        } else {
+            s.push_str("REFUSED:");
+            for r in &self.refusals {
+                s.push_str(&format!("\n  - {r}"));
+            }
+        }
+        s
+    }
+}
+
+/// New disk or an existing one written over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskAction {
+    /// A new disk is created on the VM.
+    New,
+    /// The VM's existing disk is written over (`--overwrite`, powered-off VM).
+    Overwrite,
+}
+
+/// One disk of a [`RestorePlan`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PlannedDisk {
+    /// Disk number in the restore point.
+    pub disk: u32,
+    /// Its label in the point.
+    pub label: String,
+    /// Its size, bytes.
+    pub size: u64,
+    /// New disk or overwrite.
+    pub action: DiskAction,
+    /// Datastore path written: the new file's, or the overwritten disk's.
+    pub target_file: String,
+    /// Datastore name.
+    pub datastore: String,
+    /// Why that datastore (flag or default).
+    pub datastore_reason: String,
+    /// Storage policy (profile id) for a new disk.
+    pub storage_policy: Option<String>,
+    /// Proxy chosen by the selector (`None`: refused).
+    pub proxy: Option<String>,
+    /// Transport chosen by the selector (`None`: refused).
+    pub mode: Option<Mode>,
+    /// The selector's reason (or refusal).
+    pub transport_reason: String,
+}
+
+/// Plan `disks` into `req.target` on this proxy without changing anything
+/// (`--dry-run`): the same reads, checks and selector as [`restore_vm`] before
+/// its first change, with every refusal collected instead of returned.
 pub async fn plan(
     client: &Client,
     me: &ThisProxy,
-    target: &VmRef,
+    req: &VmRestoreRequest,
     disks: &[DiskSummary],
-    policy: &Policy,
-    required_key_provider: Option<&str>,
-) -> Result<Selection, VmRestoreError> {
-    let p = prepare(client, me, target, disks, policy, required_key_provider).await?;
-    Ok(p.selection)
+) -> Result<RestorePlan, VmRestoreError> {
+    let p = prepare(client, me, req, disks).await?;
+    let mut refusals: Vec<String> = p.refusals.iter().map(|e| e.to_string()).collect();
+    if let Some(summary) = p.selection.refusal_summary() {
+        refusals.push(
+            VmRestoreError::Refused {
+                vm: p.vm.name.clone(),
+                summary,
+            }
+            .to_string(),
+        );
+    }
+    let planned = disks
+        .iter()
+        .zip(&p.targets)
+        .map(|(d, t)| {
+            let decision = p
+                .selection
+                .disks
+                .iter()
+                .find(|x| x.disk_key == d.disk as i32);
+            let (proxy, mode) = match decision.map(|x| &x.outcome) {
+                Some(Outcome::Assigned { proxy, mode }) => (Some(proxy.clone()), Some(*mode)),
+                _ => (None, None),
+            };
+            let (action, target_file, datastore, datastore_reason, storage_policy) = match t {
+                DiskTargetPlan::New => (
+                    DiskAction::New,
+                    restore_file_name(
+                        &p.place.datastore_name,
+                        &p.place.folder,
+                        &req.job_id,
+                        d.disk,
+                    ),
+                    p.place.datastore_name.clone(),
+                    p.place.reason.clone(),
+                    req.options.storage_policy.clone(),
+                ),
+                DiskTargetPlan::Overwrite(v) => (
+                    DiskAction::Overwrite,
+                    v.file_name.clone(),
+                    split_datastore_path(&v.file_name)
+                        .map(|(ds, _)| ds.to_string())
+                        .unwrap_or_default(),
+                    format!("--overwrite: where the VM's {} is", v.label),
+                    None,
+                ),
+            };
+            PlannedDisk {
+                disk: d.disk,
+                label: d.label.clone(),
+                size: d.size,
+                action,
+                target_file,
+                datastore,
+                datastore_reason,
+                storage_policy,
+                proxy,
+                mode,
+                transport_reason: decision
+                    .map(|x| x.reason_summary())
+                    .unwrap_or_else(|| "not planned".into()),
+            }
+        })
+        .collect();
+    Ok(RestorePlan {
+        vm: p.vm.name.clone(),
+        moref: p.vm.moref.value.clone(),
+        power_state: p.vm.power_state.clone(),
+        disks: planned,
+        refusals,
+        selection: p.selection,
+    })
+}
+
+/// Per restored disk: a new disk, or the VM's existing disk written over.
+#[derive(Clone, Debug)]
+enum DiskTargetPlan {
+    New,
+    Overwrite(Box<VirtualDisk>),
 }
 
 /// What a restore reads before its first change, shared by [`plan`] and
@@ -359,41 +626,266 @@ struct Prepared {
     place: Placement,
     proxy_vm: Option<Vm>,
     selection: Selection,
+    /// One per restored disk, in the same order.
+    targets: Vec<DiskTargetPlan>,
+    /// Refusals found before any change (the restore returns the first).
+    refusals: Vec<VmRestoreError>,
 }
 
 /// The target VM (refused when it is a template or outside
-/// `required_key_provider`), where new disks go, this proxy, and the selector's
-/// plan for `disks`.
+/// `required_key_provider`), where new disks go (checked: datastore visible
+/// from the VM's host, with room), which disks are overwritten (only in a
+/// powered-off VM), this proxy, and the selector's plan for `disks`.
 async fn prepare(
     client: &Client,
     me: &ThisProxy,
-    target: &VmRef,
+    req: &VmRestoreRequest,
     disks: &[DiskSummary],
-    policy: &Policy,
-    required_key_provider: Option<&str>,
 ) -> Result<Prepared, VmRestoreError> {
-    let vm = target_vm(client, target).await?;
-    if let Some(summary) = key_provider_mismatch(&vm, required_key_provider) {
+    req.options.validate()?;
+    let vm = target_vm(client, &req.target).await?;
+    if let Some(summary) = key_provider_mismatch(&vm, req.required_key_provider.as_deref()) {
         tracing::warn!(%summary, "restore refused before any change");
         return Err(VmRestoreError::Refused {
             vm: vm.name.clone(),
             summary,
         });
     }
-    let place = placement(&vm).ok_or_else(|| no_placement(&vm))?;
+    let mut refusals = Vec::new();
+    let default_place = placement(&vm);
+    let (targets, new_bytes) = if req.options.overwrite {
+        if let Some(e) = power_refusal(&vm) {
+            refusals.push(e);
+        }
+        if !vm.snapshots.is_empty() || vm.current_snapshot.is_some() {
+            refusals.push(VmRestoreError::Invalid(format!(
+                "restore into VM {} refused before any change: the VM has snapshots, and overwriting its disks would write under them; delete or consolidate its snapshots first, or restore into new disks (without --overwrite)",
+                vm.name
+            )));
+        }
+        let (t, mut problems) = overwrite_targets(&vm, disks);
+        refusals.append(&mut problems);
+        (t, 0)
+    } else {
+        (
+            vec![DiskTargetPlan::New; disks.len()],
+            disks.iter().map(|d| d.size).sum::<u64>(),
+        )
+    };
+    let place = match &req.options.datastore {
+        Some(name) if !req.options.overwrite => {
+            match chosen_datastore(client, &vm, name, new_bytes, default_place.as_ref()).await? {
+                Ok(p) => p,
+                Err(e) => {
+                    refusals.push(e);
+                    // The plan still shows where the disks would have gone.
+                    Placement {
+                        datastore: MoRef::new("Datastore", "?"),
+                        datastore_name: name.clone(),
+                        folder: default_place
+                            .as_ref()
+                            .map(|p| p.folder.clone())
+                            .unwrap_or_else(|| vm.name.clone()),
+                        reason: "from --datastore (refused, see below)".into(),
+                    }
+                }
+            }
+        }
+        _ => {
+            let p = default_place.clone().ok_or_else(|| no_placement(&vm))?;
+            if new_bytes > 0 {
+                if let Some(e) = room_refusal(client, &vm, &p, new_bytes).await? {
+                    refusals.push(e);
+                }
+            }
+            p
+        }
+    };
     let (mut proxy, proxy_vm) = proxy_info(client, me).await?;
     proxy.free_slots = slots_for(proxy.free_slots, disks.len());
-    let selection = select::select(
-        &restore_vm_info(&vm, disks, &place.datastore),
-        &[proxy],
-        policy,
-    );
+    let mut info = restore_vm_info(&vm, disks, &place.datastore);
+    for (d, t) in info.disks.iter_mut().zip(&targets) {
+        if let DiskTargetPlan::Overwrite(v) = t {
+            d.label = format!("{} (overwritten with disk {})", v.label, d.key);
+            d.datastore = v
+                .datastore
+                .as_ref()
+                .map(|m| m.value.clone())
+                .unwrap_or_default();
+            d.encrypted = vm.key_id.is_some() || v.key_id.is_some();
+            d.key_provider = v
+                .key_id
+                .as_ref()
+                .and_then(|k| k.provider_id.clone())
+                .or_else(|| d.key_provider.clone());
+        }
+    }
+    let selection = select::select(&info, &[proxy], &req.policy);
     Ok(Prepared {
         vm,
         place,
         proxy_vm,
         selection,
+        targets,
+        refusals,
     })
+}
+
+/// Why `vm`'s disks may not be overwritten now (pure): only a powered-off VM's.
+pub fn power_refusal(vm: &Vm) -> Option<VmRestoreError> {
+    match vm.power_state.as_deref() {
+        Some("poweredOff") => None,
+        other => Some(VmRestoreError::PoweredOn {
+            vm: vm.name.clone(),
+            power_state: other.unwrap_or("unknown").to_string(),
+        }),
+    }
+}
+
+/// The VM's disk that disk N of the point overwrites: its N-th disk in device
+/// key order (the order backups number them), big enough (pure). Problems are
+/// refusals.
+fn overwrite_targets(vm: &Vm, disks: &[DiskSummary]) -> (Vec<DiskTargetPlan>, Vec<VmRestoreError>) {
+    let mut own: Vec<&VirtualDisk> = vm.disks.iter().collect();
+    own.sort_by_key(|d| d.key);
+    let mut problems = Vec::new();
+    let targets = disks
+        .iter()
+        .map(|d| match own.get(d.disk as usize) {
+            Some(v) if v.capacity_bytes >= d.size => {
+                DiskTargetPlan::Overwrite(Box::new((*v).clone()))
+            }
+            Some(v) => {
+                problems.push(VmRestoreError::Invalid(format!(
+                    "restore into VM {} refused before any change: its {} ({}) has {} bytes, disk {} of the point needs {}; grow the VM's disk or restore into new disks (without --overwrite)",
+                    vm.name, v.label, v.file_name, v.capacity_bytes, d.disk, d.size
+                )));
+                DiskTargetPlan::Overwrite(Box::new((*v).clone()))
+            }
+            None => {
+                problems.push(VmRestoreError::Invalid(format!(
+                    "restore into VM {} refused before any change: it has {} disk(s), so there is no disk to overwrite with disk {} of the point; restore that disk into a new disk (without --overwrite)",
+                    vm.name,
+                    own.len(),
+                    d.disk
+                )));
+                DiskTargetPlan::New
+            }
+        })
+        .collect();
+    (targets, problems)
+}
+
+/// The datastore named by `--datastore`: it must exist, be mounted on the VM's
+/// host, be accessible and have room for `bytes` of new disks. The outer error
+/// is vCenter failing; the inner one a refusal.
+async fn chosen_datastore(
+    client: &Client,
+    vm: &Vm,
+    name: &str,
+    bytes: u64,
+    default: Option<&Placement>,
+) -> Result<Result<Placement, VmRestoreError>, VmRestoreError> {
+    let all = client.datastores().await?;
+    let refuse = |problem: String| {
+        Ok(Err(VmRestoreError::Datastore {
+            vm: vm.name.clone(),
+            datastore: name.to_string(),
+            problem,
+        }))
+    };
+    let visible = visible_datastores(client, vm).await?;
+    let names_of = |refs: &[MoRef]| {
+        let mut n: Vec<&str> = all
+            .iter()
+            .filter(|d| refs.contains(&d.moref))
+            .map(|d| d.name.as_str())
+            .collect();
+        n.sort_unstable();
+        n.join(", ")
+    };
+    let Some(ds) = all.iter().find(|d| d.name == name) else {
+        return refuse(format!(
+            "vCenter has no datastore of that name; the VM's host mounts: {}",
+            names_of(&visible)
+        ));
+    };
+    if !visible.contains(&ds.moref) {
+        return refuse(format!(
+            "not mounted on host {} where the VM runs, so the VM could not use a disk on it; choose one of: {}",
+            vm.host.as_ref().map(|h| h.value.as_str()).unwrap_or("?"),
+            names_of(&visible)
+        ));
+    }
+    if ds.accessible == Some(false) {
+        return refuse(
+            "vCenter reports it inaccessible; fix the datastore or choose another".into(),
+        );
+    }
+    if let Some(e) = room(vm, &ds.name, ds.free_space, bytes) {
+        return Ok(Err(e));
+    }
+    Ok(Ok(Placement {
+        datastore: ds.moref.clone(),
+        datastore_name: ds.name.clone(),
+        // The VM's own folder name, as vSphere names a VM's files.
+        folder: default
+            .map(|p| p.folder.clone())
+            .unwrap_or_else(|| vm.name.clone()),
+        reason: "from --datastore".into(),
+    }))
+}
+
+/// The datastores the VM's host mounts (all of vCenter's when the host is not
+/// reported).
+async fn visible_datastores(client: &Client, vm: &Vm) -> Result<Vec<MoRef>, VmRestoreError> {
+    let hosts = client.hosts().await?;
+    Ok(
+        match vm
+            .host
+            .as_ref()
+            .and_then(|h| hosts.iter().find(|x| &x.moref == h))
+        {
+            Some(h) => h.datastores.clone(),
+            None => client
+                .datastores()
+                .await?
+                .into_iter()
+                .map(|d| d.moref)
+                .collect(),
+        },
+    )
+}
+
+/// A refusal when the default datastore `p` lacks room for `bytes`.
+async fn room_refusal(
+    client: &Client,
+    vm: &Vm,
+    p: &Placement,
+    bytes: u64,
+) -> Result<Option<VmRestoreError>, VmRestoreError> {
+    let free = client
+        .datastores()
+        .await?
+        .into_iter()
+        .find(|d| d.moref == p.datastore)
+        .and_then(|d| d.free_space);
+    Ok(room(vm, &p.datastore_name, free, bytes))
+}
+
+/// Whether `bytes` of new (thin) disks fit into the reported free space (pure):
+/// ferry asks for the full size, so a restore never fills a datastore up.
+fn room(vm: &Vm, datastore: &str, free: Option<u64>, bytes: u64) -> Option<VmRestoreError> {
+    match free {
+        Some(free) if free < bytes => Some(VmRestoreError::Datastore {
+            vm: vm.name.clone(),
+            datastore: datastore.to_string(),
+            problem: format!(
+                "{free} bytes free, the new disks need {bytes}; free space on it or choose another datastore with --datastore"
+            ),
+        }),
+        _ => None,
+    }
 }
 
 /// Disks are restored one after another, so one reserved slot serves them all.
@@ -445,15 +937,13 @@ pub async fn restore_vm(
         place,
         proxy_vm,
         selection,
-    } = prepare(
-        client,
-        me,
-        &req.target,
-        &disks,
-        &req.policy,
-        req.required_key_provider.as_deref(),
-    )
-    .await?;
+        targets,
+        refusals,
+    } = prepare(client, me, req, &disks).await?;
+    if let Some(e) = refusals.into_iter().next() {
+        tracing::warn!(error = %e, "restore refused before any change");
+        return Err(e);
+    }
     if let Some(summary) = selection.refusal_summary() {
         tracing::warn!(%summary, "restore refused before any change");
         return Err(VmRestoreError::Refused {
@@ -489,6 +979,7 @@ pub async fn restore_vm(
         proxy_vm: proxy_vm.as_ref(),
         me,
         place: &place,
+        targets: &targets,
         selection: &selection,
         repo,
         point,
@@ -592,6 +1083,13 @@ async fn cleanup(client: &Client, vm: &Vm, created: &mut Created) -> String {
             }
         }
     }
+    if !created.overwritten.is_empty() {
+        left.push(format!(
+            "the VM's own disk(s) {} were partly overwritten and hold neither their old content nor the restore point's: run the restore again before powering VM {} on",
+            created.overwritten.join(", "),
+            vm.name
+        ));
+    }
     match (removed.is_empty(), left.is_empty()) {
         (true, true) => "nothing was created on the VM".to_string(),
         (false, true) => format!(
@@ -617,6 +1115,8 @@ struct Ctx<'a> {
     proxy_vm: Option<&'a Vm>,
     me: &'a ThisProxy,
     place: &'a Placement,
+    /// One per restored disk, in disk order.
+    targets: &'a [DiskTargetPlan],
     selection: &'a Selection,
     repo: Arc<Repository>,
     point: Arc<OpenPoint>,
@@ -633,11 +1133,11 @@ impl Ctx<'_> {
         created: &mut Created,
     ) -> Result<Vec<RestoredDisk>, VmRestoreError> {
         let mut out = Vec::new();
-        for d in disks {
+        for (d, t) in disks.iter().zip(self.targets) {
             if self.progress.cancelled() {
                 return Err(JobError::Pipeline(PipelineError::Cancelled).into());
             }
-            out.push(self.restore_one(d, created).await?);
+            out.push(self.restore_one(d, t, created).await?);
         }
         Ok(out)
     }
@@ -645,6 +1145,7 @@ impl Ctx<'_> {
     async fn restore_one(
         &self,
         d: &DiskSummary,
+        t: &DiskTargetPlan,
         created: &mut Created,
     ) -> Result<RestoredDisk, VmRestoreError> {
         let started = Instant::now();
@@ -664,27 +1165,46 @@ impl Ctx<'_> {
         let mut mode = *mode;
         let mut reason = decision.reason_summary();
         let what = format!("{} ({})", d.disk, d.label);
-        let spec = NewDiskSpec {
-            file_name: restore_file_name(
-                &self.place.datastore_name,
-                &self.place.folder,
-                &self.req.job_id,
-                d.disk,
-            ),
-            datastore: self.place.datastore.clone(),
-            capacity_bytes: d.size,
-            encrypt_with: self.vm.key_id.clone(),
+        // A new disk reads as zeros, so zero chunks need no write; a disk written
+        // over does not.
+        let (new_disk, zero_filled) = match t {
+            DiskTargetPlan::New => {
+                let spec = NewDiskSpec {
+                    file_name: restore_file_name(
+                        &self.place.datastore_name,
+                        &self.place.folder,
+                        &self.req.job_id,
+                        d.disk,
+                    ),
+                    datastore: self.place.datastore.clone(),
+                    capacity_bytes: d.size,
+                    encrypt_with: self.vm.key_id.clone(),
+                    storage_policy: self.req.options.storage_policy.clone(),
+                };
+                let new_disk = self
+                    .client
+                    .create_disk(&self.vm.moref, &spec)
+                    .await
+                    .map_err(|e| self.locked(e, &spec.file_name))?;
+                created.disks.push(new_disk.clone());
+                self.check_new_disk(&new_disk, d.size)?;
+                (new_disk, true)
+            }
+            DiskTargetPlan::Overwrite(v) => {
+                tracing::warn!(file = %v.file_name, vm = %self.vm.name, "overwriting an existing disk of the powered-off VM");
+                created
+                    .overwritten
+                    .push(format!("{} ({})", v.file_name, v.label));
+                ((**v).clone(), false)
+            }
         };
-        let new_disk = self.client.create_disk(&self.vm.moref, &spec).await?;
-        created.disks.push(new_disk.clone());
-        self.check_new_disk(&new_disk, d.size)?;
         let target: Box<dyn DiskTarget> = if let Some(v) = self.vddk {
             self.vddk_target(v, &new_disk, &mut mode, &mut reason, &what, created)
                 .await?
         } else {
             loop {
                 match mode {
-                    Mode::HotAdd => match self.hotadd(&new_disk, created).await {
+                    Mode::HotAdd => match self.hotadd(&new_disk, zero_filled, created).await {
                         Ok(t) => break t,
                         Err(e)
                             if e.is_crypto()
@@ -697,7 +1217,9 @@ impl Ctx<'_> {
                         );
                             mode = Mode::NbdSsl;
                         }
-                        Err(HotAddError::Vsphere(v)) => return Err(v.into()),
+                        Err(HotAddError::Vsphere(v)) => {
+                            return Err(self.locked(v, &new_disk.file_name))
+                        }
                         Err(HotAddError::Target(source)) => {
                             return Err(VmRestoreError::Target {
                                 vm: self.vm.name.clone(),
@@ -708,15 +1230,17 @@ impl Ctx<'_> {
                         Err(HotAddError::Invalid(m)) => return Err(VmRestoreError::Invalid(m)),
                     },
                     Mode::NbdSsl | Mode::Nbd => {
-                        break self.nbd(&new_disk, mode).await.map_err(|e| match e {
-                            NbdOpenError::Vsphere(v) => v.into(),
-                            NbdOpenError::Target(source) => VmRestoreError::Target {
-                                vm: self.vm.name.clone(),
-                                disk: what.clone(),
-                                source,
+                        break self.nbd(&new_disk, mode, zero_filled).await.map_err(
+                            |e| match e {
+                                NbdOpenError::Vsphere(v) => self.locked(v, &new_disk.file_name),
+                                NbdOpenError::Target(source) => VmRestoreError::Target {
+                                    vm: self.vm.name.clone(),
+                                    disk: what.clone(),
+                                    source,
+                                },
+                                NbdOpenError::Invalid(m) => VmRestoreError::Invalid(m),
                             },
-                            NbdOpenError::Invalid(m) => VmRestoreError::Invalid(m),
-                        })?
+                        )?
                     }
                 }
             }
@@ -818,7 +1342,9 @@ impl Ctx<'_> {
                 }
                 Mode::NbdSsl | Mode::Nbd => (disk.file_name.clone(), None),
             };
-            match open_vddk_target(self.client, v, path, snap.as_ref(), *mode).await {
+            // Only a disk this job created reads as zeros.
+            let zero_filled = created.disks.iter().any(|x| x.key == disk.key);
+            match open_vddk_target(self.client, v, path, snap.as_ref(), *mode, zero_filled).await {
                 Ok(t) => {
                     *reason = format!(
                         "{reason}; carried by VDDK {} ({mode} confirmed by GetTransportMode, opened for write{})",
@@ -882,6 +1408,19 @@ impl Ctx<'_> {
         Ok(snap)
     }
 
+    /// `e`, as [`VmRestoreError::FileLocked`] naming `file` and the VM when vCenter
+    /// or the host said the file is locked.
+    fn locked(&self, e: VsphereError, file: &str) -> VmRestoreError {
+        match e {
+            VsphereError::FileLocked { doing, message, .. } => VmRestoreError::FileLocked {
+                vm: self.vm.name.clone(),
+                file: file.to_string(),
+                message: format!("{doing}: {message}"),
+            },
+            e => e.into(),
+        }
+    }
+
     /// ferry writes only into a disk that is what it asked for: big enough, and
     /// encrypted under the VM's key provider when the VM is encrypted.
     fn check_new_disk(&self, d: &VirtualDisk, size: u64) -> Result<(), VmRestoreError> {
@@ -919,6 +1458,7 @@ impl Ctx<'_> {
     async fn hotadd(
         &self,
         disk: &VirtualDisk,
+        zero_filled: bool,
         created: &mut Created,
     ) -> Result<Box<dyn DiskTarget>, HotAddError> {
         let pvm = self.proxy_vm.ok_or_else(|| {
@@ -942,11 +1482,12 @@ impl Ctx<'_> {
         })?;
         let size = disk.capacity_bytes;
         let wait = self.req.hotadd_wait;
-        let t =
-            tokio::task::spawn_blocking(move || HotAddTarget::open(&dir, &name, size, wait, true))
-                .await
-                .map_err(|e| HotAddError::Invalid(format!("hot-add wait failed: {e}")))?
-                .map_err(HotAddError::Target)?;
+        let t = tokio::task::spawn_blocking(move || {
+            HotAddTarget::open(&dir, &name, size, wait, zero_filled)
+        })
+        .await
+        .map_err(|e| HotAddError::Invalid(format!("hot-add wait failed: {e}")))?
+        .map_err(HotAddError::Target)?;
         Ok(Box::new(t))
     }
 
@@ -954,6 +1495,7 @@ impl Ctx<'_> {
         &self,
         disk: &VirtualDisk,
         mode: Mode,
+        zero_filled: bool,
     ) -> Result<Box<dyn DiskTarget>, NbdOpenError> {
         let host = self.vm.host.as_ref().ok_or_else(|| {
             NbdOpenError::Invalid(format!("vCenter reports no host for VM {}", self.vm.name))
@@ -993,10 +1535,12 @@ impl Ctx<'_> {
             Mode::HotAdd => unreachable!("nbd() is called for network modes"),
         };
         let conns = s.connections;
-        let t = tokio::task::spawn_blocking(move || NbdTarget::connect(&uri, &label, conns, true))
-            .await
-            .map_err(|e| NbdOpenError::Invalid(format!("NBD connect thread failed: {e}")))?
-            .map_err(NbdOpenError::Target)?;
+        let t = tokio::task::spawn_blocking(move || {
+            NbdTarget::connect(&uri, &label, conns, zero_filled)
+        })
+        .await
+        .map_err(|e| NbdOpenError::Invalid(format!("NBD connect thread failed: {e}")))?
+        .map_err(NbdOpenError::Target)?;
         Ok(Box::new(t))
     }
 }
@@ -1010,6 +1554,7 @@ async fn open_vddk_target(
     path: String,
     snap: Option<&MoRef>,
     mode: Mode,
+    zero_filled: bool,
 ) -> Result<Box<dyn DiskTarget>, SourceError> {
     use crate::transport::vddk::{Connection, VddkTarget};
     let mut spec = v.spec.clone();
@@ -1026,7 +1571,7 @@ async fn open_vddk_target(
             path: p.clone(),
             err: std::io::Error::other(e),
         })?;
-        let t = VddkTarget::open(&conn, &p, true)?;
+        let t = VddkTarget::open(&conn, &p, zero_filled)?;
         Ok(Box::new(t) as Box<dyn DiskTarget>)
     })
     .await
@@ -1128,6 +1673,8 @@ mod tests {
                 datastore: MoRef::new("Datastore", "datastore-1"),
                 datastore_name: "ds-a".into(),
                 folder: "web01".into(),
+                reason: "default: the datastore of the VM's first disk ([ds-a] web01/web01.vmdk)"
+                    .into(),
             }
         );
         let info = restore_vm_info(&v, &summaries(), &p.datastore);
@@ -1148,6 +1695,95 @@ mod tests {
         let mut nodisk = vm(false);
         nodisk.disks.clear();
         assert!(placement(&nodisk).is_none());
+    }
+
+    #[test]
+    fn only_a_powered_off_vms_disks_are_overwritten_and_only_by_disks_that_fit() {
+        let mut v = vm(false);
+        for (state, refused) in [
+            (Some("poweredOn"), true),
+            (Some("suspended"), true),
+            (None, true),
+            (Some("poweredOff"), false),
+        ] {
+            v.power_state = state.map(str::to_string);
+            let e = power_refusal(&v);
+            assert_eq!(e.is_some(), refused, "{state:?}");
+            if let Some(e) = e {
+                let m = e.to_string();
+                assert!(
+                    m.contains("web01") && m.contains(state.unwrap_or("unknown")),
+                    "{m}"
+                );
+                assert!(
+                    m.contains("power the VM off") && m.contains("new disks"),
+                    "{m}"
+                );
+            }
+        }
+        // Disk N of the point goes over the VM's disk N in key order.
+        let (t, problems) = overwrite_targets(&v, &summaries());
+        assert!(problems.is_empty());
+        let files: Vec<_> = t
+            .iter()
+            .map(|x| match x {
+                DiskTargetPlan::Overwrite(d) => d.file_name.clone(),
+                DiskTargetPlan::New => String::new(),
+            })
+            .collect();
+        assert_eq!(
+            files,
+            ["[ds-a] web01/web01.vmdk", "[ds-b] web01/web01_1.vmdk"]
+        );
+        let mut big = summaries();
+        big[1].size = 2 << 30;
+        big.push(DiskSummary {
+            disk: 2,
+            size: 1,
+            label: "Hard disk 3".into(),
+        });
+        let (_, problems) = overwrite_targets(&v, &big);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].to_string().contains("needs 2147483648"));
+        assert!(problems[1].to_string().contains("no disk to overwrite"));
+    }
+
+    #[test]
+    fn room_and_options_are_checked_before_anything_changes() {
+        let v = vm(false);
+        assert!(room(&v, "ds-a", Some(10), 10).is_none());
+        assert!(room(&v, "ds-a", None, u64::MAX).is_none(), "not reported");
+        let e = room(&v, "ds-a", Some(9), 10).unwrap().to_string();
+        assert!(
+            e.contains("ds-a") && e.contains("9 bytes free") && e.contains("need 10"),
+            "{e}"
+        );
+        assert!(TargetOptions::default().validate().is_ok());
+        for bad in [
+            TargetOptions {
+                datastore: Some("[ds-a] web01".into()),
+                ..Default::default()
+            },
+            TargetOptions {
+                datastore: Some(" ".into()),
+                ..Default::default()
+            },
+            TargetOptions {
+                storage_policy: Some("".into()),
+                ..Default::default()
+            },
+            TargetOptions {
+                storage_policy: Some("a\nb".into()),
+                ..Default::default()
+            },
+            TargetOptions {
+                datastore: Some("ds-a".into()),
+                overwrite: true,
+                ..Default::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod lineage;
 mod multi;
 mod passphrase;
 mod pem;
+pub mod recovery;
 pub mod sync;
 pub mod tenant;
 mod wrap;
@@ -21,6 +22,7 @@ pub use lineage::{KeyLineage, KmsKeyPair};
 pub use multi::MultiKeySource;
 pub use passphrase::{PassphraseKeySource, WRAP_SCHEME_PASSPHRASE};
 pub use pem::{generate_pem_pair, PemKeySource};
+pub use recovery::RecoveryKey;
 pub use wrap::{fingerprint_spki, rsa_oaep_unwrap, rsa_oaep_wrap, WRAP_SCHEME_RSA_OAEP_SHA1};
 
 use rand::RngCore;

@@ -53,7 +53,7 @@ pub fn parse_private_pem(text: &str, path: &str) -> Result<RsaPrivateKey, KeyErr
         })
 }
 
-fn check_size(key: &RsaPublicKey, name: &str) -> Result<(), KeyError> {
+pub(crate) fn check_size(key: &RsaPublicKey, name: &str) -> Result<(), KeyError> {
     let bits = key.size() * 8;
     if !(2048..=4096).contains(&bits) {
         return Err(KeyError::KeySize {

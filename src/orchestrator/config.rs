@@ -7,6 +7,7 @@
 
 use crate::agent::api::{RetentionSpec, Validate};
 use crate::config::ConfigError;
+use crate::job::quiesce::QuiescePolicy;
 use crate::transport::select::Policy;
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -229,6 +230,37 @@ pub struct JobConfig {
     /// orchestrator's `run_timeout`. Used by `lesser_mode = "when-idle"`.
     #[serde(default, with = "opt_duration")]
     pub window: Option<Duration>,
+    /// Snapshot consistency of the job's VMs: `"off"` (default: crash-consistent),
+    /// `"prefer"` (quiesced through VMware Tools, crash-consistent when the guest
+    /// cannot be quiesced), `"require"` (quiesced, or the VM's backup fails).
+    #[serde(default)]
+    pub quiesce: QuiescePolicy,
+    /// Per-VM quiesce policies (`[[job.quiesce_override]]`), first match wins;
+    /// VMs no override matches take [`Self::quiesce`].
+    #[serde(default)]
+    pub quiesce_override: Vec<QuiesceOverride>,
+}
+
+/// `[[job.quiesce_override]]`: a quiesce policy for some of a job's VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuiesceOverride {
+    /// VM name globs (`*`, `?`) this policy applies to.
+    pub vms: Vec<String>,
+    /// The policy for those VMs.
+    pub quiesce: QuiescePolicy,
+}
+
+impl JobConfig {
+    /// The quiesce policy of VM `vm`: the first override whose globs match it,
+    /// else the job's.
+    pub fn quiesce_for(&self, vm: &str) -> QuiescePolicy {
+        self.quiesce_override
+            .iter()
+            .find(|o| o.vms.iter().any(|g| super::schedule::glob(g, vm)))
+            .map(|o| o.quiesce)
+            .unwrap_or(self.quiesce)
+    }
 }
 
 /// Parse `"90s"`, `"15m"`, `"6h"`, `"1d"`, `"1h30m"`, `"250ms"`.
@@ -513,6 +545,14 @@ impl OrchestratorConfig {
                 r.validate()
                     .map_err(|e| self.invalid(format!("job[{i}].retention"), e.message))?;
             }
+            for (k, o) in j.quiesce_override.iter().enumerate() {
+                if o.vms.is_empty() || o.vms.iter().any(|g| g.trim().is_empty()) {
+                    return Err(self.invalid(
+                        format!("job[{i}].quiesce_override[{k}].vms"),
+                        "name the VMs (globs such as \"db-*\") this quiesce policy applies to",
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -579,6 +619,15 @@ exclude = ["*-template"]
 schedule = { daily = "02:30" }
 retention = { keep_last = 14, keep_weekly = 8 }
 policy = { failover_to_network = true, allow_cleartext_nbd = false }
+quiesce = "prefer"
+
+[[job.quiesce_override]]
+vms = ["db-??"]
+quiesce = "require"
+
+[[job.quiesce_override]]
+vms = ["web-legacy*"]
+quiesce = "off"
 
 [[job]]
 name = "a-hourly"
@@ -607,6 +656,11 @@ schedule = { every = "1h" }
         );
         assert_eq!(c.jobs[0].retention.as_ref().unwrap().keep_last, Some(14));
         assert!(!c.jobs[0].policy.allow_cleartext_nbd);
+        // Quiesce: the job's policy, per-VM overrides first match first; off by default.
+        assert_eq!(c.jobs[0].quiesce_for("web-01"), QuiescePolicy::Prefer);
+        assert_eq!(c.jobs[0].quiesce_for("db-01"), QuiescePolicy::Require);
+        assert_eq!(c.jobs[0].quiesce_for("web-legacy-1"), QuiescePolicy::Off);
+        assert_eq!(c.jobs[1].quiesce_for("db-01"), QuiescePolicy::Off);
         assert_eq!(
             c.vcenter("lab").unwrap().inventory_file.as_deref(),
             Some(Path::new("/etc/ferry/inventory.json"))
@@ -635,6 +689,7 @@ schedule = { every = "1h" }
             (format!("{base}{agent}{tenant}{vc}[[job]]\nname = \"j\"\ntenant = \"x\"\nvcenter = \"v\"\nvms = [\"*\"]\n"), "job[0].tenant"),
             (format!("{base}{agent}{tenant}{vc}[[job]]\nname = \"j\"\ntenant = \"t\"\nvcenter = \"v\"\nvms = [\"*\"]\nschedule = {{ daily = \"25:00\" }}\n"), "job[0].schedule.daily"),
             (format!("{base}{agent}{tenant}{vc}[[job]]\nname = \"j\"\ntenant = \"t\"\nvcenter = \"v\"\nvms = [\"*\"]\nretention = {{}}\n"), "job[0].retention"),
+            (format!("{base}{agent}{tenant}{vc}[[job]]\nname = \"j\"\ntenant = \"t\"\nvcenter = \"v\"\nvms = [\"*\"]\n[[job.quiesce_override]]\nvms = []\nquiesce = \"require\"\n"), "job[0].quiesce_override[0].vms"),
             ("[orchestrator]\nstate_dir = \"s\"\ndispatch_attempts = 0\n".to_string(), "orchestrator.dispatch_attempts"),
         ];
         for (text, key) in cases {
@@ -648,11 +703,26 @@ schedule = { every = "1h" }
             "[orchestrator]\nstate_dir = \"s\"\npoll_interval = \"0s\"\n",
             "[orchestrator]\nstate_dir = \"s\"\nsurprise = 1\n",
             "[orchestrator]\nstate_dir = \"s\"\n[key_sync]\nevery = \"1y\"\n",
+            "[orchestrator]\nstate_dir = \"s\"\n[[tenant]]\nname = \"t\"\nagents = []\n[[job]]\nname = \"j\"\ntenant = \"t\"\nvcenter = \"v\"\nquiesce = \"yes\"\n",
         ] {
             assert!(matches!(
                 OrchestratorConfig::parse(bad, Path::new("x.toml")),
                 Err(ConfigError::Parse { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn a_bad_quiesce_policy_names_the_key_and_the_choices() {
+        let text = "[orchestrator]\nstate_dir = \"s\"\n[[job]]\nname = \"j\"\ntenant = \"t\"\nvcenter = \"v\"\nvms = [\"*\"]\nquiesce = \"always\"\n";
+        match OrchestratorConfig::parse(text, Path::new("x.toml")) {
+            Err(e @ ConfigError::Parse { .. }) => {
+                let m = e.to_string();
+                for want in ["quiesce", "always", "off", "prefer", "require"] {
+                    assert!(m.contains(want), "{want:?} in {m}");
+                }
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -114,6 +114,12 @@ impl RunSummary {
                         .collect()
                 })
                 .unwrap_or_default();
+            // "crash-consistent (policy prefer: ...)" -> "crash-consistent".
+            let snapshot = i.detail["snapshot"]
+                .as_str()
+                .and_then(|n| n.split_whitespace().next())
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default();
             s.push_str(&format!(
                 "  {name:<20} {:<10} {:<14} {:<9} {:>12} B  {}{}\n",
                 i.state.as_str(),
@@ -122,7 +128,7 @@ impl RunSummary {
                     "-".to_string()
                 } else {
                     modes.join(",")
-                },
+                } + &snapshot,
                 i.bytes,
                 i.attempts,
                 i.error
@@ -218,6 +224,10 @@ struct Item {
     plan: serde_json::Value,
     result: serde_json::Value,
     poll_failures: u32,
+    /// The quiesce policy sent to the agent.
+    quiesce: Option<crate::job::quiesce::QuiescePolicy>,
+    /// How the agent took the snapshot (its job's `snapshot:` note).
+    snapshot: Option<String>,
 }
 
 impl Item {
@@ -239,6 +249,8 @@ impl Item {
             plan: serde_json::Value::Null,
             result: serde_json::Value::Null,
             poll_failures: 0,
+            quiesce: None,
+            snapshot: None,
         }
     }
     fn record(&self, run_id: &str) -> RunItem {
@@ -259,6 +271,8 @@ impl Item {
                 "selector": self.selector,
                 "plan": self.plan,
                 "result": self.result,
+                "quiesce": self.quiesce,
+                "snapshot": self.snapshot,
             }),
             error: self.error.clone(),
             bytes: self.bytes,
@@ -756,6 +770,7 @@ impl Orchestrator {
                         cands.remove(&agent, "no client for this agent");
                         continue;
                     };
+                    let quiesce = job.quiesce_for(&it.inv.vm.name);
                     let req = BackupRequest {
                         tenant: tenant.name.clone(),
                         vm: VmSpec::from_vm_info(
@@ -771,7 +786,11 @@ impl Orchestrator {
                             .selection
                             .as_ref()
                             .map(|s| placement_reasons(s, waited)),
+                        // Off is the agents' default: agents older than the
+                        // field still accept the request.
+                        quiesce: quiesce.asks_quiesce().then_some(quiesce),
                     };
+                    it.quiesce = Some(quiesce);
                     it.attempts += 1;
                     match api.start_backup(&req).await {
                         Ok(j) => {
@@ -858,6 +877,11 @@ impl Orchestrator {
                 if let Some(s) = state {
                     it.state = s;
                     it.result = serde_json::to_value(&j.disks).unwrap_or_default();
+                    it.snapshot = j
+                        .notes
+                        .iter()
+                        .find(|n| n.starts_with("snapshot: "))
+                        .map(|n| n.trim_start_matches("snapshot: ").to_string());
                     it.error = j.error.map(|e| format!("{}: {}", e.code, e.message));
                     tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %job_id, state = %s, "agent job finished");
                 }

@@ -3,7 +3,7 @@
 //! and atomic replacement live in [`super::Repository`].
 
 use super::format::{self, FormatError, OpenedBody, MAGIC_KEYRING};
-use crate::keys::{KeyId, KeyRef, SecretKey, WrappedKey};
+use crate::keys::{KeyId, KeyRef, RecoveryKey, SecretKey, WrappedKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -18,6 +18,12 @@ pub struct KeyringHeader {
     pub keyring_key_id: KeyId,
     /// The keyring key wrapped by the newest tenant key.
     pub wrapped_key: WrappedKey,
+    /// Key-loss protection: while set, every new point's data key is also wrapped
+    /// by this provider recovery public key. Public (readable without keys, so
+    /// `repo info` can say it) and authenticated with the keyring: changing it
+    /// takes the tenant key. Absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryKey>,
 }
 
 /// What the keyring knows about one data key.

@@ -5,6 +5,7 @@
 //! It does not decide *what* to back up (see [`crate::job`]) and never sees plaintext
 //! keys outside zeroizing types.
 
+pub mod codec;
 pub mod format;
 pub mod fsutil;
 pub mod gc;
@@ -15,7 +16,7 @@ pub mod manifest;
 pub mod retention;
 pub mod verify;
 
-use crate::keys::{unwrap_secret, KeyError, KeyId, KeySource, SecretKey};
+use crate::keys::{unwrap_secret, KeyError, KeyId, KeySource, RecoveryKey, SecretKey};
 use format::{
     ChunkId, FormatError, IndexHeader, IndexReader, RepoConfig, CHUNK_HEADER_LEN, TAG_LEN,
 };
@@ -147,6 +148,29 @@ impl OpenPoint {
     }
 }
 
+/// A way to obtain a restore point's data key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPath {
+    /// The tenant key that wrapped it in the point's manifest.
+    OwnKey,
+    /// The keyring, opened with the newest tenant key (it holds every data key).
+    Keyring,
+    /// The provider's recovery key (key-loss protection).
+    RecoveryKey,
+}
+
+impl KeyPath {
+    /// Words for reports.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            KeyPath::OwnKey => "its own key",
+            KeyPath::Keyring => "the keyring",
+            KeyPath::RecoveryKey => "the recovery key",
+        }
+    }
+}
+
 /// One line of `points list`: the header, or why it could not be read.
 pub struct PointListing {
     /// Point id (directory name).
@@ -159,6 +183,17 @@ impl Repository {
     /// Create a new repository at `path` (which must not exist or be empty) and write
     /// its keyring (id-key, no data keys yet) wrapped by `keys`' current key.
     pub fn init(path: &Path, chunk_size: u32, tenant: &str, keys: &dyn KeySource) -> Result<Self> {
+        Self::init_with(path, chunk_size, tenant, keys, codec::Codec::Lz4)
+    }
+
+    /// [`Repository::init`] with the codec new chunks are compressed with.
+    pub fn init_with(
+        path: &Path,
+        chunk_size: u32,
+        tenant: &str,
+        keys: &dyn KeySource,
+        compression: codec::Codec,
+    ) -> Result<Self> {
         format::validate_chunk_size(chunk_size).map_err(|e| RepoError::Invalid(e.to_string()))?;
         if path.exists() {
             let mut it = fs::read_dir(path).map_err(|e| RepoError::io(path, e))?;
@@ -177,13 +212,14 @@ impl Repository {
             chunk_size,
             created: now_rfc3339(),
             tenant: tenant.to_string(),
+            compression,
         };
         let repo = Repository {
             root: path.to_path_buf(),
             config,
         };
         let id_key = SecretKey::generate();
-        repo.write_keyring(keys, 0, &KeyringBody::default(), &[], &id_key)?;
+        repo.write_keyring(keys, 0, &KeyringBody::default(), &[], &id_key, None)?;
         fsutil::atomic_write(
             &repo.tmp_path("config"),
             &path.join("config"),
@@ -214,6 +250,24 @@ impl Repository {
             root: path.to_path_buf(),
             config,
         })
+    }
+
+    /// Change the codec of new chunks (rewrites `config` atomically under the
+    /// exclusive lock). Chunks already stored keep theirs: each records it.
+    pub fn set_compression(&mut self, compression: codec::Codec) -> Result<()> {
+        let _l = self.lock(
+            LockMode::Exclusive,
+            "set compression",
+            Duration::from_secs(30),
+        )?;
+        self.config.compression = compression;
+        let path = self.root.join("config");
+        fsutil::atomic_write(
+            &self.tmp_path("config"),
+            &path,
+            &format::encode_config(&self.config),
+        )
+        .map_err(|e| RepoError::io(&path, e))
     }
 
     /// Repository root.
@@ -492,7 +546,9 @@ impl Repository {
         }
     }
 
-    /// Open a point: its data key from `keyring` when given, else unwrapped with `keys`.
+    /// Open a point: its data key from `keyring` when given and holding it, else
+    /// unwrapped with `keys` by the tenant key that wrapped it, else (key-loss
+    /// protection) by the provider's recovery key when `keys` holds that.
     pub fn open_point(
         &self,
         id: &str,
@@ -500,23 +556,90 @@ impl Repository {
         keyring: Option<&Keyring>,
     ) -> Result<OpenPoint> {
         let (b, header, at) = self.read_manifest(id)?;
-        let dk = match keyring.and_then(|k| k.key(header.data_key_id)) {
-            Some(k) => k.clone(),
-            None => {
-                unwrap_secret(keys, &header.wrapped_key, header.data_key_id).map_err(
-                    |e| match e {
-                        KeyError::UnwrapFailed { .. } => RepoError::Damaged {
-                            path: self.point_dir(id).join("manifest"),
-                            source: FormatError::AuthFailed {
-                                what: "manifest wrapped data key",
-                            },
-                        },
-                        other => RepoError::Key(other),
-                    },
-                )?
-            }
+        let from_keyring = keyring.and_then(|k| k.key(header.data_key_id)).cloned();
+        let dk = match from_keyring {
+            Some(k) => k,
+            None => match self.point_key_via(&header, keys, None, KeyPath::OwnKey) {
+                Ok(k) => k,
+                Err(own) => match &header.recovery_wrapped_key {
+                    Some(r) if keys.holds(&r.key_ref) => {
+                        tracing::info!(point = %id, error = %own, "the tenant key does not open this point; trying the provider's recovery key");
+                        self.point_key_via(&header, keys, None, KeyPath::RecoveryKey)?
+                    }
+                    _ => return Err(own),
+                },
+            },
         };
-        let opened = manifest::open_body(&b, at, &dk).map_err(|source| RepoError::Damaged {
+        self.open_manifest(id, b, header, at, &dk)
+    }
+
+    /// Open a point through exactly one key path (for the disaster-recovery
+    /// report, which says every way a point opens).
+    pub fn open_point_via(
+        &self,
+        id: &str,
+        keys: &dyn KeySource,
+        keyring: Option<&Keyring>,
+        via: KeyPath,
+    ) -> Result<OpenPoint> {
+        let (b, header, at) = self.read_manifest(id)?;
+        let dk = self.point_key_via(&header, keys, keyring, via)?;
+        self.open_manifest(id, b, header, at, &dk)
+    }
+
+    /// A point's data key through one path. `Keyring` needs `keyring`; a path the
+    /// point does not have (no recovery wrap) is a [`KeyError::WrongKey`].
+    fn point_key_via(
+        &self,
+        header: &ManifestHeader,
+        keys: &dyn KeySource,
+        keyring: Option<&Keyring>,
+        via: KeyPath,
+    ) -> Result<SecretKey> {
+        let id = &header.point_id;
+        let wrapped = match via {
+            KeyPath::Keyring => {
+                return keyring
+                    .and_then(|k| k.key(header.data_key_id))
+                    .cloned()
+                    .ok_or_else(|| {
+                        RepoError::Key(KeyError::CannotUnwrap {
+                            source_name: "keyring".into(),
+                            why: format!(
+                                "the keyring is not open or does not hold data key {}",
+                                header.data_key_id
+                            ),
+                        })
+                    })
+            }
+            KeyPath::OwnKey => &header.wrapped_key,
+            KeyPath::RecoveryKey => header.recovery_wrapped_key.as_ref().ok_or_else(|| {
+                RepoError::Key(KeyError::CannotUnwrap {
+                    source_name: "recovery key".into(),
+                    why: format!("point {id} was made without key-loss protection"),
+                })
+            })?,
+        };
+        unwrap_secret(keys, wrapped, header.data_key_id).map_err(|e| match e {
+            KeyError::UnwrapFailed { .. } => RepoError::Damaged {
+                path: self.point_dir(id).join("manifest"),
+                source: FormatError::AuthFailed {
+                    what: "manifest wrapped data key",
+                },
+            },
+            other => RepoError::Key(other),
+        })
+    }
+
+    fn open_manifest(
+        &self,
+        id: &str,
+        b: Vec<u8>,
+        header: ManifestHeader,
+        at: usize,
+        dk: &SecretKey,
+    ) -> Result<OpenPoint> {
+        let opened = manifest::open_body(&b, at, dk).map_err(|source| RepoError::Damaged {
             path: self.point_dir(id).join("manifest"),
             source,
         })?;
@@ -647,6 +770,7 @@ impl Repository {
         body: &KeyringBody,
         data_keys: &[SecretKey],
         id_key: &SecretKey,
+        recovery: Option<RecoveryKey>,
     ) -> Result<KeyringHeader> {
         let kk = SecretKey::generate();
         let header = KeyringHeader {
@@ -654,6 +778,7 @@ impl Repository {
             updated: now_rfc3339(),
             keyring_key_id: kk.id,
             wrapped_key: keys.wrap(kk.expose())?,
+            recovery,
         };
         let bytes = keyring::encode(&header, body, data_keys, id_key, &kk);
         let p = self.keyring_path();
@@ -683,8 +808,30 @@ impl Repository {
             &kr.body,
             &kr.keys,
             &kr.id_key,
+            kr.header.recovery.clone(),
         )?;
         Ok(kr)
+    }
+
+    /// Turn key-loss protection on with `recovery`, or off with `None`. New
+    /// points only: existing points keep what their manifest records. Refuses a
+    /// recovery key that is the tenant's own current key.
+    pub fn set_recovery(
+        &self,
+        keys: &dyn KeySource,
+        recovery: Option<RecoveryKey>,
+    ) -> Result<Keyring> {
+        if let Some(r) = &recovery {
+            if let Some(why) = crate::keys::recovery::shared_with_tenant(r, &keys.current_key()?) {
+                return Err(RepoError::Invalid(format!(
+                    "{why}; use a key pair the provider keeps apart from the tenant's KMS"
+                )));
+            }
+        }
+        self.update_keyring(keys, |kr| {
+            kr.header.recovery = recovery;
+            Ok(())
+        })
     }
 }
 

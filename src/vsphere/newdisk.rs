@@ -38,6 +38,10 @@ pub struct NewDiskSpec {
     pub capacity_bytes: u64,
     /// Encrypt under this key (the VM's `config.keyId`); `None`: unencrypted.
     pub encrypt_with: Option<CryptoKeyId>,
+    /// Storage policy (SPBM profile id) for the new disk: the device change's
+    /// `profile = VirtualMachineDefinedProfileSpec { profileId }`; `None`: the
+    /// datastore's default policy.
+    pub storage_policy: Option<String>,
 }
 
 /// `[ds] folder/ferry-restore-<job>-disk<n>.vmdk` for disk `n` of restore job
@@ -109,6 +113,13 @@ pub fn create_disk_change(b: &mut Body, controller_key: i32, unit: i32, spec: &N
         .leaf("capacityInKB", spec.capacity_bytes.div_ceil(1024))
         .leaf("capacityInBytes", spec.capacity_bytes)
         .close("device");
+    // VirtualDeviceConfigSpec order: operation, fileOperation, device, profile,
+    // backing.
+    if let Some(p) = &spec.storage_policy {
+        b.open_typed("profile", "VirtualMachineDefinedProfileSpec")
+            .leaf("profileId", p)
+            .close("profile");
+    }
     if let Some(k) = &spec.encrypt_with {
         b.open_typed("backing", "VirtualDeviceConfigSpecBackingSpec")
             .open_typed("crypto", "CryptoSpecEncrypt")
@@ -256,6 +267,7 @@ mod tests {
                 key_id: "4a1c-key".into(),
                 provider_id: Some("KMS-A".into()),
             }),
+            storage_policy: None,
         }
     }
 
@@ -316,6 +328,43 @@ mod tests {
         let mut b = Body::default();
         create_disk_change(&mut b, 1000, 3, &spec(false));
         assert!(!b.as_str().contains("crypto"));
+        assert!(
+            !b.as_str().contains("profile"),
+            "no policy: no profile spec"
+        );
+    }
+
+    #[test]
+    fn a_storage_policy_goes_into_a_defined_profile_spec_before_the_backing_spec() {
+        let mut sp = spec(true);
+        sp.storage_policy = Some("aa6d5a82-1c88-45da-85d3-3d74b91a5bad".into());
+        let body = soap::envelope(
+            "ReconfigVM_Task",
+            &MoRef::new("VirtualMachine", "vm-9"),
+            |b| {
+                b.open("spec");
+                create_disk_change(b, 1000, 3, &sp);
+                b.close("spec");
+            },
+        );
+        let root = parse(body.as_bytes(), &Limits::default()).unwrap();
+        let dc = root
+            .path(&["Body", "ReconfigVM_Task", "spec", "deviceChange"])
+            .unwrap();
+        let order: Vec<_> = dc.children.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            order,
+            ["operation", "fileOperation", "device", "profile", "backing"]
+        );
+        let p = dc.child("profile").unwrap();
+        assert_eq!(
+            p.xsi_type.as_deref(),
+            Some("VirtualMachineDefinedProfileSpec")
+        );
+        assert_eq!(
+            p.child_text("profileId"),
+            Some("aa6d5a82-1c88-45da-85d3-3d74b91a5bad")
+        );
     }
 
     #[test]

@@ -659,17 +659,32 @@ pub struct Datastore {
     pub moref: MoRef,
     /// Name (as in `[name] path/file.vmdk`).
     pub name: String,
+    /// `summary.capacity`, bytes (when reported).
+    pub capacity: Option<u64>,
+    /// `summary.freeSpace`, bytes (when reported).
+    pub free_space: Option<u64>,
+    /// `summary.accessible` (absent: assumed accessible).
+    pub accessible: Option<bool>,
 }
 
 /// Property paths read for datastores.
-pub const DATASTORE_PATHS: &[&str] = &["name"];
+pub const DATASTORE_PATHS: &[&str] = &[
+    "name",
+    "summary.capacity",
+    "summary.freeSpace",
+    "summary.accessible",
+];
 
 impl Datastore {
     /// Decode from collected properties ([`DATASTORE_PATHS`]).
     pub fn decode(oc: &ObjectContent) -> Result<Datastore, DecodeError> {
+        let num = |p: &str| oc.text(p).and_then(|v| v.trim().parse::<i64>().ok());
         Ok(Datastore {
             moref: oc.obj.clone(),
             name: oc.text("name").unwrap_or_default(),
+            capacity: num("summary.capacity").map(|v| v.max(0) as u64),
+            free_space: num("summary.freeSpace").map(|v| v.max(0) as u64),
+            accessible: oc.text("summary.accessible").map(|v| v.trim() == "true"),
         })
     }
 }

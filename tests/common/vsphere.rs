@@ -68,7 +68,7 @@ pub fn request(
         },
         enable_cbt: true,
         full: false,
-        quiesce: false,
+        quiesce: Default::default(),
         pipeline: PipelineConfig::new(Some(2), super::CS, 16 << 20),
         lock_wait: Duration::from_secs(10),
         hotadd_wait: Duration::from_secs(10),

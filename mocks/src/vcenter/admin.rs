@@ -7,6 +7,7 @@
 //! guest, a vSphere administrator or a broken network would.
 
 use super::faults::{DropConnections, FailTasks, Latency};
+use super::guest::{GuestTools, SnapshotAttempt};
 use super::server::AppState;
 use super::vddk::{AuditEntry, VddkFault};
 use super::world::{lock, AdminError, StateDump, World};
@@ -174,6 +175,43 @@ impl Admin {
         self.world.set_key_provider(vm, provider)
     }
 
+    /// Set a VM's power state (`poweredOn`, `poweredOff`, `suspended`).
+    pub fn set_power_state(&self, vm: &str, state: &str) -> Result<(), AdminError> {
+        self.world.set_power_state(vm, state)
+    }
+
+    /// Lock a datastore file (`[ds] folder/file.vmdk`) on behalf of `holder`
+    /// (`None` releases it): hot-add, delete and write opens get `FileLocked`.
+    pub fn set_file_lock(&self, file: &str, holder: Option<&str>) {
+        self.world.set_file_lock(file, holder)
+    }
+
+    /// Report `bytes` as a datastore's `summary.freeSpace` (`None`: the default,
+    /// half its capacity).
+    pub fn set_datastore_free_space(
+        &self,
+        datastore: &str,
+        bytes: Option<u64>,
+    ) -> Result<(), AdminError> {
+        self.world.set_datastore_free_space(datastore, bytes)
+    }
+
+    /// The SOAP calls made with a session so far (`Method Type:id`), oldest first.
+    pub fn calls(&self) -> Vec<String> {
+        lock(&self.world.calls).iter().cloned().collect()
+    }
+
+    /// Of [`Admin::calls`], those that change vCenter state (tasks, tickets).
+    pub fn mutating_calls(&self) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| {
+                let m = c.split(' ').next().unwrap_or_default();
+                super::world::MUTATING_METHODS.contains(&m)
+            })
+            .collect()
+    }
+
     /// Grow a disk (refused while it has snapshots); resets its CBT.
     pub fn resize(&self, vm: &str, disk: &str, capacity: u64) -> Result<(), AdminError> {
         self.world.resize_disk(vm, disk, capacity)
@@ -224,6 +262,17 @@ impl Admin {
     /// cleanup), oldest first.
     pub fn vddk_audit(&self) -> Vec<AuditEntry> {
         lock(&self.world.vddk).audit()
+    }
+
+    /// Set VMware Tools and what a quiesce request does in VM `vm`'s guest.
+    pub fn set_guest(&self, vm: &str, guest: GuestTools) -> Result<(), AdminError> {
+        self.world.set_guest(vm, guest)
+    }
+
+    /// Every snapshot request the mock ran (quiesce asked, the snapshot or the
+    /// fault), oldest first.
+    pub fn snapshot_log(&self) -> Vec<SnapshotAttempt> {
+        lock(&self.world.snapshot_log).clone()
     }
 
     /// Disk handles the mock VDDK holds open.
@@ -314,6 +363,8 @@ pub fn router(_state: AppState) -> Router<AppState> {
         .route("/vms/{vm}/disks/{disk}/resize", post(resize))
         .route("/vms/{vm}/disks/{disk}/reset-cbt", post(reset_cbt))
         .route("/vms/{vm}/key-provider", post(key_provider))
+        .route("/vms/{vm}/guest", post(guest))
+        .route("/snapshots/log", get(snapshot_log))
         .route("/faults/latency", post(latency))
         .route("/faults/task-delay", post(task_delay))
         .route("/faults/fail-tasks", post(fail_tasks))
@@ -431,6 +482,24 @@ async fn key_provider(
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => err(e),
     }
+}
+
+async fn guest(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(vm): Path<String>,
+    Json(g): Json<GuestTools>,
+) -> Response {
+    let a = admin!(st, h);
+    match a.set_guest(&vm, g) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => err(e),
+    }
+}
+
+async fn snapshot_log(State(st): State<AppState>, h: HeaderMap) -> Response {
+    let a = admin!(st, h);
+    Json(a.snapshot_log()).into_response()
 }
 
 async fn latency(State(st): State<AppState>, h: HeaderMap, Json(l): Json<Latency>) -> Response {

@@ -31,7 +31,8 @@ pub struct FailTasks {
     #[serde(default)]
     pub method: Option<String>,
     /// Fault type: `SystemError` (default), `FileLocked`, `GenericVmConfigFault`,
-    /// `InvalidState`, `TaskInProgress`, `NotAuthenticated`.
+    /// `InvalidState`, `TaskInProgress`, `NotAuthenticated`, `ToolsUnavailable`,
+    /// `ApplicationQuiesceFault`, `FilesystemQuiesceFault`.
     #[serde(default)]
     pub fault: Option<String>,
     /// Message (default: says it was injected).

@@ -103,6 +103,7 @@ pub fn dispatch(c: &Call<'_>) -> Result<Reply, Fault> {
         let sess = s.active(c.cookie.as_deref())?;
         (sess.key.clone(), sess.user.clone())
     };
+    c.world.log_call(&req.method, &req.this);
     match req.method.as_str() {
         "Logout" => {
             expect_this(req, "SessionManager")?;
@@ -199,6 +200,8 @@ pub fn dispatch(c: &Call<'_>) -> Result<Reply, Fault> {
         "CreateSnapshot_Task" => create_snapshot(c, &user),
         "RemoveSnapshot_Task" => remove_snapshot(c, &user),
         "ReconfigVM_Task" => reconfigure(c, &user),
+        "PowerOnVM_Task" => set_power(c, &user, "poweredOn"),
+        "PowerOffVM_Task" => set_power(c, &user, "poweredOff"),
         "QueryChangedDiskAreas" => query_changed(c),
         "AcquireGenericServiceTicket" => {
             expect_this(req, "SessionManager")?;
@@ -493,6 +496,7 @@ fn create_snapshot(c: &Call<'_>, user: &str) -> Result<Reply, Fault> {
     let description = c.req.body.text_of("description").unwrap_or("").to_string();
     let quiesce = arg_bool(c.req, "quiesce", false)?;
     arg_bool(c.req, "memory", false)?;
+    let name_for_log = name.clone();
     let task = c.world.spawn_task(
         c.rt,
         TaskStart {
@@ -503,8 +507,16 @@ fn create_snapshot(c: &Call<'_>, user: &str) -> Result<Reply, Fault> {
             op,
         },
         move |w| {
-            let id = lock(&w.inv).create_snapshot(vi, &snap_name, &description, quiesce)?;
-            Ok(Some(Val::r("VirtualMachineSnapshot", id)))
+            let r = lock(&w.inv).create_snapshot(vi, &snap_name, &description, quiesce);
+            lock(&w.snapshot_log).push(super::guest::SnapshotAttempt {
+                vm: name_for_log,
+                name: snap_name,
+                quiesce,
+                snapshot: r.as_ref().ok().cloned(),
+                fault: r.as_ref().err().map(|f| f.obj.ty.to_string()),
+                message: r.as_ref().err().map(|f| f.message.clone()),
+            });
+            Ok(Some(Val::r("VirtualMachineSnapshot", r?)))
         },
     );
     ok(Returns::Typed(Val::Ref(task)))
@@ -611,6 +623,28 @@ pub fn parse_config_spec(spec: &Element) -> Result<ReconfigSpec, Fault> {
                         )))
                     }
                 };
+                let profile = match dc.child("profile") {
+                    None => None,
+                    Some(p) if p.xsi_type() == Some("VirtualMachineEmptyProfileSpec") => None,
+                    Some(p) if p.xsi_type() == Some("VirtualMachineDefinedProfileSpec") => Some(
+                        p.text_of("profileId")
+                            .map(str::trim)
+                            .filter(|id| !id.is_empty())
+                            .ok_or_else(|| {
+                                vim::invalid_argument(
+                                    Some("spec.deviceChange.profile.profileId"),
+                                    "VirtualMachineDefinedProfileSpec without profileId",
+                                )
+                            })?
+                            .to_string(),
+                    ),
+                    Some(p) => {
+                        return Err(vim::not_supported(format!(
+                            "profile spec {} on a new disk is not supported by the mock vCenter (VirtualMachineDefinedProfileSpec is)",
+                            p.xsi_type().unwrap_or("VirtualMachineProfileSpec")
+                        )))
+                    }
+                };
                 changes.push(DeviceChange::Create(CreateDisk {
                     key,
                     controller_key: num(device, "controllerKey")?
@@ -620,6 +654,7 @@ pub fn parse_config_spec(spec: &Element) -> Result<ReconfigSpec, Fault> {
                     capacity,
                     disk_mode: backing.text_of("diskMode").unwrap_or("persistent").into(),
                     crypto,
+                    profile,
                 }));
             }
             ("remove", Some("destroy")) => changes.push(DeviceChange::Destroy { key }),
@@ -675,6 +710,35 @@ fn reconfigure(c: &Call<'_>, user: &str) -> Result<Reply, Fault> {
         },
         move |w| {
             w.reconfigure(vi, &spec)?;
+            Ok(None)
+        },
+    );
+    ok(Returns::Typed(Val::Ref(task)))
+}
+
+/// PowerOnVM_Task / PowerOffVM_Task: a task that sets the power state, failing
+/// with `InvalidPowerState` when the VM already is in `want` (as vSphere does).
+fn set_power(c: &Call<'_>, user: &str, want: &'static str) -> Result<Reply, Fault> {
+    let (vi, name, op) = vm_of(c)?;
+    let task = c.world.spawn_task(
+        c.rt,
+        TaskStart {
+            method: &c.req.method,
+            entity: c.req.this.clone(),
+            entity_name: &name,
+            user,
+            op,
+        },
+        move |w| {
+            let mut inv = lock(&w.inv);
+            let have = &mut inv.vms[vi].power_state;
+            if have == want {
+                return Err(vim::invalid_power_state(
+                    have,
+                    format!("The attempted operation cannot be performed in the current state ({have})."),
+                ));
+            }
+            *have = want.to_string();
             Ok(None)
         },
     );
@@ -1068,7 +1132,18 @@ host = "h"
                 capacity: 8192,
                 disk_mode: "persistent".into(),
                 crypto: Some(("k1".into(), Some("KMS-A".into()))),
+                profile: None,
             })]
+        );
+        let with_policy = parse(br#"<spec><deviceChange><operation>add</operation><fileOperation>create</fileOperation><device xsi:type="VirtualDisk"><key>-200</key><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds-a]</fileName></backing><capacityInKB>8</capacityInKB></device><profile xsi:type="VirtualMachineDefinedProfileSpec"><profileId>gold-1</profileId></profile></deviceChange></spec>"#).unwrap();
+        match &parse_config_spec(&with_policy).unwrap().changes[0] {
+            DeviceChange::Create(c) => assert_eq!(c.profile.as_deref(), Some("gold-1")),
+            other => panic!("{other:?}"),
+        }
+        let empty_policy = parse(br#"<spec><deviceChange><operation>add</operation><fileOperation>create</fileOperation><device xsi:type="VirtualDisk"><key>-200</key><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds-a]</fileName></backing><capacityInKB>8</capacityInKB></device><profile xsi:type="VirtualMachineDefinedProfileSpec"><profileId></profileId></profile></deviceChange></spec>"#).unwrap();
+        assert_eq!(
+            parse_config_spec(&empty_policy).unwrap_err().obj.ty,
+            "InvalidArgument"
         );
         let nic = parse(br#"<spec><deviceChange><operation>add</operation><device xsi:type="VirtualE1000"><key>-1</key></device></deviceChange></spec>"#).unwrap();
         assert_eq!(parse_config_spec(&nic).unwrap_err().obj.ty, "NotSupported");

@@ -107,6 +107,27 @@ pub struct Datastore {
     pub dir: PathBuf,
     /// Reported capacity, bytes.
     pub capacity: u64,
+    /// Reported `summary.freeSpace` when set (admin); default half the capacity.
+    pub free_space: Option<u64>,
+}
+
+impl Datastore {
+    /// `summary.freeSpace` as reported.
+    pub fn free_space(&self) -> u64 {
+        self.free_space.unwrap_or(self.capacity / 2)
+    }
+}
+
+/// A lock on a datastore file held by something other than vCenter's own work
+/// (another ESXi host running a VM registered twice, a stuck backup appliance, a
+/// host's NFC service): hot-adding, destroying or opening the file for write
+/// fails with `FileLocked` until it is released (admin).
+#[derive(Debug, Clone)]
+pub struct FileLockEntry {
+    /// Datastore path, `[ds] folder/file.vmdk`.
+    pub file: String,
+    /// Who holds it, as vSphere's message names it (e.g. `host esx-02.lab`).
+    pub holder: String,
 }
 
 /// A VM's virtual disk.
@@ -124,6 +145,8 @@ pub struct VmDisk {
     pub crypto: Option<CryptoKey>,
     /// Backing UUID (stable for the disk's life).
     pub uuid: String,
+    /// Storage policy (SPBM profile id) it was created with, if any.
+    pub storage_policy: Option<String>,
     /// The files.
     pub disk: Arc<Disk>,
 }
@@ -258,6 +281,10 @@ pub struct Vm {
     pub change_version: u64,
     /// Serialises tasks on this VM, as vSphere does.
     pub op: Arc<Mutex<()>>,
+    /// VMware Tools in the guest (quiesced snapshots).
+    pub guest: super::guest::GuestTools,
+    /// `runtime.powerState`: `poweredOn` (the default), `poweredOff`, `suspended`.
+    pub power_state: String,
     next_snapshot_num: i32,
 }
 
@@ -331,6 +358,8 @@ pub struct Inventory {
     hotadd_dir: PathBuf,
     /// Moref id generator.
     pub ids: Arc<IdGen>,
+    /// Files locked by something outside the mock's own work (admin).
+    pub file_locks: Vec<FileLockEntry>,
 }
 
 /// Failure to build the inventory from a scenario.
@@ -393,6 +422,7 @@ impl Inventory {
                     state_dir.join("datastores").join(&d.name),
                 ),
                 capacity: d.capacity_gib << 30,
+                free_space: None,
             })
             .collect();
         for d in &datastores {
@@ -440,6 +470,7 @@ impl Inventory {
             vms: Vec::new(),
             hotadd_dir,
             ids,
+            file_locks: Vec::new(),
         };
         let default_proxy_disk = vec![DiskSpecToml {
             size_mib: 16,
@@ -518,6 +549,7 @@ impl Inventory {
                         _ => None,
                     },
                     uuid: ids::disk_uuid(),
+                    storage_policy: None,
                     disk: Arc::new(disk),
                 });
             }
@@ -543,8 +575,18 @@ impl Inventory {
                 modified: ids::now(),
                 change_version: 1,
                 op: Arc::new(Mutex::new(())),
+                power_state: "poweredOn".into(),
+                guest: Default::default(),
                 next_snapshot_num: 1,
             });
+        }
+        for v in &sc.vms {
+            if let Some(vi) = inv.vm_by_name(&v.name) {
+                inv.vms[vi].guest = super::guest::GuestTools {
+                    tools: v.tools,
+                    quiesce: v.quiesce,
+                };
+            }
         }
         Ok(inv)
     }
@@ -574,6 +616,26 @@ impl Inventory {
         })
     }
 
+    /// Who holds a lock on datastore file `file`, if anything does.
+    pub fn file_lock_holder(&self, file: &str) -> Option<&str> {
+        self.file_locks
+            .iter()
+            .find(|l| l.file == file)
+            .map(|l| l.holder.as_str())
+    }
+
+    /// `FileLocked` for `file` when something holds a lock on it: `doing` says
+    /// what was refused.
+    pub fn check_file_lock(&self, file: &str, doing: &str) -> Result<(), Fault> {
+        match self.file_lock_holder(file) {
+            None => Ok(()),
+            Some(by) => Err(vim::file_locked(
+                file,
+                format!("Unable to access file {file} since it is locked by {by}: {doing}"),
+            )),
+        }
+    }
+
     /// Host index by moref id.
     pub fn host_index(&self, id: &str) -> Option<usize> {
         self.hosts.iter().position(|h| h.id == id)
@@ -587,6 +649,14 @@ impl Inventory {
         description: &str,
         quiesce: bool,
     ) -> Result<String, Fault> {
+        // A guest that cannot be quiesced fails the task before anything is
+        // frozen: nothing of the snapshot is left, as in vSphere.
+        if let Some(f) = quiesce
+            .then(|| self.vms[vi].guest.quiesce_fault())
+            .flatten()
+        {
+            return Err(f);
+        }
         for d in &self.vms[vi].disks {
             if let Some(by) = self.live_attached_by(&d.disk) {
                 return Err(vim::file_locked(
@@ -806,6 +876,10 @@ impl Inventory {
                             ),
                         ));
                     }
+                    self.check_file_lock(
+                        &d.disk.live_file_name(),
+                        &format!("cannot delete disk {} of VM {}", d.label, vm.name),
+                    )?;
                     plan.destroys.push(*key);
                 }
                 DeviceChange::Create(c) => {
@@ -862,6 +936,10 @@ impl Inventory {
                             ));
                         }
                     }
+                    self.check_file_lock(
+                        &a.file_name,
+                        &format!("cannot add it to VM {}", vm.name),
+                    )?;
                     let host = &self.hosts[vm.host];
                     if !host.datastores.contains(&sd_datastore) {
                         let ds = &self.datastores[sd_datastore];
@@ -1080,6 +1158,7 @@ impl Inventory {
             crypto,
             uuid: ids::disk_uuid(),
             cbt: vm.cbt,
+            profile: c.profile.clone(),
             disk: None,
         })
     }
@@ -1147,6 +1226,7 @@ impl Inventory {
                 datastore: p.datastore,
                 crypto: p.crypto,
                 uuid: p.uuid,
+                storage_policy: p.profile,
                 disk,
             });
         }
@@ -1343,6 +1423,8 @@ pub struct CreateDisk {
     pub disk_mode: String,
     /// `backing.crypto` = CryptoSpecEncrypt: (key id, key provider).
     pub crypto: Option<(String, Option<String>)>,
+    /// `profile` = VirtualMachineDefinedProfileSpec: the storage policy id.
+    pub profile: Option<String>,
 }
 
 /// One `deviceChange` entry the mock understands.
@@ -1405,6 +1487,7 @@ pub struct PlannedCreate {
     crypto: Option<CryptoKey>,
     uuid: String,
     cbt: bool,
+    profile: Option<String>,
     /// Created by [`ReconfigPlan::prepare_devices`].
     disk: Option<Arc<Disk>>,
 }
@@ -1582,6 +1665,7 @@ host = "h1"
             capacity: (1 << 20) + 4096,
             disk_mode: "persistent".into(),
             crypto: crypto.map(|(k, p)| (k.to_string(), Some(p.to_string()))),
+            profile: None,
         })
     }
 

@@ -15,6 +15,7 @@
 //!   fault injection.
 //! - [`server`]: HTTPS; [`world`]: shared state and operations.
 //! - [`vddk`]: what ESXi/vCenter do for the mock VDDK (`/mockvddk/`, audit log).
+//! - [`guest`]: VMware Tools and quiescing in the guests, the snapshot audit.
 //!
 //! Start one in-process with [`VcenterMock::start`].
 
@@ -23,6 +24,7 @@ pub mod codec;
 pub mod disk;
 pub mod extents;
 pub mod faults;
+pub mod guest;
 pub mod handlers;
 pub mod ids;
 pub mod inventory;
@@ -41,7 +43,7 @@ pub use admin::Admin;
 pub use faults::{DropConnections, FailTasks, Latency};
 pub use scenario::Scenario;
 pub use vddk::{AuditEntry, VddkFault};
-pub use world::{AdminError, StateDump};
+pub use world::{AdminError, StateDump, MUTATING_METHODS};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

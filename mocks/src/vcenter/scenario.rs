@@ -238,6 +238,15 @@ pub struct VmSpec {
     /// Changed block tracking on at start.
     #[serde(default)]
     pub cbt: bool,
+    /// VMware Tools in the guest: `"running"` (default), `"not-running"`,
+    /// `"not-installed"` (a quiesced snapshot fails with `ToolsUnavailable`).
+    #[serde(default)]
+    pub tools: super::guest::ToolsState,
+    /// What a quiesce request does in the guest: `"ok"` (default),
+    /// `"application-fault"` (`ApplicationQuiesceFault`), `"filesystem-fault"`
+    /// (`FilesystemQuiesceFault`).
+    #[serde(default)]
+    pub quiesce: super::guest::QuiesceBehaviour,
     /// Disks, in controller order.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskSpecToml>,

@@ -169,6 +169,10 @@ pub fn check(inv: &Inventory, u: &TicketUrl) -> Result<String, Fault> {
                     ),
                 ));
             }
+            inv.check_file_lock(
+                &d.disk.live_file_name(),
+                &format!("cannot open disk {} of VM {} for write", d.label, vm.name),
+            )?;
         }
     }
     Ok(inv.hosts[hi].address.clone())

@@ -137,6 +137,15 @@ pub fn not_supported(msg: impl Into<String>) -> Fault {
     Fault::new("NotSupported", msg)
 }
 
+/// `InvalidPowerState` (the VM is already in, or not in, the power state the
+/// operation needs).
+pub fn invalid_power_state(existing: &str, msg: impl Into<String>) -> Fault {
+    Fault::new("InvalidPowerState", msg).f(
+        "existingState",
+        Val::Enum("VirtualMachinePowerState", existing.to_string()),
+    )
+}
+
 /// `InvalidState`.
 pub fn invalid_state(msg: impl Into<String>) -> Fault {
     Fault::new("InvalidState", msg)
@@ -156,6 +165,9 @@ pub fn injected(kind: &str, msg: &str) -> Fault {
         "InvalidState" => invalid_state(msg),
         "NotAuthenticated" => Fault::new("NotAuthenticated", msg),
         "TaskInProgress" => Fault::new("TaskInProgress", msg),
+        "ToolsUnavailable" => Fault::new("ToolsUnavailable", msg),
+        "ApplicationQuiesceFault" => Fault::new("ApplicationQuiesceFault", msg),
+        "FilesystemQuiesceFault" => Fault::new("FilesystemQuiesceFault", msg),
         _ => system_error(msg),
     }
 }
@@ -413,7 +425,7 @@ pub fn datastore_props(inv: &Inventory, id: &str) -> Option<Props> {
         .f("name", Val::s(&d.name))
         .f("url", Val::s(format!("ds:///vmfs/volumes/{}/", d.id)))
         .f("capacity", Val::Long(d.capacity as i64))
-        .f("freeSpace", Val::Long((d.capacity / 2) as i64))
+        .f("freeSpace", Val::Long(d.free_space() as i64))
         .f("accessible", Val::Bool(true))
         .f("multipleHostAccess", Val::Bool(mounts.len() > 1))
         .f("type", Val::s("VMFS"));
@@ -672,7 +684,7 @@ pub fn vm_props(inv: &Inventory, id: &str) -> Option<Props> {
         )
         .f(
             "powerState",
-            Val::Enum("VirtualMachinePowerState", "poweredOn".into()),
+            Val::Enum("VirtualMachinePowerState", vm.power_state.clone()),
         )
         .f(
             "faultToleranceState",
@@ -695,6 +707,7 @@ pub fn vm_props(inv: &Inventory, id: &str) -> Option<Props> {
         ("parent", Some(Val::r("Folder", &inv.dc.vm_folder))),
         ("config", Some(vm_config(inv, vm))),
         ("runtime", Some(Val::Obj(runtime))),
+        ("guest", Some(vm.guest.guest_info())),
         ("snapshot", snapshot),
         (
             "rootSnapshot",

@@ -73,7 +73,27 @@ pub struct World {
     pub ids: Arc<IdGen>,
     /// State directory.
     pub state_dir: PathBuf,
+    /// The SOAP calls made with a session, oldest first (`Method Type:id`; the
+    /// newest [`CALL_LOG_MAX`] only).
+    pub calls: Mutex<std::collections::VecDeque<String>>,
+    /// Every snapshot request the mock ran (quiesce asked, and what came of it),
+    /// oldest first.
+    pub snapshot_log: Mutex<Vec<super::guest::SnapshotAttempt>>,
 }
+
+/// How many SOAP calls [`World::calls`] keeps.
+pub const CALL_LOG_MAX: usize = 20_000;
+
+/// vim25 methods that change vCenter or ESXi state (the ones a dry run must never
+/// call). Everything else the mock implements only reads.
+pub const MUTATING_METHODS: &[&str] = &[
+    "CreateSnapshot_Task",
+    "RemoveSnapshot_Task",
+    "ReconfigVM_Task",
+    "PowerOnVM_Task",
+    "PowerOffVM_Task",
+    "AcquireGenericServiceTicket",
+];
 
 impl World {
     /// A world around an inventory.
@@ -96,7 +116,75 @@ impl World {
             cfg,
             ids,
             state_dir,
+            calls: Mutex::new(Default::default()),
+            snapshot_log: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Set VMware Tools and quiesce behaviour of VM `vm` (name or moref id).
+    pub fn set_guest(&self, vm: &str, guest: super::guest::GuestTools) -> Result<(), AdminError> {
+        let mut inv = lock(&self.inv);
+        let vi = inv
+            .vm_lookup(vm)
+            .ok_or_else(|| AdminError::NotFound(format!("VM {vm:?}")))?;
+        inv.vms[vi].guest = guest;
+        Ok(())
+    }
+
+    /// Record a SOAP call in [`World::calls`].
+    pub fn log_call(&self, method: &str, this: &MoRef) {
+        let mut log = lock(&self.calls);
+        if log.len() >= CALL_LOG_MAX {
+            log.pop_front();
+        }
+        log.push_back(format!("{method} {}:{}", this.ty, this.value));
+    }
+
+    /// Set a VM's `runtime.powerState` directly (`poweredOn`, `poweredOff`,
+    /// `suspended`), as if the guest or another tool had changed it.
+    pub fn set_power_state(&self, vm: &str, state: &str) -> Result<(), AdminError> {
+        if !["poweredOn", "poweredOff", "suspended"].contains(&state) {
+            return Err(AdminError::Invalid(format!(
+                "power state {state:?} is not poweredOn, poweredOff or suspended"
+            )));
+        }
+        let mut inv = lock(&self.inv);
+        let vi = inv
+            .vm_lookup(vm)
+            .ok_or_else(|| AdminError::NotFound(format!("VM {vm:?}")))?;
+        inv.vms[vi].power_state = state.to_string();
+        Ok(())
+    }
+
+    /// Lock datastore file `file` (`[ds] folder/file.vmdk`) on behalf of `holder`
+    /// (e.g. `host esx-02.lab`): hot-adding, deleting or opening it for write
+    /// then fails with `FileLocked` naming the holder. `holder = None` releases it.
+    pub fn set_file_lock(&self, file: &str, holder: Option<&str>) {
+        let mut inv = lock(&self.inv);
+        inv.file_locks.retain(|l| l.file != file);
+        if let Some(h) = holder {
+            inv.file_locks.push(super::inventory::FileLockEntry {
+                file: file.to_string(),
+                holder: h.to_string(),
+            });
+        }
+    }
+
+    /// Set (or with `None`, reset to half the capacity) a datastore's reported
+    /// `summary.freeSpace`.
+    pub fn set_datastore_free_space(
+        &self,
+        datastore: &str,
+        bytes: Option<u64>,
+    ) -> Result<(), AdminError> {
+        let mut inv = lock(&self.inv);
+        let d = inv
+            .datastores
+            .iter_mut()
+            .find(|d| d.name == datastore || d.id == datastore)
+            .ok_or_else(|| AdminError::NotFound(format!("datastore {datastore:?}")))?;
+        d.free_space = bytes;
+        Ok(())
     }
 
     /// Start a task: registered as queued now, run on a blocking thread after any
@@ -399,6 +487,7 @@ impl World {
                 VmState {
                     name: v.name.clone(),
                     moref: v.id.clone(),
+                    power_state: v.power_state.clone(),
                     host: inv.hosts[v.host].name.clone(),
                     proxy: v.proxy,
                     key_provider: v.crypto.as_ref().map(|c| c.provider.clone()),
@@ -416,6 +505,7 @@ impl World {
                             change_id: d.disk.live_change_id(),
                             key_provider: d.crypto.as_ref().map(|c| c.provider.clone()),
                             datastore: inv.datastores[d.datastore].name.clone(),
+                            storage_policy: d.storage_policy.clone(),
                         })
                         .collect(),
                     snapshots: v
@@ -534,6 +624,8 @@ pub struct VmState {
     pub name: String,
     /// Moref id.
     pub moref: String,
+    /// `runtime.powerState`.
+    pub power_state: String,
     /// Host name.
     pub host: String,
     /// A scenario proxy.
@@ -571,6 +663,8 @@ pub struct DiskState {
     pub key_provider: Option<String>,
     /// Datastore name.
     pub datastore: String,
+    /// Storage policy (profile id) it was created with.
+    pub storage_policy: Option<String>,
 }
 
 /// One snapshot in the dump.

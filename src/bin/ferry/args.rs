@@ -26,6 +26,11 @@ pub struct KeyArgs {
     /// (rotated keys, keys exported from a KMS by hand). Repeatable.
     #[arg(long = "extra-private-key")]
     pub extra_private_keys: Vec<PathBuf>,
+    /// The provider's recovery private key (key-loss protection): opens every
+    /// restore point made while protection was on, without the tenant's key.
+    /// Keep it offline; give it only for a recovery.
+    #[arg(long, env = "FERRY_RECOVERY_PRIVATE_KEY")]
+    pub recovery_private_key: Option<PathBuf>,
     /// File whose first line is a tenant passphrase (at least 12 characters; keep
     /// it 0600). Wraps new data keys when neither --public-key nor --kms-key is
     /// given; otherwise it only unwraps points made with it. Chains may mix
@@ -142,6 +147,7 @@ impl KeyArgs {
         self.public_key.is_some()
             || self.private_key.is_some()
             || !self.extra_private_keys.is_empty()
+            || self.recovery_private_key.is_some()
             || self.passphrase_file.is_some()
             || self.kms.kms.is_some()
     }
@@ -170,7 +176,15 @@ impl KeyArgs {
             && self.public_key.is_none()
             && (self.kms.kms_key.is_none() || unwrap_only);
         let mut all: Vec<Box<dyn KeySource>> = Vec::new();
-        if passphrase_current {
+        let only_extra_keys = passphrase.is_none()
+            && self.kms.kms.is_none()
+            && self.public_key.is_none()
+            && self.private_key.is_none()
+            && (!self.extra_private_keys.is_empty() || self.recovery_private_key.is_some());
+        if only_extra_keys && unwrap_only {
+            // A recovery with exported or recovery keys only (the tenant's KMS
+            // is gone): nothing else to open.
+        } else if passphrase_current {
             all.extend(passphrase.map(|p| Box::new(p) as Box<dyn KeySource>));
             if let Some(c) = self.kms.client()? {
                 all.push(Box::new(ferry::keys::KmsKeySource::unwrap_only(c)));
@@ -195,7 +209,11 @@ impl KeyArgs {
             });
             all.extend(passphrase.map(|p| Box::new(p) as Box<dyn KeySource>));
         }
-        for p in &self.extra_private_keys {
+        for p in self
+            .extra_private_keys
+            .iter()
+            .chain(&self.recovery_private_key)
+        {
             all.push(Box::new(PemKeySource::open(None, Some(p))?));
         }
         if all.len() == 1 {

@@ -92,11 +92,27 @@ pub struct RestoreArgs {
     /// it has several).
     #[arg(long, requires = "vm")]
     pub tenant: Option<String>,
-    /// With --vm: print the transport selection for the new disks (per disk:
-    /// proxy, mode and why, with every candidate) and change nothing: no disk is
-    /// created and no key is used. Exits 1 when the restore would be refused.
+    /// With --vm: print per disk where it would go and how (new disk or
+    /// overwrite, datastore and why, storage policy, proxy and transport and why)
+    /// and every refusal, changing nothing: no disk is created, no ticket taken and
+    /// no key used. Exits 1 when the restore would be refused.
     #[arg(long, requires = "vm")]
     pub dry_run: bool,
+    /// With --vm: create the new disks on this datastore (by name) instead of the
+    /// datastore of the VM's first disk. It must be mounted on the VM's host and
+    /// report enough free space for the disks' full size.
+    #[arg(long, requires = "vm", conflicts_with = "overwrite")]
+    pub datastore: Option<String>,
+    /// With --vm: storage policy for the new disks, by its profile id (the SPBM
+    /// id `govc storage.policy.ls -i` shows; vCenter takes ids, not names).
+    /// Default: the datastore's default policy.
+    #[arg(long, requires = "vm", conflicts_with = "overwrite")]
+    pub storage_policy: Option<String>,
+    /// With --vm: write disk N of the point over the VM's disk N (device key
+    /// order) instead of into new disks. Only into a POWERED-OFF VM without
+    /// snapshots: a running VM's disks are never overwritten.
+    #[arg(long, requires = "vm")]
+    pub overwrite: bool,
 }
 
 #[derive(Args)]
@@ -203,7 +219,7 @@ pub fn points(cmd: PointsCmd, out: &Output) -> anyhow::Result<u8> {
                 _ => true,
             })
             .map(|p| match &p.header {
-                Ok(h) => serde_json::json!({"point_id": p.id, "created": h.created, "name": h.source, "parent": h.parent, "disks": h.disks, "key": h.wrapped_key.key_ref}),
+                Ok(h) => serde_json::json!({"point_id": p.id, "created": h.created, "name": h.source, "parent": h.parent, "disks": h.disks, "key": h.wrapped_key.key_ref, "recovery_key": h.recovery_wrapped_key.as_ref().map(|w| &w.key_ref), "snapshot": h.snapshot}),
                 Err(e) => serde_json::json!({"point_id": p.id, "error": e.to_string()}),
             })
             .collect();
@@ -290,17 +306,34 @@ fn restore_into_vm(
         runtime: rt.handle().clone(),
     };
     let disks = a.disk.map(|d| vec![d]);
+    let options = ferry::job::vm_restore::TargetOptions {
+        datastore: a.datastore.clone(),
+        storage_policy: a.storage_policy.clone(),
+        overwrite: a.overwrite,
+    };
     if a.dry_run {
-        let sel = runner.plan_restore_into_vm(
+        let plan = runner.plan_restore_into_vm(
             &ctx,
             &a.point,
             disks.as_deref(),
             ferry::job::vm_restore::VmRef::Name(vm.clone()),
+            options,
         )?;
         let layer = ferry::transport::vddk::loader::data_path(
             cfg.vddk.as_ref().map(|s| s.libdir.as_path()),
         );
-        return Ok(crate::cmd_vm::print_plan(out, &sel, &layer));
+        out.result(&plan, || {
+            format!(
+                "{}\ndata path: {layer}\n\n{}\n(dry run: nothing was changed)",
+                plan.render(),
+                plan.selection.explain()
+            )
+        });
+        return Ok(if plan.is_runnable() {
+            exit::OK
+        } else {
+            exit::FAILED
+        });
     }
     let bar = out.progress_bar(progress.clone(), "restore");
     let res = runner.restore_into_vm(
@@ -308,6 +341,7 @@ fn restore_into_vm(
         &a.point,
         disks.as_deref(),
         ferry::job::vm_restore::VmRef::Name(vm.clone()),
+        options,
     );
     drop(bar);
     let o = res?;

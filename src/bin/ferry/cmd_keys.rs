@@ -417,17 +417,22 @@ fn import(
     let mut kms_ids = std::collections::BTreeSet::new();
     for p in r.list_points()? {
         let Ok(h) = p.header else { continue };
-        if h.wrapped_key.key_ref.fingerprint != fp {
-            continue;
-        }
+        // The tenant key that wrapped the point, or the provider's recovery key
+        // that wrapped it too (key-loss protection).
+        let (k, via) = match &h.recovery_wrapped_key {
+            _ if h.wrapped_key.key_ref.fingerprint == fp => {
+                (&h.wrapped_key.key_ref, ferry::repo::KeyPath::OwnKey)
+            }
+            Some(w) if w.key_ref.fingerprint == fp => {
+                (&w.key_ref, ferry::repo::KeyPath::RecoveryKey)
+            }
+            _ => continue,
+        };
         kms_ids.insert(format!(
             "{} key {} v{} on {}",
-            h.wrapped_key.key_ref.source,
-            h.wrapped_key.key_ref.key_id,
-            h.wrapped_key.key_ref.key_version,
-            h.wrapped_key.key_ref.kms
+            k.source, k.key_id, k.key_version, k.kms
         ));
-        match r.open_point(&h.point_id, &key, None) {
+        match r.open_point_via(&h.point_id, &key, None, via) {
             Ok(_) => opens.push(h.point_id),
             Err(e) => damaged.push((h.point_id, e.to_string())),
         }

@@ -20,16 +20,61 @@ pub enum RepoCmd {
         /// Tenant name recorded in the repository.
         #[arg(long, default_value = "default")]
         tenant: String,
+        /// Codec for chunks: lz4 (fastest), zstd[:LEVEL] (denser; level 1-19,
+        /// default 1), auto[:LEVEL] (zstd, skipping chunks that do not compress).
+        /// `ferry bench --image` compares them on your own data.
+        #[arg(long, default_value = "lz4")]
+        compression: ferry::repo::codec::Codec,
     },
     /// Show repository configuration and size.
     Info {
         #[command(flatten)]
         repo: RepoArg,
     },
-    /// Disaster recovery: check which tenant key every restore point needs and
-    /// whether the configured keys open it on their own (no keyring). Lists the
-    /// missing keys (KMS, key id, fingerprint) to obtain. Changes nothing.
+    /// Change the codec of new chunks (lz4, zstd[:LEVEL], auto[:LEVEL]); chunks
+    /// already stored keep theirs and dedupe as before. Needs no keys.
+    SetCompression {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The codec.
+        compression: ferry::repo::codec::Codec,
+    },
+    /// Disaster recovery: for every restore point, every way the given keys open
+    /// it (its own tenant key, the keyring under the newest tenant key, the
+    /// provider's recovery key), and, only for points no path opens, the keys to
+    /// obtain (KMS, key id, fingerprint). Changes nothing.
     Import {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    /// Key-loss protection: also wrap every new restore point's data key with
+    /// the provider's recovery public key, so the provider can restore when the
+    /// tenant's KMS or key is lost. Affects new points only; each point's
+    /// manifest records whether it was protected. Needs the tenant key (the
+    /// setting lives in the keyring, authenticated by that key).
+    Recovery {
+        #[command(subcommand)]
+        cmd: RecoveryCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RecoveryCmd {
+    /// Turn protection on (or change the recovery key) for new points.
+    Enable {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// The provider's recovery public key (PEM, RSA 2048-4096). Keep the
+        /// private half offline, apart from every tenant KMS.
+        #[arg(long)]
+        recovery_public_key: std::path::PathBuf,
+    },
+    /// Turn protection off for new points (earlier points stay protected).
+    Disable {
         #[command(flatten)]
         repo: RepoArg,
         #[command(flatten)]
@@ -45,14 +90,15 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
             keys,
             chunk_size,
             tenant,
+            compression,
         } => {
             let ks = keys.source()?;
             let cs =
                 u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
-            let r = Repository::init(&repo.repo, cs, &tenant, &*ks)?;
+            let r = Repository::init_with(&repo.repo, cs, &tenant, &*ks, compression)?;
             out.result(
             &serde_json::json!({"repository": repo.repo, "repo_id": r.config.repo_id, "chunk_size": cs, "tenant": tenant, "key": ks.current_key()?}),
-            || format!("initialised repository {} (tenant {tenant}, chunk size {}, key {})", repo.repo.display(), human_bytes(cs as u64), ks.current_key().map(|k| k.to_string()).unwrap_or_default()),
+            || format!("initialised repository {} (tenant {tenant}, chunk size {}, compression {compression}, key {})", repo.repo.display(), human_bytes(cs as u64), ks.current_key().map(|k| k.to_string()).unwrap_or_default()),
         );
             Ok(exit::OK)
         }
@@ -83,19 +129,32 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
                 },
             )
         }
+        RepoCmd::Recovery { cmd } => recovery(cmd, out),
+        RepoCmd::SetCompression { repo, compression } => {
+            let mut r = Repository::open(&repo.repo)?;
+            let before = r.config.compression;
+            r.set_compression(compression)?;
+            out.result(
+                &serde_json::json!({"repository": repo.repo, "compression": compression.to_string(), "was": before.to_string()}),
+                || format!("new chunks of {} are compressed with {compression} (was {before}); stored chunks keep their codec", repo.repo.display()),
+            );
+            Ok(exit::OK)
+        }
         RepoCmd::Info { repo } => {
             let r = Repository::open(&repo.repo)?;
             let points = r.point_ids()?.len();
+            let protection = protection(&r)?;
             let (chunks, bytes) = render::dir_usage(&r.root().join("chunks"));
             // Chunks verify --repair took out of use that no backup stored again.
             let pending = r.chunks_to_rewrite()?.len();
             out.result(
-            &serde_json::json!({"config": r.config, "points": points, "chunks": chunks, "chunk_bytes": bytes, "chunks_to_store_again": pending}),
+            &serde_json::json!({"config": r.config, "compression": r.config.compression.to_string(), "points": points, "chunks": chunks, "chunk_bytes": bytes, "chunks_to_store_again": pending, "key_loss_protection": protection}),
             || {
                 let mut s = format!(
-                "repository {}\n  id          {}\n  tenant      {}\n  chunk size  {}\n  created     {}\n  points      {points}\n  chunks      {chunks} ({})",
-                repo.repo.display(), r.config.repo_id, r.config.tenant, human_bytes(r.config.chunk_size as u64), r.config.created, human_bytes(bytes)
+                "repository {}\n  id          {}\n  tenant      {}\n  chunk size  {}\n  compression {}\n  created     {}\n  points      {points}\n  chunks      {chunks} ({})",
+                repo.repo.display(), r.config.repo_id, r.config.tenant, human_bytes(r.config.chunk_size as u64), r.config.compression, r.config.created, human_bytes(bytes)
                 );
+                s.push_str(&format!("\n  key loss    {}", protection.describe()));
                 if pending > 0 {
                     s.push_str(&format!("\n  repair      {pending} damaged chunk(s) wait for a backup of the same data to store them again (verify --repair moved them to damaged/)"));
                 }
@@ -105,4 +164,92 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// What `repo info` says about key-loss protection, from public headers only
+/// (the keyring's setting and each manifest's record; no key needed).
+#[derive(serde::Serialize)]
+struct Protection {
+    /// The keyring's setting for new points.
+    recovery_key: Option<ferry::keys::KeyRef>,
+    since: Option<String>,
+    /// Points whose data key the recovery key also wraps.
+    points_protected: usize,
+    points: usize,
+}
+
+impl Protection {
+    fn describe(&self) -> String {
+        let now = match (&self.recovery_key, &self.since) {
+            (Some(k), Some(since)) => format!(
+                "protection on for new points since {since}: recovery key {} ({})",
+                &k.fingerprint[..16],
+                k.kms
+            ),
+            _ => "protection off: without the tenant's key (its KMS) the provider cannot open new points".to_string(),
+        };
+        format!(
+            "{now}\n              {} of {} point(s) also open with the provider's recovery key; the others need the tenant's key",
+            self.points_protected, self.points
+        )
+    }
+}
+
+fn protection(r: &Repository) -> anyhow::Result<Protection> {
+    let setting = r.keyring_header().ok().and_then(|h| h.recovery);
+    let headers: Vec<_> = r
+        .list_points()?
+        .into_iter()
+        .filter_map(|p| p.header.ok())
+        .collect();
+    Ok(Protection {
+        recovery_key: setting.as_ref().map(|s| s.key_ref.clone()),
+        since: setting.map(|s| s.since),
+        points_protected: headers
+            .iter()
+            .filter(|h| h.recovery_wrapped_key.is_some())
+            .count(),
+        points: headers.len(),
+    })
+}
+
+fn recovery(cmd: RecoveryCmd, out: &Output) -> anyhow::Result<u8> {
+    let (repo, keys, key) = match cmd {
+        RecoveryCmd::Enable {
+            repo,
+            keys,
+            recovery_public_key,
+        } => {
+            let text = std::fs::read_to_string(&recovery_public_key).map_err(|e| {
+                anyhow::anyhow!("cannot read {}: {e}", recovery_public_key.display())
+            })?;
+            let k = ferry::keys::RecoveryKey::from_public_pem(
+                &text,
+                &recovery_public_key.display().to_string(),
+                &ferry::repo::now_rfc3339(),
+            )?;
+            (repo, keys, Some(k))
+        }
+        RecoveryCmd::Disable { repo, keys } => (repo, keys, None),
+    };
+    let r = Repository::open(&repo.repo)?;
+    let ks = keys.source()?;
+    let _lock = r.lock_for_writing("key-loss protection", std::time::Duration::from_secs(30))?;
+    let kr = r.set_recovery(&*ks, key)?;
+    let setting = kr.header.recovery;
+    out.result(
+        &serde_json::json!({"repository": repo.repo, "recovery": setting, "keyring_generation": kr.header.generation}),
+        || match &setting {
+            Some(k) => format!(
+                "key-loss protection on for new restore points of {}: {}. Keep its private key offline; restore with --recovery-private-key when the tenant's key is lost",
+                repo.repo.display(),
+                k.describe()
+            ),
+            None => format!(
+                "key-loss protection off for new restore points of {}: earlier protected points stay openable with the recovery key",
+                repo.repo.display()
+            ),
+        },
+    );
+    Ok(exit::OK)
 }

@@ -10,6 +10,7 @@ use crate::exit;
 use crate::render::{self, human_bytes, Output};
 use anyhow::Context;
 use clap::Args;
+use ferry::job::quiesce::QuiescePolicy;
 use ferry::job::vm::{self, NbdSettings, ThisProxy, VmBackupOutcome, VmBackupRequest};
 use ferry::progress::Progress;
 use ferry::repo::Repository;
@@ -59,9 +60,16 @@ pub struct VmArgs {
     /// Read every disk in full even when CBT could give an incremental.
     #[arg(long, requires = "vm")]
     pub full: bool,
-    /// Quiesce the guest file systems for the snapshot (VMware Tools).
-    #[arg(long, requires = "vm")]
+    /// Require an application-consistent snapshot: quiesce the guest through
+    /// VMware Tools and fail when it cannot be quiesced (same as
+    /// --quiesce-policy require).
+    #[arg(long, requires = "vm", conflicts_with = "quiesce_policy")]
     pub quiesce: bool,
+    /// Snapshot consistency: off (crash-consistent, the default), prefer
+    /// (quiesced; crash-consistent when the guest cannot be quiesced, recorded in
+    /// the point) or require (quiesced, or the backup fails).
+    #[arg(long, requires = "vm", value_name = "POLICY", value_parser = parse_quiesce)]
+    pub quiesce_policy: Option<QuiescePolicy>,
     /// Never fall back from HotAdd to the network (NBD-SSL).
     #[arg(long, requires = "vm")]
     pub no_failover: bool,
@@ -70,6 +78,10 @@ pub struct VmArgs {
     /// Exits 1 when the VM would be refused.
     #[arg(long, requires = "vm")]
     pub dry_run: bool,
+}
+
+fn parse_quiesce(s: &str) -> Result<QuiescePolicy, String> {
+    s.parse()
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -155,7 +167,10 @@ pub fn backup(a: BackupArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         },
         enable_cbt: v.enable_cbt,
         full: v.full,
-        quiesce: v.quiesce,
+        quiesce: match (v.quiesce, v.quiesce_policy) {
+            (true, _) => QuiescePolicy::Require,
+            (false, p) => p.unwrap_or_default(),
+        },
         pipeline: a.pipe.config(repo.config.chunk_size),
         lock_wait: Duration::from_secs(a.lock_wait),
         hotadd_wait: Duration::from_secs(60),
@@ -206,6 +221,10 @@ pub fn print_plan(out: &Output, sel: &Selection, data_path: &str) -> u8 {
 /// The point summary, then per disk: transport, read mode and the reasons.
 pub fn summary(o: &VmBackupOutcome) -> String {
     let mut s = render::backup_summary(&o.report);
+    s.push_str(&format!(
+        "\nsnapshot: {}-consistent ({})",
+        o.snapshot.consistency, o.snapshot.reason
+    ));
     for d in &o.disks {
         let changed = d
             .changed_bytes

@@ -166,13 +166,13 @@ pub fn points_table(rows: &[serde_json::Value]) -> String {
         return "no restore points".into();
     }
     let mut s = format!(
-        "{:<26} {:<21} {:<20} {:>5} {:>10}  key\n",
-        "point", "created", "name", "disks", "size"
+        "{:<30} {:<31} {:<20} {:>5} {:>10}  {:<11}  key\n",
+        "point", "created", "name", "disks", "size", "consistency"
     );
     for r in rows {
         let id = r["point_id"].as_str().unwrap_or("");
         if let Some(e) = r.get("error") {
-            s.push_str(&format!("{id:<26} DAMAGED: {}\n", e.as_str().unwrap_or("")));
+            s.push_str(&format!("{id:<30} DAMAGED: {}\n", e.as_str().unwrap_or("")));
             continue;
         }
         let disks = r["disks"].as_array().map(|d| d.len()).unwrap_or(0);
@@ -180,13 +180,21 @@ pub fn points_table(rows: &[serde_json::Value]) -> String {
             .as_array()
             .map(|d| d.iter().filter_map(|x| x["size"].as_u64()).sum())
             .unwrap_or(0);
+        // Image backups (and points from before it was recorded) have no snapshot.
+        let consistency = r["snapshot"]["consistency"].as_str().unwrap_or("-");
         s.push_str(&format!(
-            "{id:<26} {:<21} {:<20} {disks:>5} {:>10}  {} {}\n",
+            "{id:<30} {:<31} {:<20} {disks:>5} {:>10}  {consistency:<11}  {} {}{}\n",
             r["created"].as_str().unwrap_or(""),
             r["name"].as_str().unwrap_or(""),
             human_bytes(size),
             r["key"]["source"].as_str().unwrap_or(""),
-            r["key"]["key_id"].as_str().unwrap_or("")
+            r["key"]["key_id"].as_str().unwrap_or(""),
+            // Key-loss protection: the provider's recovery key opens it too.
+            if r["recovery_key"].is_object() {
+                " + recovery key"
+            } else {
+                ""
+            }
         ));
     }
     s.trim_end().to_string()
@@ -290,25 +298,31 @@ pub fn prune_summary(r: &PruneReport) -> String {
 
 pub fn bench_summary(v: &serde_json::Value) -> String {
     let mut s = format!(
-        "chunk size {}\n{:<30} {:<15} {:>12}\n",
+        "chunk size {}\n{:<36} {:<15} {:>8} {:>8}\n",
         human_bytes(v["chunk_size"].as_u64().unwrap_or(0)),
         "stage (one core)",
         "data",
-        "MiB/s"
+        "MiB/s",
+        "stored"
     );
     for st in v["stages"].as_array().into_iter().flatten() {
+        let stored = match st["stored_ratio"].as_f64() {
+            Some(r) => format!("{:.1}%", r * 100.0),
+            None => String::new(),
+        };
         s.push_str(&format!(
-            "{:<30} {:<15} {:>12.0}\n",
+            "{:<36} {:<15} {:>8.0} {stored:>8}\n",
             st["stage"].as_str().unwrap_or(""),
             st["data"].as_str().unwrap_or(""),
             st["mib_per_sec"].as_f64().unwrap_or(0.0)
         ));
     }
-    if let Some(e) = v.get("end_to_end").filter(|e| !e.is_null()) {
+    for e in v["end_to_end"].as_array().into_iter().flatten() {
         s.push_str(&format!(
-            "end to end on {} ({}): backup {:.0} MiB/s ({:.1}s), restore {:.0} MiB/s ({:.1}s), stored {}",
+            "end to end on {} ({}) with {}: backup {:.0} MiB/s ({:.1}s), restore {:.0} MiB/s ({:.1}s), stored {}\n",
             e["image"].as_str().unwrap_or(""),
             human_bytes(e["size"].as_u64().unwrap_or(0)),
+            e["compression"].as_str().unwrap_or(""),
             e["backup_mib_s"].as_f64().unwrap_or(0.0),
             e["backup_seconds"].as_f64().unwrap_or(0.0),
             e["restore_mib_s"].as_f64().unwrap_or(0.0),
@@ -321,19 +335,28 @@ pub fn bench_summary(v: &serde_json::Value) -> String {
 
 pub fn keycheck_summary(r: &ferry::repo::keycheck::KeyCheckReport) -> String {
     use ferry::repo::keycheck::PointKeyStatus as S;
+    use ferry::repo::KeyPath;
     let mut s = format!(
-        "keyring: {}\n{:<30} {:<16} {:<8} {:<18} {:<6} {:<18} status\n",
+        "keyring: {}\nkey-loss protection: {}\n{:<30} {:<16} {:<8} {:<18} {:<6} {:<18} {:<9} opens with\n",
         if r.keyring_opens {
-            "opens with the configured keys (every point decrypts through it)".to_string()
+            "opens with the configured keys (it holds every data key)".to_string()
         } else {
             format!("not usable ({})", r.keyring_error.as_deref().unwrap_or("?"))
+        },
+        match &r.recovery {
+            Some(k) => format!(
+                "on for new points (recovery key {})",
+                k.fingerprint.chars().take(16).collect::<String>()
+            ),
+            None => "off: the provider cannot open new points without the tenant's key".into(),
         },
         "point",
         "name",
         "source",
         "key id",
         "ver",
-        "fingerprint"
+        "fingerprint",
+        "recovery"
     );
     for p in &r.points {
         let (src, kid, ver, fp) = match &p.key {
@@ -346,27 +369,59 @@ pub fn keycheck_summary(r: &ferry::repo::keycheck::KeyCheckReport) -> String {
             None => ("?".into(), "?".into(), "?".into(), "?".into()),
         };
         let st = match &p.status {
-            S::Opens => "opens".to_string(),
+            S::Opens => p
+                .opens_with
+                .iter()
+                .map(|v| match v {
+                    KeyPath::OwnKey => "own key",
+                    KeyPath::Keyring => "keyring",
+                    KeyPath::RecoveryKey => "recovery key",
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
             S::KeyMissing { .. } => "KEY MISSING".to_string(),
             S::Damaged { why } => format!("DAMAGED: {why}"),
         };
+        let rec = if p.recovery_key.is_some() {
+            "yes"
+        } else {
+            "no"
+        };
         s.push_str(&format!(
-            "{:<30} {:<16} {src:<8} {kid:<18} {ver:<6} {fp:<18} {st}\n",
+            "{:<30} {:<16} {src:<8} {kid:<18} {ver:<6} {fp:<18} {rec:<9} {st}\n",
             p.point_id,
             p.source.as_deref().unwrap_or("?")
         ));
     }
     let missing = r.missing_keys();
+    let opening = r.points.iter().filter(|p| p.status == S::Opens).count();
     if missing.is_empty() {
-        s.push_str("every restore point opens with the configured keys");
+        s.push_str(&format!(
+            "{} with the available keys ({} through their own key, {} through the keyring, {} through the recovery key); no key to obtain",
+            if opening == r.points.len() {
+                "every restore point opens".to_string()
+            } else {
+                format!("{opening} of {} restore point(s) open", r.points.len())
+            },
+            r.count(KeyPath::OwnKey),
+            r.count(KeyPath::Keyring),
+            r.count(KeyPath::RecoveryKey)
+        ));
     } else {
-        s.push_str("keys to obtain (export them from the KMS, then pass --extra-private-key):\n");
-        for (k, pts) in missing {
+        s.push_str("keys to obtain, for the points no available key opens (export them from the KMS, then pass --extra-private-key):\n");
+        for m in missing {
             s.push_str(&format!(
-                "  {k}\n    needed by {} point(s): {}\n",
-                pts.len(),
-                pts.join(", ")
+                "  {}\n    needed by {} point(s): {}\n",
+                m.key,
+                m.points.len(),
+                m.points.join(", ")
             ));
+            if let Some(rk) = &m.or_recovery_key {
+                s.push_str(&format!(
+                    "    or the provider's recovery key {} (--recovery-private-key): these points were made under key-loss protection\n",
+                    rk.fingerprint.chars().take(16).collect::<String>()
+                ));
+            }
         }
     }
     s.trim_end().to_string()
