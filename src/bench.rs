@@ -1,8 +1,10 @@
-//! `ferry bench`: measure each data-plane stage (zero check, chunk id, LZ4,
-//! AES-256-GCM, decode) on synthetic chunks in memory, so operators can see what a
-//! proxy's CPU can sustain. End-to-end figures come from backing up a real image.
+//! `ferry bench`: measure each data-plane stage (zero check, chunk id, each chunk
+//! codec with AES-256-GCM, decode) on synthetic chunks in memory, so operators can
+//! see what a proxy's CPU can sustain and what each codec stores. End-to-end
+//! figures, per codec, come from backing up a real image.
 
 use crate::keys::SecretKey;
+use crate::repo::codec::Codec;
 use crate::repo::format::{cipher_for, is_all_zero, open_chunk, ChunkId, ChunkSealer};
 use serde::Serialize;
 use std::time::Instant;
@@ -16,6 +18,9 @@ pub struct StageResult {
     pub data: String,
     /// MiB/s on one core.
     pub mib_per_sec: f64,
+    /// Stored bytes per plain byte (sealing stages only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored_ratio: Option<f64>,
 }
 
 fn profile(name: &str, len: usize) -> Vec<u8> {
@@ -51,11 +56,11 @@ fn time_it(bytes: usize, seconds: f64, mut f: impl FnMut()) -> f64 {
     (n * bytes) as f64 / start.elapsed().as_secs_f64() / (1024.0 * 1024.0)
 }
 
-/// Run the stage benchmarks for `seconds` each on chunks of `chunk_size`.
-pub fn stages(chunk_size: usize, seconds: f64) -> Vec<StageResult> {
+/// Run the stage benchmarks for `seconds` each on chunks of `chunk_size`, sealing
+/// with each of `codecs`.
+pub fn stages(chunk_size: usize, seconds: f64, codecs: &[Codec]) -> Vec<StageResult> {
     let dk = SecretKey::generate();
     let idk = SecretKey::generate();
-    let sealer = ChunkSealer::new(&dk);
     let cipher = cipher_for(&dk);
     let mut out = Vec::new();
     let mut res = Vec::new();
@@ -66,47 +71,57 @@ pub fn stages(chunk_size: usize, seconds: f64) -> Vec<StageResult> {
         mib_per_sec: time_it(chunk_size, seconds, || {
             assert!(is_all_zero(std::hint::black_box(&zeros)))
         }),
+        stored_ratio: None,
     });
     for p in ["compressible", "incompressible"] {
         let data = profile(p, chunk_size);
         let id = ChunkId::compute(&idk, &data);
-        let mut add = |stage: &str, v: f64| {
+        let mut add = |stage: String, v: f64, ratio: Option<f64>| {
             res.push(StageResult {
-                stage: stage.into(),
+                stage,
                 data: p.into(),
                 mib_per_sec: v,
+                stored_ratio: ratio,
             })
         };
         add(
-            "chunk-id (keyed BLAKE3)",
+            "chunk-id (keyed BLAKE3)".into(),
             time_it(chunk_size, seconds, || {
                 std::hint::black_box(ChunkId::compute(&idk, &data));
             }),
+            None,
         );
-        add(
-            "lz4+aes-gcm seal",
-            time_it(chunk_size, seconds, || sealer.seal(&id, &data, &mut out)),
-        );
-        sealer.seal(&id, &data, &mut out);
-        let sealed = out.clone();
-        let mut buf = Vec::new();
-        let mut plain = Vec::new();
-        add(
-            "open (gcm+lz4+id check)",
-            time_it(chunk_size, seconds, || {
-                buf.clear();
-                buf.extend_from_slice(&sealed);
-                open_chunk(&mut buf, &id, |_| Some(&cipher), &idk, &mut plain)
-                    .expect("bench chunk opens");
-            }),
-        );
-        add(
-            "full backup stage (id+seal)",
-            time_it(chunk_size, seconds, || {
-                let id = ChunkId::compute(&idk, &data);
-                sealer.seal(&id, &data, &mut out);
-            }),
-        );
+        for &codec in codecs {
+            let sealer = ChunkSealer::with_codec(&dk, codec);
+            let v = time_it(chunk_size, seconds, || sealer.seal(&id, &data, &mut out));
+            sealer.seal(&id, &data, &mut out);
+            add(
+                format!("{codec}+aes-gcm seal"),
+                v,
+                Some(out.len() as f64 / chunk_size as f64),
+            );
+            let sealed = out.clone();
+            let mut buf = Vec::new();
+            let mut plain = Vec::new();
+            add(
+                format!("open (gcm+{codec}+id check)"),
+                time_it(chunk_size, seconds, || {
+                    buf.clear();
+                    buf.extend_from_slice(&sealed);
+                    open_chunk(&mut buf, &id, |_| Some(&cipher), &idk, &mut plain)
+                        .expect("bench chunk opens");
+                }),
+                None,
+            );
+            add(
+                format!("full backup stage (id+{codec} seal)"),
+                time_it(chunk_size, seconds, || {
+                    let id = ChunkId::compute(&idk, &data);
+                    sealer.seal(&id, &data, &mut out);
+                }),
+                None,
+            );
+        }
     }
     res
 }

@@ -191,7 +191,7 @@ pub fn backup_disk<W: Write, P: Read + Send>(
         key_known: inp.key_known,
         rewrite: inp.rewrite,
         progress: inp.progress,
-        sealer: ChunkSealer::new(inp.data_key),
+        sealer: ChunkSealer::with_codec(inp.data_key, inp.config.codec),
     };
 
     std::thread::scope(|s| {
@@ -530,7 +530,7 @@ impl WorkCtx<'_> {
         let older;
         let sealer = match self.rewrite.get(&id) {
             Some(Some(k)) => {
-                older = ChunkSealer::new(k);
+                older = ChunkSealer::with_codec(k, self.sealer.codec());
                 &older
             }
             _ => &self.sealer,
@@ -717,6 +717,7 @@ mod tests {
                     config: PipelineConfig {
                         workers: 2,
                         buffers: 4,
+                        codec: Default::default(),
                     },
                     progress: &Progress::default(),
                 },

@@ -30,6 +30,8 @@ pub struct PipelineConfig {
     pub workers: usize,
     /// Chunk buffers in flight (bounds memory: about `buffers × chunk size`).
     pub buffers: usize,
+    /// Codec for new chunks (a backup takes its repository's).
+    pub codec: crate::repo::codec::Codec,
 }
 
 impl PipelineConfig {
@@ -47,7 +49,11 @@ impl PipelineConfig {
         let per = chunk_size as u64 * 2;
         let by_budget = (memory_budget / per.max(1)) as usize;
         let buffers = by_budget.max(2 * workers).min(4096);
-        PipelineConfig { workers, buffers }
+        PipelineConfig {
+            workers,
+            buffers,
+            codec: Default::default(),
+        }
     }
 }
 

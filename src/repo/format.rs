@@ -4,6 +4,7 @@
 //! no policy. Decoders never panic and never allocate from an unchecked length field;
 //! each failure is a [`FormatError`] that the caller wraps with the file's path.
 
+use super::codec::{self, Codec};
 use crate::keys::{KeyId, SecretKey, KEY_LEN};
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
@@ -111,7 +112,7 @@ pub enum FormatError {
     /// The chunk was sealed with a key this reader does not have.
     #[error("chunk sealed with data key {0} which this restore point does not carry")]
     UnknownKey(KeyId),
-    /// LZ4 payload is invalid or decodes to the wrong length.
+    /// The compressed payload is invalid or decodes to the wrong length.
     #[error("chunk payload does not decompress: {0}")]
     Decompress(String),
     /// The chunk decrypted but its content does not match its id.
@@ -209,6 +210,10 @@ pub struct RepoConfig {
     pub created: String,
     /// Tenant name.
     pub tenant: String,
+    /// Codec for new chunks (absent in repositories made before zstd: LZ4).
+    /// Changing it affects new chunks only; every chunk records its own.
+    #[serde(default)]
+    pub compression: Codec,
 }
 
 /// Check that a chunk size is allowed.
@@ -276,43 +281,46 @@ pub fn decode_config(b: &[u8]) -> Result<RepoConfig, FormatError> {
 
 // ---------------------------------------------------------------- chunks
 
-/// Reusable AES-256-GCM cipher for one data key (key schedule done once).
+/// Reusable AES-256-GCM cipher for one data key (key schedule done once) and the
+/// codec new chunks are compressed with.
 pub struct ChunkSealer {
     key_id: KeyId,
     cipher: Aes256Gcm,
+    codec: Codec,
 }
 
 impl ChunkSealer {
-    /// Prepare a sealer for `key`.
+    /// Prepare a sealer for `key` compressing with LZ4.
     pub fn new(key: &SecretKey) -> Self {
+        Self::with_codec(key, Codec::Lz4)
+    }
+    /// Prepare a sealer for `key` compressing with `codec`.
+    pub fn with_codec(key: &SecretKey, codec: Codec) -> Self {
         ChunkSealer {
             key_id: key.id,
             cipher: cipher_for(key),
+            codec,
         }
     }
     /// The key id this sealer uses.
     pub fn key_id(&self) -> KeyId {
         self.key_id
     }
+    /// The codec this sealer compresses with.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
 
-    /// Seal a chunk: LZ4 when it shrinks the data, then AES-256-GCM. `out` is
-    /// overwritten with the whole chunk file. `scratch` is reused between calls.
+    /// Seal a chunk: compressed with the sealer's codec when that shrinks the
+    /// data (raw otherwise), then AES-256-GCM. `out` is overwritten with the
+    /// whole chunk file and reused between calls.
     pub fn seal(&self, id: &ChunkId, plain: &[u8], out: &mut Vec<u8>) {
         assert!(!plain.is_empty() && plain.len() <= MAX_CHUNK_SIZE as usize);
-        let max = lz4_flex::block::get_maximum_output_size(plain.len());
+        let max = codec::max_compressed_len(plain.len());
         // No clear(): every byte up to the final length is overwritten below, so only
         // growth is zero-filled (a 4 MiB memset per chunk otherwise).
-        out.resize(CHUNK_HEADER_LEN + max.max(plain.len()) + TAG_LEN, 0);
-        let compressed = lz4_flex::block::compress_into(plain, &mut out[CHUNK_HEADER_LEN..])
-            .ok()
-            .filter(|&n| n < plain.len());
-        let (flags, payload_len) = match compressed {
-            Some(n) => (1u8, n),
-            None => {
-                out[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + plain.len()].copy_from_slice(plain);
-                (0u8, plain.len())
-            }
-        };
+        out.resize(CHUNK_HEADER_LEN + max + TAG_LEN, 0);
+        let (flags, payload_len) = codec::compress(self.codec, plain, &mut out[CHUNK_HEADER_LEN..]);
         let mut nonce = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
         out[..8].copy_from_slice(MAGIC_CHUNK);
@@ -339,7 +347,7 @@ impl ChunkSealer {
 /// Parsed fixed header of a chunk file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkHeader {
-    /// Bit 0: LZ4.
+    /// Codec of the payload: 0 raw, 1 LZ4, 2 zstd (see [`codec`]).
     pub flags: u8,
     /// Data key that sealed the chunk.
     pub key_id: KeyId,
@@ -361,7 +369,7 @@ pub fn parse_chunk_header(b: &[u8], file_len: u64) -> Result<ChunkHeader, Format
         });
     }
     let flags = b[10];
-    if flags & !1 != 0 || b[11] != 0 {
+    if flags > codec::FLAG_ZSTD || b[11] != 0 {
         return Err(FormatError::BadField {
             what: "chunk flags",
             detail: format!("unknown flags {flags:#x}/{:#x}", b[11]),
@@ -456,18 +464,7 @@ pub fn open_chunk_into<'k>(
             &tag_of(tag),
         )
         .map_err(|_| FormatError::AuthFailed { what: "chunk" })?;
-    if h.flags & 1 == 1 {
-        let n = lz4_flex::block::decompress_into(payload, out)
-            .map_err(|e| FormatError::Decompress(e.to_string()))?;
-        if n != out.len() {
-            return Err(FormatError::Decompress(format!(
-                "{n} bytes instead of {}",
-                h.plain_len
-            )));
-        }
-    } else {
-        out.copy_from_slice(payload);
-    }
+    codec::decompress(h.flags, payload, out).map_err(|e| FormatError::Decompress(e.to_string()))?;
     if ChunkId::compute(id_key, out) != *id {
         return Err(FormatError::IdMismatch);
     }
@@ -957,6 +954,7 @@ mod tests {
             chunk_size: DEFAULT_CHUNK_SIZE,
             created: "2026-11-23T00:00:00Z".into(),
             tenant: "acme".into(),
+            compression: Codec::Lz4,
         }
     }
 

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// Readers (and NBD connections) for --read.
     #[arg(long, default_value_t = 4)]
     pub readers: usize,
+    /// Codecs to compare (stages, and with --image one end-to-end run each):
+    /// lz4, zstd[:LEVEL], auto[:LEVEL]. Repeatable or comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [ferry::repo::codec::Codec::Lz4, ferry::repo::codec::Codec::Zstd { level: 1 }])]
+    pub compression: Vec<ferry::repo::codec::Codec>,
     #[command(flatten)]
     pub pipe: PipeArgs,
 }
@@ -62,58 +66,71 @@ pub fn bench(a: BenchArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Re
         });
         return Ok(exit::OK);
     }
-    let stages = ferry::bench::stages(cs, a.seconds);
-    let mut e2e = None;
+    let stages = ferry::bench::stages(cs, a.seconds, &a.compression);
+    let mut e2e = Vec::new();
     if let Some(img) = &a.image {
-        let scratch = tempfile::Builder::new()
-            .prefix("ferry-bench-")
-            .tempdir_in(a.scratch.clone().unwrap_or_else(std::env::temp_dir))?;
-        let (public, private) = render::generate_pem(scratch.path(), "bench", 2048)?;
-        let ks = PemKeySource::open(Some(&public), Some(&private))?;
-        let repo_dir = scratch.path().join("repo");
-        let repo = Repository::init(&repo_dir, cs as u32, "bench", &ks)?;
-        let src = FileSource::open(img)?;
-        let size = ferry::transport::DiskSource::size(&src);
-        let t = std::time::Instant::now();
-        let rep = job::backup(
-            &repo,
-            &ks,
-            BackupRequest {
-                source_name: "bench".into(),
-                disks: vec![DiskInput {
-                    source: Box::new(src),
-                    label: img.display().to_string(),
-                    transport_reason: "bench".into(),
-                    change_id: None,
-                    read: Default::default(),
-                }],
-                pipeline: a.pipe.config(cs as u32),
-                lock_wait: Duration::from_secs(5),
-                snapshot: None,
-            },
-            progress,
-        )?;
-        let backup_s = t.elapsed().as_secs_f64();
-        let target = scratch.path().join("restored.img");
-        let t = std::time::Instant::now();
-        job::restore(
-            &repo,
-            &ks,
-            &rep.point_id,
-            0,
-            &target,
-            a.pipe.config(cs as u32),
-            &Progress::default(),
-        )?;
-        let restore_s = t.elapsed().as_secs_f64();
-        e2e = Some(serde_json::json!({
-            "image": img, "size": size,
-            "backup_seconds": backup_s, "backup_mib_s": size as f64 / backup_s / 1048576.0,
-            "restore_seconds": restore_s, "restore_mib_s": size as f64 / restore_s / 1048576.0,
-            "stored_bytes": rep.disks[0].bytes_new_stored,
-        }));
+        for &codec in &a.compression {
+            e2e.push(end_to_end(&a, img, codec, progress)?);
+        }
     }
     let v = serde_json::json!({"chunk_size": cs, "stages": stages, "end_to_end": e2e});
     out.result(&v, || render::bench_summary(&v));
     Ok(exit::OK)
+}
+
+/// Back up `img` into a scratch repository using `codec`, then restore it.
+fn end_to_end(
+    a: &BenchArgs,
+    img: &std::path::Path,
+    codec: ferry::repo::codec::Codec,
+    progress: &Arc<Progress>,
+) -> anyhow::Result<serde_json::Value> {
+    let cs = a.chunk_size as usize;
+    let scratch = tempfile::Builder::new()
+        .prefix("ferry-bench-")
+        .tempdir_in(a.scratch.clone().unwrap_or_else(std::env::temp_dir))?;
+    let (public, private) = render::generate_pem(scratch.path(), "bench", 2048)?;
+    let ks = PemKeySource::open(Some(&public), Some(&private))?;
+    let repo_dir = scratch.path().join("repo");
+    let repo = Repository::init_with(&repo_dir, cs as u32, "bench", &ks, codec)?;
+    let src = FileSource::open(img)?;
+    let size = ferry::transport::DiskSource::size(&src);
+    let t = std::time::Instant::now();
+    let rep = job::backup(
+        &repo,
+        &ks,
+        BackupRequest {
+            source_name: "bench".into(),
+            disks: vec![DiskInput {
+                source: Box::new(src),
+                label: img.display().to_string(),
+                transport_reason: "bench".into(),
+                change_id: None,
+                read: Default::default(),
+            }],
+            pipeline: a.pipe.config(cs as u32),
+            lock_wait: Duration::from_secs(5),
+            snapshot: None,
+        },
+        progress,
+    )?;
+    let backup_s = t.elapsed().as_secs_f64();
+    let target = scratch.path().join("restored.img");
+    let t = std::time::Instant::now();
+    job::restore(
+        &repo,
+        &ks,
+        &rep.point_id,
+        0,
+        &target,
+        a.pipe.config(cs as u32),
+        &Progress::default(),
+    )?;
+    let restore_s = t.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "image": img, "size": size, "compression": codec.to_string(),
+        "backup_seconds": backup_s, "backup_mib_s": size as f64 / backup_s / 1048576.0,
+        "restore_seconds": restore_s, "restore_mib_s": size as f64 / restore_s / 1048576.0,
+        "stored_bytes": rep.disks[0].bytes_new_stored,
+    }))
 }
