@@ -462,7 +462,7 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
     let target = st.vm("tenant-a-vm02").unwrap().moref.clone();
     let other_tenant = st.vm("tenant-b-vm01").unwrap().moref.clone();
 
-    let run = |agent: &str, moref: &str| {
+    let run_on = |agent: &str, moref: &str, datastore: Option<&str>, policy: Option<&str>| {
         let client = world.agent_client(agent).unwrap();
         let job = world
             .runtime()
@@ -472,6 +472,9 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
                 disks: None,
                 target: RestoreTargetSpec::Vm {
                     moref: moref.to_string(),
+                    datastore: datastore.map(str::to_string),
+                    storage_policy: policy.map(str::to_string),
+                    overwrite: false,
                 },
             }))
             .unwrap();
@@ -485,7 +488,18 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
             }
         })
     };
-    for (agent, mode) in [("proxy-kms-a", "hotadd"), ("proxy-nbd", "nbdssl")] {
+    let run = |agent: &str, moref: &str| run_on(agent, moref, None, None);
+    // Through the shared NBD-SSL proxy, the API also picks the datastore and the
+    // storage policy of the new disks.
+    for (agent, mode, ds, policy) in [
+        ("proxy-kms-a", "hotadd", None, None),
+        (
+            "proxy-nbd",
+            "nbdssl",
+            Some("ds-shared"),
+            Some("gold-encrypted"),
+        ),
+    ] {
         let before: Vec<i32> = admin
             .state()
             .vm("tenant-a-vm02")
@@ -494,7 +508,7 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
             .iter()
             .map(|d| d.key)
             .collect();
-        let done = run(agent, &target);
+        let done = run_on(agent, &target, ds, policy);
         assert_eq!(done.state, JobState::Succeeded, "{done:?}");
         assert_eq!(done.disks.len(), src.disks.len(), "{done:?}");
         let vm02 = admin.state().vm("tenant-a-vm02").unwrap().clone();
@@ -523,6 +537,12 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
                 nd.file_name
             );
             assert_eq!(nd.key_provider.as_deref(), Some("KMS-A"));
+            assert_eq!(
+                nd.datastore,
+                ds.unwrap_or("ds-tenant-a"),
+                "disk {n} through {agent}"
+            );
+            assert_eq!(nd.storage_policy.as_deref(), policy);
             let (got, _) = admin
                 .digest("tenant-a-vm02", &nd.key.to_string(), None)
                 .unwrap();
@@ -773,7 +793,12 @@ fn restores_into_new_disks_of_a_vm_through_the_agent_api() {
                 tenant: "tenant-a".into(),
                 point: "latest:tenant-a-vm01".into(),
                 disks: None,
-                target: RestoreTarget::Vm { moref },
+                target: RestoreTarget::Vm {
+                    moref,
+                    datastore: None,
+                    storage_policy: None,
+                    overwrite: false,
+                },
             })),
             started_at: None,
         }])

@@ -590,6 +590,18 @@ pub enum RestoreTargetSpec {
     Vm {
         /// The VM's managed object reference.
         moref: String,
+        /// Datastore for the new disks (by name); absent: the datastore of the
+        /// VM's first disk. Must be mounted on the VM's host and have room.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        datastore: Option<String>,
+        /// Storage policy (SPBM profile id) for the new disks; absent: the
+        /// datastore's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        storage_policy: Option<String>,
+        /// Write disk N of the point over the VM's disk N instead of into new
+        /// disks: only into a powered-off VM without snapshots.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        overwrite: bool,
     },
 }
 
@@ -635,12 +647,28 @@ impl PartialSchema for RestoreTargetSpec {
                 ),
                 "One raw image per disk in a directory on the agent host.",
             ))
-            .item(variant(
-                "vm",
-                "moref",
-                string_field(1, NAME_MAX, None, "The VM's managed object reference."),
-                "Into new disks of an existing VM (one per restored disk, created and written through the transport the selector allows; removed again if the restore fails).",
-            ))
+            .item(
+                variant(
+                    "vm",
+                    "moref",
+                    string_field(1, NAME_MAX, None, "The VM's managed object reference."),
+                    "Into new disks of an existing VM (one per restored disk, created and written through the transport the selector allows; removed again if the restore fails), or over the disks of a powered-off VM with `overwrite`.",
+                )
+                .property(
+                    "datastore",
+                    string_field(1, NAME_MAX, None, "Datastore for the new disks (by name); absent: the datastore of the VM's first disk. Must be mounted on the VM's host and have room."),
+                )
+                .property(
+                    "storage_policy",
+                    string_field(1, NAME_MAX, None, "Storage policy (SPBM profile id) for the new disks; absent: the datastore's default."),
+                )
+                .property(
+                    "overwrite",
+                    ObjectBuilder::new()
+                        .schema_type(SchemaType::Type(Type::Boolean))
+                        .description(Some("Write disk N of the point over the VM's disk N instead of into new disks: only into a powered-off VM without snapshots. Default false.")),
+                ),
+            )
             .description(Some("Where a restore writes, chosen by `kind`."))
             .into()
     }
@@ -709,7 +737,20 @@ impl Validate for RestoreRequest {
                     ));
                 }
             }
-            RestoreTargetSpec::Vm { moref } => check_name("target.moref", moref)?,
+            RestoreTargetSpec::Vm {
+                moref,
+                datastore,
+                storage_policy,
+                overwrite: _,
+            } => {
+                check_name("target.moref", moref)?;
+                if let Some(d) = datastore {
+                    check_name("target.datastore", d)?;
+                }
+                if let Some(p) = storage_policy {
+                    check_name("target.storage_policy", p)?;
+                }
+            }
         }
         Ok(())
     }

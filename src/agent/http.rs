@@ -487,8 +487,16 @@ pub(crate) async fn post_restore(
     let slots = req.disks.as_ref().map(|d| d.len() as u32).unwrap_or(1);
     let target = match &req.target {
         RestoreTargetSpec::Directory { path } => RestoreTarget::Directory { path: path.into() },
-        RestoreTargetSpec::Vm { moref } => RestoreTarget::Vm {
+        RestoreTargetSpec::Vm {
+            moref,
+            datastore,
+            storage_policy,
+            overwrite,
+        } => RestoreTarget::Vm {
             moref: moref.clone(),
+            datastore: datastore.clone(),
+            storage_policy: storage_policy.clone(),
+            overwrite: *overwrite,
         },
     };
     let spec = JobSpec::Restore(RestoreSpec {

@@ -107,6 +107,16 @@ pub enum RestoreTarget {
     Vm {
         /// VM managed object reference.
         moref: String,
+        /// Datastore for the new disks (absent in records of older agents:
+        /// the VM's first disk's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        datastore: Option<String>,
+        /// Storage policy (SPBM profile id) for the new disks.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        storage_policy: Option<String>,
+        /// Over the VM's own disks (powered-off VM only) instead of new disks.
+        #[serde(default)]
+        overwrite: bool,
     },
 }
 

@@ -141,7 +141,7 @@ impl VmJobRunner {
             // disks on that VM (already detached from this proxy above): remove them,
             // as the job itself would have on failure.
             if let Some(JobSpec::Restore(RestoreSpec {
-                target: RestoreTarget::Vm { moref },
+                target: RestoreTarget::Vm { moref, .. },
                 ..
             })) = &j.spec
             {
@@ -414,13 +414,22 @@ impl VmJobRunner {
     fn restore(&self, ctx: &JobContext, spec: &RestoreSpec) -> Result<RunOutput, RunError> {
         let dir = match &spec.target {
             RestoreTarget::Directory { path } => path.clone(),
-            RestoreTarget::Vm { moref } => {
+            RestoreTarget::Vm {
+                moref,
+                datastore,
+                storage_policy,
+                overwrite,
+            } => {
                 return self.restore_into_vm(
                     ctx,
                     &spec.point,
                     spec.disks.as_deref(),
                     VmRef::Moref(moref.clone()),
-                    Default::default(),
+                    vm_restore::TargetOptions {
+                        datastore: datastore.clone(),
+                        storage_policy: storage_policy.clone(),
+                        overwrite: *overwrite,
+                    },
                 )
             }
         };
