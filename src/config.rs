@@ -277,6 +277,19 @@ pub struct TenantSection {
     /// own setting stands.
     #[serde(default)]
     pub recovery_public_key: Option<PathBuf>,
+    /// Codec of new chunks in this tenant's repository (`lz4`, `zstd[:LEVEL]`,
+    /// `auto[:LEVEL]`): used when the agent creates the repository, and set on
+    /// an existing one before a backup when it differs. Unset: the repository's
+    /// own setting (LZ4 for one the agent creates).
+    #[serde(default, deserialize_with = "codec_from_str")]
+    pub compression: Option<crate::repo::codec::Codec>,
+}
+
+fn codec_from_str<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<crate::repo::codec::Codec>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// `[tenant.kms]`: a KMIP server over mutual TLS.
@@ -378,6 +391,7 @@ impl Config {
         }
         for t in &mut self.tenants {
             fix(&mut t.repository);
+            fix_opt(&mut t.recovery_public_key);
             if let Some(k) = &mut t.kms {
                 fix(&mut k.ca);
                 fix_opt(&mut k.client_cert);
@@ -616,6 +630,8 @@ key_name = "ferry/tenant-a/repo1"
 [[tenant]]
 name = "tenant-b"
 repository = "/srv/ferry/b"
+recovery_public_key = "provider-recovery.pub.pem"
+compression = "zstd:3"
 [tenant.pem]
 public_key = "b.pub.pem"
 "#;
@@ -638,11 +654,30 @@ public_key = "b.pub.pem"
             c.tenant(Some("tenant-b")).unwrap().repository,
             PathBuf::from("/srv/ferry/b")
         );
+        let b = c.tenant(Some("tenant-b")).unwrap();
+        assert_eq!(
+            b.recovery_public_key.as_deref(),
+            Some(Path::new("/etc/ferry/provider-recovery.pub.pem"))
+        );
+        assert_eq!(
+            b.compression,
+            Some(crate::repo::codec::Codec::Zstd { level: 3 })
+        );
+        assert_eq!(c.tenant(Some("tenant-a")).unwrap().compression, None);
         assert!(matches!(c.tenant(None), Err(ConfigError::Invalid { .. })));
         assert!(matches!(
             c.tenant(Some("nope")),
             Err(ConfigError::NoSuchTenant { .. })
         ));
+    }
+
+    #[test]
+    fn a_bad_codec_names_itself() {
+        let text = "[[tenant]]\nname = \"a\"\nrepository = \"r\"\ncompression = \"gzip\"\n[tenant.pem]\npublic_key = \"p\"\n";
+        let e = Config::parse(text, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gzip") && e.contains("zstd"), "{e}");
     }
 
     #[test]

@@ -263,6 +263,7 @@ impl World {
                 }),
                 pem: None,
                 recovery_public_key: opts.recovery_public_key.clone(),
+                compression: None,
             };
             // The key pair on the tenant's KMS and the repository bound to it,
             // created up front as `ferry repo init --kms ... --kms-create` would.

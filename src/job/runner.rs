@@ -574,8 +574,15 @@ fn key_err(t: &TenantSection, e: KeyError) -> RunError {
 /// each other into a half-created repository (operators of several agents
 /// sharing one repository create it first with `ferry repo init`).
 fn open_or_init_repo(t: &TenantSection, keys: &dyn KeySource) -> Result<Repository, RunError> {
-    let repo = open_or_init(t, keys)?;
+    let mut repo = open_or_init(t, keys)?;
     apply_key_loss_protection(t, &repo, keys)?;
+    if let Some(c) = t.compression {
+        if repo.config.compression != c {
+            let was = repo.config.compression;
+            repo.set_compression(c).map_err(repo_err)?;
+            tracing::info!(tenant = %t.name, compression = %c, %was, "repository codec for new chunks set from the tenant configuration");
+        }
+    }
     Ok(repo)
 }
 
@@ -634,7 +641,14 @@ fn open_or_init(t: &TenantSection, keys: &dyn KeySource) -> Result<Repository, R
                 )));
             }
             tracing::info!(tenant = %t.name, repository = %p.display(), "creating the tenant repository");
-            Repository::init(&p, DEFAULT_CHUNK_SIZE, &t.name, keys).map_err(repo_err)
+            Repository::init_with(
+                &p,
+                DEFAULT_CHUNK_SIZE,
+                &t.name,
+                keys,
+                t.compression.unwrap_or_default(),
+            )
+            .map_err(repo_err)
         }
         Err(e) => Err(repo_err(e)),
     }
