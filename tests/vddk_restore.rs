@@ -14,7 +14,7 @@ mod common;
 
 use common::vsphere::{self, client, mock_vddk, proxy, rt, vddk_calls};
 use common::World;
-use ferry::job::vm::{self, NbdSettings, ThisProxy, VmBackupOutcome};
+use ferry::job::vm::{NbdSettings, ThisProxy, VmBackupOutcome};
 use ferry::job::vm_restore::{self, VmRef, VmRestoreError, VmRestoreOutcome, VmRestoreRequest};
 use ferry::pipeline::PipelineConfig;
 use ferry::progress::Progress;
@@ -54,31 +54,7 @@ fn setup() -> Setup {
     let c = rt.block_on(client(&vc));
     let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
     let req = vsphere::request("px-a-1", "a-web", policy(false), 0, None);
-    let backup = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Progress::default()),
-        ))
-        .unwrap();
-    let digests: Vec<String> = backup
-        .disks
-        .iter()
-        .map(|d| {
-            vc.admin()
-                .digest("a-web", &d.device_key.to_string(), None)
-                .unwrap()
-                .0
-        })
-        .collect();
-    for d in &backup.disks {
-        vc.admin()
-            .write("a-web", &d.device_key.to_string(), 4096, &[0x5A; 8192])
-            .unwrap();
-    }
+    let (backup, digests) = vsphere::backup_then_guest_writes(&rt, &c, &me, &w, &vc, "a-web", &req);
     Setup {
         w,
         vc,

@@ -57,37 +57,7 @@ fn setup() -> Setup {
     let c = rt.block_on(client(&vc));
     let me = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
     let req = vsphere::request("px-a-1", "a-web", policy(false), 0, None);
-    let backup = rt
-        .block_on(vm::backup_vm(
-            &c,
-            &me,
-            Arc::new(w.repo()),
-            Arc::new(w.source()),
-            &req,
-            Arc::new(Progress::default()),
-        ))
-        .unwrap();
-    let digests: Vec<String> = backup
-        .disks
-        .iter()
-        .map(|d| {
-            vc.admin()
-                .digest("a-web", &d.device_key.to_string(), None)
-                .unwrap()
-                .0
-        })
-        .collect();
-    // The guest keeps writing after the backup.
-    for d in &backup.disks {
-        vc.admin()
-            .write("a-web", &d.device_key.to_string(), 4096, &[0x5A; 8192])
-            .unwrap();
-        let (now, _) = vc
-            .admin()
-            .digest("a-web", &d.device_key.to_string(), None)
-            .unwrap();
-        assert_ne!(now, digests[d.disk as usize]);
-    }
+    let (backup, digests) = vsphere::backup_then_guest_writes(&rt, &c, &me, &w, &vc, "a-web", &req);
     Setup {
         w,
         vc,

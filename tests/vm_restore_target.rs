@@ -61,19 +61,8 @@ fn setup() -> Setup {
     let hotadd = proxy(&vc, "px-a", Some("proxy-a"), &[Mode::HotAdd]);
     let nbd = proxy(&vc, "px-n", None, &[Mode::NbdSsl]);
     let req = vsphere::request("px-a-1", "a-web", policy(), 0, None);
-    let backup = vsphere::backup(&rt, &c, &hotadd, &w, &req).unwrap();
-    let digests = backup
-        .disks
-        .iter()
-        .map(|d| {
-            let key = d.device_key.to_string();
-            let (before, _) = vc.admin().digest("a-web", &key, None).unwrap();
-            vc.admin()
-                .write("a-web", &key, 4096, &[0x5A; 8192])
-                .unwrap();
-            before
-        })
-        .collect();
+    let (backup, digests) =
+        vsphere::backup_then_guest_writes(&rt, &c, &hotadd, &w, &vc, "a-web", &req);
     Setup {
         w,
         vc,

@@ -222,6 +222,34 @@ datastore = "ds-shared"
 "#;
 
 /// Back `req` up as proxy `me` into `w`'s repository (fresh progress).
+/// Back up `vm` (the restore tests' source), return the point with the
+/// digest of each disk at snapshot time, then let the guest write to every
+/// disk so its live content no longer matches the point.
+pub fn backup_then_guest_writes(
+    rt: &tokio::runtime::Runtime,
+    c: &Client,
+    me: &ThisProxy,
+    w: &super::World,
+    vc: &VcenterMock,
+    vm: &str,
+    req: &VmBackupRequest,
+) -> (ferry::job::vm::VmBackupOutcome, Vec<String>) {
+    let backup = backup(rt, c, me, w, req).unwrap();
+    let digests = backup
+        .disks
+        .iter()
+        .map(|d| {
+            let key = d.device_key.to_string();
+            let (before, _) = vc.admin().digest(vm, &key, None).unwrap();
+            vc.admin().write(vm, &key, 4096, &[0x5A; 8192]).unwrap();
+            let (after, _) = vc.admin().digest(vm, &key, None).unwrap();
+            assert_ne!(after, before, "the guest's write changed {vm} disk {key}");
+            before
+        })
+        .collect();
+    (backup, digests)
+}
+
 #[allow(clippy::result_large_err)] // the error type is `backup_vm`'s own
 pub fn backup(
     rt: &tokio::runtime::Runtime,
