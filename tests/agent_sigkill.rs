@@ -20,6 +20,24 @@ use ferry_mocks::world::{World, WorldOptions};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// Poll the mock vCenter's state every 20 ms until `ready`, for at most two
+/// minutes (then fail with `what` and the state): the moment to kill the agent.
+fn wait_for(
+    admin: &ferry_mocks::vcenter::Admin,
+    what: &str,
+    ready: impl Fn(&ferry_mocks::vcenter::StateDump) -> bool,
+) {
+    let t = Instant::now();
+    loop {
+        let st = admin.state();
+        if ready(&st) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn http(world: &World) -> reqwest::Client {
     let tls = ferry::tls::client_config(&world.ca, None).unwrap();
     reqwest::Client::builder()
@@ -95,23 +113,13 @@ fn sigkill_mid_backup_then_restart(vddk: bool) {
 
     // Kill the agent while a snapshot exists and a disk is hot-added to proxy-a
     // (with VDDK: open, and some reads through).
-    let t = Instant::now();
-    loop {
-        let st = admin.state();
-        if st.attached_count() > 0
+    wait_for(&admin, "the disk was never hot-added", |st| {
+        st.attached_count() > 0
             && st.snapshot_count() > 0
             && (!vddk || admin.vddk_open_handles() > 0)
-        {
-            if vddk {
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the disk was never hot-added: {st:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    });
+    if vddk {
+        std::thread::sleep(Duration::from_millis(300));
     }
     agent.signal(libc::SIGKILL);
     drop(agent);
@@ -278,18 +286,9 @@ fn sigkill_mid_restore_into_a_vm_then_restart_leaves_nothing_behind() {
             .filter(|d| d.file_name.contains("/ferry-restore-"))
             .count()
     };
-    let t = Instant::now();
-    loop {
-        let st = admin.state();
-        if restore_disks(&st) > 0 && st.attached_count() > 0 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the new disk was never hot-added: {st:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&admin, "the new disk was never hot-added", |st| {
+        restore_disks(st) > 0 && st.attached_count() > 0
+    });
     agent.signal(libc::SIGKILL);
     drop(agent);
     let st = admin.state();
