@@ -490,6 +490,32 @@ fn vm_of(c: &Call<'_>) -> Result<(usize, String, Arc<std::sync::Mutex<()>>), Fau
     Ok((vi, inv.vms[vi].name.clone(), inv.vms[vi].op.clone()))
 }
 
+/// Start a task of the call's method on the VM it names (`name` and `op` as
+/// [`vm_of`] gives them) running `work`, and answer its reference.
+fn vm_task<F>(
+    c: &Call<'_>,
+    user: &str,
+    name: &str,
+    op: Arc<std::sync::Mutex<()>>,
+    work: F,
+) -> Result<Reply, Fault>
+where
+    F: FnOnce(&Arc<World>) -> Result<Option<Val>, Fault> + Send + 'static,
+{
+    let task = c.world.spawn_task(
+        c.rt,
+        TaskStart {
+            method: &c.req.method,
+            entity: c.req.this.clone(),
+            entity_name: name,
+            user,
+            op,
+        },
+        work,
+    );
+    ok(Returns::Typed(Val::Ref(task)))
+}
+
 fn create_snapshot(c: &Call<'_>, user: &str) -> Result<Reply, Fault> {
     let (vi, name, op) = vm_of(c)?;
     let snap_name = arg(c.req, "name")?.to_string();
@@ -497,29 +523,18 @@ fn create_snapshot(c: &Call<'_>, user: &str) -> Result<Reply, Fault> {
     let quiesce = arg_bool(c.req, "quiesce", false)?;
     arg_bool(c.req, "memory", false)?;
     let name_for_log = name.clone();
-    let task = c.world.spawn_task(
-        c.rt,
-        TaskStart {
-            method: &c.req.method,
-            entity: c.req.this.clone(),
-            entity_name: &name,
-            user,
-            op,
-        },
-        move |w| {
-            let r = lock(&w.inv).create_snapshot(vi, &snap_name, &description, quiesce);
-            lock(&w.snapshot_log).push(super::guest::SnapshotAttempt {
-                vm: name_for_log,
-                name: snap_name,
-                quiesce,
-                snapshot: r.as_ref().ok().cloned(),
-                fault: r.as_ref().err().map(|f| f.obj.ty.to_string()),
-                message: r.as_ref().err().map(|f| f.message.clone()),
-            });
-            Ok(Some(Val::r("VirtualMachineSnapshot", r?)))
-        },
-    );
-    ok(Returns::Typed(Val::Ref(task)))
+    vm_task(c, user, &name, op, move |w| {
+        let r = lock(&w.inv).create_snapshot(vi, &snap_name, &description, quiesce);
+        lock(&w.snapshot_log).push(super::guest::SnapshotAttempt {
+            vm: name_for_log,
+            name: snap_name,
+            quiesce,
+            snapshot: r.as_ref().ok().cloned(),
+            fault: r.as_ref().err().map(|f| f.obj.ty.to_string()),
+            message: r.as_ref().err().map(|f| f.message.clone()),
+        });
+        Ok(Some(Val::r("VirtualMachineSnapshot", r?)))
+    })
 }
 
 fn remove_snapshot(c: &Call<'_>, user: &str) -> Result<Reply, Fault> {
@@ -699,50 +714,30 @@ fn reconfigure(c: &Call<'_>, user: &str) -> Result<Reply, Fault> {
         .child("spec")
         .ok_or_else(|| vim::invalid_argument(Some("spec"), "argument spec is missing"))?;
     let spec = parse_config_spec(spec)?;
-    let task = c.world.spawn_task(
-        c.rt,
-        TaskStart {
-            method: &c.req.method,
-            entity: c.req.this.clone(),
-            entity_name: &name,
-            user,
-            op,
-        },
-        move |w| {
-            w.reconfigure(vi, &spec)?;
-            Ok(None)
-        },
-    );
-    ok(Returns::Typed(Val::Ref(task)))
+    vm_task(c, user, &name, op, move |w| {
+        w.reconfigure(vi, &spec)?;
+        Ok(None)
+    })
 }
 
 /// PowerOnVM_Task / PowerOffVM_Task: a task that sets the power state, failing
 /// with `InvalidPowerState` when the VM already is in `want` (as vSphere does).
 fn set_power(c: &Call<'_>, user: &str, want: &'static str) -> Result<Reply, Fault> {
     let (vi, name, op) = vm_of(c)?;
-    let task = c.world.spawn_task(
-        c.rt,
-        TaskStart {
-            method: &c.req.method,
-            entity: c.req.this.clone(),
-            entity_name: &name,
-            user,
-            op,
-        },
-        move |w| {
-            let mut inv = lock(&w.inv);
-            let have = &mut inv.vms[vi].power_state;
-            if have == want {
-                return Err(vim::invalid_power_state(
-                    have,
-                    format!("The attempted operation cannot be performed in the current state ({have})."),
-                ));
-            }
-            *have = want.to_string();
-            Ok(None)
-        },
-    );
-    ok(Returns::Typed(Val::Ref(task)))
+    vm_task(c, user, &name, op, move |w| {
+        let mut inv = lock(&w.inv);
+        let have = &mut inv.vms[vi].power_state;
+        if have == want {
+            return Err(vim::invalid_power_state(
+                have,
+                format!(
+                    "The attempted operation cannot be performed in the current state ({have})."
+                ),
+            ));
+        }
+        *have = want.to_string();
+        Ok(None)
+    })
 }
 
 fn query_changed(c: &Call<'_>) -> Result<Reply, Fault> {
