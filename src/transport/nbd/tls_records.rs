@@ -689,7 +689,10 @@ mod tests {
 
     /// A client connected to a rustls server running `script` in a thread. The
     /// script starts once the client has finished its handshake and sent "go", so
-    /// what the script sends reaches the record layer, not the handshake.
+    /// what the script sends reaches the record layer, not the handshake; the
+    /// server answers "ok" once its side is done too (TLS 1.3 servers send their
+    /// session tickets after the handshake), so a client that closes early never
+    /// races those writes into a broken pipe.
     fn pair(
         suite: SupportedCipherSuite,
         script: impl FnOnce(&mut Server) + Send + 'static,
@@ -709,11 +712,16 @@ mod tests {
             let mut go = [0u8; 2];
             s.read_exact(&mut go).unwrap();
             assert_eq!(&go, b"go");
+            s.write_all(b"ok").unwrap();
+            s.flush().unwrap();
             script(&mut s);
         });
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let mut client = TlsRecords::connect(a, &p.client, name).unwrap();
         client.write_all(b"go").unwrap();
+        let mut ok = [0u8; 2];
+        client.read_exact(&mut ok).unwrap();
+        assert_eq!(&ok, b"ok");
         (client, server)
     }
 
