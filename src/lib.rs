@@ -13,6 +13,7 @@
 //! - [`kmip`]: the KMIP TTLV codec (the KMS client builds on it).
 //! - [`nbd_server`]: serving disks over NBD (`ferry export`, the mock ESXi host).
 //! - [`export`]: instant access, a restore point disk as an NBD export backend.
+//! - [`glob`]: shell-style name patterns.
 //! - [`config`]: the TOML configuration file.
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod bench;
 pub mod config;
 pub mod export;
+pub mod glob;
 pub mod job;
 pub mod keys;
 pub mod kmip;

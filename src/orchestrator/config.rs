@@ -257,7 +257,7 @@ impl JobConfig {
     pub fn quiesce_for(&self, vm: &str) -> QuiescePolicy {
         self.quiesce_override
             .iter()
-            .find(|o| o.vms.iter().any(|g| super::schedule::glob(g, vm)))
+            .find(|o| o.vms.iter().any(|g| crate::glob::glob(g, vm)))
             .map(|o| o.quiesce)
             .unwrap_or(self.quiesce)
     }

@@ -72,31 +72,6 @@ fn containers(objs: &[ObjectContent]) -> HashMap<MoRef, Container> {
         .collect()
 }
 
-/// Shell-style glob match: `*` any run, `?` one character, everything else literal.
-/// At most O(pattern × name) steps (no exponential backtracking).
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    let (mut pi, mut ni) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
 impl Client {
     /// `(reference, name)` of every VM (templates included).
     pub async fn vm_names(&self) -> Result<Vec<(MoRef, String)>, VsphereError> {
@@ -149,13 +124,13 @@ impl Client {
         Ok(vms)
     }
 
-    /// VMs whose name matches `glob` ([`glob_match`]), sorted by name.
+    /// VMs whose name matches `glob` ([`crate::glob::glob`]), sorted by name.
     pub async fn vms_matching(&self, glob: &str) -> Result<Vec<Vm>, VsphereError> {
         let refs: Vec<MoRef> = self
             .vm_names()
             .await?
             .into_iter()
-            .filter(|(_, n)| glob_match(glob, n))
+            .filter(|(_, n)| crate::glob::glob(glob, n))
             .map(|(r, _)| r)
             .collect();
         self.vms_by_ref(&refs, &format!("reading VMs matching {glob:?}"))
@@ -248,36 +223,6 @@ impl Client {
         objs.iter()
             .map(|o| Datastore::decode(o).map_err(|e| self.malformed(doing, e)))
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn globs() {
-        for (p, n, m) in [
-            ("*", "", true),
-            ("*", "web01", true),
-            ("web*", "web01", true),
-            ("web*", "db01", false),
-            ("*01", "web01", true),
-            ("w?b0?", "web01", true),
-            ("w?b0?", "web1", false),
-            ("*b*1", "web01", true),
-            ("web01", "web01", true),
-            ("web01", "web011", false),
-            ("", "", true),
-            ("", "a", false),
-            ("a*b*c", "aXbYc", true),
-            ("a*b*c", "aXbY", false),
-        ] {
-            assert_eq!(glob_match(p, n), m, "{p:?} vs {n:?}");
-        }
-        // Pathological patterns stay fast.
-        let long = "a".repeat(5000);
-        assert!(!glob_match(&format!("{}b", "*a".repeat(100)), &long));
     }
 }
 

@@ -50,7 +50,6 @@ mod tests;
 pub use client::{Client, ClientConfig, Replay, ServerTrust};
 pub use error::VsphereError;
 pub use hotadd::AttachedDisk;
-pub use inventory::glob_match;
 pub use newdisk::NewDiskSpec;
 pub use snapshot::{snapshot_name, LeftoverSnapshot, SNAPSHOT_DESCRIPTION_PREFIX, SNAPSHOT_PREFIX};
 pub use types::{
