@@ -11,7 +11,8 @@
 //! is held while the export is open, so prune cannot remove its chunks.
 //!
 //! Plaintext lives in memory only (the cache); nothing is written anywhere. This
-//! module does not speak NBD: [`crate::nbd_server`] does.
+//! module does not speak NBD: [`crate::nbd_server`] does. `ferry files` and
+//! `ferry mount` read through the same [`PointExport`].
 
 use crate::keys::{KeySource, SecretKey};
 use crate::nbd_server::{ExportBackend, ExportProvider, ExportRefused};
@@ -195,6 +196,11 @@ impl PointExport {
         self.disk
     }
 
+    /// Bytes per chunk of this disk (the unit the chunk counters count).
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
     /// The export name ferry gives this disk: `<point id>-disk<N>`.
     pub fn export_name(&self) -> String {
         format!("{}-disk{}", self.point_id, self.disk)
@@ -303,6 +309,18 @@ impl ExportBackend for PointExport {
             runs.push((len.max(1), 0));
         }
         Ok(runs)
+    }
+}
+
+/// File-level restore ([`crate::files`]) reads a point's disk through the same
+/// on-demand chunk path as an NBD client.
+impl crate::files::ReadAt for PointExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        ExportBackend::read_at(self, offset, buf)
     }
 }
 

@@ -13,6 +13,8 @@
 //! - [`kmip`]: the KMIP TTLV codec (the KMS client builds on it).
 //! - [`nbd_server`]: serving disks over NBD (`ferry export`, the mock ESXi host).
 //! - [`export`]: instant access, a restore point disk as an NBD export backend.
+//! - [`files`]: file-level restore: partition tables and file systems (ext2/3/4,
+//!   NTFS, FAT) read from a restore point's disk without restoring it.
 //! - [`glob`]: shell-style name patterns.
 //! - [`config`]: the TOML configuration file.
 //! - [`progress`]: lock-free progress counters that front ends render.
@@ -31,6 +33,7 @@ pub mod agent;
 pub mod bench;
 pub mod config;
 pub mod export;
+pub mod files;
 pub mod glob;
 pub mod job;
 pub mod keys;

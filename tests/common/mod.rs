@@ -2,6 +2,7 @@
 //! pair, a repository and generated images, plus helpers to run the `ferry` binary.
 #![allow(dead_code)]
 
+pub mod fsimage;
 pub mod vsphere;
 
 use ferry::job::{self, BackupReport, BackupRequest, DiskInput};

@@ -28,6 +28,9 @@ pub fn repo_exit(e: &RepoError) -> u8 {
 /// The exit code for an error from any command.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     for c in e.chain() {
+        if let Some(f) = c.downcast_ref::<ferry::files::FileError>() {
+            return if f.is_damage() { DAMAGED } else { FAILED };
+        }
         if let Some(r) = c.downcast_ref::<RepoError>() {
             return repo_exit(r);
         }

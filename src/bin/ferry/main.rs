@@ -5,6 +5,7 @@ mod cmd_agent;
 mod cmd_bench;
 mod cmd_data;
 mod cmd_export;
+mod cmd_files;
 mod cmd_keys;
 mod cmd_orchestrator;
 mod cmd_repo;
@@ -58,6 +59,10 @@ enum Cmd {
     Restore(cmd_data::RestoreArgs),
     /// Serve one disk of a restore point read-only over NBD (instant access).
     Export(cmd_export::ExportArgs),
+    /// List, find and copy out single files of a restore point (ext2/3/4, NTFS,
+    /// FAT) without restoring the disk.
+    #[command(subcommand)]
+    Files(cmd_files::FilesCmd),
     /// Read and authenticate every chunk of every (or the given) restore point.
     Verify(cmd_data::VerifyArgs),
     /// Apply retention and garbage-collect unreferenced chunks.
@@ -117,6 +122,7 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
         Cmd::Points(c) => cmd_data::points(c, out),
         Cmd::Restore(a) => cmd_data::restore(a, out, progress),
         Cmd::Export(a) => cmd_export::export(a, out, progress),
+        Cmd::Files(c) => cmd_files::run(c, out, progress),
         Cmd::Verify(a) => cmd_data::verify(a, out, progress),
         Cmd::Prune(a) => cmd_data::prune(a, out),
         Cmd::Bench(a) => cmd_bench::bench(a, out, progress),
