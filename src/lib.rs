@@ -16,6 +16,7 @@
 //! - [`files`]: file-level restore: partition tables and file systems (ext2/3/4,
 //!   NTFS, FAT) read from a restore point's disk without restoring it.
 //! - [`glob`]: shell-style name patterns.
+//! - [`mount`]: a restore point's disks as read-only files over FUSE (`ferry mount`).
 //! - [`config`]: the TOML configuration file.
 //! - [`progress`]: lock-free progress counters that front ends render.
 //! - [`bench`]: the `ferry bench` measurements.
@@ -38,6 +39,7 @@ pub mod glob;
 pub mod job;
 pub mod keys;
 pub mod kmip;
+pub mod mount;
 pub mod nbd_server;
 pub mod orchestrator;
 pub mod pipeline;

@@ -7,6 +7,7 @@ mod cmd_data;
 mod cmd_export;
 mod cmd_files;
 mod cmd_keys;
+mod cmd_mount;
 mod cmd_orchestrator;
 mod cmd_repo;
 mod cmd_vm;
@@ -63,6 +64,8 @@ enum Cmd {
     /// FAT) without restoring the disk.
     #[command(subcommand)]
     Files(cmd_files::FilesCmd),
+    /// Present a restore point's disks as read-only files (FUSE) for loop mounts.
+    Mount(cmd_mount::MountArgs),
     /// Read and authenticate every chunk of every (or the given) restore point.
     Verify(cmd_data::VerifyArgs),
     /// Apply retention and garbage-collect unreferenced chunks.
@@ -123,6 +126,7 @@ fn run(cmd: Cmd, out: &Output, progress: &Arc<Progress>) -> anyhow::Result<u8> {
         Cmd::Restore(a) => cmd_data::restore(a, out, progress),
         Cmd::Export(a) => cmd_export::export(a, out, progress),
         Cmd::Files(c) => cmd_files::run(c, out, progress),
+        Cmd::Mount(a) => cmd_mount::mount(a, out, progress),
         Cmd::Verify(a) => cmd_data::verify(a, out, progress),
         Cmd::Prune(a) => cmd_data::prune(a, out),
         Cmd::Bench(a) => cmd_bench::bench(a, out, progress),
