@@ -97,6 +97,14 @@ fn string_array_schema(min_items: usize, max_items: usize, description: &str) ->
 /// Largest disk number in a restore request.
 pub const DISK_NUMBER_MAX: u32 = 255;
 
+fn disk_number_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::Integer))
+        .minimum(Some(0))
+        .maximum(Some(DISK_NUMBER_MAX))
+        .description(Some("Disk number (0-based); default 0."))
+}
+
 fn disk_numbers_schema() -> Schema {
     use utoipa::openapi::schema::ArrayBuilder;
     ArrayBuilder::new()
@@ -603,6 +611,20 @@ pub enum RestoreTargetSpec {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         overwrite: bool,
     },
+    /// Single files and directories of one disk (file-level restore), copied
+    /// with their times and permissions into a directory on the agent host.
+    Files {
+        /// Absolute directory path on the agent host (created if missing).
+        path: String,
+        /// Disk number (default 0).
+        #[serde(default)]
+        disk: u32,
+        /// Partition (Linux numbering; absent: the only readable one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partition: Option<u32>,
+        /// Paths inside the volume (1 to 256): files or whole directories.
+        paths: Vec<String>,
+    },
 }
 
 fn string_field(min: usize, max: usize, pattern: Option<&str>, description: &str) -> ObjectBuilder {
@@ -668,6 +690,32 @@ impl PartialSchema for RestoreTargetSpec {
                         .schema_type(SchemaType::Type(Type::Boolean))
                         .description(Some("Write disk N of the point over the VM's disk N instead of into new disks: only into a powered-off VM without snapshots. Default false.")),
                 ),
+            )
+            .item(
+                variant(
+                    "files",
+                    "path",
+                    string_field(1, PATH_MAX, Some("^/"), "Absolute directory path on the agent host (created if missing)."),
+                    "Single files and directories of one disk (file-level restore: ext2/3/4, NTFS, FAT), copied with their times and permissions into a directory on the agent host. Existing files are never overwritten.",
+                )
+                .property("disk", disk_number_schema())
+                .property(
+                    "partition",
+                    ObjectBuilder::new()
+                        .schema_type(SchemaType::Type(Type::Integer))
+                        .minimum(Some(0))
+                        .maximum(Some(PARTITION_MAX))
+                        .description(Some("Partition (Linux numbering: 1-4 primary, 5+ logical, GPT entry + 1; 0 the whole disk). Absent: the only partition with a readable file system.")),
+                )
+                .property(
+                    "paths",
+                    utoipa::openapi::schema::ArrayBuilder::new()
+                        .items(string_field(1, PATH_MAX, Some("^/"), "Absolute path inside the volume."))
+                        .min_items(Some(1))
+                        .max_items(Some(PATHS_MAX))
+                        .description(Some("Files or directories to restore.")),
+                )
+                .required("paths"),
             )
             .description(Some("Where a restore writes, chosen by `kind`."))
             .into()
@@ -737,6 +785,28 @@ impl Validate for RestoreRequest {
                     ));
                 }
             }
+            RestoreTargetSpec::Files {
+                path,
+                disk,
+                partition,
+                paths,
+            } => {
+                check_abs_path("target.path", path)?;
+                if self.disks.is_some() {
+                    return Err(ApiError::invalid(
+                        "disks: not with a files target (it names its disk in target.disk)",
+                    ));
+                }
+                check_disk_partition("target.", *disk, *partition)?;
+                if paths.is_empty() || paths.len() > PATHS_MAX {
+                    return Err(ApiError::invalid(format!(
+                        "target.paths: 1 to {PATHS_MAX} paths"
+                    )));
+                }
+                for p in paths {
+                    check_abs_path("target.paths", p)?;
+                }
+            }
             RestoreTargetSpec::Vm {
                 moref,
                 datastore,
@@ -754,6 +824,153 @@ impl Validate for RestoreRequest {
         }
         Ok(())
     }
+}
+
+/// Most paths in one file-level restore.
+pub const PATHS_MAX: usize = 256;
+/// Highest partition number accepted.
+pub const PARTITION_MAX: u32 = 1024;
+/// Most entries a file search returns.
+pub const FIND_LIMIT_MAX: u32 = 10_000;
+
+fn check_abs_path(field: &str, p: &str) -> Result<(), ApiError> {
+    let n = p.chars().count();
+    if n == 0 || n > PATH_MAX {
+        return Err(ApiError::invalid(format!(
+            "{field}: 1 to {PATH_MAX} characters"
+        )));
+    }
+    if !p.starts_with('/') {
+        return Err(ApiError::invalid(format!(
+            "{field}: must be an absolute path"
+        )));
+    }
+    if p.contains('\0') {
+        return Err(ApiError::invalid(format!("{field}: must not contain NUL")));
+    }
+    Ok(())
+}
+
+fn check_disk_partition(prefix: &str, disk: u32, partition: Option<u32>) -> Result<(), ApiError> {
+    if disk > DISK_NUMBER_MAX {
+        return Err(ApiError::invalid(format!(
+            "{prefix}disk: disk number {disk} is above {DISK_NUMBER_MAX}"
+        )));
+    }
+    if partition.is_some_and(|p| p > PARTITION_MAX) {
+        return Err(ApiError::invalid(format!(
+            "{prefix}partition: at most {PARTITION_MAX}"
+        )));
+    }
+    Ok(())
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+/// `POST /v1/files/list`: one directory (or file) of a restore point's disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilesListRequest {
+    /// Tenant, as configured on the agent.
+    #[schema(min_length = 1, max_length = 256)]
+    pub tenant: String,
+    /// Restore point id, or `latest:<vm name>`.
+    #[schema(min_length = 1, max_length = 256)]
+    pub point: String,
+    /// Disk number (default 0).
+    #[serde(default)]
+    #[schema(maximum = 255)]
+    pub disk: u32,
+    /// Partition (Linux numbering); absent: the only readable one.
+    #[serde(default)]
+    #[schema(maximum = 1024)]
+    pub partition: Option<u32>,
+    /// Absolute path inside the volume (default `/`).
+    #[serde(default = "root_path")]
+    #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
+    pub path: String,
+}
+
+impl Validate for FilesListRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_name("tenant", &self.tenant)?;
+        check_name("point", &self.point)?;
+        check_disk_partition("", self.disk, self.partition)?;
+        check_abs_path("path", &self.path)
+    }
+}
+
+/// `POST /v1/files/find`: search a restore point's disk by name pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilesFindRequest {
+    /// Tenant, as configured on the agent.
+    #[schema(min_length = 1, max_length = 256)]
+    pub tenant: String,
+    /// Restore point id, or `latest:<vm name>`.
+    #[schema(min_length = 1, max_length = 256)]
+    pub point: String,
+    /// Disk number (default 0).
+    #[serde(default)]
+    #[schema(maximum = 255)]
+    pub disk: u32,
+    /// Partition (Linux numbering); absent: the only readable one.
+    #[serde(default)]
+    #[schema(maximum = 1024)]
+    pub partition: Option<u32>,
+    /// Search under this directory (default `/`).
+    #[serde(default = "root_path")]
+    #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
+    pub under: String,
+    /// Name pattern (`*` any run, `?` one character), matched against names.
+    #[schema(min_length = 1, max_length = 256)]
+    pub pattern: String,
+    /// Most entries returned (default 1000, at most 10000).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 10000)]
+    pub limit: Option<u32>,
+}
+
+impl Validate for FilesFindRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_name("tenant", &self.tenant)?;
+        check_name("point", &self.point)?;
+        check_disk_partition("", self.disk, self.partition)?;
+        check_abs_path("under", &self.under)?;
+        let n = self.pattern.chars().count();
+        if n == 0 || n > NAME_MAX {
+            return Err(ApiError::invalid(format!(
+                "pattern: 1 to {NAME_MAX} characters"
+            )));
+        }
+        if self.limit.is_some_and(|l| l == 0 || l > FIND_LIMIT_MAX) {
+            return Err(ApiError::invalid(format!("limit: 1 to {FIND_LIMIT_MAX}")));
+        }
+        Ok(())
+    }
+}
+
+/// Files listed or found on a restore point's disk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FilesResponse {
+    /// The restore point read (resolved id).
+    pub point: String,
+    /// Disk number.
+    pub disk: u32,
+    /// The volume read.
+    pub volume: crate::files::VolumeInfo,
+    /// Every volume of the disk, with the file system found on each.
+    pub volumes: Vec<crate::files::VolumeInfo>,
+    /// Directory entries (list) or matches (find).
+    pub entries: Vec<crate::files::Entry>,
+    /// More matched than the limit.
+    pub truncated: bool,
+    /// Directories that could not be read during a search (damaged data).
+    pub errors: Vec<String>,
+    /// Chunks fetched and decoded to answer (the rest of the disk was not read).
+    pub chunks_read: u64,
 }
 
 /// `POST /v1/keys/sync` body (optional).

@@ -41,6 +41,11 @@ pub enum ErrorCode {
     JobFinished,
     /// 502: the key sync could not run at all.
     KeySyncFailed,
+    /// 404: no such restore point, disk, partition or path (file requests).
+    FileNotFound,
+    /// 422: the disk cannot be read as files (unsupported or damaged file
+    /// system, damaged chunks, unusable key); the message says which.
+    FilesUnreadable,
     /// 503: the agent is shutting down and accepts no new work.
     ShuttingDown,
     /// 500: the agent's own state is broken (see its log).
@@ -55,7 +60,10 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::NotFound | ErrorCode::JobNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::NotFound | ErrorCode::JobNotFound | ErrorCode::FileNotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::FilesUnreadable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::UnknownTenant | ErrorCode::VmRefused | ErrorCode::ExceedsSlots => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -84,6 +92,8 @@ impl ErrorCode {
             ErrorCode::JobNotFound => "No job with this id on this agent.",
             ErrorCode::JobFinished => "The job has already finished and cannot be cancelled.",
             ErrorCode::KeySyncFailed => "The key sync could not run at all (per-tenant failures are reported in the 200 response instead).",
+            ErrorCode::FileNotFound => "File requests: no such restore point, disk, partition or path; the message names which (`ferry files volumes` lists partitions).",
+            ErrorCode::FilesUnreadable => "File requests: the disk cannot be read as files (a file system ferry does not read, such as XFS or LVM; damaged data; an unusable key); the message says which. `ferry mount` serves the raw disk for such cases.",
             ErrorCode::ShuttingDown => "The agent is shutting down and accepts no new work; use another agent.",
             ErrorCode::Internal => "The agent's own state is broken (state database); see the agent log.",
         }
@@ -105,13 +115,15 @@ impl ErrorCode {
             ErrorCode::JobNotFound => "job_not_found",
             ErrorCode::JobFinished => "job_finished",
             ErrorCode::KeySyncFailed => "key_sync_failed",
+            ErrorCode::FileNotFound => "file_not_found",
+            ErrorCode::FilesUnreadable => "files_unreadable",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::Unauthorized,
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedMediaType,
@@ -125,6 +137,8 @@ impl ErrorCode {
         ErrorCode::JobNotFound,
         ErrorCode::JobFinished,
         ErrorCode::KeySyncFailed,
+        ErrorCode::FileNotFound,
+        ErrorCode::FilesUnreadable,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
     ];

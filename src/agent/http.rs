@@ -7,7 +7,7 @@
 use super::api::*;
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::jobs::{db, plan_of, Admission, Jobs};
-use super::runner::{BackupSpec, JobSpec, RestoreSpec, RestoreTarget, RunError};
+use super::runner::{BackupSpec, FilesQuery, JobSpec, RestoreSpec, RestoreTarget, RunError};
 use super::{metrics, Settings};
 use crate::state::{JobFilter, JobKind, KeyObservation, StateStore};
 use crate::transport::select;
@@ -48,6 +48,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/keys/sync", post(keys_sync))
+        .route("/v1/files/list", post(files_list))
+        .route("/v1/files/find", post(files_find))
         .route("/metrics", get(get_metrics))
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
@@ -487,6 +489,17 @@ pub(crate) async fn post_restore(
     let slots = req.disks.as_ref().map(|d| d.len() as u32).unwrap_or(1);
     let target = match &req.target {
         RestoreTargetSpec::Directory { path } => RestoreTarget::Directory { path: path.into() },
+        RestoreTargetSpec::Files {
+            path,
+            disk,
+            partition,
+            paths,
+        } => RestoreTarget::Files {
+            path: path.into(),
+            disk: *disk,
+            partition: *partition,
+            paths: paths.clone(),
+        },
         RestoreTargetSpec::Vm {
             moref,
             datastore,
@@ -517,6 +530,91 @@ pub(crate) async fn post_restore(
         })
         .await?;
     Ok(accepted(&s, &rec))
+}
+
+/// List one directory of a restore point's disk.
+///
+/// Reads the partition table and the file system (ext2/3/4, NTFS, FAT) of the
+/// disk and fetches only the chunks the listing needs. Synchronous; no job.
+#[utoipa::path(post, path = "/v1/files/list", tag = "files",
+    request_body = FilesListRequest,
+    responses(
+        (status = 200, description = "The directory's entries (or the one file).", body = FilesResponse),
+        (status = 400, description = "Malformed or invalid body.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 404, description = "file_not_found.", body = ErrorBody),
+        (status = 413, description = "Body too large.", body = ErrorBody),
+        (status = 415, description = "Body is not JSON.", body = ErrorBody),
+        (status = 422, description = "unknown_tenant or files_unreadable.", body = ErrorBody),
+    ))]
+pub(crate) async fn files_list(
+    State(s): S,
+    ApiJson(req): ApiJson<FilesListRequest>,
+) -> Result<Json<FilesResponse>, ApiError> {
+    let tenant = tenant_or_422(&s, &req.tenant)?.clone();
+    let query = FilesQuery {
+        point: req.point,
+        disk: req.disk,
+        partition: req.partition,
+        path: req.path,
+        pattern: None,
+        limit: usize::MAX,
+    };
+    browse(&s, tenant, query).await
+}
+
+/// Find files and directories on a restore point's disk by name pattern.
+#[utoipa::path(post, path = "/v1/files/find", tag = "files",
+    request_body = FilesFindRequest,
+    responses(
+        (status = 200, description = "Matches, in tree order (parents first).", body = FilesResponse),
+        (status = 400, description = "Malformed or invalid body.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 404, description = "file_not_found.", body = ErrorBody),
+        (status = 413, description = "Body too large.", body = ErrorBody),
+        (status = 415, description = "Body is not JSON.", body = ErrorBody),
+        (status = 422, description = "unknown_tenant or files_unreadable.", body = ErrorBody),
+    ))]
+pub(crate) async fn files_find(
+    State(s): S,
+    ApiJson(req): ApiJson<FilesFindRequest>,
+) -> Result<Json<FilesResponse>, ApiError> {
+    let tenant = tenant_or_422(&s, &req.tenant)?.clone();
+    let query = FilesQuery {
+        point: req.point,
+        disk: req.disk,
+        partition: req.partition,
+        path: req.under,
+        pattern: Some(req.pattern),
+        limit: req.limit.unwrap_or(1000) as usize,
+    };
+    browse(&s, tenant, query).await
+}
+
+async fn browse(
+    s: &AppState,
+    tenant: crate::config::TenantSection,
+    query: FilesQuery,
+) -> Result<Json<FilesResponse>, ApiError> {
+    let runner = s.runner.clone();
+    let disk = query.disk;
+    let answer = tokio::task::spawn_blocking(move || runner.browse_files(&tenant, &query))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("file browsing crashed: {e}")))?
+        .map_err(|e| match e {
+            RunError::NotFound(m) => ApiError::new(ErrorCode::FileNotFound, m),
+            other => ApiError::new(ErrorCode::FilesUnreadable, other.to_string()),
+        })?;
+    Ok(Json(FilesResponse {
+        point: answer.point_id,
+        disk,
+        volume: answer.volume,
+        volumes: answer.volumes,
+        entries: answer.entries,
+        truncated: answer.truncated,
+        errors: answer.errors,
+        chunks_read: answer.chunks_read,
+    }))
 }
 
 /// List jobs, newest first.

@@ -35,9 +35,9 @@ pub mod runner;
 mod tls;
 
 pub use runner::{
-    BackupSpec, DiskResult, InterruptedJob, JobContext, JobRunner, JobSpec, KeyStatus,
-    KeySyncOutcome, NoRunner, ProxyFacts, RestoreSpec, RestoreTarget, RunError, RunOutput,
-    SweepReport,
+    BackupSpec, DiskResult, FilesAnswer, FilesQuery, InterruptedJob, JobContext, JobRunner,
+    JobSpec, KeyStatus, KeySyncOutcome, NoRunner, ProxyFacts, RestoreSpec, RestoreTarget, RunError,
+    RunOutput, SweepReport,
 };
 pub use tls::server_config;
 

@@ -45,6 +45,8 @@ impl utoipa::Modify for BearerScheme {
         http::get_job,
         http::cancel_job,
         http::keys_sync,
+        http::files_list,
+        http::files_find,
         http::get_metrics,
         http::openapi,
     ),
@@ -53,6 +55,8 @@ impl utoipa::Modify for BearerScheme {
         KeySourceKind, PolicySpec, BackupRequest, DiskPlacement, VmSpec, DiskSpec, RetentionSpec,
         RestoreRequest, RestoreTargetSpec, Job, JobList, DiskView, JobError,
         KeySyncRequest, KeySyncResponse, KeySyncResult,
+        FilesListRequest, FilesFindRequest, FilesResponse,
+        crate::files::VolumeInfo, crate::files::Entry, crate::files::EntryKind, crate::files::FsKind,
         crate::transport::select::Mode, crate::state::JobState, crate::state::JobKind,
         crate::job::quiesce::QuiescePolicy,
     )),
@@ -62,6 +66,7 @@ impl utoipa::Modify for BearerScheme {
         (name = "agent", description = "Health, description, metrics, this document."),
         (name = "jobs", description = "Backups, restores and their life cycle."),
         (name = "keys", description = "Tenant key sync (ids and versions only)."),
+        (name = "files", description = "File-level access to restore points: list and find (restores are jobs with a `files` target)."),
     )
 )]
 pub struct ApiDoc;

@@ -118,6 +118,54 @@ pub enum RestoreTarget {
         #[serde(default)]
         overwrite: bool,
     },
+    /// Single files and directories of one disk, copied into this directory on
+    /// the agent host (file-level restore).
+    Files {
+        /// Directory (created if missing).
+        path: PathBuf,
+        /// Disk number.
+        disk: u32,
+        /// Partition (`None`: the only readable one).
+        partition: Option<u32>,
+        /// Paths inside the volume.
+        paths: Vec<String>,
+    },
+}
+
+/// A look at the files of a restore point's disk ([`JobRunner::browse_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesQuery {
+    /// Restore point id, or `latest:<vm name>`.
+    pub point: String,
+    /// Disk number.
+    pub disk: u32,
+    /// Partition (`None`: the only readable one).
+    pub partition: Option<u32>,
+    /// Directory to list, or to search under.
+    pub path: String,
+    /// Name pattern: search instead of list.
+    pub pattern: Option<String>,
+    /// Most entries returned.
+    pub limit: usize,
+}
+
+/// What [`JobRunner::browse_files`] found.
+#[derive(Debug, Clone)]
+pub struct FilesAnswer {
+    /// The point read (resolved id).
+    pub point_id: String,
+    /// The volume read.
+    pub volume: crate::files::VolumeInfo,
+    /// Every volume of the disk.
+    pub volumes: Vec<crate::files::VolumeInfo>,
+    /// Entries listed or found.
+    pub entries: Vec<crate::files::Entry>,
+    /// More matched than `limit`.
+    pub truncated: bool,
+    /// Directories that could not be read during a search.
+    pub errors: Vec<String>,
+    /// Chunks fetched and decoded to answer.
+    pub chunks_read: u64,
 }
 
 /// A restore through this proxy.
@@ -308,6 +356,18 @@ pub trait JobRunner: Send + Sync + 'static {
     /// discover (no vCenter, physical proxy); the config's values stand.
     fn discover_proxy(&self) -> Result<Option<ProxyFacts>, RunError> {
         Ok(None)
+    }
+
+    /// List a directory of, or search, a restore point's disk, reading only the
+    /// chunks needed. Synchronous and read-only: no job record, no slot.
+    fn browse_files(
+        &self,
+        _tenant: &TenantSection,
+        _query: &FilesQuery,
+    ) -> Result<FilesAnswer, RunError> {
+        Err(RunError::Unavailable(
+            "this agent's runner does not read files from restore points".into(),
+        ))
     }
 }
 

@@ -231,6 +231,22 @@ pub fn open(
     disk: Arc<dyn ReadAt>,
     partition: Option<u32>,
 ) -> Result<Box<dyn FileSystem>, FileError> {
+    open_volume(disk, partition).map(|o| o.fs)
+}
+
+/// A file system opened by [`open_volume`], with the volume it is on and all
+/// the volumes of the disk.
+pub struct OpenVolume {
+    /// The volume opened.
+    pub volume: VolumeInfo,
+    /// Every volume of the disk.
+    pub volumes: Vec<VolumeInfo>,
+    /// Its file system.
+    pub fs: Box<dyn FileSystem>,
+}
+
+/// [`open`], also saying which volume was chosen.
+pub fn open_volume(disk: Arc<dyn ReadAt>, partition: Option<u32>) -> Result<OpenVolume, FileError> {
     let vols = volumes(&disk)?;
     let available = || {
         if vols.is_empty() {
@@ -278,10 +294,15 @@ pub fn open(
             })
         }
     };
-    Ok(Box::new(Guarded {
-        inner: fs,
-        partition: n,
-    }))
+    let volume = vol.clone();
+    Ok(OpenVolume {
+        volume,
+        volumes: vols,
+        fs: Box::new(Guarded {
+            inner: fs,
+            partition: n,
+        }),
+    })
 }
 
 /// Run a file-system reader call, turning a panic inside a third-party reader

@@ -15,6 +15,7 @@
 //! or when the tracker cannot answer, it is read in full, and the manifest records
 //! which and why.
 
+mod files;
 pub mod incremental;
 pub mod quiesce;
 pub mod runner;

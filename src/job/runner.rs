@@ -16,8 +16,8 @@ use super::vm::{self, NbdSettings, ThisProxy, VmBackupRequest, VmJobError};
 use super::vm_restore::{self, VmRef, VmRestoreError, VmRestoreRequest};
 use super::JobError;
 use crate::agent::{
-    DiskResult, InterruptedJob, JobContext, JobRunner, JobSpec, KeyStatus, KeySyncOutcome,
-    ProxyFacts, RestoreSpec, RestoreTarget, RunError, RunOutput, SweepReport,
+    DiskResult, FilesAnswer, FilesQuery, InterruptedJob, JobContext, JobRunner, JobSpec, KeyStatus,
+    KeySyncOutcome, ProxyFacts, RestoreSpec, RestoreTarget, RunError, RunOutput, SweepReport,
 };
 use crate::config::{Config, TenantSection, VcenterSection};
 use crate::keys::{KeyError, KeySource};
@@ -414,6 +414,12 @@ impl VmJobRunner {
     fn restore(&self, ctx: &JobContext, spec: &RestoreSpec) -> Result<RunOutput, RunError> {
         let dir = match &spec.target {
             RestoreTarget::Directory { path } => path.clone(),
+            RestoreTarget::Files {
+                path,
+                disk,
+                partition,
+                paths,
+            } => return super::files::restore(ctx, &spec.point, path, *disk, *partition, paths),
             RestoreTarget::Vm {
                 moref,
                 datastore,
@@ -552,7 +558,7 @@ fn open_keys(t: &TenantSection) -> Result<Box<dyn KeySource>, RunError> {
 /// For restores: each point names the key that wrapped it, so a KMS source only
 /// needs to unwrap (no Active current key is required: a restore works after the
 /// tenant revoked every version).
-fn open_unwrap_keys(t: &TenantSection) -> Result<Box<dyn KeySource>, RunError> {
+pub(super) fn open_unwrap_keys(t: &TenantSection) -> Result<Box<dyn KeySource>, RunError> {
     match &t.kms {
         Some(k) => crate::keys::tenant::kms_client(k)
             .map(|c| Box::new(crate::keys::KmsKeySource::unwrap_only(c)) as Box<dyn KeySource>)
@@ -678,7 +684,7 @@ fn vsphere_err(e: VsphereError) -> RunError {
     RunError::Vsphere(e.to_string())
 }
 
-fn repo_err(e: RepoError) -> RunError {
+pub(super) fn repo_err(e: RepoError) -> RunError {
     match e {
         RepoError::Cancelled => RunError::Cancelled,
         RepoError::PointNotFound(_) | RepoError::DiskNotFound { .. } => {
@@ -816,6 +822,14 @@ impl JobRunner for VmJobRunner {
         let res = self.sweep_with(&client, &rt, interrupted);
         rt.block_on(client.logout());
         res
+    }
+
+    fn browse_files(
+        &self,
+        tenant: &TenantSection,
+        query: &FilesQuery,
+    ) -> Result<FilesAnswer, RunError> {
+        super::files::browse(tenant, query)
     }
 
     fn discover_proxy(&self) -> Result<Option<ProxyFacts>, RunError> {
