@@ -137,6 +137,43 @@ fn list_find_and_restore_files_through_the_agent() {
             assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{needle}: {v}");
         }
 
+        // The orchestrator's agent client speaks the same API, typed.
+        let agent_cfg = ferry::orchestrator::config::AgentConfig {
+            id: "proxy-a".into(),
+            url: api.url.clone(),
+            token_file: dir.join("token"),
+            ca: Some(pki.ca.clone()),
+            client_cert: None,
+            client_key: None,
+            insecure_http: false,
+        };
+        let orch = ferry::orchestrator::client::HttpAgent::new(&agent_cfg, Duration::from_secs(30)).unwrap();
+        let listed = orch
+            .find_files(&ferry::agent::api::FilesFindRequest {
+                tenant: "tenant-a".into(),
+                point: "latest:vm1".into(),
+                disk: 0,
+                partition: None,
+                under: "/".into(),
+                pattern: "hello.txt".into(),
+                limit: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.entries.len(), 1);
+        assert_eq!(listed.entries[0].size, 26);
+        let err = orch
+            .list_files(&ferry::agent::api::FilesListRequest {
+                tenant: "tenant-a".into(),
+                point: "latest:vm1".into(),
+                disk: 0,
+                partition: None,
+                path: "/nope".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("file_not_found"), "{err}");
+
         // A restore job with a files target.
         let (s, v) = api
             .post(

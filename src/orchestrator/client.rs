@@ -5,7 +5,10 @@
 
 use super::config::AgentConfig;
 use super::inventory::BoxFuture;
-use crate::agent::api::{BackupRequest, Info, Job, KeySyncResponse, RestoreRequest};
+use crate::agent::api::{
+    BackupRequest, FilesFindRequest, FilesListRequest, FilesResponse, Info, Job, KeySyncResponse,
+    RestoreRequest,
+};
 use crate::agent::error::ErrorBody;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -177,12 +180,30 @@ impl HttpAgent {
     /// `POST /v1/restores`: start a restore on this agent (operators and the
     /// simulator; the orchestrator's runs are backups).
     pub async fn start_restore(&self, req: &RestoreRequest) -> Result<Job, ClientError> {
-        let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
-            agent: self.id.clone(),
-            message: e.to_string(),
-        })?;
+        let body = self.body(req)?;
         self.call(reqwest::Method::POST, "/v1/restores", Some(body))
             .await
+    }
+
+    /// `POST /v1/files/list`: one directory of a restore point's disk.
+    pub async fn list_files(&self, req: &FilesListRequest) -> Result<FilesResponse, ClientError> {
+        let body = self.body(req)?;
+        self.call(reqwest::Method::POST, "/v1/files/list", Some(body))
+            .await
+    }
+
+    /// `POST /v1/files/find`: search a restore point's disk by name pattern.
+    pub async fn find_files(&self, req: &FilesFindRequest) -> Result<FilesResponse, ClientError> {
+        let body = self.body(req)?;
+        self.call(reqwest::Method::POST, "/v1/files/find", Some(body))
+            .await
+    }
+
+    fn body<T: serde::Serialize>(&self, req: &T) -> Result<Vec<u8>, ClientError> {
+        serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
+            agent: self.id.clone(),
+            message: e.to_string(),
+        })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -251,10 +272,7 @@ impl AgentApi for HttpAgent {
         req: &'a BackupRequest,
     ) -> BoxFuture<'a, Result<Job, ClientError>> {
         Box::pin(async move {
-            let body = serde_json::to_vec(req).map_err(|e| ClientError::Protocol {
-                agent: self.id.clone(),
-                message: e.to_string(),
-            })?;
+            let body = self.body(req)?;
             self.call(reqwest::Method::POST, "/v1/backups", Some(body))
                 .await
         })
