@@ -130,11 +130,17 @@ pub fn ext4_volume(tree: &Path, out: &Path, size: u64) {
     );
 }
 
-/// A FAT volume of `size` bytes (FAT32 from 64 MiB up, else FAT16) holding `tree`
+/// A FAT volume of `size` bytes (FAT32 from 64 MiB, FAT16 from 16 MiB, else FAT12) holding `tree`
 /// (mcopy -s -m keeps the times).
 pub fn fat_volume(tree: &Path, out: &Path, size: u64) {
     let _ = std::fs::remove_file(out);
-    let fat = if size >= 64 * MIB { "32" } else { "16" };
+    let fat = if size >= 64 * MIB {
+        "32"
+    } else if size >= 16 * MIB {
+        "16"
+    } else {
+        "12"
+    };
     tool(
         "mkfs.vfat",
         &[
