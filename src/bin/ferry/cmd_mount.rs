@@ -106,7 +106,13 @@ pub fn mount(a: MountArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Re
         // Unmounted from outside (fusermount3 -u): the session ended by itself.
         let _ = session.join();
     } else {
-        session.umount_and_join()?;
+        session.umount_and_join().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot unmount {}: {e} (a loop device or a process still uses it; free it, then `fusermount3 -u {}`)",
+                a.dir.display(),
+                a.dir.display()
+            )
+        })?;
     }
     tracing::info!(dir = %a.dir.display(), "unmounted");
     Ok(exit::OK)
