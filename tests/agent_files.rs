@@ -7,7 +7,7 @@ mod agent_support;
 mod common;
 
 use agent_support::*;
-use common::fsimage::{self, Part, TreeSpec, MIB};
+use common::fsimage::{self, Part, MIB};
 use common::World;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -61,18 +61,7 @@ impl Api {
 #[test]
 fn list_find_and_restore_files_through_the_agent() {
     let w = World::new();
-    let tree = w.path("tree");
-    fsimage::source_tree(
-        &tree,
-        TreeSpec {
-            symlinks: true,
-            sparse: false,
-            dirs: true,
-            large: 4 << 20,
-        },
-    );
-    let ext = w.path("ext.img");
-    fsimage::ext4_volume(&tree, &ext, 32 * MIB);
+    let (tree, ext) = fsimage::ext4_with_tree(w.dir.path(), 4 << 20, 32 * MIB);
     let disk = w.path("disk.img");
     fsimage::disk(
         &disk,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::fsimage::{self, TreeSpec, MIB};
+use common::fsimage::{self, MIB};
 use common::{is_root, World};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -31,18 +31,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn a_point_mounts_reads_identically_loop_mounts_and_unmounts_on_sigterm() {
     let w = World::new();
-    let tree = w.path("tree");
-    fsimage::source_tree(
-        &tree,
-        TreeSpec {
-            symlinks: true,
-            sparse: false,
-            dirs: true,
-            large: 2 << 20,
-        },
-    );
-    let ext = w.path("ext.img");
-    fsimage::ext4_volume(&tree, &ext, 32 * MIB);
+    let (tree, ext) = fsimage::ext4_with_tree(w.dir.path(), 2 << 20, 32 * MIB);
     let data = w.image("data.img", 8 * MIB, 3);
     w.backup("vm", &[&ext, &data]);
 

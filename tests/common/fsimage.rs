@@ -110,6 +110,25 @@ pub fn source_tree(dir: &Path, spec: TreeSpec) {
     }
 }
 
+/// In `dir`: a source tree `tree/` with symlinks and subdirectories and a
+/// large file of `large` bytes, and `ext.img`, an ext4 volume of `size` bytes
+/// holding it. Returns (tree, image).
+pub fn ext4_with_tree(dir: &Path, large: usize, size: u64) -> (PathBuf, PathBuf) {
+    let tree = dir.join("tree");
+    source_tree(
+        &tree,
+        TreeSpec {
+            symlinks: true,
+            sparse: false,
+            dirs: true,
+            large,
+        },
+    );
+    let ext = dir.join("ext.img");
+    ext4_volume(&tree, &ext, size);
+    (tree, ext)
+}
+
 /// An ext4 volume of `size` bytes holding `tree` (mke2fs -d).
 pub fn ext4_volume(tree: &Path, out: &Path, size: u64) {
     let _ = std::fs::remove_file(out);

@@ -253,6 +253,28 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?} (examples: 1M, 256K, 4194304)"))
 }
 
+/// Disk `disk` of the (resolved) point `point_id` in the repository at `repo`,
+/// opened for on-demand reads through a cache of `cache_mib` MiB of decoded
+/// chunks (`ferry export`, `ferry files`, `ferry mount`).
+pub fn open_point_disk(
+    repo: &std::path::Path,
+    keys: &dyn KeySource,
+    point_id: &str,
+    disk: u32,
+    cache_mib: u64,
+) -> anyhow::Result<ferry::export::PointExport> {
+    Ok(ferry::export::PointExport::open(
+        Repository::open(repo)?,
+        keys,
+        point_id,
+        disk,
+        ferry::export::ExportOptions {
+            cache_bytes: cache_mib << 20,
+            ..ferry::export::ExportOptions::default()
+        },
+    )?)
+}
+
 /// A point id, or `latest:<name>` resolved to the newest point of that name.
 pub fn resolve_point(repo: &Repository, spec: &str) -> anyhow::Result<String> {
     Ok(repo.resolve_point(spec)?)

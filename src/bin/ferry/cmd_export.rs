@@ -5,7 +5,7 @@ use crate::args::*;
 use crate::exit;
 use crate::render::{human_bytes, Output};
 use clap::Args;
-use ferry::export::{ExportOptions, PointExport, PointExportProvider};
+use ferry::export::PointExportProvider;
 use ferry::nbd_server::{Bind, ExportBackend, NbdServer, ServerConfig, ServerThread};
 use ferry::progress::Progress;
 use ferry::repo::Repository;
@@ -67,15 +67,13 @@ pub fn export(a: ExportArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::
         )?),
         None => None,
     };
-    let exported = Arc::new(PointExport::open(
-        repo,
+    drop(repo);
+    let exported = Arc::new(open_point_disk(
+        &a.repo.repo,
         &*ks,
         &point,
         a.disk,
-        ExportOptions {
-            cache_bytes: a.cache_mib << 20,
-            ..ExportOptions::default()
-        },
+        a.cache_mib,
     )?);
     drop(ks);
     let provider = Arc::new(PointExportProvider::new(exported.clone()));

@@ -5,7 +5,7 @@ use crate::args::*;
 use crate::exit;
 use crate::render::{human_bytes, Output};
 use clap::{Args, Subcommand};
-use ferry::export::{ExportOptions, PointExport};
+use ferry::export::PointExport;
 use ferry::files::{self, Entry, EntryKind, FileSystem, ReadAt};
 use ferry::progress::Progress;
 use ferry::repo::Repository;
@@ -82,15 +82,13 @@ impl Opened {
         let repo = Repository::open(&a.repo.repo)?;
         let ks = a.keys.unwrap_source()?;
         let point = resolve_point(&repo, &a.point)?;
-        let export = Arc::new(PointExport::open(
-            repo,
+        drop(repo);
+        let export = Arc::new(open_point_disk(
+            &a.repo.repo,
             &*ks,
             &point,
             a.disk,
-            ExportOptions {
-                cache_bytes: a.cache_mib << 20,
-                ..ExportOptions::default()
-            },
+            a.cache_mib,
         )?);
         Ok(Opened { export, point })
     }

@@ -5,7 +5,6 @@ use crate::args::*;
 use crate::exit;
 use crate::render::{human_bytes, Output};
 use clap::Args;
-use ferry::export::{ExportOptions, PointExport};
 use ferry::mount::{DiskMount, MountedDisk};
 use ferry::progress::Progress;
 use ferry::repo::Repository;
@@ -57,16 +56,7 @@ pub fn mount(a: MountArgs, out: &Output, progress: &Arc<Progress>) -> anyhow::Re
     let mut disks = Vec::new();
     let mut shown = Vec::new();
     for d in wanted {
-        let export = PointExport::open(
-            Repository::open(&a.repo.repo)?,
-            &*ks,
-            &point,
-            d,
-            ExportOptions {
-                cache_bytes: a.cache_mib << 20,
-                ..ExportOptions::default()
-            },
-        )?;
+        let export = open_point_disk(&a.repo.repo, &*ks, &point, d, a.cache_mib)?;
         let name = format!("disk{d}.img");
         shown.push(serde_json::json!({"file": a.dir.join(&name), "disk": d, "size": ferry::files::ReadAt::size(&export)}));
         disks.push(MountedDisk {
