@@ -380,12 +380,16 @@ impl Jobs {
         let jid = id.clone();
         match db(&self.store, move |s| s.finish_job(&jid, &fin)).await {
             Ok(r) => match &r.error {
-                None => {
-                    tracing::info!(job = %id, state = %r.state, bytes = r.bytes_done, "job finished")
-                }
-                Some(e) => {
-                    tracing::warn!(job = %id, state = %r.state, code = %e.code, error = %e.message, "job finished")
-                }
+                // One line per job outcome, with everything an operator greps for.
+                None => tracing::info!(
+                    agent = %self.settings.id, job = %id, kind = %r.kind, tenant = %r.tenant,
+                    subject = %r.subject, state = %r.state, bytes = r.bytes_done, "job finished"
+                ),
+                Some(e) => tracing::warn!(
+                    agent = %self.settings.id, job = %id, kind = %r.kind, tenant = %r.tenant,
+                    subject = %r.subject, state = %r.state, code = %e.code, error = %e.message,
+                    "job finished"
+                ),
             },
             Err(e) => {
                 tracing::error!(job = %id, error = %e, "cannot record the end of the job; it stays 'running' until the next agent start marks it interrupted")

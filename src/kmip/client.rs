@@ -375,7 +375,9 @@ impl KmsClient {
                     (idempotent(op), d)
                 }
             };
-            tracing::warn!(kms = %self.cfg.address, op = operation_name(op), attempt, error = %detail, retry, "KMS request failed");
+            // A retry that then succeeds needs no attention; the final failure
+            // is the caller's error (and its job's warning).
+            tracing::info!(kms = %self.cfg.address, op = operation_name(op), attempt, error = %detail, retry, "KMS request failed");
             last = detail;
             if !retry {
                 break;

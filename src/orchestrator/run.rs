@@ -642,6 +642,7 @@ impl Orchestrator {
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         for it in &items {
             *counts.entry(it.state.as_str().to_string()).or_default() += 1;
+            log_outcome(run_id, &tenant.name, it);
         }
         Ok(counts)
     }
@@ -826,15 +827,15 @@ impl Orchestrator {
                                 ClientError::Api { code, .. }
                                     if code == "vm_refused" || code == "exceeds_slots" =>
                                 {
-                                    tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch refused; trying another agent");
+                                    tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch refused; trying another agent");
                                 }
                                 ClientError::Api { status: 400, .. } => {
-                                    tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch rejected");
+                                    tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch rejected");
                                     it.state = ItemState::Failed;
                                     return;
                                 }
                                 _ => {
-                                    tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch failed; trying another agent");
+                                    tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch failed; trying another agent");
                                     cands.remove(&agent, &e.to_string())
                                 }
                             }
@@ -883,7 +884,7 @@ impl Orchestrator {
                         .find(|n| n.starts_with("snapshot: "))
                         .map(|n| n.trim_start_matches("snapshot: ").to_string());
                     it.error = j.error.map(|e| format!("{}: {}", e.code, e.message));
-                    tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %job_id, state = %s, "agent job finished");
+                    tracing::debug!(vm = %it.inv.vm.name, agent = %agent, job = %job_id, state = %s, "agent job finished");
                 }
                 before != (it.state, it.bytes)
             }
@@ -896,7 +897,7 @@ impl Orchestrator {
             }
             Err(e) => {
                 it.poll_failures += 1;
-                tracing::warn!(vm = %it.inv.vm.name, agent = %agent, error = %e, failures = it.poll_failures, "cannot poll agent job");
+                tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, failures = it.poll_failures, "cannot poll agent job");
                 if it.poll_failures >= self.cfg.orchestrator.max_poll_failures {
                     it.state = ItemState::Failed;
                     it.error = Some(format!(
@@ -1096,5 +1097,25 @@ impl Orchestrator {
             }
         }
         Ok(())
+    }
+}
+
+/// The one log line of a VM's outcome in a run: info when it succeeded, a
+/// warning (with the reason) when it needs attention. Retries on the way are
+/// info lines of their own.
+fn log_outcome(run_id: &str, tenant: &str, it: &Item) {
+    let agent = it.agent.as_deref().unwrap_or("-");
+    let job = it.agent_job_id.as_deref().unwrap_or("-");
+    let vm = &it.inv.vm.name;
+    match it.state {
+        ItemState::Succeeded => tracing::info!(
+            run = %run_id, tenant, vm = %vm, agent, job, bytes = it.bytes,
+            waited_ms = it.waited_ms, "VM backed up"
+        ),
+        state => tracing::warn!(
+            run = %run_id, tenant, vm = %vm, agent, job, state = state.as_str(),
+            attempts = it.attempts, error = it.error.as_deref().unwrap_or("-"),
+            "VM not backed up"
+        ),
     }
 }

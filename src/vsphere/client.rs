@@ -466,7 +466,7 @@ impl Client {
         if self.inner.generation.load(Ordering::SeqCst) != seen_generation {
             return Ok(());
         }
-        tracing::warn!(vcenter = %self.inner.url, "vCenter session expired; logging in again");
+        tracing::info!(vcenter = %self.inner.url, "vCenter session expired; logging in again");
         self.login().await
     }
 
@@ -597,7 +597,7 @@ impl Client {
                 .backoff
                 .saturating_mul(1u32 << (attempt - 1).min(16))
                 .min(Duration::from_secs(8));
-            tracing::warn!(vcenter = %self.inner.url, %method, attempt, error = %detail, "vCenter call failed; retrying in {delay:?}");
+            tracing::info!(vcenter = %self.inner.url, %method, attempt, error = %detail, "vCenter call failed; retrying in {delay:?}");
             tokio::time::sleep(delay).await;
         }
     }

@@ -378,7 +378,7 @@ impl NbdSource {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(uri = %self.label, offset, attempt, error = %e, "NBD connection failed; reconnecting");
+                    tracing::info!(uri = %self.label, offset, attempt, error = %e, "NBD connection failed; reconnecting");
                     drop(c);
                     self.forget();
                     last = Some(e);
