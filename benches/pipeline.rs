@@ -92,6 +92,7 @@ fn pipeline(c: &mut Criterion) {
                 &keys,
                 BackupRequest {
                     source_name: "b".into(),
+                    identity: None,
                     disks: vec![DiskInput {
                         source: Box::new(FileSource::open(&img).unwrap()),
                         label: "d".into(),

@@ -60,6 +60,7 @@ fn backup(dir: &Path, n: usize, keys: &PemKeySource, source: Box<dyn DiskSource>
         keys,
         BackupRequest {
             source_name: "big".into(),
+            identity: None,
             disks: vec![DiskInput {
                 source,
                 label: "disk".into(),

@@ -242,6 +242,7 @@ fn wrong_key_is_named_and_harmless() {
         &ks,
         ferry::job::BackupRequest {
             source_name: "vm3".into(),
+            identity: None,
             disks: vec![ferry::job::DiskInput {
                 source: Box::new(ferry::transport::file::FileSource::open(&img).unwrap()),
                 label: "c".into(),

@@ -31,6 +31,7 @@ fn chain_over_two_keys_restores_with_keyring_and_with_own_keys() {
             ks,
             ferry::job::BackupRequest {
                 source_name: "vm".into(),
+                identity: None,
                 disks: vec![ferry::job::DiskInput {
                     source: Box::new(ferry::transport::file::FileSource::open(&img).unwrap()),
                     label: "d0".into(),

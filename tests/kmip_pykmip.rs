@@ -159,6 +159,7 @@ fn pykmip_operations_and_a_kms_held_backup() {
         &ks,
         ferry::job::BackupRequest {
             source_name: "vm".into(),
+            identity: None,
             disks: vec![ferry::job::DiskInput {
                 source: Box::new(ferry::transport::file::FileSource::open(&img).unwrap()),
                 label: "d".into(),

@@ -89,8 +89,13 @@ pub struct DiskInput {
 
 /// A backup request.
 pub struct BackupRequest {
-    /// Source name (VM or image set); points of one source form a chain.
+    /// Source name (VM or image set), kept for display and `latest:NAME`.
     pub source_name: String,
+    /// The VM's identity (`<vCenter instance UUID>/<VM instance UUID>`): when
+    /// set, the chain (parent, CBT base, retention) follows it instead of the
+    /// name, so a renamed VM continues its chain and a new VM that takes an old
+    /// name starts its own. `None` for images: the chain follows the name.
+    pub identity: Option<String>,
     /// Disks in order (disk numbers 0, 1, ...).
     pub disks: Vec<DiskInput>,
     /// Threads and buffers.
@@ -205,7 +210,7 @@ pub fn backup(
         .id_key
         .clone();
 
-    let parent = repo.latest_point_of(&req.source_name)?;
+    let parent = repo.chain_head(req.identity.as_deref(), &req.source_name)?;
     let mut parent_err = None;
     let parent_open = match &parent {
         Some(h) => {
@@ -358,6 +363,7 @@ pub fn backup(
         created: now_rfc3339(),
         created_unix: now.unix_timestamp(),
         source: req.source_name.clone(),
+        identity: req.identity.clone(),
         parent: parent.as_ref().map(|p| p.point_id.clone()),
         disks: req
             .disks

@@ -267,9 +267,15 @@ impl VmJobRunner {
             .collect();
         let mut notes = vec![snapshot_note(&out.snapshot)];
         if let Some(policy) = &spec.retention {
+            // The chain is the VM's identity when the point recorded one.
+            let chain = repo
+                .read_manifest(&out.report.point_id)
+                .map(|(_, h, _)| h.chain_key().to_string())
+                .unwrap_or_else(|_| spec.vm.name.clone());
             notes.push(apply_retention(
                 &repo,
                 keys_for_retention.as_ref(),
+                &chain,
                 &spec.vm.name,
                 policy,
             ));
@@ -663,10 +669,11 @@ fn open_or_init(t: &TenantSection, keys: &dyn KeySource) -> Result<Repository, R
 fn apply_retention(
     repo: &Repository,
     keys: &dyn KeySource,
+    chain: &str,
     source: &str,
     policy: &crate::repo::retention::Policy,
 ) -> String {
-    match crate::repo::gc::prune_chain(repo, policy, Some(source), Some(keys), false, LOCK_WAIT) {
+    match crate::repo::gc::prune_chain(repo, policy, Some(chain), Some(keys), false, LOCK_WAIT) {
         Ok(r) => format!(
             "retention: {} point(s) of {source} removed, {} chunk(s) freed ({} bytes)",
             r.points_removed.len(),

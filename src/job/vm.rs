@@ -737,6 +737,7 @@ async fn with_snapshot(
     }
     let breq = BackupRequest {
         source_name: vm.name.clone(),
+        identity: vm_identity(client, vm),
         disks: inputs,
         pipeline: req.pipeline,
         lock_wait: req.lock_wait,
@@ -751,6 +752,16 @@ async fn with_snapshot(
 
 /// How the job may read `disk`: with a [`VsphereTracker`] when the VM has CBT on,
 /// in full (and why) otherwise.
+/// The VM's identity for its chain: `<vCenter instance UUID>/<VM instance
+/// UUID>` (stable across renames and vMotion within the vCenter; a VM deleted
+/// and recreated under the same name gets a new one). `None` when vCenter
+/// reports either as empty: the chain then follows the name.
+pub fn vm_identity(client: &Client, vm: &Vm) -> Option<String> {
+    let vc = client.about().instance_uuid.trim();
+    let id = vm.instance_uuid.as_deref().map(str::trim).unwrap_or("");
+    (!vc.is_empty() && !id.is_empty()).then(|| format!("{vc}/{id}"))
+}
+
 fn read_request(
     client: &Client,
     vm: &Vm,

@@ -17,7 +17,8 @@ use std::time::Duration;
 /// What prune did (or would do, in a dry run).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PruneReport {
-    /// Per-point decisions, grouped by source.
+    /// Per-point decisions, grouped by chain (labelled by the chain's newest
+    /// source name, with the VM identity when the chain has one).
     pub decisions: BTreeMap<String, Vec<Decision>>,
     /// Points removed.
     pub points_removed: Vec<String>,
@@ -48,8 +49,10 @@ pub fn prune(
     prune_chain(repo, policy, None, keys, dry_run, lock_wait)
 }
 
-/// Like [`prune`], but apply `policy` only to the chain of `source` (a VM's
-/// retention after its backup) when given; other chains keep every point.
+/// Like [`prune`], but apply `policy` only to the chain whose key is `source`
+/// (a VM's retention after its backup: its identity, or the name for images
+/// and older points; see [`crate::repo::manifest::ManifestHeader::chain_key`])
+/// when given; other chains keep every point.
 /// With `keys`, the keyring is compacted too (under the same exclusive lock, so
 /// no backup can be registering a new data key meanwhile).
 pub fn prune_chain(
@@ -72,28 +75,35 @@ pub fn prune_chain(
         dry_run,
         ..Default::default()
     };
+    // Chains by their key (the VM identity, or the source name for images and
+    // older points), each labelled with its newest name for the report.
     let mut chains: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
     let mut point_keys: BTreeMap<String, KeyId> = BTreeMap::new();
     for p in repo.list_points()? {
         match p.header {
             Ok(h) => {
                 point_keys.insert(p.id.clone(), h.data_key_id);
-                chains
-                    .entry(h.source.clone())
-                    .or_default()
-                    .push((p.id, h.created_unix))
+                let key = h.chain_key().to_string();
+                let label = match &h.identity {
+                    Some(id) => format!("{} ({id})", h.source),
+                    None => h.source.clone(),
+                };
+                labels.insert(key.clone(), label); // points are listed oldest first
+                chains.entry(key).or_default().push((p.id, h.created_unix))
             }
             Err(e) => return Err(e), // never guess about a point we cannot read
         }
     }
     let mut remove = Vec::new();
-    for (name, pts) in &chains {
-        if source.is_some_and(|s| s != name) {
+    for (key, pts) in &chains {
+        if source.is_some_and(|s| s != key) {
             continue;
         }
         let d = retention::apply(policy, pts);
         remove.extend(d.iter().filter(|d| !d.keep).map(|d| d.point_id.clone()));
-        rep.decisions.insert(name.clone(), d);
+        rep.decisions
+            .insert(labels.get(key).cloned().unwrap_or_else(|| key.clone()), d);
     }
     let removed: HashSet<&String> = remove.iter().collect();
     // Mark: every chunk referenced by a point that stays, and the data keys

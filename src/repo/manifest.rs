@@ -25,8 +25,14 @@ pub struct ManifestHeader {
     pub created: String,
     /// Creation time as Unix seconds (for retention).
     pub created_unix: i64,
-    /// Source label: VM name or image name. Points of one source form a chain.
+    /// Source label: VM name (at backup time) or image name.
     pub source: String,
+    /// The VM's identity, `<vCenter instance UUID>/<VM instance UUID>`: points
+    /// with the same identity form a chain whatever the VM was called. Absent
+    /// for images and points written before it was recorded: their chain is
+    /// their source name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// Previous point of the same source, if any.
     pub parent: Option<String>,
     /// Disks.
@@ -44,6 +50,14 @@ pub struct ManifestHeader {
     /// and points written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRecord>,
+}
+
+impl ManifestHeader {
+    /// What this point's chain is keyed by: the VM identity when recorded,
+    /// else the source name.
+    pub fn chain_key(&self) -> &str {
+        self.identity.as_deref().unwrap_or(&self.source)
+    }
 }
 
 /// How a point's VM snapshot was taken, and why.

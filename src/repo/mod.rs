@@ -535,6 +535,29 @@ impl Repository {
             .find(|h| h.source == source))
     }
 
+    /// The newest point of a backup's chain, its parent: with a VM `identity`,
+    /// the newest point of that identity, or, when it has none yet, the newest
+    /// point of `name` recorded without an identity (points written before
+    /// identities were; the chain continues across the upgrade). Without an
+    /// identity (images), the newest point of `name` without one. Points of
+    /// another identity never count, whatever their name.
+    pub fn chain_head(&self, identity: Option<&str>, name: &str) -> Result<Option<ManifestHeader>> {
+        let headers: Vec<ManifestHeader> = self
+            .list_points()?
+            .into_iter()
+            .rev()
+            .filter_map(|p| p.header.ok())
+            .collect();
+        if let Some(id) = identity {
+            if let Some(h) = headers.iter().find(|h| h.identity.as_deref() == Some(id)) {
+                return Ok(Some(h.clone()));
+            }
+        }
+        Ok(headers
+            .into_iter()
+            .find(|h| h.identity.is_none() && h.source == name))
+    }
+
     /// A point id, or `latest:<source>` resolved to the newest point of that source.
     pub fn resolve_point(&self, spec: &str) -> Result<String> {
         match spec.strip_prefix("latest:") {

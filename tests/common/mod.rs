@@ -70,6 +70,7 @@ impl World {
             &self.source(),
             BackupRequest {
                 source_name: name.into(),
+                identity: None,
                 disks,
                 pipeline: PipelineConfig::new(Some(2), CS, 16 << 20),
                 lock_wait: Duration::from_secs(10),

@@ -180,6 +180,17 @@ impl Admin {
         self.world.set_power_state(vm, state)
     }
 
+    /// Rename a VM; its instance UUID (its identity) stays.
+    pub fn rename_vm(&self, vm: &str, new_name: &str) -> Result<(), AdminError> {
+        self.world.rename_vm(vm, new_name)
+    }
+
+    /// A new instance UUID for a VM, as if it had been deleted and recreated
+    /// under the same name; returns it.
+    pub fn recreate_vm_identity(&self, vm: &str) -> Result<String, AdminError> {
+        self.world.recreate_vm_identity(vm)
+    }
+
     /// Lock a datastore file (`[ds] folder/file.vmdk`) on behalf of `holder`
     /// (`None` releases it): hot-add, delete and write opens get `FileLocked`.
     pub fn set_file_lock(&self, file: &str, holder: Option<&str>) {

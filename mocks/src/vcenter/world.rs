@@ -156,6 +156,33 @@ impl World {
         Ok(())
     }
 
+    /// Rename VM `vm` (a tenant's daily churn): its identity stays.
+    pub fn rename_vm(&self, vm: &str, new_name: &str) -> Result<(), AdminError> {
+        let mut inv = lock(&self.inv);
+        let vi = inv
+            .vm_lookup(vm)
+            .ok_or_else(|| AdminError::NotFound(format!("VM {vm:?}")))?;
+        if inv.vm_by_name(new_name).is_some_and(|other| other != vi) {
+            return Err(AdminError::Invalid(format!(
+                "a VM named {new_name:?} exists already"
+            )));
+        }
+        inv.vms[vi].name = new_name.to_string();
+        Ok(())
+    }
+
+    /// Give VM `vm` a new instance UUID: as if it had been deleted and a new VM
+    /// created under the same name. Returns the new UUID.
+    pub fn recreate_vm_identity(&self, vm: &str) -> Result<String, AdminError> {
+        let mut inv = lock(&self.inv);
+        let vi = inv
+            .vm_lookup(vm)
+            .ok_or_else(|| AdminError::NotFound(format!("VM {vm:?}")))?;
+        let uuid = super::ids::uuid();
+        inv.vms[vi].instance_uuid = uuid.clone();
+        Ok(uuid)
+    }
+
     /// Lock datastore file `file` (`[ds] folder/file.vmdk`) on behalf of `holder`
     /// (e.g. `host esx-02.lab`): hot-adding, deleting or opening it for write
     /// then fails with `FileLocked` naming the holder. `holder = None` releases it.

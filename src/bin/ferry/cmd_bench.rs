@@ -101,6 +101,7 @@ fn end_to_end(
         &ks,
         BackupRequest {
             source_name: "bench".into(),
+            identity: None,
             disks: vec![DiskInput {
                 source: Box::new(src),
                 label: img.display().to_string(),

@@ -166,8 +166,8 @@ pub fn points_table(rows: &[serde_json::Value]) -> String {
         return "no restore points".into();
     }
     let mut s = format!(
-        "{:<30} {:<31} {:<20} {:>5} {:>10}  {:<11}  key\n",
-        "point", "created", "name", "disks", "size", "consistency"
+        "{:<30} {:<31} {:<20} {:<13} {:>5} {:>10}  {:<11}  key\n",
+        "point", "created", "name", "vm", "disks", "size", "consistency"
     );
     for r in rows {
         let id = r["point_id"].as_str().unwrap_or("");
@@ -182,8 +182,14 @@ pub fn points_table(rows: &[serde_json::Value]) -> String {
             .unwrap_or(0);
         // Image backups (and points from before it was recorded) have no snapshot.
         let consistency = r["snapshot"]["consistency"].as_str().unwrap_or("-");
+        // The VM's instance UUID, shortened: two VMs that shared a name differ here.
+        let vm: String = r["identity"]
+            .as_str()
+            .and_then(|i| i.rsplit('/').next())
+            .map(|u| u.chars().take(13).collect())
+            .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "{id:<30} {:<31} {:<20} {disks:>5} {:>10}  {consistency:<11}  {} {}{}\n",
+            "{id:<30} {:<31} {:<20} {vm:<13} {disks:>5} {:>10}  {consistency:<11}  {} {}{}\n",
             r["created"].as_str().unwrap_or(""),
             r["name"].as_str().unwrap_or(""),
             human_bytes(size),
