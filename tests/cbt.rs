@@ -8,17 +8,14 @@
 
 mod common;
 
-use common::vsphere::{client, proxy, request, rt};
 use common::{hash, text, World, CS};
-use ferry::job::vm::{self, VmBackupOutcome, VmBackupRequest};
+use ferry::job::vm::{VmBackupOutcome, VmBackupRequest};
 use ferry::repo::manifest::ReadMode;
-use ferry::transport::select::{Mode, Policy};
 use ferry_mocks::vcenter::{VcenterMock, VcenterOptions};
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
 
@@ -58,57 +55,27 @@ seed = 12
     VcenterMock::start(o).unwrap()
 }
 
-struct Env {
-    w: World,
-    vc: VcenterMock,
-    _esx: ferry_mocks::esxi::MockEsxi,
-    rt: tokio::runtime::Runtime,
-    c: ferry::vsphere::Client,
-    port: u16,
-    certs: PathBuf,
+type Env = common::vsphere::NbdWorld;
+
+fn new_env(mib: u64, qcda_max_areas: usize) -> Env {
+    Env::new(vcenter(mib, qcda_max_areas))
 }
 
-impl Env {
-    fn new(mib: u64, qcda_max_areas: usize) -> Env {
-        let w = World::new();
-        let vc = vcenter(mib, qcda_max_areas);
-        let (esx, certs) = common::vsphere::esxi(&vc, w.dir.path());
-        let rt = rt();
-        let c = rt.block_on(client(&vc));
-        let port = esx.port();
-        Env {
-            w,
-            vc,
-            _esx: esx,
-            rt,
-            c,
-            port,
-            certs,
-        }
-    }
+/// cbt.rs' own checks around the common world.
+trait CbtEnv {
+    fn request(&self, job: &str) -> VmBackupRequest;
+    fn backup(&self, req: &VmBackupRequest) -> VmBackupOutcome;
+    fn disk_image(&self, key: i32, name: &str) -> PathBuf;
+    fn restores_to(&self, out: &VmBackupOutcome, images: &[&Path]);
+}
 
+impl CbtEnv for Env {
     fn request(&self, job: &str) -> VmBackupRequest {
-        let policy = Policy {
-            failover_to_network: true,
-            allow_cleartext_nbd: false,
-            preferred: None,
-        };
-        request(job, "app", policy, self.port, Some(self.certs.clone()))
+        self.nbd_request(job, "app")
     }
 
     fn backup(&self, req: &VmBackupRequest) -> VmBackupOutcome {
-        let me = proxy(&self.vc, "px-n", None, &[Mode::NbdSsl]);
-        let out = self
-            .rt
-            .block_on(vm::backup_vm(
-                &self.c,
-                &me,
-                Arc::new(self.w.repo()),
-                Arc::new(self.w.source()),
-                req,
-                Arc::new(Default::default()),
-            ))
-            .unwrap();
+        let out = self.backup_vm(req);
         let st = self.vc.admin().state();
         assert_eq!((st.snapshot_count(), st.open_nbd_exports), (0, 0), "{st:?}");
         // The outcome and the manifest record say the same.
@@ -178,7 +145,7 @@ fn chunks_of(writes: &[(u64, u64)]) -> BTreeSet<u64> {
 #[test]
 fn one_percent_changed_reads_and_stores_about_one_percent_and_the_export_matches() {
     // Three areas per QueryChangedDiskAreas answer: the job must follow the pages.
-    let env = Env::new(128, 3);
+    let env = new_env(128, 3);
     let size = 128 * MIB;
     let req = env.request("px-n-1");
     assert!(req.enable_cbt);
@@ -338,7 +305,7 @@ fn zero_chunks(img: &Path) -> BTreeSet<u64> {
 
 #[test]
 fn a_cbt_reset_reads_in_full_with_the_reason_and_the_next_backup_is_incremental_again() {
-    let env = Env::new(16, 1024);
+    let env = new_env(16, 1024);
     env.backup(&env.request("px-n-1"));
     let admin = env.vc.admin();
     admin.reset_cbt("app", "2000").unwrap();
@@ -375,7 +342,7 @@ fn a_cbt_reset_reads_in_full_with_the_reason_and_the_next_backup_is_incremental_
 
 #[test]
 fn a_resized_disk_a_requested_full_and_cbt_off_each_read_in_full_with_the_reason() {
-    let env = Env::new(16, 1024);
+    let env = new_env(16, 1024);
     // CBT off and not to be enabled: full, and said so.
     let mut req = env.request("px-n-1");
     req.enable_cbt = false;
@@ -499,7 +466,7 @@ impl Drop for Exporter {
 
 #[test]
 fn ferry_backup_vm_prints_how_each_disk_was_read_and_why() {
-    let env = Env::new(16, 1024);
+    let env = new_env(16, 1024);
     let pw = env.w.path("vcenter.password");
     std::fs::write(&pw, format!("{}\n", env.vc.password())).unwrap();
     let port = env.port.to_string();

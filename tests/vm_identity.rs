@@ -6,14 +6,11 @@
 
 mod common;
 
-use common::vsphere::{client, proxy, request, rt};
-use common::{text, World};
-use ferry::job::vm::{self, VmBackupOutcome};
+use common::text;
+use ferry::job::vm::VmBackupOutcome;
 use ferry::repo::manifest::ReadMode;
-use ferry::transport::select::{Mode, Policy};
 use ferry_mocks::vcenter::{VcenterMock, VcenterOptions};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
@@ -49,53 +46,16 @@ seed = 22
     VcenterMock::start(VcenterOptions::new(sc)).unwrap()
 }
 
-struct Env {
-    w: World,
-    vc: VcenterMock,
-    _esx: ferry_mocks::esxi::MockEsxi,
-    rt: tokio::runtime::Runtime,
-    c: ferry::vsphere::Client,
-    port: u16,
-    certs: PathBuf,
+type Env = common::vsphere::NbdWorld;
+
+trait IdentityEnv {
+    fn backup(&self, job: &str, vm_name: &str) -> VmBackupOutcome;
+    fn header(&self, point: &str) -> ferry::repo::manifest::ManifestHeader;
 }
 
-impl Env {
-    fn new() -> Env {
-        let w = World::new();
-        let vc = vcenter();
-        let (esx, certs) = common::vsphere::esxi(&vc, w.dir.path());
-        let rt = rt();
-        let c = rt.block_on(client(&vc));
-        let port = esx.port();
-        Env {
-            w,
-            vc,
-            _esx: esx,
-            rt,
-            c,
-            port,
-            certs,
-        }
-    }
-
+impl IdentityEnv for Env {
     fn backup(&self, job: &str, vm_name: &str) -> VmBackupOutcome {
-        let policy = Policy {
-            failover_to_network: true,
-            allow_cleartext_nbd: false,
-            preferred: None,
-        };
-        let req = request(job, vm_name, policy, self.port, Some(self.certs.clone()));
-        let me = proxy(&self.vc, "px-n", None, &[Mode::NbdSsl]);
-        self.rt
-            .block_on(vm::backup_vm(
-                &self.c,
-                &me,
-                Arc::new(self.w.repo()),
-                Arc::new(self.w.source()),
-                &req,
-                Arc::new(Default::default()),
-            ))
-            .unwrap()
+        self.backup_vm(&self.nbd_request(job, vm_name))
     }
 
     fn header(&self, point: &str) -> ferry::repo::manifest::ManifestHeader {
@@ -105,7 +65,7 @@ impl Env {
 
 #[test]
 fn chains_follow_the_vm_identity_through_renames_recreation_and_swaps() {
-    let env = Env::new();
+    let env = Env::new(vcenter());
     let admin = env.vc.admin();
     let web1 = env.backup("j1", "web");
     let db1 = env.backup("j2", "db");

@@ -267,3 +267,61 @@ pub fn backup(
         std::sync::Arc::new(Default::default()),
     ))
 }
+
+/// A VM backup world over NBD-SSL: a scratch [`super::World`] (repository and
+/// keys), the mock vCenter, a mock ESXi serving its disks, ferry's logged-in
+/// client and a runtime.
+pub struct NbdWorld {
+    pub w: super::World,
+    pub vc: VcenterMock,
+    pub _esx: ferry_mocks::esxi::MockEsxi,
+    pub rt: tokio::runtime::Runtime,
+    pub c: Client,
+    pub port: u16,
+    pub certs: PathBuf,
+}
+
+impl NbdWorld {
+    /// Around `vc`.
+    pub fn new(vc: VcenterMock) -> NbdWorld {
+        let w = super::World::new();
+        let (esx, certs) = esxi(&vc, w.dir.path());
+        let rt = rt();
+        let c = rt.block_on(client(&vc));
+        let port = esx.port();
+        NbdWorld {
+            w,
+            vc,
+            _esx: esx,
+            rt,
+            c,
+            port,
+            certs,
+        }
+    }
+
+    /// A request for `vm` over NBD-SSL (network failover allowed).
+    pub fn nbd_request(&self, job: &str, vm: &str) -> VmBackupRequest {
+        let policy = Policy {
+            failover_to_network: true,
+            allow_cleartext_nbd: false,
+            preferred: None,
+        };
+        request(job, vm, policy, self.port, Some(self.certs.clone()))
+    }
+
+    /// Back up as proxy `px-n` (NBD-SSL only); panics on failure.
+    pub fn backup_vm(&self, req: &VmBackupRequest) -> ferry::job::vm::VmBackupOutcome {
+        let me = proxy(&self.vc, "px-n", None, &[Mode::NbdSsl]);
+        self.rt
+            .block_on(ferry::job::vm::backup_vm(
+                &self.c,
+                &me,
+                std::sync::Arc::new(self.w.repo()),
+                std::sync::Arc::new(self.w.source()),
+                req,
+                std::sync::Arc::new(Default::default()),
+            ))
+            .unwrap()
+    }
+}
