@@ -167,8 +167,11 @@ fn ext4_fat_and_ntfs_on_gpt_restore_byte_for_byte() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("--partition"), "{}", text(&o));
 
-    // ext4: everything, with modes, times and symlinks.
+    // ext4: everything, with modes, times and symlinks; the --out directory
+    // itself keeps its own mode (a private restore area stays private).
     let out = w.path("out-ext");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700)).unwrap();
     let r = ok(
         w,
         &[
@@ -192,6 +195,10 @@ fn ext4_fat_and_ntfs_on_gpt_restore_byte_for_byte() {
     // mke2fs adds lost+found; it is in the volume, not in the source.
     assert!(got.remove("lost+found").is_some());
     assert_eq!(got, want);
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     let sparse = std::fs::metadata(out.join("sparse.img")).unwrap();
     assert_eq!(sparse.len(), 32 * MIB);
 

@@ -2,7 +2,8 @@
 //! local directory, with modification times and permission bits where the file
 //! system has them. One damaged file is reported and the rest still restore.
 //!
-//! Must not: overwrite an existing file; write outside the target directory
+//! Must not: overwrite an existing file; change the target directory's own
+//! mode or times; write outside the target directory
 //! (names are checked one by one, never re-parsed from paths); keep a partly
 //! written file after an error; restore set-user-ID or set-group-ID bits (the
 //! restoring user owns the files, not the original owner).
@@ -108,7 +109,9 @@ pub fn get(
     // Directory times and modes last, deepest first, so that writing their
     // contents neither changed the times nor needed a mode they lack.
     for (entry, dest) in plan.iter().rev() {
-        if entry.kind == EntryKind::Dir && dest.is_dir() {
+        // The operator's own --out directory keeps its mode and times (a 0700
+        // restore area must not become 0755 because the volume's root is).
+        if entry.kind == EntryKind::Dir && dest.is_dir() && dest != out_dir {
             if let Err(e) = set_attributes(entry, dest) {
                 report.failures.push(GetFailure {
                     path: entry.path.clone(),
