@@ -535,7 +535,9 @@ pub(crate) async fn post_restore(
 /// List one directory of a restore point's disk.
 ///
 /// Reads the partition table and the file system (ext2/3/4, NTFS, FAT) of the
-/// disk and fetches only the chunks the listing needs. Synchronous; no job.
+/// disk and fetches only the chunks the listing needs. Synchronous; no job. At
+/// most 10000 entries (`truncated` says when a directory holds more; `find`
+/// with a pattern narrows it).
 #[utoipa::path(post, path = "/v1/files/list", tag = "files",
     request_body = FilesListRequest,
     responses(
@@ -558,7 +560,7 @@ pub(crate) async fn files_list(
         partition: req.partition,
         path: req.path,
         pattern: None,
-        limit: usize::MAX,
+        limit: FIND_LIMIT_MAX as usize,
     };
     browse(&s, tenant, query).await
 }
