@@ -62,7 +62,10 @@ enum Cmd {
     Export(cmd_export::ExportArgs),
     /// List, find and copy out single files of a restore point (ext2/3/4, NTFS,
     /// FAT) without restoring the disk.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  ferry files volumes -r /repo latest:vm1\n  ferry files ls -r /repo latest:vm1 --partition 2 /etc\n  ferry files find -r /repo latest:vm1 --partition 2 '*.conf' --under /etc\n  ferry files get -r /repo latest:vm1 --partition 2 /etc/nginx --out /tmp/restore\nExit codes: 0 ok, 1 wrong path/partition or unsupported file system, 3 damaged data (get restores the rest), 5 key problem.\nDocs: docs/files.md"
+    )]
     Files(cmd_files::FilesCmd),
     /// Present a restore point's disks as read-only files (FUSE) for loop mounts.
     Mount(cmd_mount::MountArgs),
