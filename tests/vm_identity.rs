@@ -84,6 +84,10 @@ fn chains_follow_the_vm_identity_through_renames_recreation_and_swaps() {
     assert_eq!(h.parent.as_deref(), Some(web1.report.point_id.as_str()));
     assert_eq!(h.source, "web-renamed");
     assert_eq!(h.identity.as_deref(), Some(web_id.as_str()));
+    assert_eq!(
+        web2.report.chain, web_id,
+        "retention after a backup keys on this"
+    );
     assert_eq!(web2.disks[0].read, ReadMode::Cbt, "{:?}", web2.disks[0]);
 
     // Swapped names: db now called "web", web called "db"; neither mixes.

@@ -114,6 +114,10 @@ pub struct BackupReport {
     pub point_id: String,
     /// Parent point, if deduplicated against one.
     pub parent: Option<String>,
+    /// The chain the point belongs to (its manifest's
+    /// [`crate::repo::manifest::ManifestHeader::chain_key`]): the VM identity,
+    /// or the source name. Retention after the backup applies to it.
+    pub chain: String,
     /// Per-disk results.
     pub disks: Vec<DiskRecord>,
     /// Seconds taken.
@@ -408,6 +412,7 @@ pub fn backup(
     Ok(BackupReport {
         point_id,
         parent: parent.map(|p| p.point_id),
+        chain: req.identity.unwrap_or(req.source_name),
         disks: records,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -267,15 +267,10 @@ impl VmJobRunner {
             .collect();
         let mut notes = vec![snapshot_note(&out.snapshot)];
         if let Some(policy) = &spec.retention {
-            // The chain is the VM's identity when the point recorded one.
-            let chain = repo
-                .read_manifest(&out.report.point_id)
-                .map(|(_, h, _)| h.chain_key().to_string())
-                .unwrap_or_else(|_| spec.vm.name.clone());
             notes.push(apply_retention(
                 &repo,
                 keys_for_retention.as_ref(),
-                &chain,
+                &out.report.chain,
                 &spec.vm.name,
                 policy,
             ));

@@ -750,8 +750,6 @@ async fn with_snapshot(
     Ok((outcomes, report))
 }
 
-/// How the job may read `disk`: with a [`VsphereTracker`] when the VM has CBT on,
-/// in full (and why) otherwise.
 /// The VM's identity for its chain: `<vCenter instance UUID>/<VM instance
 /// UUID>` (stable across renames and vMotion within the vCenter; a VM deleted
 /// and recreated under the same name gets a new one). `None` when vCenter
@@ -762,6 +760,8 @@ pub fn vm_identity(client: &Client, vm: &Vm) -> Option<String> {
     (!vc.is_empty() && !id.is_empty()).then(|| format!("{vc}/{id}"))
 }
 
+/// How the job may read `disk`: with a [`VsphereTracker`] when the VM has CBT on,
+/// in full (and why) otherwise.
 fn read_request(
     client: &Client,
     vm: &Vm,
