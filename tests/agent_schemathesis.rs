@@ -109,6 +109,13 @@ async fn schemathesis_finds_no_5xx_and_every_response_conforms() {
             examples.to_string(),
             "--workers".into(),
             "2".into(),
+            // One run in about seven, a request of the coverage phase ended in
+            // "EOF occurred in violation of protocol" on loopback (seen once on
+            // POST /v1/files/list, not reproduced by 420 replays of its kinds of
+            // bodies on one keep-alive connection). A network-level failure is
+            // retried twice; every answer received is still checked in full.
+            "--request-retries".into(),
+            "2".into(),
         ]
     };
     let url = f.url.clone();
