@@ -259,7 +259,9 @@ pub struct PipelineSection {
 pub struct TenantSection {
     /// Tenant name.
     pub name: String,
-    /// Repository directory of this tenant (never shared between tenants).
+    /// Repository of this tenant (never shared between tenants): a directory
+    /// (relative paths are relative to this file), or `s3://BUCKET/PREFIX`
+    /// with the S3 settings in the agent's environment (docs/operations.md).
     pub repository: PathBuf,
     /// Key provider (vSphere KMS cluster id) of this tenant's VMs, as vCenter
     /// reports it in `keyId.providerId.id`.
@@ -390,7 +392,14 @@ impl Config {
             fix_opt(&mut v.config_file);
         }
         for t in &mut self.tenants {
-            fix(&mut t.repository);
+            // An object-storage location is not a path.
+            if !t
+                .repository
+                .to_str()
+                .is_some_and(|r| r.starts_with("s3://"))
+            {
+                fix(&mut t.repository);
+            }
             fix_opt(&mut t.recovery_public_key);
             if let Some(k) = &mut t.kms {
                 fix(&mut k.ca);
@@ -629,7 +638,7 @@ key_name = "ferry/tenant-a/repo1"
 
 [[tenant]]
 name = "tenant-b"
-repository = "/srv/ferry/b"
+repository = "s3://backups/tenant-b"
 recovery_public_key = "provider-recovery.pub.pem"
 compression = "zstd:3"
 [tenant.pem]
@@ -652,7 +661,7 @@ public_key = "b.pub.pem"
         );
         assert_eq!(
             c.tenant(Some("tenant-b")).unwrap().repository,
-            PathBuf::from("/srv/ferry/b")
+            PathBuf::from("s3://backups/tenant-b")
         );
         let b = c.tenant(Some("tenant-b")).unwrap();
         assert_eq!(

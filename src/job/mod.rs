@@ -34,14 +34,14 @@ use crate::repo::lock::LockMode;
 use crate::repo::manifest::{
     self, DiskRecord, DiskSummary, ManifestBody, ManifestHeader, ReadMode, SnapshotRecord,
 };
-use crate::repo::{fsutil, now_rfc3339, OpenPoint, RepoError, Repository};
+use crate::repo::{now_rfc3339, OpenPoint, RepoError, Repository};
 use crate::transport::file::FileTarget;
 use crate::transport::DiskSource;
 use incremental::{Current, FullReason, Previous, ReadRequest, TrackerError};
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -140,15 +140,6 @@ fn new_point_id() -> String {
 }
 
 /// Removes the temporary point directory unless committed.
-struct TmpDir(Option<PathBuf>);
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_dir_all(p);
-        }
-    }
-}
-
 /// Run a backup of `req` into `repo`, wrapping the new data key with `keys`.
 pub fn backup(
     repo: &Repository,
@@ -249,9 +240,8 @@ pub fn backup(
         );
     }
     let chunk_size = repo.config.chunk_size;
-    let tmp = repo.tmp_path(&format!("point-{point_id}"));
-    fs::create_dir(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
-    let guard = TmpDir(Some(tmp.clone()));
+    // The point's files are staged; dropped on any error before the commit.
+    let mut stage = repo.stage_point(&point_id)?;
     let total: u64 = req.disks.iter().map(|d| d.source.size()).sum();
     Progress::add(&progress.total, total);
 
@@ -268,8 +258,8 @@ pub fn backup(
             disk_size: d.source.size(),
         };
         let index_name = format!("disk-{n}.idx");
-        let ipath = tmp.join(&index_name);
-        let file = File::create(&ipath).map_err(|e| RepoError::io(&ipath, e))?;
+        let ipath = repo.point_dir(&point_id).join(&index_name);
+        let file = stage.create_file(&index_name)?;
         let mut iw = IndexWriter::new(BufWriter::with_capacity(1 << 20, file), header.clone())
             .map_err(|e| RepoError::io(&ipath, e))?;
         let dp = plan_disk(
@@ -305,7 +295,7 @@ pub fn backup(
         let f = bw
             .into_inner()
             .map_err(|e| RepoError::io(&ipath, e.into_error()))?;
-        f.sync_all().map_err(|e| RepoError::io(&ipath, e))?;
+        stage.finish_file(&index_name, f)?;
         all_keys.extend(stats.keys.iter().copied());
         tracing::info!(
             read_mode = %dp.read,
@@ -389,22 +379,7 @@ pub fn backup(
         disks: records.clone(),
     };
     let bytes = manifest::encode(&header, &body, &point_keys, &id_key, &dk);
-    let mpath = tmp.join("manifest");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&mpath)
-        .map_err(|e| RepoError::io(&mpath, e))?;
-    f.write_all(&bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| RepoError::io(&mpath, e))?;
-    fsutil::fsync_dir(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
-    let final_dir = repo.point_dir(&point_id);
-    fs::rename(&tmp, &final_dir).map_err(|e| RepoError::io(&final_dir, e))?;
-    let mut guard = guard;
-    guard.0 = None;
-    let points = repo.root().join("points");
-    fsutil::fsync_dir(&points).map_err(|e| RepoError::io(&points, e))?;
+    stage.commit(&bytes)?;
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         "restore point committed"

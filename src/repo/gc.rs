@@ -4,14 +4,13 @@
 //! data keys no remaining point references. Refuses to collect garbage when any
 //! remaining index is damaged, so damage can never get live chunks deleted.
 
-use super::format::{self, ChunkId};
+use super::format::ChunkId;
 use super::lock::LockMode;
 use super::retention::{self, Decision, Policy};
-use super::{fsutil, RepoError, Repository};
+use super::{RepoError, Repository};
 use crate::keys::{KeyId, KeySource};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
-use std::fs;
 use std::time::Duration;
 
 /// What prune did (or would do, in a dry run).
@@ -115,89 +114,43 @@ pub fn prune_chain(
             continue;
         }
         live_keys.extend(point_keys.get(&id));
-        let dir = repo.point_dir(&id);
-        for e in fs::read_dir(&dir).map_err(|e| RepoError::io(&dir, e))? {
-            let e = e.map_err(|e| RepoError::io(&dir, e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
+        for name in repo.point_files(&id)? {
             if !name.ends_with(".idx") {
                 continue;
             }
-            let p = e.path();
-            let f = fs::File::open(&p).map_err(|e| RepoError::io(&p, e))?;
-            let len = f.metadata().map_err(|e| RepoError::io(&p, e))?.len();
-            let damaged = |source| RepoError::Damaged {
-                path: p.clone(),
-                source,
-            };
-            let mut r =
-                format::IndexReader::new(std::io::BufReader::with_capacity(1 << 20, f), len)
-                    .map_err(|e| match e {
-                        format::IndexReadError::Io(e) => RepoError::io(&p, e),
-                        format::IndexReadError::Format(f) => damaged(f),
-                    })?;
+            let p = repo.point_dir(&id).join(&name);
+            let (f, len) = repo.open_point_file(&id, &name)?;
             let mut ids = Vec::new();
-            loop {
-                match r.next_entry() {
-                    Ok(Some(e)) if !e.id.is_zero_marker() => {
-                        ids.push(e.id);
-                        live_keys.insert(e.key);
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                    Err(format::IndexReadError::Io(e)) => return Err(RepoError::io(&p, e)),
-                    Err(format::IndexReadError::Format(f)) => return Err(damaged(f)),
+            super::scan_index(&p, f, len, |e| {
+                if !e.id.is_zero_marker() {
+                    ids.push(e.id);
+                    live_keys.insert(e.key);
                 }
-            }
-            r.finish().map_err(|e| match e {
-                format::IndexReadError::Io(e) => RepoError::io(&p, e),
-                format::IndexReadError::Format(f) => damaged(f),
             })?;
             live.extend(ids);
         }
     }
     // Remove dropped points first (so a crash mid-sweep never leaves a point whose
-    // chunks are gone): rename into tmp/, fsync, then delete.
+    // chunks are gone): each disappears at once (its manifest goes first), then
+    // what interrupted backups left behind goes.
     if !dry_run {
         for id in &remove {
-            let from = repo.point_dir(id);
-            let to = repo.tmp_path(&format!("pruned-{id}"));
-            fs::rename(&from, &to).map_err(|e| RepoError::io(&from, e))?;
+            repo.remove_point(id)?;
             tracing::info!(point = %id, "restore point removed");
         }
-        let points = repo.root().join("points");
-        fsutil::fsync_dir(&points).map_err(|e| RepoError::io(&points, e))?;
-        let tmp = repo.root().join("tmp");
-        for e in fs::read_dir(&tmp)
-            .map_err(|e| RepoError::io(&tmp, e))?
-            .flatten()
-        {
-            let p = e.path();
-            let _ = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
-        }
+        repo.backend().collect_debris()?;
     }
     rep.points_removed = remove;
     // Sweep.
-    let chunks = repo.root().join("chunks");
-    for sub in fs::read_dir(&chunks).map_err(|e| RepoError::io(&chunks, e))? {
-        let sub = sub.map_err(|e| RepoError::io(&chunks, e))?.path();
-        if !sub.is_dir() {
-            continue;
-        }
-        for e in fs::read_dir(&sub).map_err(|e| RepoError::io(&sub, e))? {
-            let e = e.map_err(|e| RepoError::io(&sub, e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            match ChunkId::from_hex(&name) {
-                Some(id) if live.contains(&id) => rep.chunks_kept += 1,
-                _ => {
-                    rep.chunks_deleted += 1;
-                    rep.bytes_freed += e.metadata().map(|m| m.len()).unwrap_or(0);
-                    if !dry_run {
-                        fs::remove_file(e.path()).map_err(|err| RepoError::io(e.path(), err))?;
-                    }
+    for o in repo.backend().list("chunks/")? {
+        let name = o.key.rsplit('/').next().unwrap_or(&o.key);
+        match ChunkId::from_hex(name) {
+            Some(id) if live.contains(&id) => rep.chunks_kept += 1,
+            _ => {
+                rep.chunks_deleted += 1;
+                rep.bytes_freed += o.size;
+                if !dry_run {
+                    repo.backend().delete(&o.key)?;
                 }
             }
         }

@@ -74,9 +74,11 @@ fn describe(h: &Option<LockHolder>) -> String {
 /// A held lock; released on drop.
 #[derive(Debug)]
 pub struct RepoLock {
-    /// `None`: a shared lock on a read-only file system without a lock file,
-    /// where no process can change the repository through this mount.
-    _file: Option<File>,
+    /// What keeps the lock held until drop: the flocked file, or a lock
+    /// object's guard ([`crate::repo::backend::object_lock`]). `None`: a shared
+    /// lock on a read-only file system without a lock file, where no process can
+    /// change the repository through this mount.
+    _guard: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
     /// Mode held.
     pub mode: LockMode,
     /// Why the lock file could not be opened for writing, when it could not: the
@@ -85,6 +87,16 @@ pub struct RepoLock {
 }
 
 impl RepoLock {
+    /// A lock held by `guard` until it is dropped (lock protocols other than
+    /// flock).
+    pub fn held_by(guard: Box<dyn std::fmt::Debug + Send + Sync>, mode: LockMode) -> RepoLock {
+        RepoLock {
+            _guard: Some(guard),
+            mode,
+            read_only: None,
+        }
+    }
+
     /// `Err(ReadOnly)` naming `operation` when this lock was taken on read-only
     /// media: for writers, before they do anything else.
     pub fn require_writable(&self, path: &Path, operation: &str) -> Result<(), LockError> {
@@ -108,7 +120,7 @@ fn read_only(e: &std::io::Error) -> bool {
     )
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
@@ -150,7 +162,7 @@ pub fn acquire(
                 // Through another, writable mount a prune could still run.
                 tracing::warn!(lock = %path.display(), "repository is on a read-only file system and has no lock file: reading without a lock; make sure no prune runs on it elsewhere");
                 return Ok(RepoLock {
-                    _file: None,
+                    _guard: None,
                     mode,
                     read_only: Some(e.kind()),
                 });
@@ -198,7 +210,7 @@ pub fn acquire(
         let _ = writeln!(f, "{}", serde_json::to_string(&holder).unwrap_or_default());
     }
     Ok(RepoLock {
-        _file: Some(f),
+        _guard: Some(Box::new(f)),
         mode,
         read_only: read_only_kind,
     })

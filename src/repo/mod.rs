@@ -5,7 +5,9 @@
 //! It does not decide *what* to back up (see [`crate::job`]) and never sees plaintext
 //! keys outside zeroizing types.
 
+pub mod backend;
 pub mod codec;
+pub mod copy;
 pub mod format;
 pub mod fsutil;
 pub mod gc;
@@ -17,6 +19,7 @@ pub mod retention;
 pub mod verify;
 
 use crate::keys::{unwrap_secret, KeyError, KeyId, KeySource, RecoveryKey, SecretKey};
+use backend::Backend;
 use format::{
     ChunkId, FormatError, IndexHeader, IndexReader, RepoConfig, CHUNK_HEADER_LEN, TAG_LEN,
 };
@@ -24,8 +27,8 @@ use keyring::{Keyring, KeyringBody, KeyringHeader};
 use lock::{LockError, LockMode, RepoLock};
 use manifest::{ManifestBody, ManifestHeader};
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::fs::File;
+use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -98,6 +101,14 @@ pub enum RepoError {
     /// Invalid argument.
     #[error("{0}")]
     Invalid(String),
+    /// The object store failed or refused a request (after its retries).
+    #[error("{object}: {detail}")]
+    Remote {
+        /// Object (an `s3://` URL).
+        object: String,
+        /// What went wrong and, where known, what to do.
+        detail: String,
+    },
 }
 
 impl RepoError {
@@ -124,10 +135,15 @@ pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 
 /// An open repository.
 pub struct Repository {
-    root: PathBuf,
+    store: Box<dyn Backend>,
     /// Its configuration.
     pub config: RepoConfig,
 }
+
+/// Largest `config` or `keyring` file read (both are small; a huge one is damage).
+const MAX_SMALL_FILE: u64 = 64 << 20;
+/// Largest manifest read.
+const MAX_MANIFEST: u64 = 256 << 20;
 
 /// A restore point opened with its keys.
 pub struct OpenPoint {
@@ -194,17 +210,28 @@ impl Repository {
         keys: &dyn KeySource,
         compression: codec::Codec,
     ) -> Result<Self> {
+        Self::init_in(
+            backend::connect(path)?,
+            chunk_size,
+            tenant,
+            keys,
+            compression,
+        )
+    }
+
+    /// [`Repository::init_with`] in an explicit backend.
+    pub fn init_in(
+        store: Box<dyn Backend>,
+        chunk_size: u32,
+        tenant: &str,
+        keys: &dyn KeySource,
+        compression: codec::Codec,
+    ) -> Result<Self> {
         format::validate_chunk_size(chunk_size).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        if path.exists() {
-            let mut it = fs::read_dir(path).map_err(|e| RepoError::io(path, e))?;
-            if it.next().is_some() {
-                return Err(RepoError::AlreadyExists(path.to_path_buf()));
-            }
+        if !store.is_empty()? {
+            return Err(RepoError::AlreadyExists(store.location("")));
         }
-        for d in ["", "chunks", "points", "locks", "tmp"] {
-            let p = path.join(d);
-            fs::create_dir_all(&p).map_err(|e| RepoError::io(&p, e))?;
-        }
+        store.prepare()?;
         let mut rid = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut rid);
         let config = RepoConfig {
@@ -214,42 +241,40 @@ impl Repository {
             tenant: tenant.to_string(),
             compression,
         };
-        let repo = Repository {
-            root: path.to_path_buf(),
-            config,
-        };
+        let repo = Repository { store, config };
         let id_key = SecretKey::generate();
         repo.write_keyring(keys, 0, &KeyringBody::default(), &[], &id_key, None)?;
-        fsutil::atomic_write(
-            &repo.tmp_path("config"),
-            &path.join("config"),
-            &format::encode_config(&repo.config),
-        )
-        .map_err(|e| RepoError::io(path.join("config"), e))?;
-        fsutil::fsync_dir(path).map_err(|e| RepoError::io(path, e))?;
+        // The config last: a location holding one is a repository.
+        repo.store
+            .replace("config", &format::encode_config(&repo.config))?;
+        repo.store.sync()?;
         Ok(repo)
     }
 
-    /// Open an existing repository.
+    /// Open an existing repository: a directory, or `s3://BUCKET/PREFIX` with
+    /// the S3 settings of the environment.
     pub fn open(path: &Path) -> Result<Self> {
-        let cp = path.join("config");
-        let b = match fs::read(&cp) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(RepoError::NotARepository(path.to_path_buf()))
-            }
-            Err(e) => return Err(RepoError::io(&cp, e)),
+        Self::open_in(backend::connect(path)?)
+    }
+
+    /// Open the repository held by `store`.
+    pub fn open_in(store: Box<dyn Backend>) -> Result<Self> {
+        let Some(b) = store.read("config", MAX_SMALL_FILE)? else {
+            // A listing tells a missing bucket from an empty prefix.
+            store.is_empty()?;
+            return Err(RepoError::NotARepository(store.location("")));
         };
-        let config =
-            format::decode_config(&b).map_err(|source| RepoError::Damaged { path: cp, source })?;
-        for d in ["chunks", "points", "locks", "tmp"] {
-            let p = path.join(d);
-            fs::create_dir_all(&p).map_err(|e| RepoError::io(&p, e))?;
-        }
-        Ok(Repository {
-            root: path.to_path_buf(),
-            config,
-        })
+        let config = format::decode_config(&b).map_err(|source| RepoError::Damaged {
+            path: store.location("config"),
+            source,
+        })?;
+        store.prepare()?;
+        Ok(Repository { store, config })
+    }
+
+    /// The storage backend.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.store
     }
 
     /// Change the codec of new chunks (rewrites `config` atomically under the
@@ -261,125 +286,90 @@ impl Repository {
             Duration::from_secs(30),
         )?;
         self.config.compression = compression;
-        let path = self.root.join("config");
-        fsutil::atomic_write(
-            &self.tmp_path("config"),
-            &path,
-            &format::encode_config(&self.config),
-        )
-        .map_err(|e| RepoError::io(&path, e))
+        self.store
+            .replace("config", &format::encode_config(&self.config))
     }
 
-    /// Repository root.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the repository is, for messages: its directory or `s3://` URL.
+    pub fn root(&self) -> PathBuf {
+        self.store.location("")
+    }
+
+    /// The local directory, when the repository is one.
+    pub fn local_root(&self) -> Option<&Path> {
+        self.store.local_root()
     }
 
     /// Take the repository lock (waits up to `wait`).
     pub fn lock(&self, mode: LockMode, operation: &str, wait: Duration) -> Result<RepoLock> {
-        Ok(lock::acquire(&self.lock_path(), mode, operation, wait)?)
+        self.store.lock("repo", mode, operation, wait)
     }
 
     /// Take the shared lock for an operation that writes (backup): refused at
     /// once on read-only media, before any key store is asked anything.
     pub fn lock_for_writing(&self, operation: &str, wait: Duration) -> Result<RepoLock> {
         let l = self.lock(LockMode::Shared, operation, wait)?;
-        l.require_writable(&self.lock_path(), operation)?;
+        l.require_writable(&self.store.location("locks/repo.lock"), operation)?;
         Ok(l)
-    }
-
-    fn lock_path(&self) -> PathBuf {
-        self.root.join("locks/repo.lock")
-    }
-
-    /// A unique path under `tmp/`.
-    pub fn tmp_path(&self, prefix: &str) -> PathBuf {
-        let mut r = [0u8; 8];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut r);
-        self.root.join("tmp").join(format!(
-            "{prefix}-{}-{}",
-            std::process::id(),
-            hex::encode(r)
-        ))
     }
 
     // ------------------------------------------------------------ chunks
 
-    /// Path of a chunk file.
+    /// Where a chunk is stored (a file path, or an `s3://` URL).
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
-        let h = id.to_hex();
-        self.root.join("chunks").join(&h[..2]).join(h)
+        self.store.location(&backend::chunk_key(&id.to_hex()))
     }
 
-    /// Read a chunk file (bounded by the format's maximum size).
+    /// Read a chunk (bounded by the format's maximum size).
     pub fn read_chunk(&self, id: &ChunkId, buf: &mut Vec<u8>) -> Result<()> {
-        let p = self.chunk_path(id);
-        let mut f = File::open(&p).map_err(|e| RepoError::io(&p, e))?;
-        let len = f.metadata().map_err(|e| RepoError::io(&p, e))?.len();
+        let key = backend::chunk_key(&id.to_hex());
         let max = (CHUNK_HEADER_LEN + TAG_LEN) as u64 + format::MAX_CHUNK_SIZE as u64;
-        if len > max {
-            return Err(RepoError::Damaged {
-                path: p,
-                source: FormatError::TooLarge {
-                    what: "chunk file",
-                    len,
-                    max,
+        match self.store.read(&key, max) {
+            Ok(Some(b)) => {
+                *buf = b;
+                Ok(())
+            }
+            Ok(None) => Err(RepoError::io(
+                self.store.location(&key),
+                io::Error::from(io::ErrorKind::NotFound),
+            )),
+            Err(RepoError::Damaged { path, source }) => Err(RepoError::Damaged {
+                path,
+                source: match source {
+                    FormatError::TooLarge { len, max, .. } => FormatError::TooLarge {
+                        what: "chunk file",
+                        len,
+                        max,
+                    },
+                    other => other,
                 },
-            });
+            }),
+            Err(e) => Err(e),
         }
-        buf.clear();
-        buf.reserve(len as usize);
-        f.read_to_end(buf).map_err(|e| RepoError::io(&p, e))?;
-        Ok(())
     }
 
     /// Key id of an existing chunk, or `None` if the chunk is not stored.
     pub fn chunk_key(&self, id: &ChunkId) -> Result<Option<KeyId>> {
-        let p = self.chunk_path(id);
-        let mut f = match File::open(&p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(RepoError::io(&p, e)),
+        let key = backend::chunk_key(&id.to_hex());
+        let Some((h, len)) = self.store.read_head(&key, CHUNK_HEADER_LEN)? else {
+            return Ok(None);
         };
-        let len = f.metadata().map_err(|e| RepoError::io(&p, e))?.len();
-        let mut h = [0u8; CHUNK_HEADER_LEN];
-        let n = read_up_to(&mut f, &mut h).map_err(|e| RepoError::io(&p, e))?;
-        let hdr = format::parse_chunk_header(&h[..n], len)
-            .map_err(|source| RepoError::Damaged { path: p, source })?;
+        let hdr = format::parse_chunk_header(&h, len).map_err(|source| RepoError::Damaged {
+            path: self.store.location(&key),
+            source,
+        })?;
         Ok(Some(hdr.key_id))
     }
 
     /// Store a sealed chunk unless a chunk with that id exists. Returns whether it was
-    /// written. The data goes into an unnamed file (`O_TMPFILE`) that is linked into
-    /// place only when complete, so a crash never leaves a partial chunk under its
-    /// final name and leaves no debris either. File systems without `O_TMPFILE` get a
-    /// named file under `tmp/` instead.
+    /// written. A chunk is never visible half-written (see [`Backend::create`]).
     pub fn put_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<bool> {
-        let dst = self.chunk_path(id);
-        let dir = dst.parent().expect("chunk path has a parent");
-        let r = match fsutil::link_new_file(dir, &dst, data) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
-                fsutil::link_new_file(dir, &dst, data)
-            }
-            Err(e) if fsutil::is_unsupported(&e) => {
-                let tmp = self.tmp_path("chunk");
-                let r = fsutil::write_then_link(&tmp, &dst, data);
-                let _ = fs::remove_file(&tmp);
-                r
-            }
-            other => other,
-        };
-        match r {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(RepoError::io(&dst, e)),
-        }
+        self.store.create(&backend::chunk_key(&id.to_hex()), data)
     }
 
-    /// Directory of chunk files `ferry verify --repair` took out of use.
+    /// Where chunk files `ferry verify --repair` took out of use go.
     pub fn damaged_dir(&self) -> PathBuf {
-        self.root.join("damaged")
+        self.store.location("damaged")
     }
 
     /// Take a damaged or missing chunk out of use: its file moves to
@@ -391,39 +381,27 @@ impl Repository {
     /// that references it.
     /// Returns false when there was nothing to do (missing, and already recorded).
     pub fn quarantine_chunk(&self, id: &ChunkId, key: KeyId) -> Result<bool> {
-        let dir = self.damaged_dir();
-        if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(|e| RepoError::io(&dir, e))?;
-            fsutil::fsync_dir(&self.root).map_err(|e| RepoError::io(&self.root, e))?;
-        }
-        let src = self.chunk_path(id);
-        let base = format!("{}.{key}", id.to_hex());
-        if !src.exists() {
+        let src = backend::chunk_key(&id.to_hex());
+        let base = format!("damaged/{}.{key}", id.to_hex());
+        if !self.store.exists(&src)? {
             // Missing: one marker is enough (an earlier repair's copy is kept).
-            let marker = dir.join(&base);
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&marker)
-            {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
-                Err(e) => return Err(RepoError::io(&marker, e)),
+            let written = self.store.create(&base, b"")?;
+            self.store.sync()?;
+            return Ok(written);
+        }
+        // Never replace an earlier copy: the first free of BASE, BASE.1, ...
+        let mut n = 0u32;
+        let dst = loop {
+            let k = match n {
+                0 => base.clone(),
+                n => format!("{base}.{n}"),
+            };
+            if !self.store.exists(&k)? {
+                break k;
             }
-        } else {
-            // Never replace an earlier copy: the first free of BASE, BASE.1, ...
-            let dst = (0..)
-                .map(|n| match n {
-                    0 => dir.join(&base),
-                    n => dir.join(format!("{base}.{n}")),
-                })
-                .find(|p| !p.exists())
-                .expect("an unbounded range has a free name");
-            fs::rename(&src, &dst).map_err(|e| RepoError::io(&src, e))?;
-        }
-        for d in [&dir, src.parent().unwrap_or(&self.root)] {
-            fsutil::fsync_dir(d).map_err(|e| RepoError::io(d, e))?;
-        }
+            n += 1;
+        };
+        self.store.rename(&src, &dst)?;
         Ok(true)
     }
 
@@ -431,57 +409,80 @@ impl Repository {
     /// with the data key their index entries name: backups must not reuse them
     /// from a previous index without reading the data.
     pub fn chunks_to_rewrite(&self) -> Result<HashMap<ChunkId, KeyId>> {
-        let dir = self.damaged_dir();
-        let it = match fs::read_dir(&dir) {
-            Ok(it) => it,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashMap::new()),
-            Err(e) => return Err(RepoError::io(&dir, e)),
-        };
         let mut out = HashMap::new();
-        for e in it {
-            let e = e.map_err(|e| RepoError::io(&dir, e))?;
-            let name = e.file_name();
+        for o in self.store.list("damaged/")? {
+            let name = o.key.strip_prefix("damaged/").unwrap_or(&o.key);
             // <chunk id>.<key id>[.<n>]
-            let Some((id, key)) = name.to_str().and_then(|n| {
+            let Some((id, key)) = Some(name).and_then(|n| {
                 let mut parts = n.split('.');
                 let (c, k) = (parts.next()?, parts.next()?);
                 Some((ChunkId::from_hex(c)?, KeyId::from_hex(k)?))
             }) else {
                 continue;
             };
-            if !self.chunk_path(&id).exists() {
+            if !self.store.exists(&backend::chunk_key(&id.to_hex()))? {
                 out.insert(id, key);
             }
         }
         Ok(out)
     }
 
-    /// Make every chunk written so far durable (one `syncfs`).
+    /// How many chunks are stored and their total size in bytes.
+    pub fn chunk_usage(&self) -> Result<(u64, u64)> {
+        let l = self.store.list("chunks/")?;
+        Ok((l.len() as u64, l.iter().map(|o| o.size).sum()))
+    }
+
+    /// Make every chunk written so far durable (local: one `syncfs`).
     pub fn sync_all(&self) -> Result<()> {
-        fsutil::syncfs(&self.root).map_err(|e| RepoError::io(&self.root, e))
+        self.store.sync()
     }
 
     // ------------------------------------------------------------ points
 
-    /// Directory of a committed point.
+    /// Where a committed point's files are (a directory, or an `s3://` URL).
     pub fn point_dir(&self, id: &str) -> PathBuf {
-        self.root.join("points").join(id)
+        self.store.location(&format!("points/{id}"))
     }
 
-    /// Ids of all committed points, sorted (oldest first).
+    /// Ids of all committed points (those with a manifest), sorted (oldest first).
     pub fn point_ids(&self) -> Result<Vec<String>> {
-        let p = self.root.join("points");
-        let mut ids = Vec::new();
-        for e in fs::read_dir(&p).map_err(|e| RepoError::io(&p, e))? {
-            let e = e.map_err(|e| RepoError::io(&p, e))?;
-            if let Some(n) = e.file_name().to_str() {
-                if !n.starts_with('.') {
-                    ids.push(n.to_string());
-                }
-            }
-        }
-        ids.sort();
-        Ok(ids)
+        Ok(backend::committed_points(&self.store.list("points/")?))
+    }
+
+    /// The files of committed point `id` other than its manifest (its indexes).
+    pub fn point_files(&self, id: &str) -> Result<Vec<String>> {
+        let prefix = format!("points/{id}/");
+        let mut names: Vec<String> = self
+            .store
+            .list(&prefix)?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_string))
+            .filter(|n| n != "manifest")
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Start writing point `id` (see [`Backend::stage_point`]).
+    pub fn stage_point(&self, id: &str) -> Result<Box<dyn backend::PointStage + '_>> {
+        self.store.stage_point(id)
+    }
+
+    /// Remove committed point `id` (manifest first). Needs the exclusive lock.
+    pub fn remove_point(&self, id: &str) -> Result<()> {
+        self.store.remove_point(id)
+    }
+
+    /// Open a point's file (an index) for sequential reading, with its size.
+    pub fn open_point_file(&self, id: &str, name: &str) -> Result<(File, u64)> {
+        let key = backend::point_key(id, name);
+        self.store.open(&key)?.ok_or_else(|| {
+            RepoError::io(
+                self.store.location(&key),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        })
     }
 
     /// Read a point's manifest bytes and public header.
@@ -489,13 +490,10 @@ impl Repository {
         if id.contains('/') || id.starts_with('.') || id.is_empty() {
             return Err(RepoError::PointNotFound(id.to_string()));
         }
-        let p = self.point_dir(id).join("manifest");
-        let b = match fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.point_dir(id).exists() => {
-                return Err(RepoError::PointNotFound(id.to_string()))
-            }
-            Err(e) => return Err(RepoError::io(&p, e)),
+        let key = backend::point_key(id, "manifest");
+        let p = self.store.location(&key);
+        let Some(b) = self.store.read(&key, MAX_MANIFEST)? else {
+            return Err(RepoError::PointNotFound(id.to_string()));
         };
         let (h, at) = manifest::decode_header(&b).map_err(|source| RepoError::Damaged {
             path: p.clone(),
@@ -692,17 +690,17 @@ impl Repository {
                 rec.index
             )));
         }
-        let p = self.point_dir(&point.header.point_id).join(&rec.index);
-        let open = || -> Result<(BufReader<File>, u64)> {
-            let f = File::open(&p).map_err(|e| RepoError::io(&p, e))?;
-            let len = f.metadata().map_err(|e| RepoError::io(&p, e))?.len();
-            Ok((BufReader::with_capacity(1 << 20, f), len))
-        };
+        let p = self
+            .store
+            .location(&backend::point_key(&point.header.point_id, &rec.index));
+        // One open (one download from object storage), read twice: the whole
+        // file is checked against the manifest before any entry is trusted.
+        let (mut f, len) = self.open_point_file(&point.header.point_id, &rec.index)?;
         let damaged = |source| RepoError::Damaged {
             path: p.clone(),
             source,
         };
-        let (r, len) = open()?;
+        let r = BufReader::with_capacity(1 << 20, f.try_clone().map_err(|e| RepoError::io(&p, e))?);
         let (h, hash) = format::verify_index(r, len).map_err(|e| match e {
             format::IndexReadError::Io(e) => RepoError::io(&p, e),
             format::IndexReadError::Format(f) => damaged(f),
@@ -722,8 +720,8 @@ impl Repository {
                 detail: "does not match the manifest".into(),
             }));
         }
-        let (r, len) = open()?;
-        IndexReader::new(r, len).map_err(|e| match e {
+        std::io::Seek::rewind(&mut f).map_err(|e| RepoError::io(&p, e))?;
+        IndexReader::new(BufReader::with_capacity(1 << 20, f), len).map_err(|e| match e {
             format::IndexReadError::Io(e) => RepoError::io(&p, e),
             format::IndexReadError::Format(f) => damaged(f),
         })
@@ -732,19 +730,25 @@ impl Repository {
     // ------------------------------------------------------------ keyring
 
     fn keyring_path(&self) -> PathBuf {
-        self.root.join("keyring")
+        self.store.location("keyring")
     }
 
     /// Whether a keyring file exists.
     pub fn has_keyring(&self) -> bool {
-        self.keyring_path().exists()
+        self.store.exists("keyring").unwrap_or(false)
+    }
+
+    fn read_keyring_bytes(&self) -> Result<Option<Vec<u8>>> {
+        self.store.read("keyring", MAX_SMALL_FILE)
     }
 
     /// The keyring's public header (which tenant key wraps it, generation), without
     /// unwrapping anything.
     pub fn keyring_header(&self) -> Result<KeyringHeader> {
         let p = self.keyring_path();
-        let b = fs::read(&p).map_err(|e| RepoError::io(&p, e))?;
+        let b = self
+            .read_keyring_bytes()?
+            .ok_or_else(|| RepoError::io(&p, io::Error::from(io::ErrorKind::NotFound)))?;
         keyring::decode_header(&b)
             .map(|(h, _)| h)
             .map_err(|source| RepoError::Damaged { path: p, source })
@@ -753,15 +757,11 @@ impl Repository {
     /// Read and open the keyring with `keys`.
     pub fn load_keyring(&self, keys: &dyn KeySource) -> Result<Keyring> {
         let p = self.keyring_path();
-        let b = match fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(RepoError::Invalid(format!(
-                    "the keyring {} is missing: backups need it (it holds the repository id-key); restore it from a copy of the repository. Restores and verify still work with each point's own key",
-                    p.display()
-                )))
-            }
-            Err(e) => return Err(RepoError::io(&p, e)),
+        let Some(b) = self.read_keyring_bytes()? else {
+            return Err(RepoError::Invalid(format!(
+                "the keyring {} is missing: backups need it (it holds the repository id-key); restore it from a copy of the repository. Restores and verify still work with each point's own key",
+                p.display()
+            )));
         };
         let damaged = |source| RepoError::Damaged {
             path: p.clone(),
@@ -804,9 +804,7 @@ impl Repository {
             recovery,
         };
         let bytes = keyring::encode(&header, body, data_keys, id_key, &kk);
-        let p = self.keyring_path();
-        fsutil::atomic_write(&self.tmp_path("keyring"), &p, &bytes)
-            .map_err(|e| RepoError::io(&p, e))?;
+        self.store.replace("keyring", &bytes)?;
         Ok(header)
     }
 
@@ -817,8 +815,8 @@ impl Repository {
         keys: &dyn KeySource,
         f: impl FnOnce(&mut Keyring) -> Result<()>,
     ) -> Result<Keyring> {
-        let _l = lock::acquire(
-            &self.root.join("locks/keyring.lock"),
+        let _l = self.store.lock(
+            "keyring",
             LockMode::Exclusive,
             "keyring update",
             Duration::from_secs(60),
@@ -858,15 +856,27 @@ impl Repository {
     }
 }
 
-fn read_up_to(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
+/// Read every entry of an index file without keys (its own checksums are
+/// verified, its hash against a manifest is not): how prune and copy learn
+/// which chunks a point references. `path` names the file in errors.
+pub fn scan_index(
+    path: &Path,
+    f: File,
+    len: u64,
+    mut visit: impl FnMut(&format::IndexEntry),
+) -> Result<()> {
+    let err = |e| match e {
+        format::IndexReadError::Io(e) => RepoError::io(path, e),
+        format::IndexReadError::Format(source) => RepoError::Damaged {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    let mut r = IndexReader::new(BufReader::with_capacity(1 << 20, f), len).map_err(err)?;
+    while let Some(e) = r.next_entry().map_err(err)? {
+        visit(&e);
     }
-    Ok(n)
+    r.finish().map(|_| ()).map_err(err)
 }
 
 /// Header of an index file, for callers that only need sizes.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fsimage;
+pub mod s3;
 pub mod vsphere;
 
 use ferry::job::{self, BackupReport, BackupRequest, DiskInput};
@@ -22,7 +23,11 @@ pub const CS: u32 = 256 * 1024;
 pub struct World {
     pub dir: tempfile::TempDir,
     pub keys: PemPair,
+    /// The repository location: a directory, or `s3://bucket/prefix`.
     pub repo_dir: PathBuf,
+    /// For a repository on S3: the server's settings, used by [`World::repo`],
+    /// and the environment the `ferry` binary gets in [`World::command`].
+    pub s3: Option<(ferry::repo::backend::s3::S3Settings, Vec<(String, String)>)>,
 }
 
 impl World {
@@ -34,8 +39,49 @@ impl World {
             dir,
             keys,
             repo_dir,
+            s3: None,
         };
         Repository::init(&w.repo_dir, CS, "tenant", &w.source()).unwrap();
+        w
+    }
+
+    /// A world whose repository lives in a new bucket of `server`, under a
+    /// prefix.
+    pub fn on_s3(server: &s3::S3Server, bucket: &str) -> World {
+        use ferry::repo::backend::s3::{S3Settings, S3Store};
+        server.create_bucket(bucket, false);
+        let dir = tempfile::tempdir().unwrap();
+        let keys = fixtures::pem_pair(dir.path(), "tenant", 2048).unwrap();
+        let settings = S3Settings::for_endpoint(
+            &server.endpoint(),
+            s3::REGION,
+            s3::ACCESS_KEY,
+            s3::SECRET_KEY,
+        );
+        let env = vec![
+            ("FERRY_S3_ENDPOINT".to_string(), server.endpoint()),
+            ("AWS_REGION".to_string(), s3::REGION.to_string()),
+            ("AWS_ACCESS_KEY_ID".to_string(), s3::ACCESS_KEY.to_string()),
+            (
+                "AWS_SECRET_ACCESS_KEY".to_string(),
+                s3::SECRET_KEY.to_string(),
+            ),
+        ];
+        let w = World {
+            dir,
+            keys,
+            repo_dir: PathBuf::from(format!("s3://{bucket}/tenant-a")),
+            s3: Some((settings.clone(), env)),
+        };
+        let store = S3Store::connect(bucket, "tenant-a", &settings).unwrap();
+        Repository::init_in(
+            Box::new(store),
+            CS,
+            "tenant",
+            &w.source(),
+            Default::default(),
+        )
+        .unwrap();
         w
     }
     pub fn path(&self, name: &str) -> PathBuf {
@@ -45,7 +91,18 @@ impl World {
         PemKeySource::open(Some(&self.keys.public), Some(&self.keys.private)).unwrap()
     }
     pub fn repo(&self) -> Repository {
-        Repository::open(&self.repo_dir).unwrap()
+        match &self.s3 {
+            None => Repository::open(&self.repo_dir).unwrap(),
+            Some((settings, _)) => {
+                let loc = ferry::repo::backend::Location::parse(&self.repo_dir).unwrap();
+                let ferry::repo::backend::Location::S3 { bucket, prefix } = loc else {
+                    unreachable!()
+                };
+                let store =
+                    ferry::repo::backend::s3::S3Store::connect(&bucket, &prefix, settings).unwrap();
+                Repository::open_in(Box::new(store)).unwrap()
+            }
+        }
     }
     /// Generate a mixed image.
     pub fn image(&self, name: &str, size: u64, seed: u64) -> PathBuf {
@@ -107,6 +164,9 @@ impl World {
             .env("FERRY_PUBLIC_KEY", &self.keys.public)
             .env("FERRY_PRIVATE_KEY", &self.keys.private)
             .env_remove("RUST_LOG");
+        if let Some((_, env)) = &self.s3 {
+            c.envs(env.iter().map(|(k, v)| (k, v)));
+        }
         c
     }
     /// Run the ferry binary to completion.

@@ -39,6 +39,26 @@ pub enum RepoCmd {
         /// The codec.
         compression: ferry::repo::codec::Codec,
     },
+    /// Backup copies (3-2-1): copy restore points to another repository, e.g. a
+    /// local directory to s3://BUCKET/PREFIX. The target is an empty location
+    /// (it becomes a replica: same repository id, keyring and tenant keys) or an
+    /// earlier copy; only what it lacks is sent, each point is committed there
+    /// manifest last, and an interrupted copy resumes where it stopped. Needs no
+    /// keys. Exit 0 when every point asked for is at the target.
+    Copy {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// The target repository (directory or s3://BUCKET/PREFIX; S3 settings
+        /// from the environment, docs/operations.md).
+        #[arg(long)]
+        to: std::path::PathBuf,
+        /// Points to copy (ids or latest:NAME); default every point.
+        #[arg(long = "point")]
+        points: Vec<String>,
+        /// Seconds to wait for either repository's lock.
+        #[arg(long, default_value_t = 60)]
+        lock_wait: u64,
+    },
     /// Disaster recovery: for every restore point, every way the given keys open
     /// it (its own tenant key, the keyring under the newest tenant key, the
     /// provider's recovery key), and, only for points no path opens, the keys to
@@ -140,18 +160,51 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
             );
             Ok(exit::OK)
         }
+        RepoCmd::Copy {
+            repo,
+            to,
+            points,
+            lock_wait,
+        } => {
+            let src = Repository::open(&repo.repo)?;
+            let dst = ferry::repo::backend::connect(&to)?;
+            let started = std::time::Instant::now();
+            let r = ferry::repo::copy::copy_points(
+                &src,
+                dst,
+                &points,
+                std::time::Duration::from_secs(lock_wait),
+                &ferry::progress::Progress::default(),
+            )?;
+            out.result(&r, || {
+                format!(
+                    "copied {} point(s) to {} in {:.1}s{}: {} chunk(s) sent ({}), {} already there; {} point(s) were there already{}",
+                    r.points_copied.len(),
+                    to.display(),
+                    started.elapsed().as_secs_f64(),
+                    if r.target_created { " (new replica)" } else { "" },
+                    r.chunks_copied,
+                    human_bytes(r.chunk_bytes_copied),
+                    r.chunks_present,
+                    r.points_present.len(),
+                    if r.keyring_updated { "; keyring updated" } else { "" },
+                )
+            });
+            Ok(exit::OK)
+        }
         RepoCmd::Info { repo } => {
             let r = Repository::open(&repo.repo)?;
             let points = r.point_ids()?.len();
             let protection = protection(&r)?;
-            let (chunks, bytes) = render::dir_usage(&r.root().join("chunks"));
+            let (chunks, bytes) = r.chunk_usage()?;
+            let backend = r.backend().describe();
             // Chunks verify --repair took out of use that no backup stored again.
             let pending = r.chunks_to_rewrite()?.len();
             out.result(
-            &serde_json::json!({"config": r.config, "compression": r.config.compression.to_string(), "points": points, "chunks": chunks, "chunk_bytes": bytes, "chunks_to_store_again": pending, "key_loss_protection": protection}),
+            &serde_json::json!({"config": r.config, "backend": r.backend().kind(), "location": backend, "compression": r.config.compression.to_string(), "points": points, "chunks": chunks, "chunk_bytes": bytes, "chunks_to_store_again": pending, "key_loss_protection": protection}),
             || {
                 let mut s = format!(
-                "repository {}\n  id          {}\n  tenant      {}\n  chunk size  {}\n  compression {}\n  created     {}\n  points      {points}\n  chunks      {chunks} ({})",
+                "repository {}\n  stored in   {backend}\n  id          {}\n  tenant      {}\n  chunk size  {}\n  compression {}\n  created     {}\n  points      {points}\n  chunks      {chunks} ({})",
                 repo.repo.display(), r.config.repo_id, r.config.tenant, human_bytes(r.config.chunk_size as u64), r.config.compression, r.config.created, human_bytes(bytes)
                 );
                 s.push_str(&format!("\n  key loss    {}", protection.describe()));

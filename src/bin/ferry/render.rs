@@ -110,22 +110,6 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
-pub fn dir_usage(dir: &Path) -> (u64, u64) {
-    let mut files = 0;
-    let mut bytes = 0;
-    for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(sub.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            files += 1;
-            bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
-        }
-    }
-    (files, bytes)
-}
-
 pub fn generate_pem(dir: &Path, name: &str, bits: usize) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok(ferry::keys::generate_pem_pair(dir, name, bits)?)
 }

@@ -1,0 +1,799 @@
+//! A repository in an S3-compatible bucket (AWS S3, Ceph RGW, MinIO, Wasabi...)
+//! through the `object_store` crate (SigV4, retries with backoff and jitter,
+//! multipart uploads), over ferry's own reqwest client and rustls setup.
+//!
+//! Owns the S3 side of the backend contract: keys under the repository prefix,
+//! create-only writes with `If-None-Match: *`, point commits that write the
+//! manifest last, the lock protocol of [`super::object_lock`], and errors that
+//! name their cause and fix (credentials, bucket, clock). The repository's
+//! calls are synchronous; each one runs on this store's own small tokio
+//! runtime, so it may be called from any thread.
+
+use super::{Backend, ObjectInfo, PointStage};
+use crate::repo::lock::{LockMode, RepoLock};
+use crate::repo::{RepoError, Result};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+    HttpResponseBody, HttpService,
+};
+use object_store::path::Path as ObjPath;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig,
+};
+use std::fs::File;
+use std::future::Future;
+use std::io::{Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// Objects above this size are uploaded in parts.
+const MULTIPART_ABOVE: u64 = 64 << 20;
+/// Part size of multipart uploads.
+const PART_SIZE: usize = 16 << 20;
+
+/// How to reach the object store. See docs/operations.md, "Object storage".
+#[derive(Clone)]
+pub struct S3Settings {
+    /// Endpoint URL (`https://s3.example.net`); `None`: AWS for the region.
+    pub endpoint: Option<String>,
+    /// Region (signing scope). Default `us-east-1`.
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`) rather than virtual hosts
+    /// (`bucket.endpoint/key`). Default: on with a custom endpoint.
+    pub path_style: bool,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<Zeroizing<String>>,
+    /// Session token (temporary credentials).
+    pub session_token: Option<Zeroizing<String>>,
+    /// CA certificates (PEM) to trust for the endpoint; default: the system's
+    /// bundle (`/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_file: Option<PathBuf>,
+    /// Retries of a failed request (5xx, SlowDown, resets, timeouts).
+    pub max_retries: usize,
+    /// Timeout of one request.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: false,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            ca_file: None,
+            max_retries: 8,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl S3Settings {
+    /// Settings for a custom endpoint (path-style) with static credentials.
+    pub fn for_endpoint(endpoint: &str, region: &str, access_key_id: &str, secret: &str) -> Self {
+        S3Settings {
+            endpoint: Some(endpoint.to_string()),
+            region: region.to_string(),
+            path_style: true,
+            access_key_id: Some(access_key_id.to_string()),
+            secret_access_key: Some(Zeroizing::new(secret.to_string())),
+            ..Default::default()
+        }
+    }
+
+    /// Settings from the environment: `FERRY_S3_ENDPOINT` (or
+    /// `AWS_ENDPOINT_URL`), `AWS_REGION` (or `AWS_DEFAULT_REGION`),
+    /// `FERRY_S3_PATH_STYLE` (`true`/`false`), `FERRY_S3_CA_FILE`,
+    /// `FERRY_S3_RETRIES`, `FERRY_S3_TIMEOUT_SECS`, and the credentials from
+    /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, or
+    /// else from the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`,
+    /// default `~/.aws/credentials`, profile `AWS_PROFILE` or `default`).
+    pub fn from_env() -> Result<S3Settings> {
+        let mut s = S3Settings {
+            endpoint: env("FERRY_S3_ENDPOINT").or_else(|| env("AWS_ENDPOINT_URL")),
+            region: env("AWS_REGION")
+                .or_else(|| env("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+            ca_file: env("FERRY_S3_CA_FILE").map(PathBuf::from),
+            ..Default::default()
+        };
+        s.path_style = match env("FERRY_S3_PATH_STYLE").as_deref() {
+            Some("true" | "1" | "yes") => true,
+            Some("false" | "0" | "no") => false,
+            Some(other) => {
+                return Err(RepoError::Invalid(format!(
+                    "FERRY_S3_PATH_STYLE={other}: use true or false"
+                )))
+            }
+            None => s.endpoint.is_some(),
+        };
+        if let Some(r) = env("FERRY_S3_RETRIES") {
+            s.max_retries = r
+                .parse()
+                .map_err(|_| RepoError::Invalid(format!("FERRY_S3_RETRIES={r}: not a number")))?;
+        }
+        if let Some(t) = env("FERRY_S3_TIMEOUT_SECS") {
+            s.timeout = Duration::from_secs(t.parse().map_err(|_| {
+                RepoError::Invalid(format!("FERRY_S3_TIMEOUT_SECS={t}: not a number"))
+            })?);
+        }
+        match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+            (Some(id), Some(secret)) => {
+                s.access_key_id = Some(id);
+                s.secret_access_key = Some(Zeroizing::new(secret));
+                s.session_token = env("AWS_SESSION_TOKEN").map(Zeroizing::new);
+            }
+            _ => {
+                let file = env("AWS_SHARED_CREDENTIALS_FILE")
+                    .map(PathBuf::from)
+                    .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")));
+                let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
+                if let Some(f) = file.filter(|f| f.exists()) {
+                    let text = Zeroizing::new(
+                        std::fs::read_to_string(&f).map_err(|e| RepoError::io(&f, e))?,
+                    );
+                    let c = credentials_profile(&text, &profile);
+                    s.access_key_id = c.get("aws_access_key_id").map(|v| v.to_string());
+                    s.secret_access_key = c
+                        .get("aws_secret_access_key")
+                        .map(|v| Zeroizing::new(v.to_string()));
+                    s.session_token = c
+                        .get("aws_session_token")
+                        .map(|v| Zeroizing::new(v.to_string()));
+                }
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// The `key = value` pairs of `[profile]` in an AWS shared credentials file.
+fn credentials_profile<'a>(
+    text: &'a str,
+    profile: &str,
+) -> std::collections::HashMap<&'a str, &'a str> {
+    let mut out = std::collections::HashMap::new();
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = name.trim() == profile;
+            continue;
+        }
+        if inside {
+            if let Some((k, v)) = line.split_once('=') {
+                out.insert(k.trim(), v.trim());
+            }
+        }
+    }
+    out
+}
+
+/// object_store's HTTP seam, served by ferry's reqwest client (ring-based
+/// rustls, the configured CA) rather than object_store's own default client.
+#[derive(Debug)]
+struct FerryHttp(reqwest::Client);
+
+impl HttpConnector for FerryHttp {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(FerryHttpService(self.0.clone())))
+    }
+}
+
+#[derive(Debug)]
+struct FerryHttpService(reqwest::Client);
+
+fn http_error(e: reqwest::Error) -> HttpError {
+    let kind = if e.is_timeout() {
+        HttpErrorKind::Timeout
+    } else if e.is_connect() {
+        HttpErrorKind::Connect
+    } else if e.is_body() || e.is_request() {
+        HttpErrorKind::Request
+    } else if e.is_decode() {
+        HttpErrorKind::Decode
+    } else {
+        // Resets and truncated bodies: retried like a failed request.
+        HttpErrorKind::Interrupted
+    };
+    HttpError::new(kind, e)
+}
+
+#[async_trait::async_trait]
+impl HttpService for FerryHttpService {
+    async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        use http_body_util::BodyExt;
+        let (parts, body) = req.into_parts();
+        let url = reqwest::Url::parse(&parts.uri.to_string())
+            .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?
+            .to_bytes();
+        let mut r = reqwest::Request::new(parts.method, url);
+        *r.headers_mut() = parts.headers;
+        *r.body_mut() = Some(body.into());
+        let resp = self.0.execute(r).await.map_err(http_error)?;
+        let resp: http::Response<reqwest::Body> = resp.into();
+        let (parts, body) = resp.into_parts();
+        let body = HttpResponseBody::new(body.map_err(http_error));
+        Ok(HttpResponse::from_parts(parts, body))
+    }
+}
+
+/// A repository in a bucket, under a key prefix. Cheap to clone.
+#[derive(Clone)]
+pub struct S3Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: AmazonS3,
+    rt: Option<tokio::runtime::Runtime>,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; shutting it down in the background never
+        // does, whatever thread the last clone is dropped on.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl S3Store {
+    /// Connect to `bucket` (nothing is sent until the first request).
+    pub fn connect(bucket: &str, prefix: &str, s: &S3Settings) -> Result<S3Store> {
+        let invalid = |e: String| RepoError::Invalid(format!("S3 settings: {e}"));
+        let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) else {
+            return Err(RepoError::Invalid(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials (AWS_PROFILE)".into(),
+            ));
+        };
+        let endpoint = s
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", s.region));
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(s.timeout)
+            .pool_idle_timeout(Duration::from_secs(30));
+        let tls = if endpoint.starts_with("https://") {
+            let ca = s
+                .ca_file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+            crate::tls::client_config(&ca, None).map_err(|e| {
+                invalid(format!(
+                    "{e} (the CA bundle to trust for {endpoint}; set FERRY_S3_CA_FILE)"
+                ))
+            })?
+        } else {
+            // Plain http (test labs): no TLS is ever negotiated, but reqwest
+            // wants a configuration; one that trusts nothing.
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| invalid(e.to_string()))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+        };
+        http = http.tls_backend_preconfigured((*tls).clone());
+        let http = http.build().map_err(|e| invalid(e.to_string()))?;
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&s.region)
+            .with_endpoint(&endpoint)
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(!s.path_style)
+            .with_access_key_id(id)
+            .with_secret_access_key(secret.as_str())
+            .with_http_connector(FerryHttp(http))
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(15),
+                    base: 2.0,
+                },
+                max_retries: s.max_retries,
+                retry_timeout: Duration::from_secs(300),
+            });
+        if let Some(t) = &s.session_token {
+            b = b.with_token(t.as_str());
+        }
+        let store = b.build().map_err(|e| invalid(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferry-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| invalid(format!("cannot start the S3 client runtime: {e}")))?;
+        Ok(S3Store {
+            inner: Arc::new(Inner {
+                store,
+                rt: Some(rt),
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+                endpoint,
+            }),
+        })
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        if self.inner.prefix.is_empty() {
+            ObjPath::from(key)
+        } else {
+            ObjPath::from(format!("{}/{key}", self.inner.prefix))
+        }
+    }
+
+    fn url(&self, key: &str) -> String {
+        if self.inner.prefix.is_empty() {
+            format!("s3://{}/{key}", self.inner.bucket)
+        } else {
+            format!("s3://{}/{}/{key}", self.inner.bucket, self.inner.prefix)
+        }
+    }
+
+    /// Run `f` on this store's runtime and wait for it, from any thread.
+    fn run<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        let rt = self
+            .inner
+            .rt
+            .as_ref()
+            .expect("runtime lives as long as the store");
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Inside some runtime (block_on would panic): hand the work over.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            rt.spawn(async move {
+                let _ = tx.send(f.await);
+            });
+            rx.recv().expect("the S3 runtime outlives its tasks")
+        } else {
+            rt.block_on(f)
+        }
+    }
+
+    /// An error for `key`, with the cause spelled out when the store said it.
+    fn err(&self, key: &str, e: object_store::Error) -> RepoError {
+        remote_error(&self.url(key), &self.inner.bucket, &e)
+    }
+
+    fn get(&self, key: &str, range: Option<GetRange>) -> Result<Option<object_store::GetResult>> {
+        let (store, path) = (self.inner.store.clone(), self.path(key));
+        let r = self.run(async move {
+            store
+                .get_opts(
+                    &path,
+                    GetOptions {
+                        range,
+                        ..Default::default()
+                    },
+                )
+                .await
+        });
+        match r {
+            Ok(g) => Ok(Some(g)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(key, e)),
+        }
+    }
+
+    fn body(&self, key: &str, g: object_store::GetResult) -> Result<Bytes> {
+        self.run(async move { g.bytes().await })
+            .map_err(|e| self.err(key, e))
+    }
+
+    fn put(&self, key: &str, data: PutPayload, mode: PutMode) -> Result<bool> {
+        let (store, path) = (self.inner.store.clone(), self.path(key));
+        let r = self.run(async move {
+            store
+                .put_opts(
+                    &path,
+                    data,
+                    PutOptions {
+                        mode,
+                        ..Default::default()
+                    },
+                )
+                .await
+        });
+        match r {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.err(key, e)),
+        }
+    }
+
+    /// Upload a local file as `key` (create-only below the multipart size;
+    /// larger ones in parts, which S3 cannot make conditional: callers give
+    /// such files fresh names).
+    fn upload_file(&self, key: &str, mut file: File) -> Result<()> {
+        let local = |e| RepoError::io(std::env::temp_dir(), e);
+        let len = file.seek(std::io::SeekFrom::End(0)).map_err(local)?;
+        file.rewind().map_err(local)?;
+        if len <= MULTIPART_ABOVE {
+            let mut buf = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut buf).map_err(local)?;
+            if !self.put(key, PutPayload::from(buf), PutMode::Create)? {
+                return Err(RepoError::Invalid(format!(
+                    "{} exists already; refusing to replace it",
+                    self.url(key)
+                )));
+            }
+            return Ok(());
+        }
+        let (store, path) = (self.inner.store.clone(), self.path(key));
+        // One task for the whole upload (the parts are read from a local file
+        // on this store's own runtime, which nothing else waits on).
+        let r = self.run(async move {
+            let mut upload = store.put_multipart(&path).await.map_err(Err)?;
+            let mut part = vec![0u8; PART_SIZE];
+            let mut sent = 0u64;
+            while sent < len {
+                let n = ((len - sent) as usize).min(PART_SIZE);
+                if let Err(e) = file.read_exact(&mut part[..n]) {
+                    let _ = upload.abort().await;
+                    return Err(Ok(e));
+                }
+                if let Err(e) = upload.put_part(PutPayload::from(part[..n].to_vec())).await {
+                    let _ = upload.abort().await;
+                    return Err(Err(e));
+                }
+                sent += n as u64;
+            }
+            upload.complete().await.map_err(Err)?;
+            Ok(())
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(Ok(io)) => Err(local(io)),
+            Err(Err(e)) => Err(self.err(key, e)),
+        }
+    }
+}
+
+/// An object-store failure as an operator can act on it.
+fn remote_error(url: &str, bucket: &str, e: &object_store::Error) -> RepoError {
+    let text = e.to_string();
+    let has = |s: &str| text.contains(s);
+    let detail = if has("NoSuchBucket") {
+        format!("the bucket {bucket} does not exist; create it (with object lock if points are to be immutable) or fix the repository location")
+    } else if has("InvalidAccessKeyId")
+        || has("SignatureDoesNotMatch")
+        || matches!(e, object_store::Error::Unauthenticated { .. })
+    {
+        "the store refused the credentials (InvalidAccessKeyId / SignatureDoesNotMatch): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the credentials file profile)".to_string()
+    } else if has("RequestTimeTooSkewed") {
+        "this machine's clock is too far from the store's (RequestTimeTooSkewed): synchronise it (NTP) and retry".to_string()
+    } else if has("AccessDenied") || matches!(e, object_store::Error::PermissionDenied { .. }) {
+        "access denied: the credentials lack a permission this operation needs (see docs/operations.md for the bucket policy of agents and of prune)".to_string()
+    } else {
+        text.clone()
+    };
+    if detail != text {
+        tracing::debug!(object = %url, error = %text, "object store error");
+    }
+    RepoError::Remote {
+        object: url.to_string(),
+        detail,
+    }
+}
+
+impl Backend for S3Store {
+    fn describe(&self) -> String {
+        format!(
+            "S3 bucket {}, prefix {:?}, at {}",
+            self.inner.bucket, self.inner.prefix, self.inner.endpoint
+        )
+    }
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+    fn location(&self, key: &str) -> PathBuf {
+        PathBuf::from(self.url(key))
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        let (store, path) = (self.inner.store.clone(), self.path(""));
+        let prefix = (!self.inner.prefix.is_empty()).then_some(path);
+        let first = self.run(async move { store.list(prefix.as_ref()).next().await });
+        match first {
+            None => Ok(true),
+            Some(Ok(_)) => Ok(false),
+            Some(Err(e)) => Err(self.err("", e)),
+        }
+    }
+
+    fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn read(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        let Some(g) = self.get(key, None)? else {
+            return Ok(None);
+        };
+        if g.meta.size > max {
+            return Err(RepoError::Damaged {
+                path: self.location(key),
+                source: crate::repo::format::FormatError::TooLarge {
+                    what: "repository object",
+                    len: g.meta.size,
+                    max,
+                },
+            });
+        }
+        Ok(Some(self.body(key, g)?.to_vec()))
+    }
+
+    fn read_head(&self, key: &str, n: usize) -> Result<Option<(Vec<u8>, u64)>> {
+        match self.get(key, Some(GetRange::Bounded(0..n as u64))) {
+            Ok(Some(g)) => {
+                let size = g.meta.size;
+                let b = self.body(key, g)?;
+                Ok(Some((b[..b.len().min(n)].to_vec(), size)))
+            }
+            Ok(None) => Ok(None),
+            // An empty object has no byte 0 to range over.
+            Err(e) => match self.get(key, None)? {
+                Some(g) if g.meta.size == 0 => Ok(Some((Vec::new(), 0))),
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn open(&self, key: &str) -> Result<Option<(File, u64)>> {
+        let Some(g) = self.get(key, None)? else {
+            return Ok(None);
+        };
+        let size = g.meta.size;
+        let local = |e| RepoError::io(std::env::temp_dir(), e);
+        let mut f = tempfile::tempfile().map_err(local)?;
+        let mut stream = g.into_stream();
+        let mut got = 0u64;
+        loop {
+            let next = self.run(async move {
+                let n = stream.next().await;
+                (n, stream)
+            });
+            stream = next.1;
+            match next.0 {
+                None => break,
+                Some(Ok(b)) => {
+                    got += b.len() as u64;
+                    f.write_all(&b).map_err(local)?;
+                }
+                Some(Err(e)) => return Err(self.err(key, e)),
+            }
+        }
+        if got != size {
+            return Err(RepoError::Remote {
+                object: self.url(key),
+                detail: format!("download ended after {got} of {size} bytes"),
+            });
+        }
+        f.rewind().map_err(local)?;
+        Ok(Some((f, size)))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        let (store, path) = (self.inner.store.clone(), self.path(key));
+        match self.run(async move { store.head(&path).await }) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err(key, e)),
+        }
+    }
+
+    fn create(&self, key: &str, data: &[u8]) -> Result<bool> {
+        self.put(key, PutPayload::from(data.to_vec()), PutMode::Create)
+    }
+
+    fn replace(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.put(key, PutPayload::from(data.to_vec()), PutMode::Overwrite)
+            .map(|_| ())
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        if self.exists(to)? {
+            return Err(RepoError::Invalid(format!(
+                "{} exists already; refusing to replace it",
+                self.url(to)
+            )));
+        }
+        let (store, a, b) = (self.inner.store.clone(), self.path(from), self.path(to));
+        self.run(async move { store.copy(&a, &b).await })
+            .map_err(|e| self.err(from, e))?;
+        self.delete(from)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let (store, path) = (self.inner.store.clone(), self.path(key));
+        match self.run(async move { store.delete(&path).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let (store, path) = (
+            self.inner.store.clone(),
+            self.path(prefix.trim_end_matches('/')),
+        );
+        let strip = if self.inner.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.inner.prefix)
+        };
+        let metas = self.run(async move {
+            let mut out = Vec::new();
+            let mut s = store.list(Some(&path));
+            while let Some(m) = s.next().await {
+                out.push(m?);
+            }
+            Ok::<_, object_store::Error>(out)
+        });
+        let metas = metas.map_err(|e| self.err(prefix, e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let key = m
+                    .location
+                    .as_ref()
+                    .strip_prefix(strip.as_str())?
+                    .to_string();
+                Some(ObjectInfo {
+                    key,
+                    size: m.size,
+                    modified: Some(m.last_modified.timestamp()),
+                })
+            })
+            .collect())
+    }
+
+    fn sync(&self) -> Result<()> {
+        // A PUT is acknowledged only once the object is durable.
+        Ok(())
+    }
+
+    fn lock(
+        &self,
+        name: &str,
+        mode: LockMode,
+        operation: &str,
+        wait: Duration,
+    ) -> Result<RepoLock> {
+        super::object_lock::acquire(Arc::new(self.clone()), name, mode, operation, wait)
+    }
+
+    fn stage_point(&self, id: &str) -> Result<Box<dyn PointStage + '_>> {
+        Ok(Box::new(S3Stage {
+            store: self,
+            id: id.to_string(),
+            written: Vec::new(),
+            committed: false,
+        }))
+    }
+
+    fn remove_point(&self, id: &str) -> Result<()> {
+        self.delete(&super::point_key(id, "manifest"))?;
+        for o in self.list(&format!("points/{id}/"))? {
+            self.delete(&o.key)?;
+        }
+        Ok(())
+    }
+
+    fn collect_debris(&self) -> Result<()> {
+        let all = self.list("points/")?;
+        let live: std::collections::HashSet<String> =
+            super::committed_points(&all).into_iter().collect();
+        for o in &all {
+            let id = o
+                .key
+                .strip_prefix("points/")
+                .and_then(|r| r.split_once('/'))
+                .map(|(id, _)| id);
+            if id.is_some_and(|id| !live.contains(id)) {
+                tracing::info!(object = %self.url(&o.key), "removing a file of a point that was never committed");
+                self.delete(&o.key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A point being uploaded: indexes first, the manifest last.
+struct S3Stage<'a> {
+    store: &'a S3Store,
+    id: String,
+    written: Vec<String>,
+    committed: bool,
+}
+
+impl PointStage for S3Stage<'_> {
+    fn create_file(&mut self, _name: &str) -> Result<File> {
+        tempfile::tempfile().map_err(|e| RepoError::io(std::env::temp_dir(), e))
+    }
+
+    fn finish_file(&mut self, name: &str, file: File) -> Result<()> {
+        let key = super::point_key(&self.id, name);
+        self.written.push(key.clone());
+        self.store.upload_file(&key, file)
+    }
+
+    fn commit(mut self: Box<Self>, manifest: &[u8]) -> Result<()> {
+        let key = super::point_key(&self.id, "manifest");
+        if !self.store.create(&key, manifest)? {
+            return Err(RepoError::Invalid(format!(
+                "{} exists already: another backup took the same point id",
+                self.store.url(&key)
+            )));
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for S3Stage<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            for k in &self.written {
+                let _ = self.store.delete(k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_file_profiles() {
+        let text = "# comment\n[default]\naws_access_key_id = A\naws_secret_access_key=B\n\n[other]\naws_access_key_id = C\n";
+        let d = credentials_profile(text, "default");
+        assert_eq!(d.get("aws_access_key_id"), Some(&"A"));
+        assert_eq!(d.get("aws_secret_access_key"), Some(&"B"));
+        let o = credentials_profile(text, "other");
+        assert_eq!(o.get("aws_access_key_id"), Some(&"C"));
+        assert!(!o.contains_key("aws_secret_access_key"));
+        assert!(credentials_profile(text, "none").is_empty());
+    }
+}
