@@ -8,9 +8,9 @@
 
 mod common;
 
-use common::s3::{S3Peer, S3Server, ACCESS_KEY, REGION, SECRET_KEY};
+use common::s3::{S3Peer, S3Server};
 use ferry::repo::backend::local::LocalDir;
-use ferry::repo::backend::s3::{S3Settings, S3Store};
+use ferry::repo::backend::s3::S3Store;
 use ferry::repo::backend::{committed_points, Backend};
 use ferry::repo::lock::LockMode;
 use std::io::Read;
@@ -83,7 +83,7 @@ fn contract(b: &dyn Backend, what: &str) {
 
     // A staged point: invisible until committed, gone when dropped.
     {
-        let mut st = b.stage_point("p1").unwrap();
+        let mut st = b.stage_point("p1", None).unwrap();
         let mut f = st.create_file("disk-0.idx").unwrap();
         std::io::Write::write_all(&mut f, b"index").unwrap();
         st.finish_file("disk-0.idx", f).unwrap();
@@ -100,7 +100,7 @@ fn contract(b: &dyn Backend, what: &str) {
             .any(|o| o.key.starts_with("points/p1/")),
         "{what}: an abandoned stage left files"
     );
-    let mut st = b.stage_point("p2").unwrap();
+    let mut st = b.stage_point("p2", None).unwrap();
     let mut f = st.create_file("disk-0.idx").unwrap();
     std::io::Write::write_all(&mut f, b"index").unwrap();
     st.finish_file("disk-0.idx", f).unwrap();
@@ -167,7 +167,7 @@ fn local_directory() {
 fn on_peer(peer: S3Peer) {
     let server = S3Server::start(peer);
     server.create_bucket("contract", false);
-    let settings = S3Settings::for_endpoint(&server.endpoint(), REGION, ACCESS_KEY, SECRET_KEY);
+    let settings = server.settings();
     let store = S3Store::connect("contract", "some/prefix", &settings).unwrap();
     contract(&store, peer.name());
     // Everything stayed under the prefix.

@@ -57,7 +57,7 @@ fn suite(peer: S3Peer) {
     // never is. It is no point; prune collects its files.
     let repo = w.repo();
     {
-        let mut stage = repo.stage_point("20990101T000000Z-dead").unwrap();
+        let mut stage = repo.stage_point("20990101T000000Z-dead", None).unwrap();
         let f = stage.create_file("disk-0.idx").unwrap();
         stage.finish_file("disk-0.idx", f).unwrap();
         std::mem::forget(stage); // as a SIGKILL would: no clean-up
@@ -123,12 +123,7 @@ fn clear_errors_for_credentials_and_bucket() {
     let e = store.read("config", 1 << 20).unwrap_err().to_string();
     assert!(e.contains("refused the credentials"), "{e}");
 
-    let right = S3Settings::for_endpoint(
-        &server.endpoint(),
-        common::s3::REGION,
-        common::s3::ACCESS_KEY,
-        common::s3::SECRET_KEY,
-    );
+    let right = server.settings();
     // (s3s-fs creates a missing bucket on PUT; a listing says it is missing)
     let store = S3Store::connect("absent", "", &right).unwrap();
     let e = store.list("points/").unwrap_err().to_string();
@@ -175,12 +170,7 @@ fn copy_to(peer: S3Peer) {
     let w = World::new();
     let img = w.image("disk.img", 16 * CS as u64, 11);
     let r1 = w.backup("vm1", &[&img]);
-    let s3_env = [
-        ("FERRY_S3_ENDPOINT", server.endpoint()),
-        ("AWS_REGION", common::s3::REGION.to_string()),
-        ("AWS_ACCESS_KEY_ID", common::s3::ACCESS_KEY.to_string()),
-        ("AWS_SECRET_ACCESS_KEY", common::s3::SECRET_KEY.to_string()),
-    ];
+    let s3_env = server.env();
     let target = "s3://copies/site-b";
     let copy = |extra: &[&str]| {
         let mut args = vec!["--json", "repo", "copy", "--to", target];

@@ -18,6 +18,7 @@
 mod files;
 pub mod incremental;
 pub mod quiesce;
+mod retain;
 pub mod runner;
 pub mod vm;
 pub mod vm_restore;
@@ -240,8 +241,16 @@ pub fn backup(
         );
     }
     let chunk_size = repo.config.chunk_size;
+    // Immutable points (S3 Object Lock): everything the point references is
+    // retained until one date, recorded in its manifest.
+    let retention = repo.point_retention(time::OffsetDateTime::now_utc().unix_timestamp());
+    let retaining = retention.map(|r| retain::RetainingStore::new(repo, r));
+    let store: &dyn crate::pipeline::ChunkStore = match &retaining {
+        Some(r) => r,
+        None => repo,
+    };
     // The point's files are staged; dropped on any error before the commit.
-    let mut stage = repo.stage_point(&point_id)?;
+    let mut stage = repo.stage_point(&point_id, retention)?;
     let total: u64 = req.disks.iter().map(|d| d.source.size()).sum();
     Progress::add(&progress.total, total);
 
@@ -275,7 +284,7 @@ pub fn backup(
         let stats: DiskStats = backup_disk(
             BackupInputs {
                 source: d.source.as_ref(),
-                store: repo,
+                store,
                 data_key: &dk,
                 id_key: &id_key,
                 previous: dp.previous,
@@ -295,6 +304,25 @@ pub fn backup(
         let f = bw
             .into_inner()
             .map_err(|e| RepoError::io(&ipath, e.into_error()))?;
+        if let Some(r) = &retaining {
+            // Chunks taken from the parent point: retained as long as that
+            // point only; extend them when this point's date is later.
+            let parent_until = parent
+                .as_ref()
+                .and_then(|p| p.immutable)
+                .filter(|p| Some(p.mode) == retention.map(|r| r.mode))
+                .map(|p| p.until);
+            let mut ids = Vec::new();
+            let mut rf = f.try_clone().map_err(|e| RepoError::io(&ipath, e))?;
+            std::io::Seek::rewind(&mut rf).map_err(|e| RepoError::io(&ipath, e))?;
+            crate::repo::scan_index(&ipath, rf, header_len(&f, &ipath)?, |e| {
+                if !e.id.is_zero_marker() {
+                    ids.push(e.id);
+                }
+            })?;
+            let n = r.retain_rest(ids, parent_until)?;
+            tracing::info!(extended = n, "retention of reused chunks extended");
+        }
         stage.finish_file(&index_name, f)?;
         all_keys.extend(stats.keys.iter().copied());
         tracing::info!(
@@ -373,6 +401,7 @@ pub fn backup(
         wrapped_key: wrapped,
         recovery_wrapped_key: recovery_wrapped,
         snapshot: req.snapshot.clone(),
+        immutable: retention,
     };
     let body = ManifestBody {
         chunk_size,
@@ -600,4 +629,11 @@ pub fn restore(
         tracing::error!(kept = %partial.display(), "restore failed; partial output renamed");
     }
     Ok(res?)
+}
+
+/// The length of a written index file.
+fn header_len(f: &File, path: &Path) -> Result<u64, RepoError> {
+    f.metadata()
+        .map(|m| m.len())
+        .map_err(|e| RepoError::io(path, e))
 }

@@ -173,7 +173,10 @@ fn copy_point(
     // The manifest first read, last written.
     let (manifest, _, _) = src.read_manifest(id)?;
     let files = src.point_files(id)?;
-    let mut stage = dst.stage_point(id)?;
+    // A target with immutable points retains what it receives (and what the
+    // point references that it already had) by its own setting.
+    let retention = dst.point_retention(time::OffsetDateTime::now_utc().unix_timestamp());
+    let mut stage = dst.stage_point(id, retention)?;
     let mut sent: Vec<(String, u64)> = Vec::new();
     let mut buf = Vec::new();
     for name in &files {
@@ -191,12 +194,18 @@ fn copy_point(
             for c in ids {
                 let key = backend::chunk_key(&c.to_hex());
                 if have_chunks.contains_key(&key) {
+                    if let Some(r) = &retention {
+                        dst.extend_chunk_retention(&c, r)?;
+                    }
                     rep.chunks_present += 1;
                     Progress::add(&progress.read, 1);
                     continue;
                 }
                 src.read_chunk(&c, &mut buf)?;
-                dst.backend().create(&key, &buf)?;
+                match &retention {
+                    Some(r) => dst.put_chunk_retained(&c, &buf, r)?,
+                    None => dst.put_chunk(&c, &buf)?,
+                };
                 rep.chunks_copied += 1;
                 rep.chunk_bytes_copied += buf.len() as u64;
                 Progress::add(&progress.read, 1);

@@ -10,7 +10,7 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::RngCore;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::{Read, Write};
 use zeroize::Zeroizing;
@@ -214,6 +214,20 @@ pub struct RepoConfig {
     /// Changing it affects new chunks only; every chunk records its own.
     #[serde(default)]
     pub compression: Codec,
+    /// Immutable restore points (S3 Object Lock): every new point's objects are
+    /// kept unchangeable for at least this long. Absent: no retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub immutability: Option<Immutability>,
+}
+
+/// A repository's default for immutable restore points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Immutability {
+    /// Days each new point stays immutable (at least; dates are rounded up to
+    /// a 7-day generation, docs/format.md).
+    pub days: u32,
+    /// Object Lock mode.
+    pub mode: crate::repo::backend::RetentionMode,
 }
 
 /// Check that a chunk size is allowed.
@@ -955,7 +969,24 @@ mod tests {
             created: "2026-11-23T00:00:00Z".into(),
             tenant: "acme".into(),
             compression: Codec::Lz4,
+            immutability: None,
         }
+    }
+
+    #[test]
+    fn config_with_immutability_round_trips_and_old_configs_read() {
+        let mut c = cfg();
+        c.immutability = Some(Immutability {
+            days: 30,
+            mode: crate::repo::backend::RetentionMode::Compliance,
+        });
+        let back = decode_config(&encode_config(&c)).unwrap();
+        assert_eq!(back.immutability, c.immutability);
+        // A config without the field (every repository made before it) reads
+        // as "off", and one without it is written without it.
+        let plain = encode_config(&cfg());
+        assert!(!String::from_utf8_lossy(&plain).contains("immutability"));
+        assert_eq!(decode_config(&plain).unwrap().immutability, None);
     }
 
     #[test]

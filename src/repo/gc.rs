@@ -79,10 +79,16 @@ pub fn prune_chain(
     let mut chains: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     let mut point_keys: BTreeMap<String, KeyId> = BTreeMap::new();
+    // Immutable points (S3 Object Lock) stay until their retention date.
+    let mut locked: BTreeMap<String, i64> = BTreeMap::new();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     for p in repo.list_points()? {
         match p.header {
             Ok(h) => {
                 point_keys.insert(p.id.clone(), h.data_key_id);
+                if let Some(r) = h.immutable.filter(|r| r.until > now) {
+                    locked.insert(p.id.clone(), r.until);
+                }
                 let key = h.chain_key().to_string();
                 let label = match &h.identity {
                     Some(id) => format!("{} ({id})", h.source),
@@ -99,7 +105,16 @@ pub fn prune_chain(
         if source.is_some_and(|s| s != key) {
             continue;
         }
-        let d = retention::apply(policy, pts);
+        let mut d = retention::apply(policy, pts);
+        for d in d.iter_mut().filter(|d| !d.keep) {
+            if let Some(until) = locked.get(&d.point_id) {
+                d.keep = true;
+                d.reasons.push(format!(
+                    "immutable until {}",
+                    super::backend::format_unix(*until)
+                ));
+            }
+        }
         remove.extend(d.iter().filter(|d| !d.keep).map(|d| d.point_id.clone()));
         rep.decisions
             .insert(labels.get(key).cloned().unwrap_or_else(|| key.clone()), d);

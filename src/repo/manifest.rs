@@ -50,6 +50,11 @@ pub struct ManifestHeader {
     /// and points written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRecord>,
+    /// Object Lock retention of every object of this point (its manifest,
+    /// indexes and every chunk it references); absent when the point is not
+    /// immutable. Prune keeps the point until then; verify checks the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub immutable: Option<crate::repo::backend::Retention>,
 }
 
 impl ManifestHeader {

@@ -216,18 +216,24 @@ impl Repository {
             tenant,
             keys,
             compression,
+            None,
         )
     }
 
-    /// [`Repository::init_with`] in an explicit backend.
+    /// [`Repository::init_with`] in an explicit backend, with immutable
+    /// restore points when `immutability` is given (S3 Object Lock).
     pub fn init_in(
         store: Box<dyn Backend>,
         chunk_size: u32,
         tenant: &str,
         keys: &dyn KeySource,
         compression: codec::Codec,
+        immutability: Option<format::Immutability>,
     ) -> Result<Self> {
         format::validate_chunk_size(chunk_size).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        if immutability.is_some() {
+            store.check_object_lock()?;
+        }
         if !store.is_empty()? {
             return Err(RepoError::AlreadyExists(store.location("")));
         }
@@ -240,6 +246,7 @@ impl Repository {
             created: now_rfc3339(),
             tenant: tenant.to_string(),
             compression,
+            immutability,
         };
         let repo = Repository { store, config };
         let id_key = SecretKey::generate();
@@ -464,9 +471,56 @@ impl Repository {
         Ok(names)
     }
 
-    /// Start writing point `id` (see [`Backend::stage_point`]).
-    pub fn stage_point(&self, id: &str) -> Result<Box<dyn backend::PointStage + '_>> {
-        self.store.stage_point(id)
+    /// Start writing point `id`, its files retained by `retention` (see
+    /// [`Backend::stage_point`]).
+    pub fn stage_point(
+        &self,
+        id: &str,
+        retention: Option<backend::Retention>,
+    ) -> Result<Box<dyn backend::PointStage + '_>> {
+        self.store.stage_point(id, retention)
+    }
+
+    /// The retention a point made at `now` (Unix seconds) gets under the
+    /// repository's immutability setting, if it has one.
+    pub fn point_retention(&self, now: i64) -> Option<backend::Retention> {
+        self.config.immutability.map(|i| backend::Retention {
+            mode: i.mode,
+            until: backend::retention_until(now, i.days),
+        })
+    }
+
+    /// Turn immutable restore points on (or change them) for new points, or
+    /// off with `None`; the store must support it (S3 Object Lock).
+    pub fn set_immutability(&mut self, im: Option<format::Immutability>) -> Result<()> {
+        if im.is_some() {
+            self.store.check_object_lock()?;
+        }
+        let _l = self.lock(
+            LockMode::Exclusive,
+            "set immutability",
+            Duration::from_secs(30),
+        )?;
+        self.config.immutability = im;
+        self.store
+            .replace("config", &format::encode_config(&self.config))
+    }
+
+    /// [`Repository::put_chunk`] with a retention on the new chunk.
+    pub fn put_chunk_retained(
+        &self,
+        id: &ChunkId,
+        data: &[u8],
+        r: &backend::Retention,
+    ) -> Result<bool> {
+        self.store
+            .create_retained(&backend::chunk_key(&id.to_hex()), data, r)
+    }
+
+    /// Extend a stored chunk's retention to at least `r`.
+    pub fn extend_chunk_retention(&self, id: &ChunkId, r: &backend::Retention) -> Result<()> {
+        self.store
+            .extend_retention(&backend::chunk_key(&id.to_hex()), r)
     }
 
     /// Remove committed point `id` (manifest first). Needs the exclusive lock.

@@ -71,6 +71,48 @@ impl VerifyReport {
     }
 }
 
+/// The objects of an immutable point whose retention is missing, shorter than
+/// the point records, or weaker (governance where compliance was recorded),
+/// while that date has not passed.
+fn retention_problems(
+    repo: &Repository,
+    keys: &[String],
+    want: &super::backend::Retention,
+) -> Vec<Problem> {
+    use super::backend::RetentionMode;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if want.until <= now {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for k in keys {
+        let file = repo.backend().location(k).display().to_string();
+        let error = match repo.backend().retention(k) {
+            Ok(Some(have))
+                if have.until >= want.until
+                    && (have.mode == want.mode || have.mode == RetentionMode::Compliance) =>
+            {
+                continue
+            }
+            Ok(Some(have)) => format!(
+                "retention {} until {} is shorter or weaker than the point's {} until {}",
+                have.mode,
+                super::backend::format_unix(have.until),
+                want.mode,
+                super::backend::format_unix(want.until)
+            ),
+            Ok(None) => format!(
+                "no retention, though the point is immutable ({} until {})",
+                want.mode,
+                super::backend::format_unix(want.until)
+            ),
+            Err(e) => format!("retention could not be read: {e}"),
+        };
+        out.push(Problem { file, error });
+    }
+    out
+}
+
 fn problem_of(e: &RepoError) -> Problem {
     let file = match e {
         RepoError::Damaged { path, .. }
@@ -178,6 +220,7 @@ pub fn verify(
             table: KeyTable::new(point.keys.iter()),
             id_key: point.id_key.clone(),
         });
+        let mut point_chunks: HashSet<ChunkId> = HashSet::new();
         for d in &point.body.disks {
             let mut index = match repo.open_index(&point, d.disk) {
                 Ok(i) => i,
@@ -222,6 +265,7 @@ pub fn verify(
                 }
             }
             check_batch(repo, &table, &mut todo, &verdicts, workers, progress);
+            point_chunks.extend(seen_here.iter().map(|c| c.0));
             let v = verdicts.lock().unwrap_or_else(|p| p.into_inner());
             let mut bad: Vec<Problem> = seen_here
                 .iter()
@@ -236,6 +280,22 @@ pub fn verify(
             if !bad.is_empty() {
                 rep.ok = false;
                 rep.problems.extend(bad);
+            }
+        }
+        if let Some(r) = point.header.immutable {
+            let files: Vec<String> = std::iter::once("manifest".to_string())
+                .chain(point.body.disks.iter().map(|d| d.index.clone()))
+                .map(|f| super::backend::point_key(&id, &f))
+                .chain(
+                    point_chunks
+                        .iter()
+                        .map(|c| super::backend::chunk_key(&c.to_hex())),
+                )
+                .collect();
+            let short = retention_problems(repo, &files, &r);
+            if !short.is_empty() {
+                rep.ok = false;
+                rep.problems.extend(short);
             }
         }
         if rep.ok {

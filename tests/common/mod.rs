@@ -48,25 +48,20 @@ impl World {
     /// A world whose repository lives in a new bucket of `server`, under a
     /// prefix.
     pub fn on_s3(server: &s3::S3Server, bucket: &str) -> World {
-        use ferry::repo::backend::s3::{S3Settings, S3Store};
-        server.create_bucket(bucket, false);
+        Self::on_s3_with(server, bucket, None)
+    }
+
+    /// [`World::on_s3`] with immutable points (a bucket with Object Lock).
+    pub fn on_s3_with(
+        server: &s3::S3Server,
+        bucket: &str,
+        immutability: Option<ferry::repo::format::Immutability>,
+    ) -> World {
+        use ferry::repo::backend::s3::S3Store;
+        server.create_bucket(bucket, immutability.is_some());
         let dir = tempfile::tempdir().unwrap();
         let keys = fixtures::pem_pair(dir.path(), "tenant", 2048).unwrap();
-        let settings = S3Settings::for_endpoint(
-            &server.endpoint(),
-            s3::REGION,
-            s3::ACCESS_KEY,
-            s3::SECRET_KEY,
-        );
-        let env = vec![
-            ("FERRY_S3_ENDPOINT".to_string(), server.endpoint()),
-            ("AWS_REGION".to_string(), s3::REGION.to_string()),
-            ("AWS_ACCESS_KEY_ID".to_string(), s3::ACCESS_KEY.to_string()),
-            (
-                "AWS_SECRET_ACCESS_KEY".to_string(),
-                s3::SECRET_KEY.to_string(),
-            ),
-        ];
+        let (settings, env) = (server.settings(), server.env());
         let w = World {
             dir,
             keys,
@@ -80,10 +75,12 @@ impl World {
             "tenant",
             &w.source(),
             Default::default(),
+            immutability,
         )
         .unwrap();
         w
     }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

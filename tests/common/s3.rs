@@ -183,6 +183,26 @@ impl S3Server {
         REGION
     }
 
+    /// ferry's S3 settings for this server.
+    pub fn settings(&self) -> ferry::repo::backend::s3::S3Settings {
+        ferry::repo::backend::s3::S3Settings::for_endpoint(
+            &self.endpoint(),
+            REGION,
+            ACCESS_KEY,
+            SECRET_KEY,
+        )
+    }
+
+    /// The same settings as the environment of a `ferry` process.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("FERRY_S3_ENDPOINT".into(), self.endpoint()),
+            ("AWS_REGION".into(), REGION.into()),
+            ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
+        ]
+    }
+
     /// The server's output so far (for assertion messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

@@ -25,6 +25,18 @@ pub enum RepoCmd {
         /// `ferry bench --image` compares them on your own data.
         #[arg(long, default_value = "lz4")]
         compression: ferry::repo::codec::Codec,
+        #[command(flatten)]
+        immutable: ImmutableArgs,
+    },
+    /// Immutable restore points (S3 Object Lock) for new points: each new
+    /// point's objects stay unchangeable and undeletable for at least N days
+    /// (`--immutable-days 0` turns it off for new points; existing points keep
+    /// their retention). Needs a bucket with Object Lock enabled.
+    SetImmutability {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        immutable: ImmutableArgs,
     },
     /// Show repository configuration and size.
     Info {
@@ -80,6 +92,42 @@ pub enum RepoCmd {
     },
 }
 
+/// `--immutable-days N [--immutable-mode governance|compliance]`.
+#[derive(clap::Args)]
+pub struct ImmutableArgs {
+    /// Keep every new restore point immutable for at least N days (S3 Object
+    /// Lock; dates are rounded up to 7-day generations). Needs a bucket with
+    /// Object Lock enabled.
+    #[arg(long, value_name = "N")]
+    immutable_days: Option<u32>,
+    /// Object Lock mode: governance (an identity with
+    /// s3:BypassGovernanceRetention can still lift it) or compliance (nobody
+    /// can, not even the bucket owner, until the date passes).
+    #[arg(long, default_value = "governance")]
+    immutable_mode: ferry::repo::backend::RetentionMode,
+}
+
+impl ImmutableArgs {
+    fn setting(&self) -> Option<ferry::repo::format::Immutability> {
+        self.immutable_days
+            .filter(|d| *d > 0)
+            .map(|days| ferry::repo::format::Immutability {
+                days,
+                mode: self.immutable_mode,
+            })
+    }
+}
+
+fn describe_immutability(i: Option<ferry::repo::format::Immutability>) -> String {
+    match i {
+        Some(i) => format!(
+            "new points immutable for at least {} day(s), {} mode (S3 Object Lock)",
+            i.days, i.mode
+        ),
+        None => "off (points can be deleted by prune or by anyone with delete rights)".into(),
+    }
+}
+
 #[derive(Subcommand)]
 pub enum RecoveryCmd {
     /// Turn protection on (or change the recovery key) for new points.
@@ -111,11 +159,19 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
             chunk_size,
             tenant,
             compression,
+            immutable,
         } => {
             let ks = keys.source()?;
             let cs =
                 u32::try_from(chunk_size).map_err(|_| anyhow::anyhow!("chunk size too large"))?;
-            let r = Repository::init_with(&repo.repo, cs, &tenant, &*ks, compression)?;
+            let r = Repository::init_in(
+                ferry::repo::backend::connect(&repo.repo)?,
+                cs,
+                &tenant,
+                &*ks,
+                compression,
+                immutable.setting(),
+            )?;
             out.result(
             &serde_json::json!({"repository": repo.repo, "repo_id": r.config.repo_id, "chunk_size": cs, "tenant": tenant, "key": ks.current_key()?}),
             || format!("initialised repository {} (tenant {tenant}, chunk size {}, compression {compression}, key {})", repo.repo.display(), human_bytes(cs as u64), ks.current_key().map(|k| k.to_string()).unwrap_or_default()),
@@ -157,6 +213,15 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
             out.result(
                 &serde_json::json!({"repository": repo.repo, "compression": compression.to_string(), "was": before.to_string()}),
                 || format!("new chunks of {} are compressed with {compression} (was {before}); stored chunks keep their codec", repo.repo.display()),
+            );
+            Ok(exit::OK)
+        }
+        RepoCmd::SetImmutability { repo, immutable } => {
+            let mut r = Repository::open(&repo.repo)?;
+            r.set_immutability(immutable.setting())?;
+            out.result(
+                &serde_json::json!({"repository": repo.repo, "immutability": r.config.immutability}),
+                || format!("{}: {}", repo.repo.display(), describe_immutability(r.config.immutability)),
             );
             Ok(exit::OK)
         }
@@ -208,6 +273,7 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
                 repo.repo.display(), r.config.repo_id, r.config.tenant, human_bytes(r.config.chunk_size as u64), r.config.compression, r.config.created, human_bytes(bytes)
                 );
                 s.push_str(&format!("\n  key loss    {}", protection.describe()));
+                s.push_str(&format!("\n  immutable   {}", describe_immutability(r.config.immutability)));
                 if pending > 0 {
                     s.push_str(&format!("\n  repair      {pending} damaged chunk(s) wait for a backup of the same data to store them again (verify --repair moved them to damaged/)"));
                 }

@@ -260,7 +260,14 @@ impl Backend for LocalDir {
         Ok(lock::acquire(&p, mode, operation, wait)?)
     }
 
-    fn stage_point(&self, id: &str) -> Result<Box<dyn PointStage + '_>> {
+    fn stage_point(
+        &self,
+        id: &str,
+        retention: Option<super::Retention>,
+    ) -> Result<Box<dyn PointStage + '_>> {
+        if retention.is_some() {
+            self.check_object_lock()?;
+        }
         let tmp = self.tmp_path(&format!("point-{id}"));
         fs::create_dir(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
         Ok(Box::new(LocalStage {

@@ -18,6 +18,82 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Object Lock retention mode (S3 terms): under `governance` an identity
+/// with `s3:BypassGovernanceRetention` can still shorten or remove it; under
+/// `compliance` nobody can until the date passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetentionMode {
+    /// Removable by a privileged identity.
+    Governance,
+    /// Removable by nobody.
+    Compliance,
+}
+
+impl RetentionMode {
+    /// The S3 header value.
+    pub fn s3_name(self) -> &'static str {
+        match self {
+            RetentionMode::Governance => "GOVERNANCE",
+            RetentionMode::Compliance => "COMPLIANCE",
+        }
+    }
+}
+
+impl std::fmt::Display for RetentionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RetentionMode::Governance => "governance",
+            RetentionMode::Compliance => "compliance",
+        })
+    }
+}
+
+impl std::str::FromStr for RetentionMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "governance" => Ok(RetentionMode::Governance),
+            "compliance" => Ok(RetentionMode::Compliance),
+            other => Err(format!("{other}: use governance or compliance")),
+        }
+    }
+}
+
+/// An object's retention: kept unchanged and undeletable until `until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Retention {
+    /// Mode.
+    pub mode: RetentionMode,
+    /// Unix seconds (UTC).
+    pub until: i64,
+}
+
+/// Length of a retention generation: retention dates are rounded up to a
+/// multiple of it, so that consecutive backups share one date and an
+/// incremental need not extend the lock of every chunk it reuses.
+pub const RETENTION_GENERATION_SECS: i64 = 7 * 86_400;
+
+/// The retention date of a point made at `now` (Unix seconds) that must stay
+/// immutable for at least `days`: `now + days`, rounded up to the next
+/// generation boundary (so at most 7 days more than asked).
+pub fn retention_until(now: i64, days: u32) -> i64 {
+    let at_least = now + days as i64 * 86_400;
+    let g = RETENTION_GENERATION_SECS;
+    (at_least + g - 1).div_euclid(g) * g
+}
+
+/// Unix seconds as RFC 3339 (UTC), for reports.
+pub fn format_unix(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
 /// One stored object as a listing shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -76,13 +152,42 @@ pub trait Backend: Send + Sync {
     /// acknowledge a write only once it is durable).
     fn sync(&self) -> Result<()>;
 
+    /// Whether objects can be kept immutable here (S3 Object Lock on the
+    /// bucket): `Ok` or an error that says why not and what to do.
+    fn check_object_lock(&self) -> Result<()> {
+        Err(RepoError::Invalid(format!(
+            "{}: immutable restore points need S3 Object Lock; a local directory cannot enforce them (use a bucket with Object Lock, or WORM storage underneath without --immutable-days)",
+            self.describe()
+        )))
+    }
+    /// [`Backend::create`] with a retention on the new object.
+    fn create_retained(&self, key: &str, data: &[u8], retention: &Retention) -> Result<bool> {
+        let _ = (key, data, retention);
+        self.check_object_lock().map(|_| false)
+    }
+    /// Extend an existing object's retention to `retention` (never shortens it).
+    fn extend_retention(&self, key: &str, retention: &Retention) -> Result<()> {
+        let _ = (key, retention);
+        self.check_object_lock()
+    }
+    /// An object's retention, `None` when it has none (or does not exist).
+    fn retention(&self, key: &str) -> Result<Option<Retention>> {
+        let _ = key;
+        Ok(None)
+    }
+
     /// Take the lock `name` (`repo`, `keyring`) in `mode`, waiting up to `wait`.
     fn lock(&self, name: &str, mode: LockMode, operation: &str, wait: Duration)
         -> Result<RepoLock>;
 
     /// Start writing restore point `id`: its files go in first, its manifest
-    /// last. Dropping the stage without committing removes what it wrote.
-    fn stage_point(&self, id: &str) -> Result<Box<dyn PointStage + '_>>;
+    /// last, each with `retention` when given. Dropping the stage without
+    /// committing removes what it wrote (what retention allows).
+    fn stage_point(
+        &self,
+        id: &str,
+        retention: Option<Retention>,
+    ) -> Result<Box<dyn PointStage + '_>>;
     /// Remove a committed point: its manifest first (from then on the point
     /// does not exist), then its other files. Needs the exclusive lock.
     fn remove_point(&self, id: &str) -> Result<()>;
@@ -228,6 +333,22 @@ mod tests {
         ] {
             assert!(Location::parse(Path::new(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn retention_dates_round_up_to_a_generation() {
+        let day = 86_400;
+        let g = RETENTION_GENERATION_SECS;
+        for now in [0, 1, g - 1, g, 5 * g + 3 * day + 17, 1_765_000_000] {
+            for days in [0u32, 1, 6, 7, 30, 365] {
+                let u = retention_until(now, days);
+                assert_eq!(u % g, 0, "{now} {days}");
+                assert!(u >= now + days as i64 * day, "{now} {days}");
+                assert!(u < now + days as i64 * day + g, "{now} {days}");
+            }
+        }
+        // Two backups a day apart share a date (most of the time).
+        assert_eq!(retention_until(g, 30), retention_until(g + day, 30));
     }
 
     #[test]

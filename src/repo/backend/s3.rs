@@ -9,12 +9,12 @@
 //! calls are synchronous; each one runs on this store's own small tokio
 //! runtime, so it may be called from any thread.
 
-use super::{Backend, ObjectInfo, PointStage};
+use super::{Backend, ObjectInfo, PointStage, Retention};
 use crate::repo::lock::{LockMode, RepoLock};
 use crate::repo::{RepoError, Result};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AwsAuthorizer, AwsCredential};
 use object_store::client::{
     HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
     HttpResponseBody, HttpService,
@@ -197,19 +197,67 @@ fn credentials_profile<'a>(
     out
 }
 
+/// Signs requests ferry makes or changes itself (object_store signs its own).
+#[derive(Debug)]
+struct Signer {
+    cred: AwsCredential,
+    region: String,
+}
+
+impl Signer {
+    /// Sign `parts` + `body` (SigV4, payload hashed), replacing any signature.
+    fn sign(&self, parts: &mut http::request::Parts, body: &Bytes) -> object_store::Result<()> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, body);
+        parts.headers.remove(http::header::AUTHORIZATION);
+        let mut req = HttpRequest::from_parts(parts.clone(), body.clone().into());
+        AwsAuthorizer::new(&self.cred, "s3", &self.region)
+            .try_authorize(&mut req, Some(digest.as_ref()))?;
+        *parts = req.into_parts().0;
+        Ok(())
+    }
+}
+
+/// A request extension: object_store has no Object Lock option, so a PUT that
+/// must carry a retention carries this, and ferry's HTTP seam turns it into
+/// the lock headers (and the checksum S3 requires with them), then re-signs.
+#[derive(Clone, Debug)]
+struct LockHeaders {
+    mode: &'static str,
+    until: String,
+}
+
 /// object_store's HTTP seam, served by ferry's reqwest client (ring-based
 /// rustls, the configured CA) rather than object_store's own default client.
 #[derive(Debug)]
-struct FerryHttp(reqwest::Client);
+struct FerryHttp(reqwest::Client, Arc<Signer>);
 
 impl HttpConnector for FerryHttp {
     fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
-        Ok(HttpClient::new(FerryHttpService(self.0.clone())))
+        Ok(HttpClient::new(FerryHttpService(
+            self.0.clone(),
+            self.1.clone(),
+        )))
     }
 }
 
 #[derive(Debug)]
-struct FerryHttpService(reqwest::Client);
+struct FerryHttpService(reqwest::Client, Arc<Signer>);
+
+/// Add the Object Lock headers of `lock` to a request, with the SHA-256
+/// checksum S3 demands alongside them.
+fn add_lock_headers(parts: &mut http::request::Parts, body: &Bytes, lock: &LockHeaders) {
+    use base64::Engine;
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    let h = &mut parts.headers;
+    let val = |v: &str| http::HeaderValue::from_str(v).expect("ASCII header value");
+    h.insert("x-amz-object-lock-mode", val(lock.mode));
+    h.insert("x-amz-object-lock-retain-until-date", val(&lock.until));
+    h.insert("x-amz-sdk-checksum-algorithm", val("SHA256"));
+    h.insert(
+        "x-amz-checksum-sha256",
+        val(&base64::engine::general_purpose::STANDARD.encode(digest.as_ref())),
+    );
+}
 
 fn http_error(e: reqwest::Error) -> HttpError {
     let kind = if e.is_timeout() {
@@ -239,6 +287,13 @@ impl HttpService for FerryHttpService {
             .await
             .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?
             .to_bytes();
+        let mut parts = parts;
+        if let Some(lock) = parts.extensions.get::<LockHeaders>().cloned() {
+            add_lock_headers(&mut parts, &body, &lock);
+            self.1
+                .sign(&mut parts, &body)
+                .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
+        }
         let mut r = reqwest::Request::new(parts.method, url);
         *r.headers_mut() = parts.headers;
         *r.body_mut() = Some(body.into());
@@ -262,6 +317,12 @@ struct Inner {
     bucket: String,
     prefix: String,
     endpoint: String,
+    /// `endpoint/bucket` or `scheme://bucket.host`: where ferry's own
+    /// requests (Object Lock) go.
+    bucket_url: String,
+    http: reqwest::Client,
+    signer: Arc<Signer>,
+    max_retries: usize,
 }
 
 impl Drop for Inner {
@@ -316,15 +377,30 @@ impl S3Store {
         };
         http = http.tls_backend_preconfigured((*tls).clone());
         let http = http.build().map_err(|e| invalid(e.to_string()))?;
+        let signer = Arc::new(Signer {
+            cred: AwsCredential {
+                key_id: id.clone(),
+                secret_key: secret.to_string(),
+                token: s.session_token.as_ref().map(|t| t.to_string()),
+            },
+            region: s.region.clone(),
+        });
+        let bucket_url = if s.path_style {
+            format!("{}/{bucket}", endpoint.trim_end_matches('/'))
+        } else {
+            let (scheme, host) = endpoint.split_once("://").unwrap_or(("https", &endpoint));
+            format!("{scheme}://{bucket}.{}", host.trim_end_matches('/'))
+        };
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&s.region)
-            .with_endpoint(&endpoint)
+            // With virtual hosts, object_store takes the bucket's own URL.
+            .with_endpoint(if s.path_style { &endpoint } else { &bucket_url })
             .with_allow_http(endpoint.starts_with("http://"))
             .with_virtual_hosted_style_request(!s.path_style)
             .with_access_key_id(id)
             .with_secret_access_key(secret.as_str())
-            .with_http_connector(FerryHttp(http))
+            .with_http_connector(FerryHttp(http.clone(), signer.clone()))
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
@@ -351,8 +427,110 @@ impl S3Store {
                 bucket: bucket.to_string(),
                 prefix: prefix.to_string(),
                 endpoint,
+                bucket_url,
+                http,
+                signer,
+                max_retries: s.max_retries,
             }),
         })
+    }
+
+    /// The object key in the bucket of repository key `key`.
+    fn full_key(&self, key: &str) -> String {
+        if self.inner.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.inner.prefix)
+        }
+    }
+
+    /// A request ferry makes itself (the Object Lock calls object_store lacks):
+    /// signed, retried with backoff on 5xx and network errors. `key` `None`:
+    /// the bucket. Returns status, headers and body.
+    fn raw(
+        &self,
+        method: http::Method,
+        key: Option<&str>,
+        query: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, http::HeaderMap, Bytes)> {
+        let what = key
+            .map(|k| self.url(k))
+            .unwrap_or_else(|| format!("s3://{}", self.inner.bucket));
+        let url = match key {
+            Some(k) => format!("{}/{}?{query}", self.inner.bucket_url, self.full_key(k)),
+            None => format!("{}?{query}", self.inner.bucket_url),
+        };
+        let url = url.trim_end_matches('?').to_string();
+        let inner = self.inner.clone();
+        let body = Bytes::from(body);
+        let r = self.run(async move {
+            let mut pause = Duration::from_millis(100);
+            let mut attempt = 0;
+            loop {
+                let mut parts = http::Request::builder()
+                    .method(method.clone())
+                    .uri(&url)
+                    .body(())
+                    .map_err(|e| e.to_string())?
+                    .into_parts()
+                    .0;
+                if !body.is_empty() {
+                    use base64::Engine;
+                    use md5::Digest;
+                    let md5 = md5::Md5::digest(&body);
+                    parts.headers.insert(
+                        "content-md5",
+                        http::HeaderValue::from_str(
+                            &base64::engine::general_purpose::STANDARD.encode(md5),
+                        )
+                        .map_err(|e| e.to_string())?,
+                    );
+                }
+                inner
+                    .signer
+                    .sign(&mut parts, &body)
+                    .map_err(|e| e.to_string())?;
+                let mut req = reqwest::Request::new(
+                    parts.method,
+                    reqwest::Url::parse(&url).map_err(|e| e.to_string())?,
+                );
+                *req.headers_mut() = parts.headers;
+                *req.body_mut() = Some(body.clone().into());
+                let res = inner.http.execute(req).await;
+                let retry = match &res {
+                    // 500, 502, 503 (SlowDown), 504; not 501 Not Implemented.
+                    Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
+                    Err(e) => !e.is_builder(),
+                };
+                if retry && attempt < inner.max_retries {
+                    attempt += 1;
+                    let jitter =
+                        rand::Rng::gen_range(&mut rand::thread_rng(), 0..=pause.as_millis() as u64);
+                    tokio::time::sleep(pause + Duration::from_millis(jitter)).await;
+                    pause = (pause * 2).min(Duration::from_secs(15));
+                    continue;
+                }
+                let r = res.map_err(|e| e.to_string())?;
+                let status = r.status().as_u16();
+                let headers = r.headers().clone();
+                let body = r.bytes().await.map_err(|e| e.to_string())?;
+                return Ok::<_, String>((status, headers, body));
+            }
+        });
+        r.map_err(|detail| RepoError::Remote {
+            object: what,
+            detail,
+        })
+    }
+
+    /// The S3 error code in an error response body (`<Code>...</Code>`).
+    fn error_code(body: &[u8]) -> String {
+        let t = String::from_utf8_lossy(body);
+        t.split_once("<Code>")
+            .and_then(|(_, r)| r.split_once("</Code>"))
+            .map(|(c, _)| c.to_string())
+            .unwrap_or_default()
     }
 
     fn path(&self, key: &str) -> ObjPath {
@@ -445,14 +623,18 @@ impl S3Store {
     /// Upload a local file as `key` (create-only below the multipart size;
     /// larger ones in parts, which S3 cannot make conditional: callers give
     /// such files fresh names).
-    fn upload_file(&self, key: &str, mut file: File) -> Result<()> {
+    fn upload_file(&self, key: &str, mut file: File, retention: Option<&Retention>) -> Result<()> {
         let local = |e| RepoError::io(std::env::temp_dir(), e);
         let len = file.seek(std::io::SeekFrom::End(0)).map_err(local)?;
         file.rewind().map_err(local)?;
         if len <= MULTIPART_ABOVE {
             let mut buf = Vec::with_capacity(len as usize);
             file.read_to_end(&mut buf).map_err(local)?;
-            if !self.put(key, PutPayload::from(buf), PutMode::Create)? {
+            let written = match retention {
+                Some(r) => self.put_retained(key, PutPayload::from(buf), r)?,
+                None => self.put(key, PutPayload::from(buf), PutMode::Create)?,
+            };
+            if !written {
                 return Err(RepoError::Invalid(format!(
                     "{} exists already; refusing to replace it",
                     self.url(key)
@@ -483,9 +665,42 @@ impl S3Store {
             Ok(())
         });
         match r {
-            Ok(()) => Ok(()),
+            // Parts carry no lock headers: the lock goes on once it is whole.
+            Ok(()) => match retention {
+                Some(r) => self.extend_retention(key, r),
+                None => Ok(()),
+            },
             Err(Ok(io)) => Err(local(io)),
             Err(Err(e)) => Err(self.err(key, e)),
+        }
+    }
+
+    /// A create-only PUT carrying a retention.
+    fn put_retained(&self, key: &str, data: PutPayload, r: &Retention) -> Result<bool> {
+        let mut ext = http::Extensions::new();
+        ext.insert(LockHeaders {
+            mode: r.mode.s3_name(),
+            until: super::format_unix(r.until),
+        });
+        let (store, path) = (self.inner.store.clone(), self.path(key));
+        let res = self.run(async move {
+            store
+                .put_opts(
+                    &path,
+                    data,
+                    PutOptions {
+                        mode: PutMode::Create,
+                        extensions: ext,
+                        ..Default::default()
+                    },
+                )
+                .await
+        });
+        match res {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.err(key, e)),
         }
     }
 }
@@ -693,6 +908,98 @@ impl Backend for S3Store {
         Ok(())
     }
 
+    fn check_object_lock(&self) -> Result<()> {
+        let (status, _, body) = self.raw(http::Method::GET, None, "object-lock=", Vec::new())?;
+        let text = String::from_utf8_lossy(&body);
+        if status == 200 && text.contains("<ObjectLockEnabled>Enabled</ObjectLockEnabled>") {
+            return Ok(());
+        }
+        let code = Self::error_code(&body);
+        let why = match (status, code.as_str()) {
+            (200, _) | (404, "ObjectLockConfigurationNotFoundError") => {
+                "Object Lock is not enabled on it".to_string()
+            }
+            (404, "NoSuchBucket") => "it does not exist".to_string(),
+            (403, _) => {
+                format!("the credentials may not read its Object Lock configuration ({code})")
+            }
+            (501, _) => "this S3 server does not implement Object Lock".to_string(),
+            _ => format!("its Object Lock configuration could not be read (HTTP {status} {code})"),
+        };
+        Err(RepoError::Invalid(format!(
+            "immutable restore points need Object Lock, but bucket {}: {why}. Create a bucket with Object Lock enabled (most stores allow it only at creation) or back up without --immutable-days",
+            self.inner.bucket
+        )))
+    }
+
+    fn create_retained(&self, key: &str, data: &[u8], r: &Retention) -> Result<bool> {
+        self.put_retained(key, PutPayload::from(data.to_vec()), r)
+    }
+
+    fn extend_retention(&self, key: &str, r: &Retention) -> Result<()> {
+        let body = format!(
+            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>{}</Mode><RetainUntilDate>{}</RetainUntilDate></Retention>",
+            r.mode.s3_name(),
+            super::format_unix(r.until)
+        );
+        let (status, _, resp) = self.raw(
+            http::Method::PUT,
+            Some(key),
+            "retention=",
+            body.into_bytes(),
+        )?;
+        if status / 100 == 2 {
+            return Ok(());
+        }
+        // Never shortened: an object already retained longer (in compliance
+        // mode S3 refuses the shorter date) is what was wanted.
+        if let Some(have) = self.retention(key)? {
+            if have.until >= r.until {
+                return Ok(());
+            }
+        }
+        Err(RepoError::Remote {
+            object: self.url(key),
+            detail: format!(
+                "could not set its retention until {} (HTTP {status} {})",
+                super::format_unix(r.until),
+                Self::error_code(&resp)
+            ),
+        })
+    }
+
+    fn retention(&self, key: &str) -> Result<Option<Retention>> {
+        let (status, headers, _) = self.raw(http::Method::HEAD, Some(key), "", Vec::new())?;
+        if status == 404 {
+            return Ok(None);
+        }
+        if status / 100 != 2 {
+            return Err(RepoError::Remote {
+                object: self.url(key),
+                detail: format!("HEAD answered HTTP {status}"),
+            });
+        }
+        let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let (Some(mode), Some(until)) = (
+            h("x-amz-object-lock-mode"),
+            h("x-amz-object-lock-retain-until-date"),
+        ) else {
+            return Ok(None);
+        };
+        let mode = mode.parse().map_err(|e: String| RepoError::Remote {
+            object: self.url(key),
+            detail: e,
+        })?;
+        let until =
+            time::OffsetDateTime::parse(until, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| RepoError::Remote {
+                    object: self.url(key),
+                    detail: format!("retention date {until:?}: {e}"),
+                })?
+                .unix_timestamp();
+        Ok(Some(Retention { mode, until }))
+    }
+
     fn lock(
         &self,
         name: &str,
@@ -703,10 +1010,15 @@ impl Backend for S3Store {
         super::object_lock::acquire(Arc::new(self.clone()), name, mode, operation, wait)
     }
 
-    fn stage_point(&self, id: &str) -> Result<Box<dyn PointStage + '_>> {
+    fn stage_point(
+        &self,
+        id: &str,
+        retention: Option<Retention>,
+    ) -> Result<Box<dyn PointStage + '_>> {
         Ok(Box::new(S3Stage {
             store: self,
             id: id.to_string(),
+            retention,
             written: Vec::new(),
             committed: false,
         }))
@@ -743,6 +1055,7 @@ impl Backend for S3Store {
 struct S3Stage<'a> {
     store: &'a S3Store,
     id: String,
+    retention: Option<Retention>,
     written: Vec<String>,
     committed: bool,
 }
@@ -755,12 +1068,16 @@ impl PointStage for S3Stage<'_> {
     fn finish_file(&mut self, name: &str, file: File) -> Result<()> {
         let key = super::point_key(&self.id, name);
         self.written.push(key.clone());
-        self.store.upload_file(&key, file)
+        self.store.upload_file(&key, file, self.retention.as_ref())
     }
 
     fn commit(mut self: Box<Self>, manifest: &[u8]) -> Result<()> {
         let key = super::point_key(&self.id, "manifest");
-        if !self.store.create(&key, manifest)? {
+        let written = match &self.retention {
+            Some(r) => self.store.create_retained(&key, manifest, r)?,
+            None => self.store.create(&key, manifest)?,
+        };
+        if !written {
             return Err(RepoError::Invalid(format!(
                 "{} exists already: another backup took the same point id",
                 self.store.url(&key)
