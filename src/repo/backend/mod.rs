@@ -247,6 +247,14 @@ impl Location {
                 "repository location {s}: {bucket:?} is not a valid S3 bucket name (3 to 63 lower-case letters, digits, '-' or '.')"
             )));
         }
+        if !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+        {
+            return Err(RepoError::Invalid(format!(
+                "repository location {s}: the prefix may hold letters, digits, '-', '_', '.' and '/' only"
+            )));
+        }
         if prefix
             .split('/')
             .any(|c| c.is_empty() && !prefix.is_empty() || c == "." || c == "..")
@@ -329,9 +337,29 @@ mod tests {
             "s3://ab",
             "s3://ok-bucket/a//b",
             "s3://ok-bucket/../x",
+            "s3://ok-bucket/a b",
+            "s3://ok-bucket/a?b",
             "gs://x/y",
         ] {
             assert!(Location::parse(Path::new(bad)).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_location_parses_or_is_refused(s in "(s3://)?[ -~]{0,80}") {
+            // Never a panic; an accepted S3 location has a valid bucket and a
+            // prefix that needs no encoding in a URL.
+            if let Ok(Location::S3 { bucket, prefix }) = Location::parse(Path::new(&s)) {
+                proptest::prop_assert!((3..=63).contains(&bucket.len()));
+                proptest::prop_assert!(prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)));
+                proptest::prop_assert!(!prefix.starts_with('/') && !prefix.ends_with('/'));
+            }
+        }
+
+        #[test]
+        fn credentials_files_never_panic(text in r"[ -~\n\[\]=]{0,300}", profile in "[a-z]{0,8}") {
+            let _ = s3::tests_support::profile(&text, &profile);
         }
     }
 

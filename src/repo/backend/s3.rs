@@ -1098,9 +1098,43 @@ impl Drop for S3Stage<'_> {
     }
 }
 
+/// Test access to private parsers.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    /// [`super::credentials_profile`] as an owned map.
+    pub fn profile(text: &str, name: &str) -> std::collections::HashMap<String, String> {
+        super::credentials_profile(text, name)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_errors_name_cause_and_fix() {
+        let generic = |body: &str| object_store::Error::Generic {
+            store: "S3",
+            source: body.to_string().into(),
+        };
+        let say = |body: &str| remote_error("s3://b/p/config", "b", &generic(body)).to_string();
+        let skew = say("Client error with status 403 Forbidden: <Error><Code>RequestTimeTooSkewed</Code></Error>");
+        assert!(skew.contains("clock") && skew.contains("NTP"), "{skew}");
+        let bucket = say("<Error><Code>NoSuchBucket</Code></Error>");
+        assert!(bucket.contains("bucket b does not exist"), "{bucket}");
+        let creds = say("<Error><Code>InvalidAccessKeyId</Code></Error>");
+        assert!(creds.contains("AWS_ACCESS_KEY_ID"), "{creds}");
+        let denied = say("<Error><Code>AccessDenied</Code></Error>");
+        assert!(denied.contains("bucket policy"), "{denied}");
+        let other = say("something else");
+        assert!(
+            other.starts_with("s3://b/p/config: ") && other.contains("something else"),
+            "{other}"
+        );
+    }
 
     #[test]
     fn credentials_file_profiles() {
