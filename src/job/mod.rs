@@ -294,7 +294,8 @@ pub fn backup(
                 config: crate::pipeline::PipelineConfig {
                     codec: repo.config.compression,
                     ..req.pipeline
-                },
+                }
+                .with_min_workers(repo.backend().min_workers()),
                 progress,
             },
             &mut iw,
@@ -619,7 +620,7 @@ pub fn restore(
         &table,
         &point.id_key,
         &target,
-        pipeline,
+        pipeline.with_min_workers(repo.backend().min_workers()),
         progress,
     );
     if res.is_err() && !is_block {

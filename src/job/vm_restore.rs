@@ -1259,7 +1259,7 @@ impl Ctx<'_> {
                     &table,
                     &point.id_key,
                     target.as_ref(),
-                    pipeline,
+                    pipeline.with_min_workers(repo.backend().min_workers()),
                     &progress,
                 );
                 // Closed here, whatever happened: a VDDK handle (and the disk VDDK

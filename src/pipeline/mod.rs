@@ -57,6 +57,20 @@ impl PipelineConfig {
     }
 }
 
+impl PipelineConfig {
+    /// At least `min` workers (a store where each worker waits on one network
+    /// request at a time wants more of them than cores), with the buffers
+    /// they need.
+    pub fn with_min_workers(self, min: usize) -> Self {
+        let workers = self.workers.max(min).min(256);
+        PipelineConfig {
+            workers,
+            buffers: self.buffers.max(2 * workers).min(4096),
+            ..self
+        }
+    }
+}
+
 /// Pipeline failures.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

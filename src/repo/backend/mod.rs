@@ -176,6 +176,12 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// The fewest pipeline workers backups and restores should use here: each
+    /// worker has one request in flight at a time (0: no minimum, cores decide).
+    fn min_workers(&self) -> usize {
+        0
+    }
+
     /// Take the lock `name` (`repo`, `keyring`) in `mode`, waiting up to `wait`.
     fn lock(&self, name: &str, mode: LockMode, operation: &str, wait: Duration)
         -> Result<RepoLock>;

@@ -60,6 +60,9 @@ pub struct S3Settings {
     pub max_retries: usize,
     /// Timeout of one request.
     pub timeout: Duration,
+    /// Requests in flight at once during backups and restores (the fewest
+    /// pipeline workers they use).
+    pub connections: usize,
 }
 
 impl std::fmt::Debug for S3Settings {
@@ -86,6 +89,7 @@ impl Default for S3Settings {
             ca_file: None,
             max_retries: 8,
             timeout: Duration::from_secs(120),
+            connections: 8,
         }
     }
 }
@@ -137,6 +141,15 @@ impl S3Settings {
             s.max_retries = r
                 .parse()
                 .map_err(|_| RepoError::Invalid(format!("FERRY_S3_RETRIES={r}: not a number")))?;
+        }
+        if let Some(c) = env("FERRY_S3_CONNECTIONS") {
+            s.connections = c
+                .parse()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| {
+                    RepoError::Invalid(format!("FERRY_S3_CONNECTIONS={c}: a number from 1 to 256"))
+                })?;
         }
         if let Some(t) = env("FERRY_S3_TIMEOUT_SECS") {
             s.timeout = Duration::from_secs(t.parse().map_err(|_| {
@@ -323,6 +336,7 @@ struct Inner {
     http: reqwest::Client,
     signer: Arc<Signer>,
     max_retries: usize,
+    connections: usize,
 }
 
 impl Drop for Inner {
@@ -431,6 +445,7 @@ impl S3Store {
                 http,
                 signer,
                 max_retries: s.max_retries,
+                connections: s.connections,
             }),
         })
     }
@@ -906,6 +921,10 @@ impl Backend for S3Store {
     fn sync(&self) -> Result<()> {
         // A PUT is acknowledged only once the object is durable.
         Ok(())
+    }
+
+    fn min_workers(&self) -> usize {
+        self.inner.connections
     }
 
     fn check_object_lock(&self) -> Result<()> {
