@@ -84,48 +84,30 @@ fn immutable_points_on_moto() {
     assert!(out.contains("disk-0.idx"), "{out}");
 }
 
+/// `repo set-immutability --immutable-days 7` in `w` fails, saying `why`.
+fn refused(w: &World, why: &str) -> String {
+    let o = w.ferry(&["repo", "set-immutability", "--immutable-days", "7"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains(why), "{}", text(&o));
+    err
+}
+
 #[test]
 fn no_object_lock_no_immutable_points() {
     // moto: a bucket made without Object Lock.
     let server = S3Server::start(S3Peer::Moto);
-    let w = World::on_s3(&server, "plain");
-    let o = w
-        .command(&["repo", "set-immutability", "--immutable-days", "7"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("Object Lock is not enabled"), "{}", text(&o));
-    assert!(
-        err.contains("Create a bucket with Object Lock"),
-        "{}",
-        text(&o)
+    let err = refused(
+        &World::on_s3(&server, "plain"),
+        "Object Lock is not enabled",
     );
-
+    assert!(err.contains("Create a bucket with Object Lock"), "{err}");
     // s3s-fs implements no Object Lock at all.
     let server = S3Server::start(S3Peer::S3sFs);
-    let w = World::on_s3(&server, "plain");
-    let o = w
-        .command(&["repo", "set-immutability", "--immutable-days", "7"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("does not implement Object Lock"),
-        "{}",
-        text(&o)
+    refused(
+        &World::on_s3(&server, "plain"),
+        "does not implement Object Lock",
     );
-
     // A local directory cannot enforce it.
-    let w = World::new();
-    let o = w
-        .command(&["repo", "set-immutability", "--immutable-days", "7"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("need S3 Object Lock"),
-        "{}",
-        text(&o)
-    );
+    refused(&World::new(), "need S3 Object Lock");
 }

@@ -613,20 +613,21 @@ impl S3Store {
             .map_err(|e| self.err(key, e))
     }
 
+    /// A PUT: `Ok(false)` when a create-only one finds the key taken.
     fn put(&self, key: &str, data: PutPayload, mode: PutMode) -> Result<bool> {
+        self.put_opts(
+            key,
+            data,
+            PutOptions {
+                mode,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn put_opts(&self, key: &str, data: PutPayload, opts: PutOptions) -> Result<bool> {
         let (store, path) = (self.inner.store.clone(), self.path(key));
-        let r = self.run(async move {
-            store
-                .put_opts(
-                    &path,
-                    data,
-                    PutOptions {
-                        mode,
-                        ..Default::default()
-                    },
-                )
-                .await
-        });
+        let r = self.run(async move { store.put_opts(&path, data, opts).await });
         match r {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. })
@@ -697,26 +698,15 @@ impl S3Store {
             mode: r.mode.s3_name(),
             until: super::format_unix(r.until),
         });
-        let (store, path) = (self.inner.store.clone(), self.path(key));
-        let res = self.run(async move {
-            store
-                .put_opts(
-                    &path,
-                    data,
-                    PutOptions {
-                        mode: PutMode::Create,
-                        extensions: ext,
-                        ..Default::default()
-                    },
-                )
-                .await
-        });
-        match res {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(false),
-            Err(e) => Err(self.err(key, e)),
-        }
+        self.put_opts(
+            key,
+            data,
+            PutOptions {
+                mode: PutMode::Create,
+                extensions: ext,
+                ..Default::default()
+            },
+        )
     }
 }
 
