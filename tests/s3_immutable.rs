@@ -62,6 +62,16 @@ fn immutable_points_on_moto() {
         assert!(r.until >= want.until, "{}: {r:?}", c.key);
     }
 
+    // points list shows each point's date.
+    let o = w.ferry(&["--json", "points", "list"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        list.to_string()
+            .contains(&ferry::repo::backend::format_unix(want.until)),
+        "{list}"
+    );
+
     // Prune keeps both, saying why; verify is clean.
     let o = w.ferry(&["--json", "prune", "--keep-last", "1"]);
     assert!(o.status.success(), "{}", text(&o));

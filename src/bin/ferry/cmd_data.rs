@@ -220,7 +220,7 @@ pub fn points(cmd: PointsCmd, out: &Output) -> anyhow::Result<u8> {
                 _ => true,
             })
             .map(|p| match &p.header {
-                Ok(h) => serde_json::json!({"point_id": p.id, "created": h.created, "name": h.source, "identity": h.identity, "parent": h.parent, "disks": h.disks, "key": h.wrapped_key.key_ref, "recovery_key": h.recovery_wrapped_key.as_ref().map(|w| &w.key_ref), "snapshot": h.snapshot}),
+                Ok(h) => serde_json::json!({"point_id": p.id, "created": h.created, "name": h.source, "identity": h.identity, "parent": h.parent, "disks": h.disks, "key": h.wrapped_key.key_ref, "recovery_key": h.recovery_wrapped_key.as_ref().map(|w| &w.key_ref), "snapshot": h.snapshot, "immutable": h.immutable.map(|r| serde_json::json!({"mode": r.mode, "until": ferry::repo::backend::format_unix(r.until)}))}),
                 Err(e) => serde_json::json!({"point_id": p.id, "error": e.to_string()}),
             })
             .collect();
