@@ -415,6 +415,10 @@ impl S3Store {
             .with_access_key_id(id)
             .with_secret_access_key(secret.as_str())
             .with_http_connector(FerryHttp(http.clone(), signer.clone()))
+            // Chunks authenticate themselves (AES-GCM) and TLS protects the
+            // transfer: hashing every body for the signature would only cost
+            // CPU. Requests that need a checksum (Object Lock) carry one.
+            .with_unsigned_payload(true)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
@@ -646,17 +650,7 @@ impl S3Store {
         if len <= MULTIPART_ABOVE {
             let mut buf = Vec::with_capacity(len as usize);
             file.read_to_end(&mut buf).map_err(local)?;
-            let written = match retention {
-                Some(r) => self.put_retained(key, PutPayload::from(buf), r)?,
-                None => self.put(key, PutPayload::from(buf), PutMode::Create)?,
-            };
-            if !written {
-                return Err(RepoError::Invalid(format!(
-                    "{} exists already; refusing to replace it",
-                    self.url(key)
-                )));
-            }
-            return Ok(());
+            return self.create_once(key, buf, retention);
         }
         let (store, path) = (self.inner.store.clone(), self.path(key));
         // One task for the whole upload (the parts are read from a local file
@@ -688,6 +682,34 @@ impl S3Store {
             },
             Err(Ok(io)) => Err(local(io)),
             Err(Err(e)) => Err(self.err(key, e)),
+        }
+    }
+
+    /// Create `key` with `data`, which must not exist, or exist with exactly
+    /// these bytes: a PUT whose answer was lost (a reset) is retried, and the
+    /// retry finds the first attempt's object (412). Anything else under the
+    /// name is an error; nothing is replaced.
+    fn create_once(&self, key: &str, data: Vec<u8>, retention: Option<&Retention>) -> Result<()> {
+        let len = data.len() as u64;
+        let payload = PutPayload::from(Bytes::from(data));
+        let written = match retention {
+            Some(r) => self.put_retained(key, payload.clone(), r)?,
+            None => self.put(key, payload.clone(), PutMode::Create)?,
+        };
+        if written {
+            return Ok(());
+        }
+        let ours: Vec<u8> = payload.iter().flat_map(|b| b.iter().copied()).collect();
+        match self.read(key, len) {
+            Ok(Some(theirs)) if theirs == ours => {
+                tracing::info!(object = %self.url(key), "already stored by an earlier attempt of this request");
+                Ok(())
+            }
+            Ok(_) | Err(RepoError::Damaged { .. }) => Err(RepoError::Invalid(format!(
+                "{} exists already with other content; refusing to replace it",
+                self.url(key)
+            ))),
+            Err(e) => Err(e),
         }
     }
 
@@ -1081,19 +1103,13 @@ impl PointStage for S3Stage<'_> {
     }
 
     fn commit(mut self: Box<Self>, manifest: &[u8]) -> Result<()> {
-        let key = super::point_key(&self.id, "manifest");
-        let written = match &self.retention {
-            Some(r) => self.store.create_retained(&key, manifest, r)?,
-            None => self.store.create(&key, manifest)?,
-        };
-        if !written {
-            return Err(RepoError::Invalid(format!(
-                "{} exists already: another backup took the same point id",
-                self.store.url(&key)
-            )));
-        }
+        // From the manifest PUT on, the point may exist whatever the answer
+        // (a lost response): its files stay; prune collects them if it
+        // does not.
         self.committed = true;
-        Ok(())
+        let key = super::point_key(&self.id, "manifest");
+        self.store
+            .create_once(&key, manifest.to_vec(), self.retention.as_ref())
     }
 }
 
