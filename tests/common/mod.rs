@@ -2,6 +2,7 @@
 //! pair, a repository and generated images, plus helpers to run the `ferry` binary.
 #![allow(dead_code)]
 
+pub mod faultproxy;
 pub mod fsimage;
 pub mod s3;
 pub mod vsphere;
@@ -78,6 +79,22 @@ impl World {
             immutability,
         )
         .unwrap();
+        w
+    }
+
+    /// [`World::on_s3`], but every later request (the library's through
+    /// [`World::repo`], the binary's through [`World::command`]) goes to
+    /// `endpoint` instead of the server (a proxy in front of it); the
+    /// repository is created directly on the server.
+    pub fn on_s3_at(server: &s3::S3Server, bucket: &str, endpoint: &str) -> World {
+        let mut w = Self::on_s3(server, bucket);
+        let (settings, env) = w.s3.as_mut().unwrap();
+        settings.endpoint = Some(endpoint.to_string());
+        for (k, v) in env.iter_mut() {
+            if k == "FERRY_S3_ENDPOINT" {
+                *v = endpoint.to_string();
+            }
+        }
         w
     }
 

@@ -11,8 +11,9 @@
 //! requests both may retreat and retry. A holder rewrites its object every
 //! [`REFRESH`]; an object the store has not seen rewritten for [`STALE`]
 //! (compared on the store's own clock, against the newcomer's fresh object)
-//! belongs to a dead process and is deleted. The lock is released by deleting
-//! the object when the guard drops.
+//! belongs to a dead process and is deleted; so is, at once, the object of a
+//! process of the same host that no longer runs (killed, crashed). The lock is
+//! released by deleting the object when the guard drops.
 //!
 //! Owns only this protocol; which operation needs which lock is the caller's.
 
@@ -137,6 +138,14 @@ pub fn acquire(
     ))
 }
 
+/// Whether `h` is a process of this host that has ended (killed, crashed):
+/// its lock need not wait [`STALE`] to go.
+fn dead_here(h: &LockHolder) -> bool {
+    h.host == crate::repo::lock::hostname()
+        && h.pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{}", h.pid)).exists()
+}
+
 /// The first conflicting live holder among `dir`'s lock objects (deleting
 /// stale ones on the way), or `None`.
 fn conflict(
@@ -172,6 +181,11 @@ fn conflict(
                 .flatten()
                 .and_then(|b| serde_json::from_slice::<LockRecord>(&b).ok())
                 .map(|r| r.holder);
+            if let Some(h) = holder.as_ref().filter(|h| dead_here(h)) {
+                tracing::warn!(lock = %o.key, pid = h.pid, operation = %h.operation, "removing the repository lock of a process of this host that no longer runs");
+                store.delete(&o.key)?;
+                continue;
+            }
             return Ok(Some(holder));
         }
     }

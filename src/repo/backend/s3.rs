@@ -310,7 +310,21 @@ impl HttpService for FerryHttpService {
         let mut r = reqwest::Request::new(parts.method, url);
         *r.headers_mut() = parts.headers;
         *r.body_mut() = Some(body.into());
-        let resp = self.0.execute(r).await.map_err(http_error)?;
+        // A create-only PUT that timed out may be sent again safely: the
+        // replay gets 412 when the first one landed, and the caller reads the
+        // object back (object_store retries timeouts only on requests it
+        // deems idempotent).
+        let create_only = r
+            .headers()
+            .get(http::header::IF_NONE_MATCH)
+            .is_some_and(|v| v == "*");
+        let resp = self.0.execute(r).await.map_err(|e| {
+            let mut err = http_error(e);
+            if create_only && err.kind() == HttpErrorKind::Timeout {
+                err = HttpError::new(HttpErrorKind::Request, err);
+            }
+            err
+        })?;
         let resp: http::Response<reqwest::Body> = resp.into();
         let (parts, body) = resp.into_parts();
         let body = HttpResponseBody::new(body.map_err(http_error));
@@ -530,11 +544,19 @@ impl S3Store {
                     pause = (pause * 2).min(Duration::from_secs(15));
                     continue;
                 }
-                let r = res.map_err(|e| e.to_string())?;
+                let r = res.map_err(|e| chain(&e))?;
                 let status = r.status().as_u16();
                 let headers = r.headers().clone();
-                let body = r.bytes().await.map_err(|e| e.to_string())?;
-                return Ok::<_, String>((status, headers, body));
+                match r.bytes().await {
+                    Ok(body) => return Ok::<_, String>((status, headers, body)),
+                    // A body cut short: these requests are idempotent.
+                    Err(_) if attempt < inner.max_retries => {
+                        attempt += 1;
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(15));
+                    }
+                    Err(e) => return Err(chain(&e)),
+                }
             }
         });
         r.map_err(|detail| RepoError::Remote {
@@ -584,6 +606,31 @@ impl S3Store {
             rx.recv().expect("the S3 runtime outlives its tasks")
         } else {
             rt.block_on(f)
+        }
+    }
+
+    /// Run an idempotent operation (a listing), again after a failure that
+    /// may pass (a body cut short, a reset, a 5xx that object_store's own
+    /// retries did not absorb), up to the configured retries with backoff.
+    /// object_store resumes object downloads itself but not listings.
+    fn retrying<T, F, Fut>(&self, op: F) -> object_store::Result<T>
+    where
+        T: Send + 'static,
+        F: Fn() -> Fut,
+        Fut: Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let mut pause = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            match self.run(op()) {
+                Err(e) if attempt < self.inner.max_retries && transient(&e) => {
+                    attempt += 1;
+                    tracing::info!(error = %e, attempt, "S3 request failed; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(15));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -732,9 +779,46 @@ impl S3Store {
     }
 }
 
+/// Whether a failed idempotent request may succeed when sent again: not a
+/// refusal (credentials, permissions, a missing bucket or object).
+fn transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    if matches!(
+        e,
+        E::NotFound { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+            | E::AlreadyExists { .. }
+            | E::Precondition { .. }
+            | E::NotImplemented { .. }
+    ) {
+        return false;
+    }
+    let t = chain(e);
+    !["NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"]
+        .iter()
+        .any(|c| t.contains(c))
+}
+
+/// An error and its causes, innermost last (reqwest keeps "timed out" or
+/// "connection reset" in a source, not in the top message).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// An object-store failure as an operator can act on it.
 fn remote_error(url: &str, bucket: &str, e: &object_store::Error) -> RepoError {
-    let text = e.to_string();
+    let text = chain(e);
     let has = |s: &str| text.contains(s);
     let detail = if has("NoSuchBucket") {
         format!("the bucket {bucket} does not exist; create it (with object lock if points are to be immutable) or fix the repository location")
@@ -776,11 +860,14 @@ impl Backend for S3Store {
     fn is_empty(&self) -> Result<bool> {
         let (store, path) = (self.inner.store.clone(), self.path(""));
         let prefix = (!self.inner.prefix.is_empty()).then_some(path);
-        let first = self.run(async move { store.list(prefix.as_ref()).next().await });
+        let first = self.retrying(|| {
+            let (store, prefix) = (store.clone(), prefix.clone());
+            async move { store.list(prefix.as_ref()).next().await.transpose() }
+        });
         match first {
-            None => Ok(true),
-            Some(Ok(_)) => Ok(false),
-            Some(Err(e)) => Err(self.err("", e)),
+            Ok(None) => Ok(true),
+            Ok(Some(_)) => Ok(false),
+            Err(e) => Err(self.err("", e)),
         }
     }
 
@@ -904,13 +991,16 @@ impl Backend for S3Store {
         } else {
             format!("{}/", self.inner.prefix)
         };
-        let metas = self.run(async move {
-            let mut out = Vec::new();
-            let mut s = store.list(Some(&path));
-            while let Some(m) = s.next().await {
-                out.push(m?);
+        let metas = self.retrying(|| {
+            let (store, path) = (store.clone(), path.clone());
+            async move {
+                let mut out = Vec::new();
+                let mut s = store.list(Some(&path));
+                while let Some(m) = s.next().await {
+                    out.push(m?);
+                }
+                Ok::<_, object_store::Error>(out)
             }
-            Ok::<_, object_store::Error>(out)
         });
         let metas = metas.map_err(|e| self.err(prefix, e))?;
         Ok(metas
