@@ -23,10 +23,6 @@ mod common;
 use common::faultproxy::{Fault, FaultProxy, Rule, Seen, When};
 use common::s3::{S3Peer, S3Server};
 use common::{hash, text, World, CS};
-use ferry::job::{self, BackupReport, BackupRequest, DiskInput, JobError};
-use ferry::pipeline::PipelineConfig;
-use ferry::progress::Progress;
-use ferry::transport::file::FileSource;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,28 +46,6 @@ fn tune(w: &mut World, retries: usize, timeout: Duration) {
         "FERRY_S3_TIMEOUT_SECS".into(),
         timeout.as_secs().to_string(),
     ));
-}
-
-/// [`World::backup`] that returns the error.
-fn try_backup(w: &World, name: &str, images: &[&Path]) -> Result<BackupReport, JobError> {
-    let disks = (images.iter())
-        .map(|p| DiskInput {
-            source: Box::new(FileSource::open(p).unwrap()),
-            label: p.display().to_string(),
-            transport_reason: "test".into(),
-            change_id: None,
-            read: Default::default(),
-        })
-        .collect();
-    let req = BackupRequest {
-        source_name: name.into(),
-        identity: None,
-        disks,
-        pipeline: PipelineConfig::new(Some(2), CS, 16 << 20),
-        lock_wait: Duration::from_secs(10),
-        snapshot: None,
-    };
-    job::backup(&w.repo(), &w.source(), req, &Progress::default())
 }
 
 /// Overwrite `len` bytes of `img` at `at` with `byte`.
@@ -111,10 +85,14 @@ fn slowdown_and_internal_errors_are_retried() {
         Rule::new(When::EveryNth(3), Fault::Status(503)),
         Rule::new(When::Bursts { every: 10, len: 3 }, Fault::Status(500)),
     ]);
-    let r1 = try_backup(&w, "vm1", &[&img]).expect("full backup through 5xx");
+    let r1 = w
+        .try_backup("vm1", &[&img])
+        .expect("full backup through 5xx");
     let h1 = hash(&img);
     scribble(&img, 3 * CS as u64, 8192, 0xA5);
-    let r2 = try_backup(&w, "vm1", &[&img]).expect("incremental through 5xx");
+    let r2 = w
+        .try_backup("vm1", &[&img])
+        .expect("incremental through 5xx");
     assert_eq!(r2.parent.as_deref(), Some(r1.point_id.as_str()));
     assert_eq!(r2.disks[0].chunks_new, 1, "only the changed chunk is new");
     restores(&w, &r1.point_id, h1, "5xx");
@@ -136,7 +114,7 @@ fn slowdown_and_internal_errors_are_retried() {
 fn fails(w: &World, proxy: &FaultProxy, rule: Rule, img: &Path) -> String {
     let before = w.repo().point_ids().unwrap();
     proxy.set(vec![rule]);
-    let res = try_backup(w, "vm1", &[img]);
+    let res = w.try_backup("vm1", &[img]);
     proxy.clear();
     let e = res.map(|r| r.point_id).expect_err("the backup fails");
     assert_eq!(w.repo().point_ids().unwrap(), before, "no new point: {e}");
@@ -147,7 +125,7 @@ fn fails(w: &World, proxy: &FaultProxy, rule: Rule, img: &Path) -> String {
 fn resets_are_retried_or_fail_cleanly() {
     let (_server, proxy, mut w) = setup("faults-resets");
     let img = w.image("disk.img", 16 * CS as u64, 3);
-    let r1 = try_backup(&w, "vm1", &[&img]).unwrap();
+    let r1 = w.try_backup("vm1", &[&img]).unwrap();
     let h1 = hash(&img);
 
     // Object bodies cut in half: object_store resumes them (a ranged GET,
@@ -200,7 +178,9 @@ fn resets_are_retried_or_fail_cleanly() {
             .method("PUT")
             .path("/manifest"),
     ]);
-    let r2 = try_backup(&w, "vm1", &[&img]).expect("backup through PUT resets");
+    let r2 = w
+        .try_backup("vm1", &[&img])
+        .expect("backup through PUT resets");
     proxy.clear();
     assert!(r2.disks[0].chunks_new > 0);
     let hit = |f: Fault| proxy.count(|s| s.fault == f);
@@ -226,7 +206,7 @@ fn resets_are_retried_or_fail_cleanly() {
             .method("PUT")
             .path(what);
         proxy.set(vec![rule]);
-        let r = try_backup(&w, "vm1", &[&img]);
+        let r = w.try_backup("vm1", &[&img]);
         proxy.clear();
         let r = r.unwrap_or_else(|e| panic!("lost answer to the {what} PUT: {e}"));
         let replays = proxy.count(|s| is("PUT", what)(s) && s.status == Some(412));
@@ -244,7 +224,7 @@ fn resets_are_retried_or_fail_cleanly() {
         .method("PUT")
         .path("/manifest");
     proxy.set(vec![rule]);
-    let res = try_backup(&w, "vm1", &[&img]);
+    let res = w.try_backup("vm1", &[&img]);
     proxy.clear();
     let e = res
         .map(|r| r.point_id)
@@ -270,7 +250,7 @@ fn persistent_put_failure_fails_in_bounded_time_and_prune_collects() {
     let (_server, proxy, mut w) = setup("faults-persistent");
     tune(&mut w, 2, Duration::from_secs(30));
     let img = w.image("disk.img", 16 * CS as u64, 5);
-    let r1 = try_backup(&w, "vm1", &[&img]).unwrap();
+    let r1 = w.try_backup("vm1", &[&img]).unwrap();
     let h1 = hash(&img);
     let (points0, chunks0) = (keys(&w, "points/"), keys(&w, "chunks/"));
 
@@ -326,7 +306,7 @@ fn slow_answers_time_out_and_gets_are_retried() {
     let (_server, proxy, mut w) = setup("faults-slow");
     tune(&mut w, 3, Duration::from_secs(2));
     let img = w.image("disk.img", 16 * CS as u64, 9);
-    let r1 = try_backup(&w, "vm1", &[&img]).unwrap();
+    let r1 = w.try_backup("vm1", &[&img]).unwrap();
     let h1 = hash(&img);
     let slow = Fault::Delay(Duration::from_secs(4));
 
@@ -362,7 +342,7 @@ fn slow_answers_time_out_and_gets_are_retried() {
     proxy.set(vec![Rule::new(When::Next(1), slow.clone())
         .method("PUT")
         .path("/chunks/")]);
-    let r2 = try_backup(&w, "vm1", &[&img]).unwrap();
+    let r2 = w.try_backup("vm1", &[&img]).unwrap();
     proxy.clear();
     let put = proxy
         .seen()
@@ -409,7 +389,7 @@ fn kill_backup(
 fn sigkill_mid_backup_leaves_no_point_and_prune_collects() {
     let (_server, proxy, w) = setup("faults-sigkill");
     let small = w.image("small.img", 16 * CS as u64, 21);
-    let r1 = try_backup(&w, "vm", &[&small]).unwrap();
+    let r1 = w.try_backup("vm", &[&small]).unwrap();
     let h1 = hash(&small);
     let (points0, chunks0) = (keys(&w, "points/"), keys(&w, "chunks/"));
     let big = w.image("big.img", 64 << 20, 22);

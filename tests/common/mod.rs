@@ -125,6 +125,14 @@ impl World {
         p
     }
     pub fn backup(&self, name: &str, images: &[&Path]) -> BackupReport {
+        self.try_backup(name, images).unwrap()
+    }
+    /// [`World::backup`] that returns the error.
+    pub fn try_backup(
+        &self,
+        name: &str,
+        images: &[&Path],
+    ) -> Result<BackupReport, ferry::job::JobError> {
         let repo = self.repo();
         let disks = images
             .iter()
@@ -149,7 +157,6 @@ impl World {
             },
             &Progress::default(),
         )
-        .unwrap()
     }
     /// Restore and return the result (the target path is removed first).
     pub fn restore(
