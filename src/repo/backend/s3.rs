@@ -795,9 +795,15 @@ fn transient(e: &object_store::Error) -> bool {
         return false;
     }
     let t = chain(e);
-    !["NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed"]
-        .iter()
-        .any(|c| t.contains(c))
+    ![
+        "NoSuchBucket",
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "RequestTimeTooSkewed",
+    ]
+    .iter()
+    .any(|c| t.contains(c))
 }
 
 /// An error and its causes, innermost last (reqwest keeps "timed out" or
