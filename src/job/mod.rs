@@ -316,7 +316,7 @@ pub fn backup(
             let mut ids = Vec::new();
             let mut rf = f.try_clone().map_err(|e| RepoError::io(&ipath, e))?;
             std::io::Seek::rewind(&mut rf).map_err(|e| RepoError::io(&ipath, e))?;
-            crate::repo::scan_index(&ipath, rf, header_len(&f, &ipath)?, |e| {
+            crate::repo::scan_index(&ipath, rf, file_len(&f, &ipath)?, |e| {
                 if !e.id.is_zero_marker() {
                     ids.push(e.id);
                 }
@@ -633,7 +633,7 @@ pub fn restore(
 }
 
 /// The length of a written index file.
-fn header_len(f: &File, path: &Path) -> Result<u64, RepoError> {
+fn file_len(f: &File, path: &Path) -> Result<u64, RepoError> {
     f.metadata()
         .map(|m| m.len())
         .map_err(|e| RepoError::io(path, e))

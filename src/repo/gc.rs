@@ -124,12 +124,12 @@ pub fn prune_chain(
     // those points were made with or reference.
     let mut live: HashSet<ChunkId> = HashSet::new();
     let mut live_keys: HashSet<KeyId> = HashSet::new();
-    for id in repo.point_ids()? {
+    for (id, files) in repo.points_with_files()? {
         if removed.contains(&id) {
             continue;
         }
         live_keys.extend(point_keys.get(&id));
-        for name in repo.point_files(&id)? {
+        for name in files {
             if !name.ends_with(".idx") {
                 continue;
             }

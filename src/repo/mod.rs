@@ -460,15 +460,20 @@ impl Repository {
     /// The files of committed point `id` other than its manifest (its indexes).
     pub fn point_files(&self, id: &str) -> Result<Vec<String>> {
         let prefix = format!("points/{id}/");
-        let mut names: Vec<String> = self
-            .store
-            .list(&prefix)?
-            .into_iter()
-            .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_string))
-            .filter(|n| n != "manifest")
-            .collect();
-        names.sort();
-        Ok(names)
+        Ok(files_by_point(self.store.list(&prefix)?)
+            .remove(id)
+            .unwrap_or_default())
+    }
+
+    /// Every committed point with its files other than the manifest, from one
+    /// listing (prune reads every index: one request, not one per point).
+    pub fn points_with_files(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+        let listing = self.store.list("points/")?;
+        let committed: std::collections::HashSet<String> =
+            backend::committed_points(&listing).into_iter().collect();
+        let mut all = files_by_point(listing);
+        all.retain(|id, _| committed.contains(id));
+        Ok(all)
     }
 
     /// Start writing point `id`, its files retained by `retention` (see
@@ -908,6 +913,31 @@ impl Repository {
             Ok(())
         })
     }
+}
+
+/// Group a listing of `points/` by point id: each point's file names other
+/// than `manifest`, sorted.
+fn files_by_point(
+    listing: Vec<backend::ObjectInfo>,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for o in listing {
+        let Some((id, name)) = o
+            .key
+            .strip_prefix("points/")
+            .and_then(|r| r.split_once('/'))
+        else {
+            continue;
+        };
+        let files = out.entry(id.to_string()).or_default();
+        if name != "manifest" {
+            files.push(name.to_string());
+        }
+    }
+    for f in out.values_mut() {
+        f.sort();
+    }
+    out
 }
 
 /// Read every entry of an index file without keys (its own checksums are
