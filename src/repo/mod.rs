@@ -287,12 +287,13 @@ impl Repository {
     /// Change the codec of new chunks (rewrites `config` atomically under the
     /// exclusive lock). Chunks already stored keep theirs: each records it.
     pub fn set_compression(&mut self, compression: codec::Codec) -> Result<()> {
-        let _l = self.lock(
-            LockMode::Exclusive,
-            "set compression",
-            Duration::from_secs(30),
-        )?;
-        self.config.compression = compression;
+        self.update_config("set compression", |c| c.compression = compression)
+    }
+
+    /// Change `config` with `f` and rewrite it, under the exclusive lock.
+    fn update_config(&mut self, operation: &str, f: impl FnOnce(&mut RepoConfig)) -> Result<()> {
+        let _l = self.lock(LockMode::Exclusive, operation, Duration::from_secs(30))?;
+        f(&mut self.config);
         self.store
             .replace("config", &format::encode_config(&self.config))
     }
@@ -300,11 +301,6 @@ impl Repository {
     /// Where the repository is, for messages: its directory or `s3://` URL.
     pub fn root(&self) -> PathBuf {
         self.store.location("")
-    }
-
-    /// The local directory, when the repository is one.
-    pub fn local_root(&self) -> Option<&Path> {
-        self.store.local_root()
     }
 
     /// Take the repository lock (waits up to `wait`).
@@ -501,14 +497,7 @@ impl Repository {
         if im.is_some() {
             self.store.check_object_lock()?;
         }
-        let _l = self.lock(
-            LockMode::Exclusive,
-            "set immutability",
-            Duration::from_secs(30),
-        )?;
-        self.config.immutability = im;
-        self.store
-            .replace("config", &format::encode_config(&self.config))
+        self.update_config("set immutability", |c| c.immutability = im)
     }
 
     /// [`Repository::put_chunk`] with a retention on the new chunk.

@@ -82,9 +82,6 @@ impl Backend for LocalDir {
     fn location(&self, key: &str) -> PathBuf {
         self.path(key)
     }
-    fn local_root(&self) -> Option<&Path> {
-        Some(&self.root)
-    }
 
     fn is_empty(&self) -> Result<bool> {
         match fs::read_dir(&self.root) {

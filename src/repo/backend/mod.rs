@@ -115,10 +115,6 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Where `key` lives, for error messages: a path, or an `s3://` URL.
     fn location(&self, key: &str) -> PathBuf;
-    /// The local directory, when the repository is one.
-    fn local_root(&self) -> Option<&Path> {
-        None
-    }
 
     /// Whether the repository location holds nothing yet (init refuses otherwise).
     fn is_empty(&self) -> Result<bool>;
