@@ -41,6 +41,7 @@ modes = ["nbdssl"]
 [[tenant]]
 name = "tenant-a"
 repository = "repo"
+restore_dirs = ["restores"]
 [tenant.pem]
 public_key = "k.pub.pem"
 private_key = "k.key.pem"
@@ -59,7 +60,7 @@ t0=$(date +%s.%N)
 pids=()
 for i in $(seq "$JOBS"); do
   "${C[@]}" -o /dev/null -H 'content-type: application/json' \
-    -d "{\"tenant\":\"tenant-a\",\"point\":\"latest:vm-$i\",\"target\":{\"kind\":\"directory\",\"path\":\"/tmp/ferry-api-load-none\"}}" \
+    -d "{\"tenant\":\"tenant-a\",\"point\":\"latest:vm-$i\",\"target\":{\"kind\":\"directory\",\"path\":\"$WORK/restores/none\"}}" \
     "$URL/v1/restores" &
   pids+=($!)
   # Not a bare `wait`: that would wait for the agent too.

@@ -285,6 +285,14 @@ pub struct TenantSection {
     /// own setting (LZ4 for one the agent creates).
     #[serde(default, deserialize_with = "codec_from_str")]
     pub compression: Option<crate::repo::codec::Codec>,
+    /// The directories under which restores requested through the agent API
+    /// (`POST /v1/restores` with target kind `directory` or `files`) may write
+    /// for this tenant (relative paths are relative to this file). A requested
+    /// path must resolve, symlinks followed, to one of them or below. Empty
+    /// (the default): such restores are refused. Restores into a VM and the
+    /// local `ferry restore` are not affected.
+    #[serde(default)]
+    pub restore_dirs: Vec<PathBuf>,
 }
 
 fn codec_from_str<'de, D: serde::Deserializer<'de>>(
@@ -401,6 +409,9 @@ impl Config {
                 fix(&mut t.repository);
             }
             fix_opt(&mut t.recovery_public_key);
+            for d in &mut t.restore_dirs {
+                fix(d);
+            }
             if let Some(k) = &mut t.kms {
                 fix(&mut k.ca);
                 fix_opt(&mut k.client_cert);
@@ -507,6 +518,14 @@ impl Config {
                     ))
                 }
                 _ => {}
+            }
+            for (j, d) in t.restore_dirs.iter().enumerate() {
+                if d.components().any(|c| c == std::path::Component::ParentDir) {
+                    return Err(self.invalid(
+                        key(&format!("restore_dirs[{j}]")),
+                        format!("{}: must not contain `..` components", d.display()),
+                    ));
+                }
             }
             if let Some(k) = &t.kms {
                 if !k.address.contains(':') {
@@ -629,6 +648,7 @@ allow_cleartext_nbd = false
 name = "tenant-a"
 repository = "repos/a"
 key_provider = "kms-a"
+restore_dirs = ["restores/a", "/srv/restore"]
 [tenant.kms]
 address = "kms-a.example.com:5696"
 ca = "kms-a/ca.pem"
@@ -673,6 +693,14 @@ public_key = "b.pub.pem"
             Some(crate::repo::codec::Codec::Zstd { level: 3 })
         );
         assert_eq!(c.tenant(Some("tenant-a")).unwrap().compression, None);
+        assert_eq!(
+            t.restore_dirs,
+            [
+                PathBuf::from("/etc/ferry/restores/a"),
+                PathBuf::from("/srv/restore")
+            ]
+        );
+        assert!(b.restore_dirs.is_empty(), "none unless configured");
         assert!(matches!(c.tenant(None), Err(ConfigError::Invalid { .. })));
         assert!(matches!(
             c.tenant(Some("nope")),
@@ -709,6 +737,7 @@ public_key = "b.pub.pem"
             ("[agent]\nid = \"p\"\ninsecure_http = true\ntoken_file = \"t\"\nstate_dir = \"s\"\nslots = 0\n", "agent.slots"),
             ("[agent]\nid = \"p\"\ninsecure_http = true\ntoken_file = \"t\"\nstate_dir = \"s\"\nclient_ca = \"ca.pem\"\n", "agent.client_ca"),
             ("[agent]\nid = \"p\"\ninsecure_http = true\ntoken_file = \"t\"\nstate_dir = \"s\"\nkey_provider = \" \"\n", "agent.key_provider"),
+            ("[[tenant]]\nname = \"a\"\nrepository = \"r\"\nrestore_dirs = [\"/srv/r\", \"/srv/x/../etc\"]\n[tenant.pem]\npublic_key = \"p\"\n", "tenant[0].restore_dirs[1]"),
         ];
         for (text, key) in cases {
             match Config::parse(text, Path::new("x.toml")) {

@@ -249,12 +249,12 @@ async fn backup_life_cycle_reports_mode_reason_bytes_and_metrics() {
         .as_str()
         .unwrap()
         .contains("injected fault"));
-    // A restore.
+    // A restore (under the tenant's restore_dirs).
     let (s, v) = f
         .post(
             "/v1/restores",
             &json!({"tenant": "tenant-a", "point": "latest:a01", "disks": [0, 1],
-                    "target": {"kind": "directory", "path": "/tmp/restore-here"}}),
+                    "target": {"kind": "directory", "path": f.dir.join("restores/tenant-a/here")}}),
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
@@ -536,6 +536,148 @@ async fn bad_input_is_a_4xx_json_error_naming_the_problem() {
     // A job id with odd characters is just unknown.
     let (s, v) = f.get("/v1/jobs/%00%2F..%20x").await;
     assert_error(s, &v, StatusCode::NOT_FOUND, "job_not_found");
+}
+
+/// Restores to a directory or files land only at or under the tenant's
+/// `restore_dirs` (issue 19): anything else, symlinks followed, is refused with
+/// 403 `restore_path_not_allowed` before a job exists, and nothing is created.
+/// A tenant without `restore_dirs` gets no such restore at all; VM targets are
+/// not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_outside_the_tenants_restore_dirs_are_refused_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let runner = TestRunner::new();
+    let o = AgentOpts {
+        datastores: vec!["ds-a".into(), "ds-b".into()],
+        tenants: vec![
+            ("tenant-a".into(), Some("KMS-A".into())),
+            ("tenant-b".into(), Some("KMS-B".into())),
+        ],
+        ..Default::default()
+    };
+    let f = AgentFixture::start(&root, &o, runner.clone()).await;
+    // restore_dirs = ["restores/<tenant>"], relative to the agent's config.
+    let allowed = root.join("restores/tenant-a");
+    let outside = root.join("outside");
+    std::fs::create_dir_all(allowed.join("real")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, allowed.join("escape")).unwrap();
+    std::os::unix::fs::symlink("real", allowed.join("alias")).unwrap();
+    let restore = |kind: &str, path: &std::path::Path| {
+        let mut target = json!({"kind": kind, "path": path});
+        if kind == "files" {
+            target["paths"] = json!(["/etc"]);
+        }
+        json!({"tenant": "tenant-a", "point": "latest:a01", "target": target})
+    };
+    for (kind, path, created) in [
+        ("directory", outside.join("x"), outside.join("x")),
+        ("files", outside.join("x"), outside.join("x")),
+        // A sibling sharing the allowed directory's name as a prefix.
+        (
+            "directory",
+            root.join("restores/tenant-a-evil"),
+            root.join("restores/tenant-a-evil"),
+        ),
+        // Another tenant's restore directory.
+        (
+            "files",
+            root.join("restores/tenant-b/x"),
+            root.join("restores/tenant-b"),
+        ),
+        // `..`, even one that would come back inside.
+        (
+            "directory",
+            allowed.join("../tenant-a/x"),
+            allowed.join("x"),
+        ),
+        // A symlink inside the allowed directory pointing out of it.
+        ("directory", allowed.join("escape/new"), outside.join("new")),
+        ("files", allowed.join("escape"), outside.join("etc")),
+        (
+            "directory",
+            std::path::PathBuf::from("/"),
+            root.join("none"),
+        ),
+    ] {
+        let (s, v) = f.post("/v1/restores", &restore(kind, &path)).await;
+        assert_error(s, &v, StatusCode::FORBIDDEN, "restore_path_not_allowed");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("tenant-a") && m.contains(&allowed.display().to_string()),
+            "{kind} {}: the message names the tenant and its allowed directory: {m}",
+            path.display()
+        );
+        assert!(!created.exists(), "{} was created", created.display());
+    }
+    assert!(
+        runner.runs().is_empty(),
+        "a refused restore never reaches the runner"
+    );
+    let (_, jobs) = f.get("/v1/jobs").await;
+    assert!(jobs["jobs"].as_array().unwrap().is_empty(), "{jobs}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing was written outside"
+    );
+
+    // Inside, through a symlink that stays inside: accepted, and the job gets
+    // the resolved path (a later change of the symlink does not redirect it).
+    for (kind, path, want) in [
+        (
+            "directory",
+            allowed.join("alias/new"),
+            allowed.join("real/new"),
+        ),
+        ("files", allowed.clone(), allowed.clone()),
+    ] {
+        let (s, v) = f.post("/v1/restores", &restore(kind, &path)).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let done = f.wait_done(v["id"].as_str().unwrap()).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        let runs = runner.runs();
+        let got = match &runs.last().unwrap().spec {
+            ferry::agent::JobSpec::Restore(r) => match &r.target {
+                ferry::agent::RestoreTarget::Directory { path }
+                | ferry::agent::RestoreTarget::Files { path, .. } => path.clone(),
+                t => panic!("{t:?}"),
+            },
+            s => panic!("{s:?}"),
+        };
+        assert_eq!(got, want);
+    }
+
+    // A tenant without restore_dirs: every directory or files restore is
+    // refused, naming the key and the tenant; a VM target still goes.
+    let dir2 = tempfile::tempdir().unwrap();
+    let runner2 = TestRunner::new();
+    let o2 = AgentOpts {
+        restore_dirs: false,
+        ..Default::default()
+    };
+    let f2 = AgentFixture::start(dir2.path(), &o2, runner2.clone()).await;
+    for kind in ["directory", "files"] {
+        let path = dir2.path().join("restores/tenant-a/x");
+        let (s, v) = f2.post("/v1/restores", &restore(kind, &path)).await;
+        assert_error(s, &v, StatusCode::FORBIDDEN, "restore_path_not_allowed");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("restore_dirs") && m.contains("\"tenant-a\""),
+            "{m}"
+        );
+        assert!(!dir2.path().join("restores").exists());
+    }
+    let (s, v) = f2
+        .post(
+            "/v1/restores",
+            &json!({"tenant": "tenant-a", "point": "p", "target": {"kind": "vm", "moref": "vm-1"}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    f2.wait_done(v["id"].as_str().unwrap()).await;
+    assert_eq!(runner2.runs().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

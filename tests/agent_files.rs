@@ -74,7 +74,9 @@ fn list_find_and_restore_files_through_the_agent() {
     );
     w.backup("vm1", &[&disk]);
 
-    // An agent serving tenant-a from that repository with its PEM keys.
+    // An agent serving tenant-a from that repository with its PEM keys,
+    // restoring files only under `restores/`.
+    let restores = w.path("restores");
     let dir = w.path("agent");
     let (_, pki) = agent_config(&dir, &AgentOpts::default());
     let cfg = dir.join("agent.toml");
@@ -83,8 +85,8 @@ fn list_find_and_restore_files_through_the_agent() {
     std::fs::write(
         &cfg,
         format!(
-            "{head}\n[[tenant]]\nname = \"tenant-a\"\nrepository = {:?}\nkey_provider = \"KMS-A\"\n[tenant.pem]\npublic_key = {:?}\nprivate_key = {:?}\n",
-            w.repo_dir, w.keys.public, w.keys.private
+            "{head}\n[[tenant]]\nname = \"tenant-a\"\nrepository = {:?}\nkey_provider = \"KMS-A\"\nrestore_dirs = [{:?}]\n[tenant.pem]\npublic_key = {:?}\nprivate_key = {:?}\n",
+            w.repo_dir, restores, w.keys.public, w.keys.private
         ),
     )
     .unwrap();
@@ -93,7 +95,7 @@ fn list_find_and_restore_files_through_the_agent() {
         c: client(&pki, false),
         url: agent.url.clone(),
     };
-    let out = w.path("restored");
+    let out = restores.join("restored");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (s, v) = api
@@ -181,7 +183,7 @@ fn list_find_and_restore_files_through_the_agent() {
             .post(
                 "/v1/restores",
                 &json!({"tenant": "tenant-a", "point": "latest:vm1",
-                        "target": {"kind": "files", "path": w.path("other"), "paths": ["/missing"]}}),
+                        "target": {"kind": "files", "path": restores.join("other"), "paths": ["/missing"]}}),
             )
             .await;
         let j = api.wait_done(v["id"].as_str().unwrap()).await;
@@ -197,6 +199,38 @@ fn list_find_and_restore_files_through_the_agent() {
             )
             .await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
+
+        // Outside restore_dirs: refused before any job, nothing created. That
+        // includes a path through a symlink out of `restores/`, and one through
+        // a symlink the restore above wrote (now dangling: its target was not
+        // restored).
+        std::os::unix::fs::symlink(w.dir.path(), restores.join("escape")).unwrap();
+        for (path, created) in [
+            (w.path("elsewhere"), w.path("elsewhere")),
+            (restores.join("escape/stolen"), w.path("stolen")),
+            (out.join("link to hello/x"), out.join("hello.txt")),
+        ] {
+            let (s, v) = api
+                .post(
+                    "/v1/restores",
+                    &json!({"tenant": "tenant-a", "point": "latest:vm1",
+                            "target": {"kind": "files", "path": path, "paths": ["/docs"]}}),
+                )
+                .await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{}: {v}", path.display());
+            assert_eq!(v["error"]["code"], "restore_path_not_allowed", "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains(&restores.display().to_string()), "{v}");
+            assert!(!created.exists(), "{}", created.display());
+        }
+        let (s, v) = api
+            .post(
+                "/v1/restores",
+                &json!({"tenant": "tenant-a", "point": "latest:vm1",
+                        "target": {"kind": "directory", "path": w.path("elsewhere")}}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert!(!w.path("elsewhere").exists());
     });
     assert_eq!(
         std::fs::read(out.join("large.bin")).unwrap(),

@@ -39,6 +39,13 @@ fn agent_examples_are_valid_and_serve_the_right_tenants() {
                 t.kms.is_some(),
                 "{file}: tenant keys live in the tenant's KMS"
             );
+            // Restores through the API go to the tenant's own directory,
+            // writable under the systemd unit (ReadWritePaths=/srv/ferry).
+            assert_eq!(
+                t.restore_dirs,
+                [Path::new("/srv/ferry/restores").join(&t.name)],
+                "{file}"
+            );
         }
     }
 }

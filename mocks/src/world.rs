@@ -264,6 +264,9 @@ impl World {
                 pem: None,
                 recovery_public_key: opts.recovery_public_key.clone(),
                 compression: None,
+                // Restores through the agents' API land under the world's
+                // `restores` directory.
+                restore_dirs: vec![dir.join("restores")],
             };
             // The key pair on the tenant's KMS and the repository bound to it,
             // created up front as `ferry repo init --kms ... --kms-create` would.
@@ -394,12 +397,20 @@ impl World {
             for ten in &served {
                 let k = ten.section.kms.as_ref().expect("sim tenants use a KMS");
                 t.push_str(&format!(
-                    "\n[[tenant]]\nname = {name:?}\nrepository = {repo:?}\nkey_provider = {kp:?}\n{recovery}\
+                    "\n[[tenant]]\nname = {name:?}\nrepository = {repo:?}\nkey_provider = {kp:?}\n\
+                     restore_dirs = [{restore_dirs}]\n{recovery}\
                      [tenant.kms]\naddress = {addr:?}\nca = {ca:?}\nclient_cert = {cert:?}\n\
                      client_key = {key:?}\nkey_name = {key_name:?}\n",
                     name = ten.name,
                     repo = ten.repository,
                     kp = ten.key_provider,
+                    restore_dirs = ten
+                        .section
+                        .restore_dirs
+                        .iter()
+                        .map(|d| format!("{d:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     recovery = match &opts.recovery_public_key {
                         Some(p) => format!("recovery_public_key = {p:?}\n"),
                         None => String::new(),

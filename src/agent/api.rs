@@ -589,7 +589,8 @@ impl Validate for BackupRequest {
 pub enum RestoreTargetSpec {
     /// One raw image per disk in a directory on the agent host.
     Directory {
-        /// Absolute directory path (created if missing).
+        /// Absolute directory path (created if missing), at or under one of
+        /// the tenant's `restore_dirs`.
         path: String,
     },
     /// Into new disks of an existing VM (one per restored disk, created and
@@ -614,7 +615,8 @@ pub enum RestoreTargetSpec {
     /// Single files and directories of one disk (file-level restore), copied
     /// with their times and permissions into a directory on the agent host.
     Files {
-        /// Absolute directory path on the agent host (created if missing).
+        /// Absolute directory path on the agent host (created if missing), at
+        /// or under one of the tenant's `restore_dirs`.
         path: String,
         /// Disk number (default 0).
         #[serde(default)]
@@ -665,7 +667,7 @@ impl PartialSchema for RestoreTargetSpec {
                     1,
                     PATH_MAX,
                     Some("^/"),
-                    "Absolute directory path on the agent host (created if missing).",
+                    "Absolute directory path on the agent host (created if missing), at or under one of the tenant's `restore_dirs` in the agent's configuration (symlinks followed).",
                 ),
                 "One raw image per disk in a directory on the agent host.",
             ))
@@ -695,7 +697,7 @@ impl PartialSchema for RestoreTargetSpec {
                 variant(
                     "files",
                     "path",
-                    string_field(1, PATH_MAX, Some("^/"), "Absolute directory path on the agent host (created if missing)."),
+                    string_field(1, PATH_MAX, Some("^/"), "Absolute directory path on the agent host (created if missing), at or under one of the tenant's `restore_dirs` in the agent's configuration (symlinks followed)."),
                     "Single files and directories of one disk (file-level restore: ext2/3/4, NTFS, FAT), copied with their times and permissions into a directory on the agent host. Existing files are never overwritten.",
                 )
                 .property("disk", disk_number_schema())

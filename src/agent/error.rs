@@ -46,6 +46,9 @@ pub enum ErrorCode {
     /// 422: the disk cannot be read as files (unsupported or damaged file
     /// system, damaged chunks, unusable key); the message says which.
     FilesUnreadable,
+    /// 403: a restore to a directory or files names a path outside the
+    /// tenant's `restore_dirs` on this agent (or the tenant has none).
+    RestorePathNotAllowed,
     /// 503: the agent is shutting down and accepts no new work.
     ShuttingDown,
     /// 500: the agent's own state is broken (see its log).
@@ -57,6 +60,7 @@ impl ErrorCode {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::RestorePathNotAllowed => StatusCode::FORBIDDEN,
             ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -94,6 +98,7 @@ impl ErrorCode {
             ErrorCode::KeySyncFailed => "The key sync could not run at all (per-tenant failures are reported in the 200 response instead).",
             ErrorCode::FileNotFound => "File requests: no such restore point, disk, partition or path; the message names which (`ferry files volumes` lists partitions).",
             ErrorCode::FilesUnreadable => "File requests: the disk cannot be read as files (a file system ferry does not read, such as XFS or LVM; damaged data; an unusable key); the message says which. `ferry mount` serves the raw disk for such cases.",
+            ErrorCode::RestorePathNotAllowed => "A restore with a `directory` or `files` target names a path that does not resolve (symlinks followed) to a directory at or under one of the tenant's `restore_dirs` in the agent's configuration, or contains `..`, or the tenant has no `restore_dirs` (then every such restore is refused); the message names the allowed directories. Nothing was written. Restores into a VM are not affected.",
             ErrorCode::ShuttingDown => "The agent is shutting down and accepts no new work; use another agent.",
             ErrorCode::Internal => "The agent's own state is broken (state database); see the agent log.",
         }
@@ -117,13 +122,14 @@ impl ErrorCode {
             ErrorCode::KeySyncFailed => "key_sync_failed",
             ErrorCode::FileNotFound => "file_not_found",
             ErrorCode::FilesUnreadable => "files_unreadable",
+            ErrorCode::RestorePathNotAllowed => "restore_path_not_allowed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::Unauthorized,
         ErrorCode::InvalidRequest,
         ErrorCode::UnsupportedMediaType,
@@ -139,6 +145,7 @@ impl ErrorCode {
         ErrorCode::KeySyncFailed,
         ErrorCode::FileNotFound,
         ErrorCode::FilesUnreadable,
+        ErrorCode::RestorePathNotAllowed,
         ErrorCode::ShuttingDown,
         ErrorCode::Internal,
     ];

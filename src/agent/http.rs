@@ -379,6 +379,50 @@ fn tenant_or_422<'a>(
         })
 }
 
+/// Where a restore through the API may write for `tenant`: the resolved
+/// `requested` path when it lies at or under one of the tenant's
+/// `restore_dirs`, else `restore_path_not_allowed` naming them.
+async fn allowed_restore_path(
+    s: &AppState,
+    tenant: &crate::config::TenantSection,
+    requested: &str,
+) -> Result<std::path::PathBuf, ApiError> {
+    use super::restore_path::{check, PathRefusal};
+    let allowed = tenant.restore_dirs.clone();
+    let path = std::path::PathBuf::from(requested);
+    // Resolving touches the file system (a slow mount must not hold a runtime
+    // thread).
+    let result = {
+        let (path, allowed) = (path.clone(), allowed.clone());
+        tokio::task::spawn_blocking(move || check(&path, &allowed))
+            .await
+            .map_err(ApiError::internal)?
+    };
+    let refusal = match result {
+        Ok(resolved) => return Ok(resolved),
+        Err(r) => r,
+    };
+    let message = match &refusal {
+        PathRefusal::NoneConfigured => format!(
+            "agent {} refuses restores to a directory or files for tenant {:?}: the tenant has no restore_dirs in its [[tenant]] section of the agent's configuration (restore_dirs = [\"/srv/ferry/restores/{}\"] allows that directory and below)",
+            s.settings.id, tenant.name, tenant.name
+        ),
+        r => format!(
+            "agent {} does not restore to {} for tenant {:?}: {r}; the tenant's restore_dirs allow only: {}",
+            s.settings.id,
+            path.display(),
+            tenant.name,
+            allowed
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    tracing::warn!(tenant = %tenant.name, path = %path.display(), reason = %refusal, "restore path refused");
+    Err(ApiError::new(ErrorCode::RestorePathNotAllowed, message))
+}
+
 fn accepted(s: &AppState, rec: &crate::state::JobRecord) -> Response {
     let mut r = (StatusCode::ACCEPTED, Json(s.jobs.view(rec))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", rec.id)) {
@@ -463,7 +507,12 @@ pub(crate) async fn post_backup(
 
 /// Restore a point through this proxy.
 ///
-/// Takes one slot per disk named, one when all disks are restored.
+/// Takes one slot per disk named, one when all disks are restored. A
+/// `directory` or `files` target must resolve (symlinks followed) to a
+/// directory at or under one of the tenant's `restore_dirs` in the agent's
+/// configuration; anything else, and every such target of a tenant without
+/// `restore_dirs`, is refused with `restore_path_not_allowed` before a job
+/// exists. The job writes to the resolved path.
 #[utoipa::path(post, path = "/v1/restores", tag = "jobs", request_body = RestoreRequest,
     responses(
         (status = 202, description = "Accepted; poll the job.", body = Job,
@@ -474,6 +523,7 @@ pub(crate) async fn post_backup(
             )),
         (status = 400, description = "Malformed or invalid body.", body = ErrorBody),
         (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 403, description = "restore_path_not_allowed: the target path is outside the tenant's `restore_dirs`.", body = ErrorBody),
         (status = 413, description = "Body too large.", body = ErrorBody),
         (status = 415, description = "Body is not JSON.", body = ErrorBody),
         (status = 422, description = "unknown_tenant or exceeds_slots.", body = ErrorBody),
@@ -485,17 +535,19 @@ pub(crate) async fn post_restore(
     State(s): S,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<Response, ApiError> {
-    tenant_or_422(&s, &req.tenant)?;
+    let tenant = tenant_or_422(&s, &req.tenant)?;
     let slots = req.disks.as_ref().map(|d| d.len() as u32).unwrap_or(1);
     let target = match &req.target {
-        RestoreTargetSpec::Directory { path } => RestoreTarget::Directory { path: path.into() },
+        RestoreTargetSpec::Directory { path } => RestoreTarget::Directory {
+            path: allowed_restore_path(&s, tenant, path).await?,
+        },
         RestoreTargetSpec::Files {
             path,
             disk,
             partition,
             paths,
         } => RestoreTarget::Files {
-            path: path.into(),
+            path: allowed_restore_path(&s, tenant, path).await?,
             disk: *disk,
             partition: *partition,
             paths: paths.clone(),

@@ -11,8 +11,9 @@
 //! [`runner`]), hold key material, or talk to vCenter or a KMS itself.
 //!
 //! Files: [`runner`] (the seam), [`api`] (wire types), [`error`] (error codes),
-//! `jobs` (job manager), `http` (routes, auth, handlers), `tls`, `metrics`,
-//! [`openapi`] (document, `docs/api.md` rendering).
+//! `jobs` (job manager), `http` (routes, auth, handlers), `restore_path` (where
+//! restores through the API may write), `tls`, `metrics`, [`openapi`]
+//! (document, `docs/api.md` rendering).
 //!
 //! ```no_run
 //! # async fn f(cfg: ferry::config::Config) -> Result<(), Box<dyn std::error::Error>> {
@@ -31,8 +32,9 @@ mod http;
 mod jobs;
 mod metrics;
 pub mod openapi;
+mod restore_path;
 pub mod runner;
-mod tls;
+pub(crate) mod tls;
 
 pub use runner::{
     BackupSpec, DiskResult, FilesAnswer, FilesQuery, InterruptedJob, JobContext, JobRunner,

@@ -241,6 +241,9 @@ pub struct AgentOpts {
     pub tls: bool,
     pub mtls: bool,
     pub shutdown_grace_secs: u64,
+    /// Give each tenant `restore_dirs = ["restores/<tenant>"]` (relative to the
+    /// agent's directory), where restores to a directory or files may go.
+    pub restore_dirs: bool,
 }
 
 impl Default for AgentOpts {
@@ -256,6 +259,7 @@ impl Default for AgentOpts {
             tls: true,
             mtls: false,
             shutdown_grace_secs: 10,
+            restore_dirs: true,
         }
     }
 }
@@ -323,6 +327,9 @@ pub fn agent_config(dir: &Path, o: &AgentOpts) -> (Config, Pki) {
         ));
         if let Some(kp) = kp {
             t.push_str(&format!("key_provider = {kp:?}\n"));
+        }
+        if o.restore_dirs {
+            t.push_str(&format!("restore_dirs = [\"restores/{name}\"]\n"));
         }
         t.push_str(&format!(
             "[tenant.kms]\naddress = \"kms.{name}.example:5696\"\nca = \"kms/{name}/ca.pem\"\nclient_cert = \"kms/{name}/SECRET-client.pem\"\nclient_key = \"kms/{name}/SECRET-client.key\"\nkey_name = \"ferry/{name}\"\n"
