@@ -27,12 +27,15 @@
 //!   [`agent::JobRunner`] seam the VM backup job plugs into.
 //! - [`orchestrator`]: places VMs on agents, dispatches, polls, schedules and
 //!   runs the key sync (`ferry orchestrator`), over the agents' HTTP API.
+//! - [`console`]: the web console `ferry orchestrator run` serves (pages, accounts,
+//!   sessions, tenant isolation).
 //! - [`state`]: SQLite state of the agent and the orchestrator (jobs, key registry,
 //!   run history) with crash recovery.
 
 pub mod agent;
 pub mod bench;
 pub mod config;
+pub mod console;
 pub mod export;
 pub mod files;
 pub mod glob;

@@ -141,6 +141,12 @@ impl AgentApi for Fake {
     fn sync_keys(&self) -> BoxFuture<'_, Result<KeySyncResponse, ClientError>> {
         Box::pin(async move { Ok(KeySyncResponse { results: vec![] }) })
     }
+    fn start_restore<'a>(
+        &'a self,
+        _req: &'a ferry::agent::api::RestoreRequest,
+    ) -> BoxFuture<'a, Result<Job, ClientError>> {
+        Box::pin(async move { Err(self.err(501, "not_scripted")) })
+    }
 }
 
 fn vm(name: &str) -> InventoryVm {

@@ -4,6 +4,7 @@
 //!   regions, seeded, sparse) for tests, benchmarks and the demo.
 //! - [`fixtures`]: shared test fixtures (tenant RSA key pairs in PEM files, TLS layouts).
 //! - [`pki`]: an in-process test CA (rcgen) issuing server and client certificates.
+//! - [`console`]: the web console on a simulated world, with its accounts.
 //! - [`demo`]: the `ferry-sim demo` scenario.
 //! - [`vcenter`]: the mock vCenter (vim25 SOAP over HTTPS, scenarios, snapshots, CBT,
 //!   hot-add rules, NBD tickets, admin API).
@@ -14,6 +15,7 @@
 //! - [`kms`]: the mock KMS (KMIP 1.4 over mutual TLS, RSA key pairs with states,
 //!   ReKeyKeyPair, persistence, fault injection).
 
+pub mod console;
 pub mod demo;
 pub mod diskgen;
 pub mod esxi;

@@ -72,6 +72,12 @@ pub trait AgentApi: Send + Sync {
     fn job<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Job, ClientError>>;
     /// `POST /v1/keys/sync`.
     fn sync_keys(&self) -> BoxFuture<'_, Result<KeySyncResponse, ClientError>>;
+    /// `POST /v1/restores`: start a restore on this agent (the console and
+    /// the simulator; the orchestrator's runs are backups).
+    fn start_restore<'a>(
+        &'a self,
+        req: &'a RestoreRequest,
+    ) -> BoxFuture<'a, Result<Job, ClientError>>;
 }
 
 /// An agent over HTTPS.
@@ -175,14 +181,6 @@ impl HttpAgent {
             token: zeroize::Zeroizing::new(token.trim().to_string()),
             client,
         })
-    }
-
-    /// `POST /v1/restores`: start a restore on this agent (operators and the
-    /// simulator; the orchestrator's runs are backups).
-    pub async fn start_restore(&self, req: &RestoreRequest) -> Result<Job, ClientError> {
-        let body = self.body(req)?;
-        self.call(reqwest::Method::POST, "/v1/restores", Some(body))
-            .await
     }
 
     /// `POST /v1/files/list`: one directory of a restore point's disk.
@@ -293,5 +291,15 @@ impl AgentApi for HttpAgent {
     }
     fn sync_keys(&self) -> BoxFuture<'_, Result<KeySyncResponse, ClientError>> {
         Box::pin(self.call(reqwest::Method::POST, "/v1/keys/sync", Some(b"{}".to_vec())))
+    }
+    fn start_restore<'a>(
+        &'a self,
+        req: &'a RestoreRequest,
+    ) -> BoxFuture<'a, Result<Job, ClientError>> {
+        Box::pin(async move {
+            let body = self.body(req)?;
+            self.call(reqwest::Method::POST, "/v1/restores", Some(body))
+                .await
+        })
     }
 }

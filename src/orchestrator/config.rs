@@ -35,6 +35,9 @@ pub struct OrchestratorConfig {
     /// `[[job]]`.
     #[serde(default, rename = "job")]
     pub jobs: Vec<JobConfig>,
+    /// `[console]`: the web console (docs/console.md); absent: no console.
+    #[serde(default)]
+    pub console: Option<ConsoleSection>,
     /// Where the file was read from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -83,6 +86,40 @@ fn default_poll_failures() -> u32 {
 }
 fn default_run_timeout() -> Duration {
     Duration::from_secs(24 * 3600)
+}
+
+/// `[console]`: the web console that `ferry orchestrator run` serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSection {
+    /// Address and port, e.g. `"0.0.0.0:8443"` (with TLS) or
+    /// `"127.0.0.1:8480"` (plain HTTP: loopback only, behind a TLS proxy).
+    pub listen: std::net::SocketAddr,
+    /// TLS certificate chain (PEM); with `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); with `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// A session ends after this long without a request, e.g. `"30m"`.
+    #[serde(default = "default_session_idle", with = "duration")]
+    pub session_idle: Duration,
+    /// A session ends this long after login whatever happens, e.g. `"12h"`.
+    #[serde(default = "default_session_max", with = "duration")]
+    pub session_max: Duration,
+    /// How long one read of the world (plan, inventory, agents) serves pages.
+    #[serde(default = "default_console_refresh", with = "duration")]
+    pub refresh: Duration,
+}
+
+fn default_session_idle() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_session_max() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+fn default_console_refresh() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `[key_sync]`: the key sync system job (seed 001: Veeam runs it every 24 h and
@@ -384,6 +421,11 @@ impl OrchestratorConfig {
                 fix(p);
             }
         }
+        if let Some(con) = &mut c.console {
+            for p in [&mut con.tls_cert, &mut con.tls_key].into_iter().flatten() {
+                fix(p);
+            }
+        }
         for a in &mut c.agents {
             fix(&mut a.token_file);
             for p in [&mut a.ca, &mut a.client_cert, &mut a.client_key]
@@ -406,6 +448,33 @@ impl OrchestratorConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(con) = &self.console {
+            match (&con.tls_cert, &con.tls_key) {
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(self.invalid(
+                        "console.tls_cert".into(),
+                        "give both tls_cert and tls_key, or neither",
+                    ))
+                }
+                (None, None) if !con.listen.ip().is_loopback() => {
+                    return Err(self.invalid(
+                        "console.listen".into(),
+                        format!(
+                            "{} is not a loopback address: without tls_cert and tls_key the console serves plain HTTP, \
+                             which is allowed on 127.0.0.1/::1 only (put a TLS proxy in front, or configure TLS)",
+                            con.listen
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            if con.session_idle.is_zero() || con.session_max < con.session_idle {
+                return Err(self.invalid(
+                    "console.session_max".into(),
+                    "session_idle must be positive and session_max at least session_idle",
+                ));
+            }
+        }
         let o = &self.orchestrator;
         if o.dispatch_attempts == 0 {
             return Err(self.invalid(
@@ -672,6 +741,21 @@ schedule = { every = "1h" }
     }
 
     #[test]
+    fn console_section() {
+        let text = "[orchestrator]\nstate_dir = \"s\"\n[console]\nlisten = \"127.0.0.1:8480\"\n";
+        let c = OrchestratorConfig::parse(text, Path::new("/etc/ferry/o.toml")).unwrap();
+        let con = c.console.unwrap();
+        assert_eq!(con.listen.port(), 8480);
+        assert_eq!(con.session_idle, Duration::from_secs(1800));
+        let text = "[orchestrator]\nstate_dir = \"s\"\n[console]\nlisten = \"[::]:8443\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n";
+        let con = OrchestratorConfig::parse(text, Path::new("/etc/ferry/o.toml"))
+            .unwrap()
+            .console
+            .unwrap();
+        assert_eq!(con.tls_cert.unwrap(), Path::new("/etc/ferry/c.pem"));
+    }
+
+    #[test]
     fn invalid_values_name_the_key() {
         let base = "[orchestrator]\nstate_dir = \"s\"\n";
         let agent =
@@ -691,6 +775,9 @@ schedule = { every = "1h" }
             (format!("{base}{agent}{tenant}{vc}[[job]]\nname = \"j\"\ntenant = \"t\"\nvcenter = \"v\"\nvms = [\"*\"]\nretention = {{}}\n"), "job[0].retention"),
             (format!("{base}{agent}{tenant}{vc}[[job]]\nname = \"j\"\ntenant = \"t\"\nvcenter = \"v\"\nvms = [\"*\"]\n[[job.quiesce_override]]\nvms = []\nquiesce = \"require\"\n"), "job[0].quiesce_override[0].vms"),
             ("[orchestrator]\nstate_dir = \"s\"\ndispatch_attempts = 0\n".to_string(), "orchestrator.dispatch_attempts"),
+            (format!("{base}[console]\nlisten = \"0.0.0.0:8480\"\n"), "console.listen"),
+            (format!("{base}[console]\nlisten = \"0.0.0.0:8443\"\ntls_cert = \"c.pem\"\n"), "console.tls_cert"),
+            (format!("{base}[console]\nlisten = \"127.0.0.1:8480\"\nsession_idle = \"2h\"\nsession_max = \"1h\"\n"), "console.session_max"),
         ];
         for (text, key) in cases {
             match OrchestratorConfig::parse(&text, Path::new("x.toml")) {

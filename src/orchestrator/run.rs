@@ -228,6 +228,10 @@ struct Item {
     quiesce: Option<crate::job::quiesce::QuiescePolicy>,
     /// How the agent took the snapshot (its job's `snapshot:` note).
     snapshot: Option<String>,
+    /// The restore point the agent's job made.
+    point: Option<String>,
+    /// Bytes the agent's job has to read (0 until it knows).
+    bytes_total: u64,
 }
 
 impl Item {
@@ -251,6 +255,8 @@ impl Item {
             poll_failures: 0,
             quiesce: None,
             snapshot: None,
+            point: None,
+            bytes_total: 0,
         }
     }
     fn record(&self, run_id: &str) -> RunItem {
@@ -273,6 +279,8 @@ impl Item {
                 "result": self.result,
                 "quiesce": self.quiesce,
                 "snapshot": self.snapshot,
+                "point": self.point,
+                "bytes_total": self.bytes_total,
             }),
             error: self.error.clone(),
             bytes: self.bytes,
@@ -366,6 +374,16 @@ impl Orchestrator {
     /// The state store (history, key registry).
     pub fn store(&self) -> &Arc<StateStore> {
         &self.store
+    }
+
+    /// The inventory seam (the console reads VMs through it).
+    pub fn inventory(&self) -> &Arc<dyn Inventory> {
+        &self.inventory
+    }
+
+    /// The client of agent `id`, if configured.
+    pub fn agent(&self, id: &str) -> Option<Arc<dyn AgentApi>> {
+        self.agents.get(id).cloned()
     }
 
     async fn db<T: Send + 'static>(
@@ -507,13 +525,41 @@ impl Orchestrator {
     /// Run one job now: every selected VM is dispatched, polled to the end and
     /// recorded.
     pub async fn run_job(&self, job: &JobConfig) -> Result<RunSummary, OrchestratorError> {
+        self.run_job_as(new_run_id(), job, None).await
+    }
+
+    /// Back up one VM (by moref) of job `job` now, in the background, as a run
+    /// of that job (same agents, policy, retention and history): returns the
+    /// new run's id at once. For the console's "back up now".
+    pub fn start_vm_backup(
+        self: &Arc<Self>,
+        job: &str,
+        moref: &str,
+    ) -> Result<String, OrchestratorError> {
+        let job = self.jobs(&[job.to_string()])?.remove(0);
         let run_id = new_run_id();
+        let (me, rid, moref) = (self.clone(), run_id.clone(), moref.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = me.run_job_as(rid, &job, Some(&moref)).await {
+                tracing::error!(job = %job.name, vm = %moref, error = %e, "run failed");
+            }
+        });
+        Ok(run_id)
+    }
+
+    /// Run `job` as run `run_id`; only the VM `only` (a moref) when given.
+    async fn run_job_as(
+        &self,
+        run_id: String,
+        job: &JobConfig,
+        only: Option<&str>,
+    ) -> Result<RunSummary, OrchestratorError> {
         let (rid, name) = (run_id.clone(), job.name.clone());
         self.db(move |s| s.start_run(&rid, &name, RunKind::Backup))
             .await?;
         self.lock_active().insert(run_id.clone());
         tracing::info!(run = %run_id, job = %job.name, "backup run started");
-        let outcome = self.run_job_inner(&run_id, job).await;
+        let outcome = self.run_job_inner(&run_id, job, only).await;
         let (state, error, counts) = match outcome {
             Ok(counts) => (
                 if counts.get("succeeded").copied().unwrap_or(0) == counts.values().sum::<u64>() {
@@ -549,6 +595,7 @@ impl Orchestrator {
         &self,
         run_id: &str,
         job: &JobConfig,
+        only: Option<&str>,
     ) -> Result<BTreeMap<String, u64>, String> {
         let o = &self.cfg.orchestrator;
         let tenant = self
@@ -566,7 +613,17 @@ impl Orchestrator {
             .vms(&vc)
             .await
             .map_err(|e| format!("inventory: {e}"))?;
-        let mut items: Vec<Item> = select_vms(job, &inv).into_iter().map(Item::new).collect();
+        let mut items: Vec<Item> = select_vms(job, &inv)
+            .into_iter()
+            .filter(|v| only.is_none_or(|m| v.vm.moref == m))
+            .map(Item::new)
+            .collect();
+        if let (Some(m), true) = (only, items.is_empty()) {
+            return Err(format!(
+                "VM {m} is not (or no longer) selected by job {}",
+                job.name
+            ));
+        }
         tracing::info!(run = %run_id, vms = items.len(), "VMs selected");
         for it in &items {
             self.put(run_id, it).await;
@@ -869,6 +926,7 @@ impl Orchestrator {
                 it.poll_failures = 0;
                 let before = (it.state, it.bytes);
                 it.bytes = j.bytes_done;
+                it.bytes_total = j.bytes_total;
                 let state = match j.state {
                     JobState::Succeeded => Some(ItemState::Succeeded),
                     JobState::Failed => Some(ItemState::Failed),
@@ -878,6 +936,7 @@ impl Orchestrator {
                 if let Some(s) = state {
                     it.state = s;
                     it.result = serde_json::to_value(&j.disks).unwrap_or_default();
+                    it.point = j.point_id.clone();
                     it.snapshot = j
                         .notes
                         .iter()

@@ -64,4 +64,30 @@ CREATE TABLE orch_run_items (
     PRIMARY KEY (run_id, item)
 );
 "#,
+    // 2: the console's accounts and audit log; a VM's history by moref.
+    r#"
+CREATE INDEX orch_run_items_item ON orch_run_items (item, updated_at);
+
+CREATE TABLE console_accounts (
+    name          TEXT PRIMARY KEY NOT NULL,
+    password_hash TEXT NOT NULL,                       -- argon2id PHC string
+    role          TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+    tenant        TEXT,                                -- NULL: the provider
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+
+CREATE TABLE console_audit (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       INTEGER NOT NULL,                         -- Unix milliseconds
+    account  TEXT NOT NULL,                            -- who ('-' before login)
+    tenant   TEXT,                                     -- whose data it touched
+    action   TEXT NOT NULL,
+    target   TEXT NOT NULL,
+    outcome  TEXT NOT NULL,                            -- ok, refused, failed
+    detail   TEXT NOT NULL DEFAULT '',
+    remote   TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX console_audit_at ON console_audit (at);
+"#,
 ];

@@ -11,9 +11,11 @@
 //! the shape of job specs or results (they are opaque JSON here), do network I/O.
 //! Every call is short and synchronous; async callers wrap it in `spawn_blocking`.
 
+mod console;
 mod migrations;
 mod records;
 
+pub use console::{AccountRecord, AuditEntry, VmHistoryEntry};
 pub use records::*;
 
 use rusqlite::{params, Connection, OptionalExtension};

@@ -62,6 +62,11 @@ enum Cmd {
         /// Default: a temporary directory, removed at exit.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Also run the orchestrator in-process with its web console on
+        /// http://127.0.0.1:PORT (0 picks a port); prints the accounts (admin,
+        /// and an operator and a viewer per tenant) with their passwords.
+        #[arg(long, value_name = "PORT")]
+        console: Option<u16>,
     },
     /// Write a deterministic disk image (sparse where the profile has zeros).
     GenDisk {
@@ -408,6 +413,7 @@ fn run_up(
     scenario: Option<PathBuf>,
     disk_mib_max: Option<u64>,
     dir: Option<PathBuf>,
+    console: Option<u16>,
 ) -> anyhow::Result<()> {
     use ferry_mocks::world::{World, WorldOptions};
     init_logs("warn,ferry=info,ferry_mocks=info");
@@ -478,6 +484,26 @@ fn run_up(
         }
     }
     println!("orchestrator   {}", world.orchestrator_config.display());
+    let console = match console {
+        Some(port) => Some(ferry_mocks::console::SimConsole::start(&world, port)?),
+        None => None,
+    };
+    if let Some(c) = &console {
+        println!();
+        println!(
+            "console        {}  (the orchestrator runs inside ferry-sim)",
+            c.url()
+        );
+        for a in &c.accounts {
+            println!(
+                "  account {:<22} password {}  {} of {}",
+                a.name,
+                a.password,
+                a.role,
+                a.tenant.as_deref().unwrap_or("the provider")
+            );
+        }
+    }
     let first = world
         .agents
         .first()
@@ -494,10 +520,12 @@ fn run_up(
         "  ferry orchestrator plan -c {} --explain",
         world.orchestrator_config.display()
     );
-    println!(
-        "  ferry orchestrator run -c {} --once",
-        world.orchestrator_config.display()
-    );
+    if console.is_none() {
+        println!(
+            "  ferry orchestrator run -c {} --once",
+            world.orchestrator_config.display()
+        );
+    }
     println!(
         "  ferry orchestrator history -c {}",
         world.orchestrator_config.display()
@@ -509,6 +537,7 @@ fn run_up(
     println!("press Ctrl-C to stop");
     wait_for_signal()?;
     eprintln!("ferry-sim: stopping");
+    drop(console);
     drop(world);
     Ok(())
 }
@@ -630,6 +659,7 @@ fn main() -> ExitCode {
             scenario,
             disk_mib_max,
             dir,
-        } => exit(run_up(scenario, disk_mib_max, dir)),
+            console,
+        } => exit(run_up(scenario, disk_mib_max, dir, console)),
     }
 }

@@ -1,0 +1,485 @@
+//! The web console over HTTP on the simulated world (issue 19): login,
+//! wrong passwords and throttling, tenant isolation on pages and JSON, CSRF
+//! and cross-origin refusals, roles, back up now through to a restore point,
+//! a restore into new disks, the audit log, expired sessions and removed
+//! accounts. The browser-level flow is tests/console_browser.rs.
+
+use ferry_mocks::console::SimConsole;
+use ferry_mocks::vcenter::Scenario;
+use ferry_mocks::world::{World, WorldOptions};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::StatusCode;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn small_world(dir: &Path) -> World {
+    let mut s = Scenario::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("mocks/scenarios/whitepaper.toml"),
+    )
+    .unwrap();
+    for vm in &mut s.vms {
+        for d in vm.disks.iter_mut() {
+            d.size_mib = 4;
+        }
+    }
+    World::start(WorldOptions::new(s, dir)).unwrap()
+}
+
+/// A cookie-keeping client of the console.
+struct Browser {
+    base: String,
+    http: reqwest::Client,
+    cookie: Option<String>,
+    rt: tokio::runtime::Runtime,
+}
+
+struct Answer {
+    status: StatusCode,
+    location: String,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let enc: String = v
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            format!("{k}={enc}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+impl Browser {
+    fn new(base: &str) -> Browser {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Browser {
+            base: base.to_string(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookie: None,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    fn send(
+        &mut self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+        extra: HeaderMap,
+    ) -> Answer {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(c) = &self.cookie {
+            req = req.header(COOKIE, format!("ferry_session={c}"));
+        }
+        if let Some(b) = body {
+            req = req
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(b);
+        }
+        let r = self.rt.block_on(req.headers(extra).send()).unwrap();
+        for v in r.headers().get_all(SET_COOKIE) {
+            let s = v.to_str().unwrap();
+            if let Some(rest) = s.strip_prefix("ferry_session=") {
+                let val = rest.split(';').next().unwrap_or("");
+                self.cookie = (!val.is_empty()).then(|| val.to_string());
+            }
+        }
+        let status = r.status();
+        let location = r
+            .headers()
+            .get(LOCATION)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = self.rt.block_on(r.text()).unwrap();
+        Answer {
+            status,
+            location,
+            body,
+        }
+    }
+
+    fn get(&mut self, path: &str) -> Answer {
+        self.send(reqwest::Method::GET, path, None, HeaderMap::new())
+    }
+
+    fn post(&mut self, path: &str, pairs: &[(&str, &str)]) -> Answer {
+        self.send(
+            reqwest::Method::POST,
+            path,
+            Some(form(pairs)),
+            HeaderMap::new(),
+        )
+    }
+
+    fn login(&mut self, name: &str, password: &str) -> Answer {
+        self.post(
+            "/login",
+            &[("name", name), ("password", password), ("next", "/")],
+        )
+    }
+
+    /// The CSRF token from a page's forms.
+    fn csrf(&mut self) -> String {
+        let page = self.get("/");
+        let at = page
+            .body
+            .find("name=\"csrf\" value=\"")
+            .expect("a form with a csrf field");
+        page.body[at + 19..at + 19 + 64].to_string()
+    }
+}
+
+fn login_as(c: &SimConsole, name: &str) -> Browser {
+    let mut b = Browser::new(&c.url());
+    let a = c.account(name).unwrap();
+    let r = b.login(&a.name, &a.password);
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "login {name}: {}", r.body);
+    assert!(b.cookie.is_some());
+    b
+}
+
+/// Tenant, moref and name of every VM a job selects, from the admin's
+/// overview JSON.
+fn vms_by_tenant(admin: &mut Browser) -> Vec<(String, String, String)> {
+    let ov = admin.get("/api/overview").json();
+    ov["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| !v["jobs"].as_array().unwrap().is_empty())
+        .map(|v| {
+            (
+                v["tenant"].as_str().unwrap_or("").to_string(),
+                v["moref"].as_str().unwrap().to_string(),
+                v["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn console_isolates_tenants_and_runs_actions() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = small_world(dir.path());
+    let console = SimConsole::start(&world, 0).unwrap();
+
+    // Not logged in: pages redirect to the login page, JSON says 401.
+    let mut anon = Browser::new(&console.url());
+    let r = anon.get("/plan");
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(
+        r.location.starts_with("/login?next=/plan"),
+        "{}",
+        r.location
+    );
+    assert_eq!(anon.get("/api/overview").status, StatusCode::UNAUTHORIZED);
+    let r = anon.get("/login");
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body.contains("name=\"password\""));
+
+    // Wrong password, unknown account: the same answer, no cookie.
+    let admin_pw = console.account("admin").unwrap().password.clone();
+    let r = anon.login("admin", "wrong password!!");
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.body.contains("Wrong account or password"));
+    assert!(anon.cookie.is_none());
+    assert_eq!(
+        anon.login("nobody", "whatever-password").status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Throttling: after 5 failures in a row an account must wait, even with
+    // the right password; the Retry-After header says how long.
+    let mut t = Browser::new(&console.url());
+    let viewer_b = console.account("tenant-b-viewer").unwrap().clone();
+    for _ in 0..5 {
+        assert_eq!(
+            t.login(&viewer_b.name, "not the password").status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let r = t.login(&viewer_b.name, &viewer_b.password);
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert!(r.body.contains("Too many failed logins"));
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        t.login(&viewer_b.name, &viewer_b.password).status,
+        StatusCode::SEE_OTHER
+    );
+
+    // The provider's admin sees both tenants.
+    let mut admin = Browser::new(&console.url());
+    assert_eq!(
+        admin.login("admin", &admin_pw).status,
+        StatusCode::SEE_OTHER
+    );
+    let vms = vms_by_tenant(&mut admin);
+    let a_vm = vms.iter().find(|v| v.0 == "tenant-a").unwrap().clone();
+    let b_vm = vms.iter().find(|v| v.0 == "tenant-b").unwrap().clone();
+    let page = admin.get("/");
+    assert!(page.body.contains(&a_vm.2) && page.body.contains(&b_vm.2));
+    let headers = admin.send(reqwest::Method::GET, "/", None, HeaderMap::new());
+    assert_eq!(headers.status, StatusCode::OK);
+    let plan = admin.get("/api/plan").json();
+    let tenants: std::collections::BTreeSet<&str> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tenants.into_iter().collect::<Vec<_>>(),
+        ["tenant-a", "tenant-b"]
+    );
+    let row = &plan[0];
+    assert!(!row["reason"].as_str().unwrap().is_empty());
+    assert!(row["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["accepted"] == true));
+    let html = admin.get("/plan?tenant=tenant-b&mode=&refused_only=").body;
+    assert!(html.contains(&b_vm.2) && !html.contains(&format!(">{}<", a_vm.2)));
+
+    // A tenant-a operator: only tenant-a, whatever URL or JSON it asks for.
+    let mut op_a = login_as(&console, "tenant-a-operator");
+    let ov = op_a.get("/api/overview").json();
+    assert!(ov["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v["tenant"] == "tenant-a"));
+    assert!(!op_a.get("/").body.contains(&b_vm.2));
+    assert!(op_a
+        .get("/api/plan")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["tenant"] == "tenant-a"));
+    assert_eq!(
+        op_a.get(&format!("/vms/{}", b_vm.1)).status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        op_a.get(&format!("/api/vms/{}", b_vm.1)).status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        op_a.get(&format!("/vms/{}/backup", b_vm.1)).status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        op_a.get("/audit").status,
+        StatusCode::NOT_FOUND,
+        "admins only"
+    );
+    let keys = op_a.get("/api/keys").json();
+    assert!(keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["tenant"] == "tenant-a"));
+    let agents = op_a.get("/api/agents").json();
+    for a in agents.as_array().unwrap() {
+        assert!(
+            a["tenants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t == "tenant-a"),
+            "{a}"
+        );
+    }
+    let csrf = op_a.csrf();
+    let r = op_a.post(&format!("/vms/{}/backup", b_vm.1), &[("csrf", &csrf)]);
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "another tenant's VM");
+
+    // CSRF: a form without the token, JSON without the header, and a
+    // cross-origin request are refused and start nothing.
+    let r = op_a.post(&format!("/vms/{}/backup", a_vm.1), &[("csrf", "")]);
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.body.contains("CSRF"));
+    let r = op_a.send(
+        reqwest::Method::POST,
+        &format!("/api/vms/{}/backup", a_vm.1),
+        None,
+        HeaderMap::new(),
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let mut evil = HeaderMap::new();
+    evil.insert("origin", HeaderValue::from_static("http://evil.example"));
+    let r = op_a.send(
+        reqwest::Method::POST,
+        &format!("/vms/{}/backup", a_vm.1),
+        Some(form(&[("csrf", &csrf)])),
+        evil,
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(op_a
+        .get("/api/running")
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // A viewer may look but not act.
+    let mut view_a = login_as(&console, "tenant-a-viewer");
+    assert!(!view_a
+        .get(&format!("/vms/{}", a_vm.1))
+        .body
+        .contains("backup-now"));
+    let vcsrf = view_a.csrf();
+    let r = view_a.post(&format!("/vms/{}/backup", a_vm.1), &[("csrf", &vcsrf)]);
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    // Back up now (the JSON way, with the header) and wait for the point.
+    let mut h = HeaderMap::new();
+    h.insert("x-csrf-token", HeaderValue::from_str(&csrf).unwrap());
+    let r = op_a.send(
+        reqwest::Method::POST,
+        &format!("/api/vms/{}/backup", a_vm.1),
+        None,
+        h,
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let run = r.json()["run"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let point = loop {
+        let v = op_a.get(&format!("/api/vms/{}", a_vm.1)).json();
+        let h = &v["history"].as_array().unwrap();
+        if let Some(e) = h.iter().find(|e| e["run_id"] == run.as_str()) {
+            match e["state"].as_str().unwrap() {
+                "succeeded" => break e["point"].as_str().unwrap().to_string(),
+                "failed" | "refused" | "cancelled" => panic!("backup failed: {e}"),
+                _ => {}
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backup of {} did not finish",
+            a_vm.2
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let page = op_a.get(&format!("/vms/{}", a_vm.1)).body;
+    assert!(page.contains(&point), "the VM page lists the new point");
+    assert!(page.contains("<svg"), "with its charts");
+
+    // Restore it into new disks of the same VM, through an agent of tenant-a.
+    let form_page = op_a.get(&format!("/vms/{}/restore?point={point}", a_vm.1));
+    assert_eq!(form_page.status, StatusCode::OK);
+    let agent = {
+        let b = &form_page.body;
+        let at = b.find("<option value=\"").unwrap() + 15;
+        b[at..at + b[at..].find('"').unwrap()].to_string()
+    };
+    let r = op_a.post(
+        &format!("/vms/{}/restore", a_vm.1),
+        &[
+            ("csrf", &csrf),
+            ("point", &point),
+            ("agent", &agent),
+            ("kind", "vm"),
+        ],
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "not confirmed");
+    let r = op_a.post(
+        &format!("/vms/{}/restore", a_vm.1),
+        &[
+            ("csrf", &csrf),
+            ("point", &point),
+            ("agent", &agent),
+            ("kind", "vm"),
+            ("confirm", "1"),
+        ],
+    );
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(r.location.starts_with("/agent-jobs/"), "{}", r.location);
+    let api = format!("/api{}", r.location);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let j = op_a.get(&api).json();
+        match j["state"].as_str().unwrap() {
+            "succeeded" => break,
+            "failed" | "cancelled" => panic!("restore failed: {j}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "restore did not finish");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // tenant-b cannot look at tenant-a's restore job.
+    let mut op_b = login_as(&console, "tenant-b-operator");
+    assert_eq!(op_b.get(&api).status, StatusCode::NOT_FOUND);
+    // A point of another VM is refused for this VM.
+    let r = op_b.get(&format!("/vms/{}/restore?point={point}", b_vm.1));
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // The audit log has the refusals and the actions, for admins.
+    let audit = admin.get("/audit").body;
+    for needle in [
+        "backup_now",
+        "restore",
+        "wrong account or password",
+        "throttled",
+        &run,
+    ] {
+        assert!(audit.contains(needle), "audit log lacks {needle}");
+    }
+
+    // Logout ends the session server-side.
+    let old = op_b.cookie.clone();
+    let bcsrf = op_b.csrf();
+    assert_eq!(
+        op_b.post("/logout", &[("csrf", &bcsrf)]).status,
+        StatusCode::SEE_OTHER
+    );
+    op_b.cookie = old;
+    assert_eq!(op_b.get("/api/overview").status, StatusCode::UNAUTHORIZED);
+
+    // Removing (or changing) an account ends its sessions at once.
+    assert!(console
+        .orchestrator
+        .store()
+        .remove_account("tenant-a-viewer")
+        .unwrap());
+    assert_eq!(view_a.get("/api/overview").status, StatusCode::UNAUTHORIZED);
+}
+
+#[test]
+fn an_idle_session_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = small_world(dir.path());
+    let console = SimConsole::start_with(&world, 0, Duration::from_secs(1)).unwrap();
+    let mut b = login_as(&console, "admin");
+    assert_eq!(b.get("/api/overview").status, StatusCode::OK);
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = b.get("/plan");
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(r.location.contains("why=expired"), "{}", r.location);
+    assert!(b.cookie.is_none(), "the expired cookie is cleared");
+    let r = b.get(&r.location.clone());
+    assert!(r.body.contains("session expired"), "{}", r.body);
+}
