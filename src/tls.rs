@@ -4,6 +4,11 @@
 //! trust), an optional client certificate, TLS 1.2 and 1.3 with the ring provider.
 //! Verification is always on: either a pinned CA, or (vSphere style) a pinned SHA-256
 //! certificate thumbprint with the handshake signature still checked.
+//!
+//! [`server`]: the server side (rustls server configuration and a TLS listener
+//! for axum) shared by the agent API and the console.
+
+pub mod server;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};

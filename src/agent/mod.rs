@@ -12,7 +12,7 @@
 //!
 //! Files: [`runner`] (the seam), [`api`] (wire types), [`error`] (error codes),
 //! `jobs` (job manager), `http` (routes, auth, handlers), `restore_path` (where
-//! restores through the API may write), `tls`, `metrics`, [`openapi`]
+//! restores through the API may write), `metrics`, [`openapi`]
 //! (document, `docs/api.md` rendering).
 //!
 //! ```no_run
@@ -34,14 +34,13 @@ mod metrics;
 pub mod openapi;
 mod restore_path;
 pub mod runner;
-pub(crate) mod tls;
 
+pub use crate::tls::server::server_config;
 pub use runner::{
     BackupSpec, DiskResult, FilesAnswer, FilesQuery, InterruptedJob, JobContext, JobRunner,
     JobSpec, KeyStatus, KeySyncOutcome, NoRunner, ProxyFacts, RestoreSpec, RestoreTarget, RunError,
     RunOutput, SweepReport,
 };
-pub use tls::server_config;
 
 use crate::config::{Config, TenantSection};
 use crate::state::{StateError, StateStore};
@@ -275,9 +274,11 @@ impl Agent {
         let tls = self.tls.is_some();
         let task = match self.tls {
             Some(cfg) => {
-                let l = tls::TlsListener::new(tcp, cfg).map_err(|source| AgentError::Bind {
-                    addr: settings.listen.clone(),
-                    source,
+                let l = crate::tls::server::TlsListener::new(tcp, cfg).map_err(|source| {
+                    AgentError::Bind {
+                        addr: settings.listen.clone(),
+                        source,
+                    }
                 })?;
                 tokio::spawn(async move {
                     axum::serve(l, app.into_make_service())

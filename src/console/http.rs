@@ -45,10 +45,10 @@ impl
 
 impl
     axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, crate::agent::tls::TlsListener>,
+        axum::serve::IncomingStream<'_, crate::tls::server::TlsListener>,
     > for ClientAddr
 {
-    fn connect_info(s: axum::serve::IncomingStream<'_, crate::agent::tls::TlsListener>) -> Self {
+    fn connect_info(s: axum::serve::IncomingStream<'_, crate::tls::server::TlsListener>) -> Self {
         ClientAddr(*s.remote_addr())
     }
 }

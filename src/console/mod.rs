@@ -81,7 +81,7 @@ pub async fn start(
     cfg: &ConsoleSection,
 ) -> Result<ConsoleHandle, ConsoleError> {
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(c), Some(k)) => Some(crate::agent::server_config(c, k, None)?),
+        (Some(c), Some(k)) => Some(crate::tls::server::server_config(c, k, None)?),
         _ => None,
     };
     let settings = http::HttpSettings {
@@ -107,7 +107,7 @@ pub async fn start(
     let is_tls = tls.is_some();
     let task = match tls {
         Some(t) => {
-            let l = crate::agent::tls::TlsListener::new(tcp, t).map_err(bind_err)?;
+            let l = crate::tls::server::TlsListener::new(tcp, t).map_err(bind_err)?;
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop).await {
                     tracing::error!(error = %e, "console stopped");

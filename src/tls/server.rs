@@ -1,13 +1,14 @@
-//! TLS for the agent API: the rustls server configuration (server certificate,
-//! optional client-certificate authentication against `client_ca`) and a
-//! listener that hands axum only connections whose TLS handshake finished.
+//! TLS for ferry's HTTP servers (the agent API, the console): the rustls
+//! server configuration (server certificate, optional client-certificate
+//! authentication against `client_ca`) and a listener that hands axum only
+//! connections whose TLS handshake finished.
 //!
 //! Handshakes run in their own tasks with a timeout, so a slow or hostile client
 //! cannot hold up others. Built on tokio-rustls and axum's `serve::Listener` (which
 //! drives hyper-util's connection builder), so axum's graceful shutdown works the
 //! same for TLS and plain HTTP.
 
-use crate::tls::{file_err, TlsError};
+use super::{file_err, TlsError};
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -78,17 +79,16 @@ impl Drop for AbortOnDrop {
 }
 
 /// A listener yielding TLS streams whose handshake completed.
-pub(crate) struct TlsListener {
+pub struct TlsListener {
     rx: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
     _accept: AbortOnDrop,
 }
 
 impl TlsListener {
-    pub(crate) fn new(
-        tcp: TcpListener,
-        config: Arc<rustls::ServerConfig>,
-    ) -> std::io::Result<Self> {
+    /// Accept on `tcp`, handshaking with `config` (each in its own task, with
+    /// a timeout).
+    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
