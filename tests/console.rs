@@ -483,3 +483,70 @@ fn an_idle_session_expires() {
     let r = b.get(&r.location.clone());
     assert!(r.body.contains("session expired"), "{}", r.body);
 }
+
+#[test]
+fn the_console_serves_https_with_its_certificate() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let world = small_world(&dir.path().join("world"));
+    let ca = ferry_mocks::pki::Ca::new("console test CA").unwrap();
+    let issued = ca.server(&["127.0.0.1"]).unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert, &issued.cert_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    let orch = world.orchestrator().unwrap();
+    let section = ferry::orchestrator::config::ConsoleSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+        session_idle: Duration::from_secs(60),
+        session_max: Duration::from_secs(600),
+        refresh: Duration::from_secs(2),
+    };
+    let handle = world
+        .runtime()
+        .block_on(ferry::console::start(orch, &section))
+        .unwrap();
+    assert!(handle.url().starts_with("https://"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let trusting = |pem: &str| {
+        let f = dir.path().join(format!("ca-{}.pem", pem.len()));
+        std::fs::write(&f, pem).unwrap();
+        (*ferry::tls::client_config(&f, None).unwrap()).clone()
+    };
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(trusting(&ca.cert_pem()))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = rt
+        .block_on(client.get(format!("{}/login", handle.url())).send())
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r
+        .headers()
+        .get("content-security-policy")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+    // An unknown CA is refused: verification is on.
+    let other = reqwest::Client::builder()
+        .tls_backend_preconfigured(trusting(
+            &ferry_mocks::pki::Ca::new("other").unwrap().cert_pem(),
+        ))
+        .build()
+        .unwrap();
+    assert!(rt
+        .block_on(other.get(format!("{}/login", handle.url())).send())
+        .is_err());
+    // Plain HTTP to the TLS port gets no page.
+    let plain = handle.url().replace("https://", "http://");
+    assert!(rt
+        .block_on(reqwest::Client::new().get(format!("{plain}/login")).send())
+        .map(|r| !r.status().is_success())
+        .unwrap_or(true));
+}
