@@ -162,59 +162,48 @@ impl StateStore {
 
     /// A VM's records (by moref) in backup runs, newest first, at most `limit`.
     pub fn vm_history(&self, moref: &str, limit: u32) -> Result<Vec<VmHistoryEntry>, StateError> {
-        let raws: Vec<(String, i64, Option<i64>, RawItem)> = {
-            let c = self.lock();
-            let mut st = c
-                .prepare(
-                    "SELECT i.run_id, i.item, i.agent, i.agent_job_id, i.state, i.attempts, i.detail,
-                            i.error, i.bytes, i.updated_at, r.job, r.started_at, r.finished_at
-                     FROM orch_run_items i JOIN orch_runs r ON r.id = i.run_id
-                     WHERE i.item = ?1 AND r.kind = 'backup'
-                     ORDER BY r.started_at DESC, r.rowid DESC LIMIT ?2",
-                )
-                .map_err(self.sql("reading VM history"))?;
-            let rows = st
-                .query_map(params![moref, limit.clamp(1, 10_000) as i64], |r| {
-                    Ok((r.get(10)?, r.get(11)?, r.get(12)?, RawItem::from_row(r)?))
-                })
-                .map_err(self.sql("reading VM history"))?;
-            rows.collect::<Result<_, _>>()
-                .map_err(self.sql("reading VM history"))?
-        };
-        raws.into_iter()
-            .map(|(job, started_at, finished_at, raw)| {
-                Ok(VmHistoryEntry {
-                    job,
-                    started_at,
-                    finished_at,
-                    item: raw.decode(self)?,
-                })
-            })
-            .collect()
+        self.history_entries(
+            "i.item = ?1 AND r.kind = 'backup' ORDER BY r.started_at DESC, r.rowid DESC LIMIT ?2",
+            params![moref, limit.clamp(1, 10_000) as i64],
+            "reading VM history",
+        )
     }
 
     /// Per VM moref, its newest record in a backup run (for overviews).
     pub fn latest_vm_items(&self) -> Result<Vec<VmHistoryEntry>, StateError> {
+        self.history_entries(
+            "r.kind = 'backup' AND i.rowid = (
+                SELECT i2.rowid FROM orch_run_items i2 JOIN orch_runs r2 ON r2.id = i2.run_id
+                WHERE i2.item = i.item AND r2.kind = 'backup'
+                ORDER BY r2.started_at DESC, r2.rowid DESC LIMIT 1)",
+            [],
+            "reading latest VM results",
+        )
+    }
+
+    /// Run items joined with their runs, `tail` being the WHERE clause (and
+    /// its ORDER/LIMIT).
+    fn history_entries(
+        &self,
+        tail: &str,
+        args: impl rusqlite::Params,
+        op: &'static str,
+    ) -> Result<Vec<VmHistoryEntry>, StateError> {
         let raws: Vec<(String, i64, Option<i64>, RawItem)> = {
             let c = self.lock();
             let mut st = c
-                .prepare(
+                .prepare(&format!(
                     "SELECT i.run_id, i.item, i.agent, i.agent_job_id, i.state, i.attempts, i.detail,
                             i.error, i.bytes, i.updated_at, r.job, r.started_at, r.finished_at
-                     FROM orch_run_items i JOIN orch_runs r ON r.id = i.run_id
-                     WHERE r.kind = 'backup' AND i.rowid = (
-                        SELECT i2.rowid FROM orch_run_items i2 JOIN orch_runs r2 ON r2.id = i2.run_id
-                        WHERE i2.item = i.item AND r2.kind = 'backup'
-                        ORDER BY r2.started_at DESC, r2.rowid DESC LIMIT 1)",
-                )
-                .map_err(self.sql("reading latest VM results"))?;
+                     FROM orch_run_items i JOIN orch_runs r ON r.id = i.run_id WHERE {tail}"
+                ))
+                .map_err(self.sql(op))?;
             let rows = st
-                .query_map([], |r| {
+                .query_map(args, |r| {
                     Ok((r.get(10)?, r.get(11)?, r.get(12)?, RawItem::from_row(r)?))
                 })
-                .map_err(self.sql("reading latest VM results"))?;
-            rows.collect::<Result<_, _>>()
-                .map_err(self.sql("reading latest VM results"))?
+                .map_err(self.sql(op))?;
+            rows.collect::<Result<_, _>>().map_err(self.sql(op))?
         };
         raws.into_iter()
             .map(|(job, started_at, finished_at, raw)| {
