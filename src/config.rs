@@ -79,6 +79,11 @@ pub struct Config {
     /// `[[tenant]]`: tenants served, each with a repository and a key source.
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantSection>,
+    /// `[s3]`: settings of `s3://` repositories (endpoint, region,
+    /// addressing, CA, retries, timeout, connections, credentials file and
+    /// profile), under the environment variables of the same meaning.
+    #[serde(default)]
+    pub s3: Option<crate::repo::backend::s3::S3Section>,
     /// Where the file was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -354,9 +359,13 @@ pub struct PemSection {
 }
 
 impl Config {
-    /// Read, parse, resolve relative paths and validate `path`.
+    /// Read, parse, resolve relative paths and validate `path`; its `[s3]`
+    /// becomes this process's defaults for `s3://` repositories (under the
+    /// environment).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Self::parse(&read_text(path)?, path)
+        let c = Self::parse(&read_text(path)?, path)?;
+        crate::repo::backend::s3::set_config_defaults(c.s3.clone());
+        Ok(c)
     }
 
     /// Parse `text` as if read from `path` (relative paths resolve against its
@@ -382,6 +391,10 @@ impl Config {
                 }
             }
         };
+        if let Some(s3) = &mut self.s3 {
+            fix_opt(&mut s3.ca_file);
+            fix_opt(&mut s3.credentials_file);
+        }
         if let Some(a) = &mut self.agent {
             fix_opt(&mut a.tls_cert);
             fix_opt(&mut a.tls_key);
@@ -715,6 +728,21 @@ public_key = "b.pub.pem"
             .unwrap_err()
             .to_string();
         assert!(e.contains("gzip") && e.contains("zstd"), "{e}");
+    }
+
+    #[test]
+    fn s3_section_parses_with_paths_resolved() {
+        let text = "[s3]\nendpoint = \"https://rgw:7480\"\nca_file = \"pki/ca.pem\"\ncredentials_file = \"/etc/ferry/creds\"\nprofile = \"p\"\nconnections = 16\n";
+        let c = Config::parse(text, Path::new("/etc/ferry/agent.toml")).unwrap();
+        let s3 = c.s3.unwrap();
+        assert_eq!(s3.endpoint.as_deref(), Some("https://rgw:7480"));
+        assert_eq!(s3.ca_file.unwrap(), Path::new("/etc/ferry/pki/ca.pem"));
+        assert_eq!(s3.credentials_file.unwrap(), Path::new("/etc/ferry/creds"));
+        assert_eq!(s3.connections, Some(16));
+        let e = Config::parse("[s3]\nsecret_access_key = \"x\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secret_access_key"), "no secrets in [s3]: {e}");
     }
 
     #[test]

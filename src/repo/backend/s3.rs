@@ -98,6 +98,59 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// `[s3]` of the agent's or CLI's configuration file: defaults for every
+/// `s3://` repository of the process, under the environment (an environment
+/// variable wins over the file, as with AWS tools). No secrets here:
+/// credentials come from the environment or a shared credentials file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// Endpoint URL (`FERRY_S3_ENDPOINT`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region (`AWS_REGION`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Path-style addressing (`FERRY_S3_PATH_STYLE`).
+    #[serde(default)]
+    pub path_style: Option<bool>,
+    /// CA certificates (PEM) for the endpoint (`FERRY_S3_CA_FILE`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Retries of a failed request (`FERRY_S3_RETRIES`).
+    #[serde(default)]
+    pub retries: Option<usize>,
+    /// Timeout of one request in seconds (`FERRY_S3_TIMEOUT_SECS`).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Requests in flight (`FERRY_S3_CONNECTIONS`, 1 to 256).
+    #[serde(default)]
+    pub connections: Option<usize>,
+    /// Shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`).
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Profile in it (`AWS_PROFILE`).
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+static SECTION: std::sync::RwLock<Option<S3Section>> = std::sync::RwLock::new(None);
+
+/// Make `s` the defaults of [`S3Settings::from_env`] in this process (the
+/// configuration file's `[s3]`; called when a configuration is loaded for a
+/// command or an agent).
+pub fn set_config_defaults(s: Option<S3Section>) {
+    *SECTION.write().unwrap_or_else(|p| p.into_inner()) = s;
+}
+
+fn config_defaults() -> S3Section {
+    SECTION
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
 impl S3Settings {
     /// Settings for a custom endpoint (path-style) with static credentials.
     pub fn for_endpoint(endpoint: &str, region: &str, access_key_id: &str, secret: &str) -> Self {
@@ -119,15 +172,29 @@ impl S3Settings {
     /// else from the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`,
     /// default `~/.aws/credentials`, profile `AWS_PROFILE` or `default`).
     pub fn from_env() -> Result<S3Settings> {
+        Self::from_layers(&env, &config_defaults())
+    }
+
+    /// Settings from `var` (the environment) over `file` (the configuration's
+    /// `[s3]`) over the defaults.
+    pub fn from_layers(
+        var: &dyn Fn(&str) -> Option<String>,
+        file: &S3Section,
+    ) -> Result<S3Settings> {
         let mut s = S3Settings {
-            endpoint: env("FERRY_S3_ENDPOINT").or_else(|| env("AWS_ENDPOINT_URL")),
-            region: env("AWS_REGION")
-                .or_else(|| env("AWS_DEFAULT_REGION"))
+            endpoint: var("FERRY_S3_ENDPOINT")
+                .or_else(|| var("AWS_ENDPOINT_URL"))
+                .or_else(|| file.endpoint.clone()),
+            region: var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .or_else(|| file.region.clone())
                 .unwrap_or_else(|| "us-east-1".into()),
-            ca_file: env("FERRY_S3_CA_FILE").map(PathBuf::from),
+            ca_file: var("FERRY_S3_CA_FILE")
+                .map(PathBuf::from)
+                .or_else(|| file.ca_file.clone()),
             ..Default::default()
         };
-        s.path_style = match env("FERRY_S3_PATH_STYLE").as_deref() {
+        s.path_style = match var("FERRY_S3_PATH_STYLE").as_deref() {
             Some("true" | "1" | "yes") => true,
             Some("false" | "0" | "no") => false,
             Some(other) => {
@@ -135,39 +202,53 @@ impl S3Settings {
                     "FERRY_S3_PATH_STYLE={other}: use true or false"
                 )))
             }
-            None => s.endpoint.is_some(),
+            None => file.path_style.unwrap_or(s.endpoint.is_some()),
         };
-        if let Some(r) = env("FERRY_S3_RETRIES") {
+        if let Some(r) = var("FERRY_S3_RETRIES") {
             s.max_retries = r
                 .parse()
                 .map_err(|_| RepoError::Invalid(format!("FERRY_S3_RETRIES={r}: not a number")))?;
+        } else if let Some(r) = file.retries {
+            s.max_retries = r;
         }
-        if let Some(c) = env("FERRY_S3_CONNECTIONS") {
-            s.connections = c
-                .parse()
-                .ok()
+        let connections = match var("FERRY_S3_CONNECTIONS") {
+            Some(c) => Some((c.parse().ok(), format!("FERRY_S3_CONNECTIONS={c}"))),
+            None => file
+                .connections
+                .map(|n| (Some(n), format!("[s3] connections = {n}"))),
+        };
+        if let Some((n, what)) = connections {
+            s.connections = n
                 .filter(|n| (1..=256).contains(n))
-                .ok_or_else(|| {
-                    RepoError::Invalid(format!("FERRY_S3_CONNECTIONS={c}: a number from 1 to 256"))
-                })?;
+                .ok_or_else(|| RepoError::Invalid(format!("{what}: a number from 1 to 256")))?;
         }
-        if let Some(t) = env("FERRY_S3_TIMEOUT_SECS") {
+        if let Some(t) = var("FERRY_S3_TIMEOUT_SECS") {
             s.timeout = Duration::from_secs(t.parse().map_err(|_| {
                 RepoError::Invalid(format!("FERRY_S3_TIMEOUT_SECS={t}: not a number"))
             })?);
+        } else if let Some(t) = file.timeout_secs {
+            s.timeout = Duration::from_secs(t);
         }
-        match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        if s.timeout.is_zero() {
+            return Err(RepoError::Invalid(
+                "the S3 request timeout must be at least 1 second".into(),
+            ));
+        }
+        match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
             (Some(id), Some(secret)) => {
                 s.access_key_id = Some(id);
                 s.secret_access_key = Some(Zeroizing::new(secret));
-                s.session_token = env("AWS_SESSION_TOKEN").map(Zeroizing::new);
+                s.session_token = var("AWS_SESSION_TOKEN").map(Zeroizing::new);
             }
             _ => {
-                let file = env("AWS_SHARED_CREDENTIALS_FILE")
+                let credentials = var("AWS_SHARED_CREDENTIALS_FILE")
                     .map(PathBuf::from)
-                    .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")));
-                let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
-                if let Some(f) = file.filter(|f| f.exists()) {
+                    .or_else(|| file.credentials_file.clone())
+                    .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")));
+                let profile = var("AWS_PROFILE")
+                    .or_else(|| file.profile.clone())
+                    .unwrap_or_else(|| "default".into());
+                if let Some(f) = credentials.filter(|f| f.exists()) {
                     let text = Zeroizing::new(
                         std::fs::read_to_string(&f).map_err(|e| RepoError::io(&f, e))?,
                     );
@@ -1255,6 +1336,69 @@ mod tests {
             other.starts_with("s3://b/p/config: ") && other.contains("something else"),
             "{other}"
         );
+    }
+
+    #[test]
+    fn environment_over_config_section_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::write(
+            &creds,
+            "[default]\naws_access_key_id = D\naws_secret_access_key = DS\n[backup]\naws_access_key_id = B\naws_secret_access_key = BS\n",
+        )
+        .unwrap();
+        let file = S3Section {
+            endpoint: Some("https://file.example".into()),
+            region: Some("eu-1".into()),
+            path_style: Some(false),
+            ca_file: Some("/etc/file-ca.pem".into()),
+            retries: Some(3),
+            timeout_secs: Some(9),
+            connections: Some(16),
+            credentials_file: Some(creds.clone()),
+            profile: Some("backup".into()),
+        };
+        let none = |_: &str| None;
+        let s = S3Settings::from_layers(&none, &file).unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("https://file.example"));
+        assert_eq!(
+            (s.region.as_str(), s.path_style, s.max_retries),
+            ("eu-1", false, 3)
+        );
+        assert_eq!((s.timeout, s.connections), (Duration::from_secs(9), 16));
+        assert_eq!(s.access_key_id.as_deref(), Some("B"), "the file's profile");
+        assert_eq!(
+            s.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/file-ca.pem"))
+        );
+        let vars = |k: &str| match k {
+            "FERRY_S3_ENDPOINT" => Some("http://env:9000".to_string()),
+            "AWS_REGION" => Some("env-2".into()),
+            "FERRY_S3_CONNECTIONS" => Some("4".into()),
+            "AWS_PROFILE" => Some("default".into()),
+            _ => None,
+        };
+        let s = S3Settings::from_layers(&vars, &file).unwrap();
+        assert_eq!(s.endpoint.as_deref(), Some("http://env:9000"));
+        assert_eq!((s.region.as_str(), s.connections), ("env-2", 4));
+        assert!(
+            !s.path_style,
+            "the file's path_style stands when the environment says nothing"
+        );
+        assert_eq!(s.access_key_id.as_deref(), Some("D"), "AWS_PROFILE wins");
+        let d = S3Settings::from_layers(&none, &S3Section::default()).unwrap();
+        assert_eq!(
+            (d.endpoint, d.region.as_str(), d.connections),
+            (None, "us-east-1", 8)
+        );
+        let bad = S3Section {
+            connections: Some(0),
+            ..Default::default()
+        };
+        let e = S3Settings::from_layers(&none, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[s3] connections = 0"), "{e}");
     }
 
     #[test]
