@@ -1,9 +1,11 @@
 //! The agent API end to end over real HTTPS: authentication on every endpoint,
 //! job life cycle, cancellation, slots, admission by the transport selector,
-//! validation errors, key sync, metrics, mutual TLS, graceful shutdown, and a
-//! restart with a job left `running` in SQLite.
+//! validation errors, key sync, metrics, mutual TLS, graceful shutdown, a
+//! restart with a job left `running` in SQLite, and verify jobs through the
+//! real runner on a good and a damaged repository.
 
 mod agent_support;
+mod common;
 
 use agent_support::*;
 use ferry::state::{JobKind, NewJob, StateStore};
@@ -15,6 +17,7 @@ const PROTECTED: &[(&str, &str)] = &[
     ("GET", "/v1/info"),
     ("POST", "/v1/backups"),
     ("POST", "/v1/restores"),
+    ("POST", "/v1/verifies"),
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/some-id"),
     ("POST", "/v1/jobs/some-id/cancel"),
@@ -950,4 +953,142 @@ async fn plain_http_only_when_configured_and_no_runner_refuses_honestly() {
     std::fs::write(dir.path().join("token"), "short\n").unwrap();
     let e = ferry::agent::Agent::from_config(&cfg).unwrap_err();
     assert!(e.to_string().contains("at least 16"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_jobs_check_the_repository_and_fail_on_a_damaged_chunk() {
+    // A repository with two VMs' points, served by an agent with the real
+    // runner (no vCenter: it verifies, restores to directories, syncs keys).
+    let w = common::World::new();
+    let a = w.image("a.img", 3 << 20, 21);
+    let b = w.image("b.img", 2 << 20, 22);
+    let p1 = w.backup("vm1", &[&a]).point_id;
+    w.backup("vm2", &[&b]);
+    let dir = w.path("agent");
+    let (_, pki) = agent_config(&dir, &AgentOpts::default());
+    let cfg_path = dir.join("agent.toml");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let head = &text[..text.find("\n[[tenant]]").unwrap()];
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "{head}\n[[tenant]]\nname = \"tenant-a\"\nrepository = {:?}\nkey_provider = \"KMS-A\"\n[tenant.pem]\npublic_key = {:?}\nprivate_key = {:?}\n",
+            w.repo_dir, w.keys.public, w.keys.private
+        ),
+    )
+    .unwrap();
+    let config = ferry::config::Config::load(&cfg_path).unwrap();
+    let runner =
+        std::sync::Arc::new(ferry::job::runner::VmJobRunner::from_config(&config).unwrap());
+    let running = ferry::agent::Agent::from_config(&config)
+        .unwrap()
+        .start(runner)
+        .await
+        .unwrap();
+    let mut f = AgentFixture {
+        dir: dir.clone(),
+        url: running.url(),
+        agent: Some(running),
+        runner: TestRunner::new(),
+        client: client(&pki, false),
+        pki,
+        config,
+    };
+
+    // The whole repository: accepted as a verify job of subject `repository`,
+    // succeeds with notes saying what was checked.
+    let (st, hdr, job) = f
+        .request(
+            Method::POST,
+            "/v1/verifies",
+            Some(TOKEN),
+            Some(&json!({"tenant": "tenant-a"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{job}");
+    assert_eq!(job["kind"], "verify");
+    assert_eq!(job["subject"], "repository");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(hdr["location"], format!("/v1/jobs/{id}").as_str());
+    let done = f.wait_done(&id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let notes = done["notes"].to_string();
+    assert!(
+        notes.contains("verified 2 point(s): 2 ok, 0 damaged"),
+        "{notes}"
+    );
+    assert!(notes.contains("read and authenticated"), "{notes}");
+    assert!(done["bytes_total"].as_u64().unwrap() >= 5 << 20, "{done}");
+    assert_eq!(done["bytes_done"], done["bytes_total"]);
+    let (_, list) = f.get("/v1/jobs?kind=verify").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+
+    // One point by `latest:`, metadata only.
+    let (st, job) = f
+        .post(
+            "/v1/verifies",
+            &json!({"tenant": "tenant-a", "point": "latest:vm1", "read_data": false}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{job}");
+    assert_eq!(job["subject"], "latest:vm1");
+    let done = f.wait_done(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["point_id"], p1.as_str());
+    assert!(
+        done["notes"].to_string().contains("verified 1 point(s)")
+            && done["notes"].to_string().contains("chunks not read"),
+        "{done}"
+    );
+
+    // A point that does not exist fails the job with not_found; refusals
+    // before any job: an unknown tenant, an empty point, an unknown field.
+    let (st, job) = f
+        .post(
+            "/v1/verifies",
+            &json!({"tenant": "tenant-a", "point": "latest:nope"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{job}");
+    let done = f.wait_done(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "not_found", "{done}");
+    let (st, v) = f.post("/v1/verifies", &json!({"tenant": "tenant-x"})).await;
+    assert_error(st, &v, StatusCode::UNPROCESSABLE_ENTITY, "unknown_tenant");
+    let (st, v) = f
+        .post("/v1/verifies", &json!({"tenant": "tenant-a", "point": ""}))
+        .await;
+    assert_error(st, &v, StatusCode::BAD_REQUEST, "invalid_request");
+    let (st, v) = f
+        .post(
+            "/v1/verifies",
+            &json!({"tenant": "tenant-a", "repair": true}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+    // A flipped byte in one chunk: the repository verify fails with
+    // repository_error naming the chunk file.
+    let chunks: Vec<_> = common::files_under(&w.repo_dir.join("chunks"));
+    let victim = chunks
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let at = bytes.len() - 40;
+    bytes[at] ^= 0x20;
+    std::fs::write(victim, &bytes).unwrap();
+    let (st, job) = f.post("/v1/verifies", &json!({"tenant": "tenant-a"})).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{job}");
+    let done = f.wait_done(job["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "repository_error", "{done}");
+    let msg = done["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("damage found"), "{msg}");
+    assert!(msg.contains("1 chunk(s) damaged"), "{msg}");
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(msg.contains(name), "{msg} names {name}");
+    // Nothing was changed: the chunk is still there, damaged.
+    assert_eq!(std::fs::read(victim).unwrap(), bytes);
+    f.shutdown().await;
 }

@@ -27,6 +27,7 @@ fn api_reference_is_current() {
         "GET /v1/jobs/{id}",
         "POST /v1/jobs/{id}/cancel",
         "POST /v1/keys/sync",
+        "POST /v1/verifies",
         "POST /v1/files/list",
         "POST /v1/files/find",
         "GET /metrics",
@@ -49,7 +50,7 @@ fn document_declares_bearer_auth_everywhere_but_health() {
     );
     assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 12);
+    assert_eq!(paths.len(), 13);
     for (p, item) in paths {
         for (m, op) in item.as_object().unwrap() {
             let public = op.get("security") == Some(&serde_json::json!([{}]));

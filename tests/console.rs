@@ -1,8 +1,8 @@
 //! The web console over HTTP on the simulated world (issue 19): login,
 //! wrong passwords and throttling, tenant isolation on pages and JSON, CSRF
 //! and cross-origin refusals, roles, back up now through to a restore point,
-//! a restore into new disks, the audit log, expired sessions and removed
-//! accounts. The browser-level flow is tests/console_browser.rs.
+//! a restore into new disks, verifies of a point and of a tenant's
+//! repository, the audit log, expired sessions and removed accounts. The browser-level flow is tests/console_browser.rs.
 
 use ferry_mocks::console::SimConsole;
 use ferry_mocks::vcenter::Scenario;
@@ -430,18 +430,126 @@ fn console_isolates_tenants_and_runs_actions() {
         assert!(Instant::now() < deadline, "restore did not finish");
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // Verify the new point from the VM page, through an agent of tenant-a.
+    let wait_agent_job = |b: &mut Browser, location: &str, what: &str| {
+        let api = format!("/api{location}");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let j = b.get(&api).json();
+            match j["state"].as_str().unwrap() {
+                "succeeded" => break j,
+                "failed" | "cancelled" => panic!("{what} failed: {j}"),
+                _ => {}
+            }
+            assert!(Instant::now() < deadline, "{what} did not finish");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let vm_page = op_a.get(&format!("/vms/{}", a_vm.1)).body;
+    assert!(
+        vm_page.contains(&format!("/vms/{}/verify?point={point}", a_vm.1)),
+        "a Verify… link next to the point"
+    );
+    let confirm = op_a.get(&format!("/vms/{}/verify?point={point}", a_vm.1));
+    assert_eq!(confirm.status, StatusCode::OK);
+    assert!(confirm.body.contains(&point), "{}", confirm.body);
+    let r = op_a.post(
+        &format!("/vms/{}/verify", a_vm.1),
+        &[("csrf", &csrf), ("point", &point), ("agent", &agent)],
+    );
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(r.location.starts_with("/agent-jobs/"), "{}", r.location);
+    let j = wait_agent_job(&mut op_a, &r.location, "verify of the point");
+    assert_eq!(j["kind"], "verify", "{j}");
+    assert_eq!(j["subject"], point.as_str(), "{j}");
+    assert!(
+        j["notes"].to_string().contains("verified 1 point(s): 1 ok"),
+        "{j}"
+    );
+    let page = op_a.get(&r.location).body;
+    assert!(
+        page.contains("Verify") && page.contains("verified 1 point(s)"),
+        "{page}"
+    );
+    // A point the VM does not have: 404; without CSRF: 403.
+    let r = op_a.post(
+        &format!("/vms/{}/verify", a_vm.1),
+        &[
+            ("csrf", &csrf),
+            ("point", "no-such-point"),
+            ("agent", &agent),
+        ],
+    );
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = op_a.post(
+        &format!("/vms/{}/verify", a_vm.1),
+        &[("point", &point), ("agent", &agent)],
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // The whole repository of tenant-a, from the keys page.
+    assert!(op_a.get("/keys").body.contains("/tenants/tenant-a/verify"));
+    assert_eq!(op_a.get("/tenants/tenant-a/verify").status, StatusCode::OK);
+    let r = op_a.post(
+        "/tenants/tenant-a/verify",
+        &[("csrf", &csrf), ("agent", &agent)],
+    );
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let j = wait_agent_job(&mut op_a, &r.location, "verify of the repository");
+    assert_eq!(j["subject"], "repository", "{j}");
+    // A viewer may not verify: 403 on the confirmation and the POST.
+    assert!(!view_a
+        .get("/keys")
+        .body
+        .contains("/tenants/tenant-a/verify"));
+    assert!(!view_a
+        .get(&format!("/vms/{}", a_vm.1))
+        .body
+        .contains("/verify?point="));
+    assert_eq!(
+        view_a
+            .get(&format!("/vms/{}/verify?point={point}", a_vm.1))
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let r = view_a.post(
+        &format!("/vms/{}/verify", a_vm.1),
+        &[("csrf", &vcsrf), ("point", &point), ("agent", &agent)],
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = view_a.post(
+        "/tenants/tenant-a/verify",
+        &[("csrf", &vcsrf), ("agent", &agent)],
+    );
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
     // tenant-b cannot look at tenant-a's restore job.
     let mut op_b = login_as(&console, "tenant-b-operator");
     assert_eq!(op_b.get(&api).status, StatusCode::NOT_FOUND);
     // A point of another VM is refused for this VM.
     let r = op_b.get(&format!("/vms/{}/restore?point={point}", b_vm.1));
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // Nor verify tenant-a's point or repository: 404, as if they did not exist.
+    let r = op_b.get(&format!("/vms/{}/verify?point={point}", a_vm.1));
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = op_b.get(&format!("/vms/{}/verify?point={point}", b_vm.1));
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let bcsrf = op_b.csrf();
+    let r = op_b.post(
+        "/tenants/tenant-a/verify",
+        &[("csrf", &bcsrf), ("agent", &agent)],
+    );
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        op_b.get("/tenants/no-such-tenant/verify").status,
+        StatusCode::NOT_FOUND
+    );
 
     // The audit log has the refusals and the actions, for admins.
     let audit = admin.get("/audit").body;
     for needle in [
         "backup_now",
         "restore",
+        "verify",
         "wrong account or password",
         "throttled",
         &run,

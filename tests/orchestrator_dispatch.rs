@@ -147,6 +147,12 @@ impl AgentApi for Fake {
     ) -> BoxFuture<'a, Result<Job, ClientError>> {
         Box::pin(async move { Err(self.err(501, "not_scripted")) })
     }
+    fn start_verify<'a>(
+        &'a self,
+        _req: &'a ferry::agent::api::VerifyRequest,
+    ) -> BoxFuture<'a, Result<Job, ClientError>> {
+        Box::pin(async move { Err(self.err(501, "not_scripted")) })
+    }
 }
 
 fn vm(name: &str) -> InventoryVm {

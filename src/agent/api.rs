@@ -828,6 +828,40 @@ impl Validate for RestoreRequest {
     }
 }
 
+/// `POST /v1/verifies`: verify a tenant's repository, or one restore point in
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// Tenant, as configured on the agent.
+    #[schema(min_length = 1, max_length = 256)]
+    pub tenant: String,
+    /// Restore point id, or `latest:<vm name>`; absent: every point of the
+    /// tenant's repository.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(nullable = false, min_length = 1, max_length = 256)]
+    pub point: Option<String>,
+    /// Read, decrypt and authenticate every chunk the points reference
+    /// (`false`: only the manifests and indexes).
+    #[serde(default = "yes")]
+    #[schema(default = true)]
+    pub read_data: bool,
+}
+
+impl Validate for VerifyRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_name("tenant", &self.tenant)?;
+        if let Some(p) = &self.point {
+            check_name("point", p)?;
+        }
+        Ok(())
+    }
+}
+
 /// Most paths in one file-level restore.
 pub const PATHS_MAX: usize = 256;
 /// Highest partition number accepted.
@@ -1200,13 +1234,14 @@ pub struct DiskView {
 pub struct Job {
     /// Job id.
     pub id: String,
-    /// Backup or restore.
+    /// Backup, restore or verify.
     pub kind: JobKind,
     /// State.
     pub state: JobState,
     /// Tenant.
     pub tenant: String,
-    /// VM name (backups) or restore point (restores).
+    /// VM name (backups), restore point (restores), or the point or
+    /// `repository` (verifies).
     pub subject: String,
     /// When the job was accepted (RFC 3339, UTC).
     #[schema(format = DateTime)]
@@ -1233,7 +1268,8 @@ pub struct Job {
     pub error: Option<JobError>,
     /// What the orphan sweep cleaned up after an interruption.
     pub cleanup: Option<String>,
-    /// Restore point created (backup) or read (restore).
+    /// Restore point created (backup), read (restore) or verified (a verify
+    /// of one point).
     pub point_id: Option<String>,
     /// Notes from the job (backups: how the snapshot was taken, as
     /// `snapshot: crash-consistent (why)`; retention applied, ...).
@@ -1362,6 +1398,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn verify_requests() {
+        let all: VerifyRequest = parse(serde_json::json!({"tenant": "a"})).unwrap();
+        all.validate().unwrap();
+        assert_eq!((all.point, all.read_data), (None, true));
+        let one: VerifyRequest =
+            parse(serde_json::json!({"tenant": "a", "point": "latest:web", "read_data": false}))
+                .unwrap();
+        one.validate().unwrap();
+        assert_eq!(
+            (one.point.as_deref(), one.read_data),
+            (Some("latest:web"), false)
+        );
+        let empty: VerifyRequest = parse(serde_json::json!({"tenant": "a", "point": ""})).unwrap();
+        assert!(empty.validate().is_err());
+        assert!(parse::<VerifyRequest>(serde_json::json!({"tenant": "a", "point": null})).is_err());
+        assert!(parse::<VerifyRequest>(serde_json::json!({"tenant": "a", "x": 1})).is_err());
     }
 
     #[test]

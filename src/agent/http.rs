@@ -7,7 +7,9 @@
 use super::api::*;
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::jobs::{db, plan_of, Admission, Jobs};
-use super::runner::{BackupSpec, FilesQuery, JobSpec, RestoreSpec, RestoreTarget, RunError};
+use super::runner::{
+    BackupSpec, FilesQuery, JobSpec, RestoreSpec, RestoreTarget, RunError, VerifySpec,
+};
 use super::{metrics, Settings};
 use crate::state::{JobFilter, JobKind, KeyObservation, StateStore};
 use crate::transport::select;
@@ -44,6 +46,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/info", get(info))
         .route("/v1/backups", post(post_backup))
         .route("/v1/restores", post(post_restore))
+        .route("/v1/verifies", post(post_verify))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
@@ -579,6 +582,60 @@ pub(crate) async fn post_restore(
             spec,
             plan: Vec::new(),
             slots,
+        })
+        .await?;
+    Ok(accepted(&s, &rec))
+}
+
+/// Verify the tenant's repository, or one restore point in it.
+///
+/// Takes one slot. The job reads every point's manifest and indexes (or the
+/// one point's) and, with `read_data` (the default), every chunk they
+/// reference, authenticating each against its id, with the tenant's key
+/// source; it changes nothing. Its notes say what was checked (points,
+/// chunks, bytes read). Damage found fails the job with `repository_error`,
+/// naming the first problems; a point or the repository that does not exist
+/// fails it with `not_found`, an unusable key with `key_error`.
+#[utoipa::path(post, path = "/v1/verifies", tag = "jobs", request_body = VerifyRequest,
+    responses(
+        (status = 202, description = "Accepted; poll the job.", body = Job,
+            headers(("Location" = String, description = "/v1/jobs/{id} of the new job")),
+            links(
+                ("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")), description = "Poll the new job.")),
+                ("CancelJob" = (operation_id = "cancel_job", parameters(("id" = "$response.body#/id")), description = "Cancel the new job.")),
+            )),
+        (status = 400, description = "Malformed or invalid body.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 413, description = "Body too large.", body = ErrorBody),
+        (status = 415, description = "Body is not JSON.", body = ErrorBody),
+        (status = 422, description = "unknown_tenant or exceeds_slots.", body = ErrorBody),
+        (status = 429, description = "no_free_slots.", body = ErrorBody,
+            headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "shutting_down.", body = ErrorBody),
+    ))]
+pub(crate) async fn post_verify(
+    State(s): S,
+    ApiJson(req): ApiJson<VerifyRequest>,
+) -> Result<Response, ApiError> {
+    tenant_or_422(&s, &req.tenant)?;
+    let subject = req
+        .point
+        .clone()
+        .unwrap_or_else(|| "repository".to_string());
+    let spec = JobSpec::Verify(VerifySpec {
+        tenant: req.tenant.clone(),
+        point: req.point,
+        read_data: req.read_data,
+    });
+    let rec = s
+        .jobs
+        .submit(Admission {
+            kind: JobKind::Verify,
+            tenant: req.tenant,
+            subject,
+            spec,
+            plan: Vec::new(),
+            slots: 1,
         })
         .await?;
     Ok(accepted(&s, &rec))

@@ -319,6 +319,7 @@ impl Jobs {
         let tenant_name = match &spec {
             JobSpec::Backup(b) => b.tenant.clone(),
             JobSpec::Restore(r) => r.tenant.clone(),
+            JobSpec::Verify(v) => v.tenant.clone(),
         };
         let result: Result<RunOutput, RunError> = if self.cancel_reason(&id).is_some() {
             Err(RunError::Cancelled)
@@ -415,7 +416,7 @@ impl Jobs {
             .ok_or_else(|| RunError::Failed(format!("tenant {tenant_name} vanished")))?;
         let policy = match &spec {
             JobSpec::Backup(b) => b.policy.clone(),
-            JobSpec::Restore(_) => self.settings.policy.clone(),
+            JobSpec::Restore(_) | JobSpec::Verify(_) => self.settings.policy.clone(),
         };
         let ctx = JobContext {
             job_id: id.to_string(),

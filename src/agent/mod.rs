@@ -39,7 +39,7 @@ pub use crate::tls::server::server_config;
 pub use runner::{
     BackupSpec, DiskResult, FilesAnswer, FilesQuery, InterruptedJob, JobContext, JobRunner,
     JobSpec, KeyStatus, KeySyncOutcome, NoRunner, ProxyFacts, RestoreSpec, RestoreTarget, RunError,
-    RunOutput, SweepReport,
+    RunOutput, SweepReport, VerifySpec,
 };
 
 use crate::config::{Config, TenantSection};

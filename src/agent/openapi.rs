@@ -41,6 +41,7 @@ impl utoipa::Modify for BearerScheme {
         http::info,
         http::post_backup,
         http::post_restore,
+        http::post_verify,
         http::list_jobs,
         http::get_job,
         http::cancel_job,
@@ -53,7 +54,7 @@ impl utoipa::Modify for BearerScheme {
     components(schemas(
         ErrorBody, ErrorDetail, ErrorCode, Health, Info, Slots, TenantView, KmsView,
         KeySourceKind, PolicySpec, BackupRequest, DiskPlacement, VmSpec, DiskSpec, RetentionSpec,
-        RestoreRequest, RestoreTargetSpec, Job, JobList, DiskView, JobError,
+        RestoreRequest, RestoreTargetSpec, VerifyRequest, Job, JobList, DiskView, JobError,
         KeySyncRequest, KeySyncResponse, KeySyncResult,
         FilesListRequest, FilesFindRequest, FilesResponse,
         crate::files::VolumeInfo, crate::files::Entry, crate::files::EntryKind, crate::files::FsKind,
@@ -64,7 +65,7 @@ impl utoipa::Modify for BearerScheme {
     security(("bearer" = [])),
     tags(
         (name = "agent", description = "Health, description, metrics, this document."),
-        (name = "jobs", description = "Backups, restores and their life cycle."),
+        (name = "jobs", description = "Backups, restores, verifies and their life cycle."),
         (name = "keys", description = "Tenant key sync (ids and versions only)."),
         (name = "files", description = "File-level access to restore points: list and find (restores are jobs with a `files` target)."),
     )

@@ -181,6 +181,24 @@ pub struct RestoreSpec {
     pub target: RestoreTarget,
 }
 
+/// A verification of a tenant's repository, or of one restore point in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifySpec {
+    /// Tenant (the repository and key source come from its config).
+    pub tenant: String,
+    /// Restore point id, or `latest:<vm name>`; `None`: every point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
+    /// Read and authenticate every chunk the points reference (`false`:
+    /// manifests and indexes only).
+    #[serde(default = "yes")]
+    pub read_data: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// The work of one job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -189,6 +207,8 @@ pub enum JobSpec {
     Backup(Box<BackupSpec>),
     /// Restore a point.
     Restore(RestoreSpec),
+    /// Verify a repository or a point.
+    Verify(VerifySpec),
 }
 
 /// How one disk went.

@@ -1,5 +1,5 @@
 //! The console's HTTP surface (axum): login and logout, the pages, the JSON
-//! behind them (`/api/...`), the actions (back up now, restore) and the
+//! behind them (`/api/...`), the actions (back up now, restore, verify) and the
 //! embedded assets. Every request but login and assets needs a session
 //! cookie; every POST needs the session's CSRF token and a same-origin
 //! request; every handler asks `auth::Principal` before it shows or does
@@ -16,7 +16,7 @@
 use super::auth::{self, Principal, Session, SessionMiss, Sessions, Throttle};
 use super::pages::{self, Ctx};
 use super::views::{self, PlanFilter, Snapshot};
-use crate::agent::api::{RestoreRequest, RestoreTargetSpec};
+use crate::agent::api::{RestoreRequest, RestoreTargetSpec, VerifyRequest};
 use crate::orchestrator::Orchestrator;
 use crate::state::AuditEntry;
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
@@ -149,6 +149,14 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/vms/{moref}", get(vm))
         .route("/vms/{moref}/backup", get(confirm_backup).post(backup_now))
         .route("/vms/{moref}/restore", get(restore_form).post(restore))
+        .route(
+            "/vms/{moref}/verify",
+            get(verify_point_form).post(verify_point),
+        )
+        .route(
+            "/tenants/{tenant}/verify",
+            get(verify_repository_form).post(verify_repository),
+        )
         .route("/agent-jobs/{agent}/{id}", get(agent_job_page))
         .route("/api/overview", get(api_overview))
         .route("/api/plan", get(api_plan))
@@ -985,6 +993,202 @@ async fn restore(
             )
         }
     }
+}
+
+/// The tenant `tenant` if `a` may verify its repository: 404 for a tenant it
+/// may not see (or that does not exist), 403 for a viewer.
+fn verifiable_tenant(a: &Authed, snap: &Snapshot, tenant: &str) -> Result<String, Response> {
+    let Some(t) = snap.tenants_for(a.p()).find(|t| t.as_str() == tenant) else {
+        return Err(a.not_found(&format!("no tenant {tenant:?} that you may see")));
+    };
+    if !a.p().acts_on(t) {
+        return Err(a.forbidden("your role may only look (viewer)"));
+    }
+    Ok(t.clone())
+}
+
+/// Start a verify of `tenant`'s repository (`point`: one point of it) on
+/// `agent`, audit it, and show the agent job.
+#[allow(clippy::too_many_arguments)]
+async fn start_verify(
+    c: &Console,
+    a: &Authed,
+    snap: &Snapshot,
+    tenant: &str,
+    point: Option<String>,
+    agent: &str,
+    audit_target: &str,
+    remote: &str,
+) -> Response {
+    if !restore_agents(snap, tenant).iter().any(|x| x == agent) {
+        return a.not_found(&format!("no agent {agent:?} serving tenant {tenant} is up"));
+    }
+    let Some(api) = c.orch.agent(agent) else {
+        return a.not_found("no such agent");
+    };
+    let what = match &point {
+        Some(p) => format!("point {p} via {agent}"),
+        None => format!("repository of tenant {tenant} via {agent}"),
+    };
+    let req = VerifyRequest {
+        tenant: tenant.to_string(),
+        point,
+        read_data: true,
+    };
+    match api.start_verify(&req).await {
+        Ok(job) => {
+            tracing::info!(account = %a.p().name, %tenant, agent = %agent, job = %job.id, "console: verify started");
+            c.audit(audit_entry(
+                &a.p().name,
+                Some(tenant),
+                "verify",
+                audit_target,
+                "ok",
+                &format!("{what}: agent job {}", job.id),
+                remote,
+            ))
+            .await;
+            Redirect::to(&format!(
+                "/agent-jobs/{}/{}",
+                url_escape(agent),
+                url_escape(&job.id)
+            ))
+            .into_response()
+        }
+        Err(e) => {
+            c.audit(audit_entry(
+                &a.p().name,
+                Some(tenant),
+                "verify",
+                audit_target,
+                "failed",
+                &format!("{what}: {e}"),
+                remote,
+            ))
+            .await;
+            html_status(
+                StatusCode::BAD_GATEWAY,
+                pages::message(Some(&a.ctx()), "Verify not started", &e.to_string()),
+            )
+        }
+    }
+}
+
+async fn verify_point_form(
+    State(c): State<Arc<Console>>,
+    a: Authed,
+    Path(moref): Path<String>,
+    Query(q): Query<PointQuery>,
+) -> Response {
+    let snap = c.snapshot().await;
+    let (v, tenant) = match actionable(&a, &snap, &moref) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let h = history(&c, &moref).await;
+    if !h
+        .iter()
+        .any(|r| r.point.as_deref() == Some(q.point.as_str()))
+    {
+        return a.not_found(&format!("VM {} has no restore point {:?}", v.name, q.point));
+    }
+    html(pages::verify_form(
+        &a.ctx(),
+        &tenant,
+        Some((v, q.point.as_str())),
+        &restore_agents(&snap, &tenant),
+    ))
+}
+
+#[derive(Deserialize)]
+struct VerifyForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    point: String,
+    #[serde(default)]
+    agent: String,
+}
+
+async fn verify_point(
+    State(c): State<Arc<Console>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    a: Authed,
+    Path(moref): Path<String>,
+    Form(f): Form<VerifyForm>,
+) -> Response {
+    if let Err(r) = csrf_ok(&a, &f.csrf) {
+        return r;
+    }
+    let snap = c.snapshot().await;
+    let (v, tenant) = match actionable(&a, &snap, &moref) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let h = history(&c, &moref).await;
+    if !h
+        .iter()
+        .any(|r| r.point.as_deref() == Some(f.point.as_str()))
+    {
+        return a.not_found(&format!("VM {} has no restore point {:?}", v.name, f.point));
+    }
+    start_verify(
+        &c,
+        &a,
+        &snap,
+        &tenant,
+        Some(f.point.clone()),
+        &f.agent,
+        &moref,
+        &peer.ip().to_string(),
+    )
+    .await
+}
+
+async fn verify_repository_form(
+    State(c): State<Arc<Console>>,
+    a: Authed,
+    Path(tenant): Path<String>,
+) -> Response {
+    let snap = c.snapshot().await;
+    let tenant = match verifiable_tenant(&a, &snap, &tenant) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    html(pages::verify_form(
+        &a.ctx(),
+        &tenant,
+        None,
+        &restore_agents(&snap, &tenant),
+    ))
+}
+
+async fn verify_repository(
+    State(c): State<Arc<Console>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    a: Authed,
+    Path(tenant): Path<String>,
+    Form(f): Form<VerifyForm>,
+) -> Response {
+    if let Err(r) = csrf_ok(&a, &f.csrf) {
+        return r;
+    }
+    let snap = c.snapshot().await;
+    let tenant = match verifiable_tenant(&a, &snap, &tenant) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    start_verify(
+        &c,
+        &a,
+        &snap,
+        &tenant,
+        None,
+        &f.agent,
+        &format!("repository of {tenant}"),
+        &peer.ip().to_string(),
+    )
+    .await
 }
 
 /// An agent job, if it belongs to a tenant `a` may see.

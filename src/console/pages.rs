@@ -313,7 +313,11 @@ pub fn vm(
                             td { (human_bytes(h.bytes)) }
                             td { @if let Some(d) = h.duration_s { (format!("{d:.1} s")) } }
                             td { @for d in &h.disks { div { (disk_line(d)) } } }
-                            @if can_act { td { a.button href={ "/vms/" (v.moref) "/restore?point=" (point) } { "Restore…" } } }
+                            @if can_act { td {
+                                a.button href={ "/vms/" (v.moref) "/restore?point=" (point) } { "Restore…" }
+                                " "
+                                a.button.verify href={ "/vms/" (v.moref) "/verify?point=" (point) } { "Verify…" }
+                            } }
                         }
                     }
                 }
@@ -397,6 +401,41 @@ pub fn restore_form(ctx: &Ctx<'_>, v: &VmRow, point: &str, agents: &[String]) ->
                 label { input #confirm-box type="checkbox" name="confirm" value="1" required; " I confirm this restore." }
                 button #confirm type="submit" { "Restore" }
                 " " a href={ "/vms/" (v.moref) } { "Cancel" }
+            }
+        },
+    )
+}
+
+/// Verify confirmation: one point of a VM (`point`), or the tenant's whole
+/// repository.
+pub fn verify_form(
+    ctx: &Ctx<'_>,
+    tenant: &str,
+    point: Option<(&VmRow, &str)>,
+    agents: &[String],
+) -> Markup {
+    let action = match point {
+        Some((v, _)) => format!("/vms/{}/verify", v.moref),
+        None => format!("/tenants/{tenant}/verify"),
+    };
+    layout(
+        "Verify",
+        Some(ctx),
+        html! {
+            @match point {
+                Some((v, p)) => p { "Verify restore point " code { (p) } " of VM " strong { (v.name) } " (tenant " (tenant) "): read its manifest and indexes and every chunk it references, and check each against its id. Nothing is changed." },
+                None => p { "Verify the whole repository of tenant " strong { (tenant) } ": every restore point's manifest and indexes and every chunk they reference. Nothing is changed; on a large repository this reads all of it." },
+            }
+            @if agents.is_empty() {
+                p.bad { "No agent serving this tenant is up." }
+            } @else {
+                form.verify method="post" action=(action) {
+                    input type="hidden" name="csrf" value=(ctx.csrf);
+                    @if let Some((_, p)) = point { input type="hidden" name="point" value=(p); }
+                    label { "Through agent " select #agent name="agent" { @for a in agents { option value=(a) { (a) } } } }
+                    button #confirm type="submit" { "Confirm: verify" }
+                    " " a href=(match point { Some((v, _)) => format!("/vms/{}", v.moref), None => "/keys".to_string() }) { "Cancel" }
+                }
             }
         },
     )
@@ -511,6 +550,9 @@ pub fn keys(ctx: &Ctx<'_>, tenants: &[TenantKeys]) -> Markup {
             @for t in tenants {
                 section data-tenant=(t.tenant) {
                     h2 { (t.tenant) }
+                    @if ctx.p.acts_on(&t.tenant) {
+                        p.actions { a.button.verify-repository href={ "/tenants/" (t.tenant) "/verify" } { "Verify repository…" } }
+                    }
                     p { "KMS: "
                         @match &t.kms {
                             Some(k) if k.ok => { span.ok { "reachable" } " (" (k.detail) ", " (when(k.at_ms)) ")" },
@@ -554,15 +596,15 @@ pub fn audit(ctx: &Ctx<'_>, entries: &[AuditEntry]) -> Markup {
     )
 }
 
-/// One agent job (a restore started from the console), updated live.
+/// One agent job (a restore or verify started from the console), updated live.
 pub fn agent_job(ctx: &Ctx<'_>, agent: &str, j: &crate::agent::api::Job) -> Markup {
     layout(
         &format!(
             "{} {}",
-            if j.kind.as_str() == "restore" {
-                "Restore"
-            } else {
-                "Backup"
+            match j.kind.as_str() {
+                "restore" => "Restore",
+                "verify" => "Verify",
+                _ => "Backup",
             },
             j.id
         ),
@@ -577,6 +619,7 @@ pub fn agent_job(ctx: &Ctx<'_>, agent: &str, j: &crate::agent::api::Job) -> Mark
                 dt { "Rate" } dd.rate { (human_bytes(j.rate_bytes_per_sec as u64)) "/s" }
                 dt { "ETA" } dd.eta { @if let Some(e) = j.eta_secs { (format!("{e:.0} s")) } @else { "-" } }
                 dt { "Error" } dd.job-error { @if let Some(e) = &j.error { (e.code) ": " (e.message) } }
+                dt { "Notes" } dd.notes { @for n in &j.notes { div { (n) } } }
             }
         },
     )

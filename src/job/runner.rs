@@ -18,6 +18,7 @@ use super::JobError;
 use crate::agent::{
     DiskResult, FilesAnswer, FilesQuery, InterruptedJob, JobContext, JobRunner, JobSpec, KeyStatus,
     KeySyncOutcome, ProxyFacts, RestoreSpec, RestoreTarget, RunError, RunOutput, SweepReport,
+    VerifySpec,
 };
 use crate::config::{Config, TenantSection, VcenterSection};
 use crate::keys::{KeyError, KeySource};
@@ -163,7 +164,12 @@ impl VmJobRunner {
                 }
             }
             if did.is_empty() {
-                did.push("no snapshot of this job was left".into());
+                did.push(match &j.spec {
+                    // A verify only reads the repository (under a shared lock,
+                    // which dies with the process): nothing to clean.
+                    Some(JobSpec::Verify(_)) => "verify job: nothing to clean".into(),
+                    _ => "no snapshot of this job was left".into(),
+                });
             }
             report.jobs.push((j.id.clone(), did.join("; ")));
         }
@@ -410,6 +416,48 @@ impl VmJobRunner {
             point_id: Some(point_id),
             notes,
         })
+    }
+
+    /// Verify the tenant's repository, or one point of it: every manifest,
+    /// index and (with `read_data`) chunk, read-only, with the tenant's key
+    /// source (unwrapping only, as restores).
+    fn verify(&self, ctx: &JobContext, spec: &VerifySpec) -> Result<RunOutput, RunError> {
+        let keys = open_unwrap_keys(&ctx.tenant)?;
+        let repo = Repository::open(&ctx.tenant.repository).map_err(repo_err)?;
+        let points = match &spec.point {
+            Some(p) => vec![repo.resolve_point(p).map_err(repo_err)?],
+            None => Vec::new(),
+        };
+        let workers = self
+            .workers
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            })
+            .max(1);
+        let rep = crate::repo::verify::verify_with(
+            &repo,
+            keys.as_ref(),
+            &points,
+            workers,
+            false,
+            spec.read_data,
+            &ctx.progress,
+        )
+        .map_err(repo_err)?;
+        if ctx.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        let total = ctx
+            .progress
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        ctx.progress
+            .done
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        let read = ctx.progress.read.load(std::sync::atomic::Ordering::Relaxed);
+        verify_outcome(&rep, spec.read_data, read, points.first().cloned())
     }
 
     fn restore(&self, ctx: &JobContext, spec: &RestoreSpec) -> Result<RunOutput, RunError> {
@@ -779,6 +827,106 @@ enum Code {
     Failed,
 }
 
+/// Most problems a failed verify names in its error.
+const VERIFY_PROBLEMS_SHOWN: usize = 5;
+
+/// A verify job's result from its report: notes saying what was checked, or
+/// `repository_error` naming the first problems when damage was found
+/// (`key_error` when points could only not be opened for lack of a key).
+pub fn verify_outcome(
+    rep: &crate::repo::verify::VerifyReport,
+    read_data: bool,
+    bytes_read: u64,
+    point_id: Option<String>,
+) -> Result<RunOutput, RunError> {
+    let n = rep.points.len();
+    let ok = rep.points.iter().filter(|p| p.ok).count();
+    let no_key = rep
+        .points
+        .iter()
+        .filter(|p| !p.ok && p.key_unavailable)
+        .count();
+    let damaged = n - ok - no_key;
+    let refs: u64 = rep.points.iter().map(|p| p.chunks_referenced).sum();
+    let mut notes = vec![if n == 0 {
+        "verified: the repository has no restore points".to_string()
+    } else {
+        format!(
+            "verified {n} point(s): {ok} ok, {damaged} damaged, {no_key} not checked (no usable key)"
+        )
+    }];
+    notes.push(if read_data {
+        format!(
+            "{} unique chunk(s) read and authenticated ({bytes_read} bytes read), {} damaged; {refs} chunk reference(s) in the indexes",
+            rep.chunks_checked, rep.chunks_damaged
+        )
+    } else {
+        format!("manifests and indexes only (read_data false): {refs} chunk reference(s), chunks not read")
+    });
+    let mut problems: Vec<String> = Vec::new();
+    if let Some(k) = &rep.keyring {
+        problems.push(format!("keyring: {}: {}", k.file, k.error));
+    }
+    for p in rep.points.iter().filter(|p| !p.ok) {
+        for pr in &p.problems {
+            problems.push(format!(
+                "point {}: {}{}",
+                p.point_id,
+                if pr.file.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}: ", pr.file)
+                },
+                pr.error
+            ));
+        }
+    }
+    let first = |problems: &[String]| {
+        let mut s = problems
+            .iter()
+            .take(VERIFY_PROBLEMS_SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        if problems.len() > VERIFY_PROBLEMS_SHOWN {
+            s.push_str(&format!(
+                "; and {} more",
+                problems.len() - VERIFY_PROBLEMS_SHOWN
+            ));
+        }
+        s
+    };
+    if rep.damaged() {
+        tracing::error!(
+            points = n,
+            damaged,
+            chunks_damaged = rep.chunks_damaged,
+            "verify found damage"
+        );
+        return Err(RunError::Repository(format!(
+            "damage found: {damaged} of {n} point(s) damaged{}, {} chunk(s) damaged: {}",
+            if rep.keyring.is_some() {
+                ", keyring damaged"
+            } else {
+                ""
+            },
+            rep.chunks_damaged,
+            first(&problems)
+        )));
+    }
+    if !rep.ok() {
+        return Err(RunError::Key(format!(
+            "{no_key} of {n} point(s) could not be checked: no usable key: {}",
+            first(&problems)
+        )));
+    }
+    Ok(RunOutput {
+        disks: Vec::new(),
+        point_id,
+        notes,
+    })
+}
+
 /// The code [`job_err`] would give, without consuming the error.
 fn job_err_ref(e: &JobError) -> Code {
     let repo = |r: &RepoError| match r {
@@ -801,6 +949,7 @@ impl JobRunner for VmJobRunner {
         match spec {
             JobSpec::Backup(b) => self.backup(ctx, b),
             JobSpec::Restore(r) => self.restore(ctx, r),
+            JobSpec::Verify(v) => self.verify(ctx, v),
         }
     }
 

@@ -7,7 +7,7 @@ use super::config::AgentConfig;
 use super::inventory::BoxFuture;
 use crate::agent::api::{
     BackupRequest, FilesFindRequest, FilesListRequest, FilesResponse, Info, Job, KeySyncResponse,
-    RestoreRequest,
+    RestoreRequest, VerifyRequest,
 };
 use crate::agent::error::ErrorBody;
 use serde::de::DeserializeOwned;
@@ -77,6 +77,12 @@ pub trait AgentApi: Send + Sync {
     fn start_restore<'a>(
         &'a self,
         req: &'a RestoreRequest,
+    ) -> BoxFuture<'a, Result<Job, ClientError>>;
+    /// `POST /v1/verifies`: start a verify of a tenant's repository or of one
+    /// point on this agent (the console).
+    fn start_verify<'a>(
+        &'a self,
+        req: &'a VerifyRequest,
     ) -> BoxFuture<'a, Result<Job, ClientError>>;
 }
 
@@ -299,6 +305,16 @@ impl AgentApi for HttpAgent {
         Box::pin(async move {
             let body = self.body(req)?;
             self.call(reqwest::Method::POST, "/v1/restores", Some(body))
+                .await
+        })
+    }
+    fn start_verify<'a>(
+        &'a self,
+        req: &'a VerifyRequest,
+    ) -> BoxFuture<'a, Result<Job, ClientError>> {
+        Box::pin(async move {
+            let body = self.body(req)?;
+            self.call(reqwest::Method::POST, "/v1/verifies", Some(body))
                 .await
         })
     }

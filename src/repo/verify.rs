@@ -172,6 +172,22 @@ pub fn verify(
     repair: bool,
     progress: &Progress,
 ) -> Result<VerifyReport, RepoError> {
+    verify_with(repo, keys, points, workers, repair, true, progress)
+}
+
+/// [`verify`], and with `read_data` false only the manifests and indexes:
+/// the chunks the points reference are counted but not read (nothing to
+/// repair then). Stops early, with the points checked so far, when
+/// `progress` is cancelled.
+pub fn verify_with(
+    repo: &Repository,
+    keys: &dyn KeySource,
+    points: &[String],
+    workers: usize,
+    repair: bool,
+    read_data: bool,
+    progress: &Progress,
+) -> Result<VerifyReport, RepoError> {
     let lock = repo.lock(
         super::lock::LockMode::Shared,
         "verify",
@@ -197,6 +213,9 @@ pub fn verify(
     let verdicts: Mutex<HashMap<(ChunkId, KeyId), Option<Verdict>>> = Mutex::new(HashMap::new());
     let mut reports = Vec::new();
     for id in ids {
+        if progress.cancelled() {
+            break;
+        }
         let mut rep = PointReport {
             point_id: id.clone(),
             source: None,
@@ -235,6 +254,7 @@ pub fn verify(
             let mut seen_here: HashSet<(ChunkId, KeyId)> = HashSet::new();
             loop {
                 match index.next_entry() {
+                    Ok(Some(_)) if progress.cancelled() => break,
                     Ok(Some(e)) => {
                         Progress::add(&progress.done, point.body.chunk_size as u64);
                         if e.id.is_zero_marker() {
@@ -242,6 +262,7 @@ pub fn verify(
                         }
                         rep.chunks_referenced += 1;
                         if seen_here.insert((e.id, e.key))
+                            && read_data
                             && !verdicts
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())

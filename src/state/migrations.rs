@@ -90,4 +90,37 @@ CREATE TABLE console_audit (
 );
 CREATE INDEX console_audit_at ON console_audit (at);
 "#,
+    // 3: verify jobs: the jobs table rebuilt with 'verify' allowed as a kind
+    // (SQLite cannot change a CHECK constraint in place).
+    r#"
+CREATE TABLE jobs_new (
+    id            TEXT PRIMARY KEY NOT NULL,
+    kind          TEXT NOT NULL CHECK (kind IN ('backup', 'restore', 'verify')),
+    spec          TEXT NOT NULL,                       -- request as JSON
+    tenant        TEXT NOT NULL,
+    subject       TEXT NOT NULL,                       -- VM name, point for restores, point or 'repository' for verifies
+    state         TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    created_at    INTEGER NOT NULL,                    -- Unix milliseconds
+    started_at    INTEGER,
+    finished_at   INTEGER,
+    bytes_done    INTEGER NOT NULL DEFAULT 0,
+    bytes_total   INTEGER NOT NULL DEFAULT 0,
+    disks         TEXT NOT NULL DEFAULT '[]',          -- per-disk plan/results as JSON
+    notes         TEXT NOT NULL DEFAULT '[]',          -- runner notes as a JSON array
+    error_code    TEXT,
+    error_message TEXT,
+    cleanup       TEXT,                                -- what the orphan sweep did
+    point_id      TEXT                                 -- restore point made or read
+);
+INSERT INTO jobs_new (id, kind, spec, tenant, subject, state, created_at, started_at,
+    finished_at, bytes_done, bytes_total, disks, notes, error_code, error_message,
+    cleanup, point_id)
+SELECT id, kind, spec, tenant, subject, state, created_at, started_at,
+    finished_at, bytes_done, bytes_total, disks, notes, error_code, error_message,
+    cleanup, point_id FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_new RENAME TO jobs;
+CREATE INDEX jobs_state ON jobs (state);
+CREATE INDEX jobs_created ON jobs (created_at);
+"#,
 ];

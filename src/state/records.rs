@@ -32,6 +32,8 @@ string_enum!(
         Backup = "backup",
         /// Restore from a restore point.
         Restore = "restore",
+        /// Verify a tenant's repository, or one restore point.
+        Verify = "verify",
     }
 );
 
@@ -121,7 +123,8 @@ pub struct NewJob {
     pub spec: serde_json::Value,
     /// Tenant.
     pub tenant: String,
-    /// VM name (backups) or restore point (restores).
+    /// VM name (backups), restore point (restores), or the point or
+    /// `repository` (verifies).
     pub subject: String,
     /// Per-disk plan, as JSON.
     pub disks: serde_json::Value,

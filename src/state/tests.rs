@@ -199,7 +199,11 @@ fn list_filters_orders_and_counts() {
     );
     assert_eq!(
         s.finished_bytes().unwrap(),
-        vec![(JobKind::Backup, 70), (JobKind::Restore, 30)]
+        vec![
+            (JobKind::Backup, 70),
+            (JobKind::Restore, 30),
+            (JobKind::Verify, 0)
+        ]
     );
 }
 
@@ -427,4 +431,80 @@ fn readers_do_not_recover() {
     s.mark_running("live").unwrap();
     let r = StateStore::open_no_recovery(&path).unwrap();
     assert_eq!(r.get_job("live").unwrap().unwrap().state, JobState::Running);
+}
+
+#[test]
+fn v2_database_with_jobs_migrates_to_verify_kind_and_keeps_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.sqlite");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for m in &migrations::MIGRATIONS[..2] {
+            c.execute_batch(m).unwrap();
+        }
+        c.execute_batch("PRAGMA user_version = 2").unwrap();
+        // Version 2 refuses a verify job.
+        assert!(c
+            .execute(
+                "INSERT INTO jobs (id, kind, spec, tenant, subject, state, created_at) \
+                 VALUES ('v', 'verify', '{}', 't', 'repository', 'succeeded', 1)",
+                [],
+            )
+            .is_err());
+        c.execute(
+            "INSERT INTO jobs (id, kind, spec, tenant, subject, state, created_at, finished_at, \
+             bytes_done, bytes_total, notes, error_code, error_message, point_id) \
+             VALUES ('b1', 'backup', '{\"vm\":\"b1\"}', 'ta', 'web', 'succeeded', 10, 20, 5, 6, \
+             '[\"n1\"]', NULL, NULL, 'p1')",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO jobs (id, kind, spec, tenant, subject, state, created_at, finished_at, \
+             error_code, error_message) \
+             VALUES ('r1', 'restore', '{}', 'tb', 'p1', 'failed', 30, 40, 'x', 'y')",
+            [],
+        )
+        .unwrap();
+    }
+    let (s, rec) = StateStore::open(&path).unwrap();
+    assert!(rec.jobs.is_empty());
+    assert_eq!(
+        s.schema_version().unwrap(),
+        migrations::MIGRATIONS.len() as i64
+    );
+    let b = s.get_job("b1").unwrap().unwrap();
+    assert_eq!(
+        (b.kind, b.state, b.tenant.as_str(), b.subject.as_str()),
+        (JobKind::Backup, JobState::Succeeded, "ta", "web")
+    );
+    assert_eq!((b.bytes_done, b.bytes_total), (5, 6));
+    assert_eq!(b.point_id.as_deref(), Some("p1"));
+    assert_eq!(b.notes, json!(["n1"]));
+    let r = s.get_job("r1").unwrap().unwrap();
+    assert_eq!((r.kind, r.state), (JobKind::Restore, JobState::Failed));
+    assert_eq!(r.error.as_ref().map(|e| e.code.as_str()), Some("x"));
+    // The indexes are back and a verify job now fits.
+    let c = s.lock();
+    let idx: i64 = c
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name IN ('jobs_state', 'jobs_created')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(idx, 2);
+    drop(c);
+    s.insert_job(&NewJob {
+        id: "v1".into(),
+        kind: JobKind::Verify,
+        spec: json!({}),
+        tenant: "ta".into(),
+        subject: "repository".into(),
+        disks: json!([]),
+        bytes_total: 0,
+    })
+    .unwrap();
+    assert_eq!(s.get_job("v1").unwrap().unwrap().kind, JobKind::Verify);
+    assert_eq!(s.list_jobs(&JobFilter::default()).unwrap().len(), 3);
 }

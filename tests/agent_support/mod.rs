@@ -171,6 +171,7 @@ impl JobRunner for TestRunner {
                     });
                 }
             }
+            JobSpec::Verify(_) => {}
         }
         let total = self.bytes_per_disk * disks.len() as u64;
         ctx.progress.total.store(total, Ordering::Relaxed);

@@ -71,6 +71,12 @@ async function updateAgentJob(dl) {
   dl.querySelector(".rate").textContent = human(Math.round(j.rate_bytes_per_sec)) + "/s";
   dl.querySelector(".eta").textContent = j.eta_secs == null ? "-" : Math.round(j.eta_secs) + " s";
   dl.querySelector(".job-error").textContent = j.error ? j.error.code + ": " + j.error.message : "";
+  const notes = dl.querySelector(".notes");
+  if (notes) notes.replaceChildren(...(j.notes || []).map((n) => {
+    const d = document.createElement("div");
+    d.textContent = n;
+    return d;
+  }));
   return j.state;
 }
 
