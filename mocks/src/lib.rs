@@ -22,5 +22,6 @@ pub mod esxi;
 pub mod fixtures;
 pub mod kms;
 pub mod pki;
+pub mod scale;
 pub mod vcenter;
 pub mod world;

@@ -1,0 +1,241 @@
+//! The console with 500 VMs (issue 19): the whitepaper's provider scaled by
+//! `ferry_mocks::scale` (VMs encrypted under each tenant's key provider and
+//! plain ones, every VM selected by its tenant's job). The admin's overview
+//! lists every VM, the plan has rows for every disk of every VM, and a
+//! tenant-a account sees only tenant-a's VMs and plan. Correctness only: how
+//! fast the pages are is `cargo bench --bench console_pages`.
+
+use ferry_mocks::console::SimConsole;
+use ferry_mocks::scale::{self, ScaleVm};
+use ferry_mocks::world::{World, WorldOptions};
+use reqwest::header::{COOKIE, SET_COOKIE};
+use std::collections::{BTreeMap, BTreeSet};
+
+const VMS: usize = 500;
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A logged-in client of the console.
+struct Client {
+    base: String,
+    http: reqwest::Client,
+    cookie: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    fn login(c: &SimConsole, name: &str) -> Client {
+        let a = c.account(name).unwrap_or_else(|| panic!("account {name}"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // reqwest's rustls has no provider of its own (rustls-no-provider).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let body = format!(
+            "name={}&password={}&next=%2F",
+            url_encode(&a.name),
+            url_encode(&a.password)
+        );
+        let r = rt
+            .block_on(
+                http.post(format!("{}/login", c.url()))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body)
+                    .send(),
+            )
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303, "login as {name}");
+        let cookie = r
+            .headers()
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|s| s.strip_prefix("ferry_session="))
+            .and_then(|s| s.split(';').next())
+            .expect("a session cookie")
+            .to_string();
+        Client {
+            base: c.url(),
+            http,
+            cookie,
+            rt,
+        }
+    }
+
+    fn get(&self, path: &str) -> String {
+        self.rt.block_on(async {
+            let r = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .header(COOKIE, format!("ferry_session={}", self.cookie))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200, "GET {path}");
+            r.text().await.unwrap()
+        })
+    }
+
+    fn json(&self, path: &str) -> serde_json::Value {
+        let body = self.get(path);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e})"))
+    }
+}
+
+/// VM name → tenant of the overview JSON's VM rows.
+fn overview_vms(c: &Client) -> BTreeMap<String, String> {
+    c.json("/api/overview")["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["tenant"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// VM name → plan rows (disks) of `/api/plan`, checking every row's tenant.
+fn plan_rows(c: &Client, tenant: Option<&str>) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let mut out: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for r in c.json("/api/plan").as_array().unwrap() {
+        if let Some(t) = tenant {
+            assert_eq!(r["tenant"], t, "{r}");
+        }
+        out.entry(r["vm"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r.clone());
+    }
+    out
+}
+
+#[test]
+fn console_with_500_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = scale::scenario(VMS, 19);
+    let vms: Vec<ScaleVm> = scale::vms(&scenario);
+    assert_eq!(vms.len(), VMS);
+    let world = World::start(WorldOptions::new(scenario.clone(), dir.path())).unwrap();
+    let added = scale::select_plain_vms(&world, &scenario).unwrap();
+    let plain = vms.iter().filter(|v| v.key_provider.is_none()).count();
+    assert_eq!(added, plain, "every plain VM added to its tenant's job");
+    assert!(plain > 0 && plain < VMS, "a mix of plain and encrypted VMs");
+    let console = SimConsole::start(&world, 0).unwrap();
+
+    // The admin: every VM in the overview (JSON and page), with its tenant.
+    let admin = Client::login(&console, "admin");
+    let listed = overview_vms(&admin);
+    for v in &vms {
+        assert_eq!(
+            listed.get(&v.name).map(String::as_str),
+            Some(v.tenant.as_str()),
+            "overview lists {} under {}",
+            v.name,
+            v.tenant
+        );
+    }
+    let page = admin.get("/");
+    for v in &vms {
+        assert!(
+            page.contains(&format!(">{}</a>", v.name)),
+            "overview page lists {}",
+            v.name
+        );
+    }
+    assert!(page.matches("<tr data-moref=").count() >= VMS);
+
+    // The plan: every disk of every VM, planned by its tenant's job. Nothing
+    // runs and every agent is up: the first VMs are dispatched (with a proxy
+    // and a mode), the rest wait for a slot (deferred), none is refused.
+    let plan = plan_rows(&admin, None);
+    let mut dispatched = 0;
+    for v in &vms {
+        let rows = plan
+            .get(&v.name)
+            .unwrap_or_else(|| panic!("/api/plan plans {}", v.name));
+        assert_eq!(rows.len(), v.disks, "{}: a row per disk: {rows:?}", v.name);
+        for r in rows {
+            assert_eq!(r["tenant"], v.tenant.as_str(), "{r}");
+            match r["decision"].as_str().unwrap() {
+                "dispatch" => {
+                    dispatched += 1;
+                    assert!(!r["proxy"].as_str().unwrap().is_empty(), "{r}");
+                    assert!(!r["mode"].as_str().unwrap().is_empty(), "{r}");
+                }
+                "deferred" => assert!(
+                    r["reason"]
+                        .as_str()
+                        .unwrap()
+                        .contains("waiting for a free slot"),
+                    "{r}"
+                ),
+                _ => panic!("neither dispatched nor waiting for a slot: {r}"),
+            }
+            // HotAdd of an encrypted disk only through its own tenant's proxy.
+            if r["mode"] == "hotadd" && v.key_provider.is_some() {
+                assert_eq!(
+                    r["proxy"].as_str().unwrap(),
+                    format!("proxy-kms-{}", &v.tenant["tenant-".len()..]),
+                    "{r}"
+                );
+            }
+        }
+    }
+    assert!(dispatched > 0, "some disks dispatched");
+    let plan_page = admin.get("/plan");
+    let disks: usize = vms.iter().map(|v| v.disks).sum();
+    assert!(
+        plan_page.contains(&format!("{disks} disk(s)")),
+        "the plan page shows every disk"
+    );
+
+    // A tenant-a account: only tenant-a's VMs (encrypted and plain), only
+    // tenant-a's plan.
+    let tenant_a = Client::login(&console, "tenant-a-operator");
+    let own: BTreeSet<&str> = vms
+        .iter()
+        .filter(|v| v.tenant == "tenant-a")
+        .map(|v| v.name.as_str())
+        .collect();
+    let others: BTreeSet<&str> = vms
+        .iter()
+        .filter(|v| v.tenant != "tenant-a")
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(own.len() >= VMS / 2 - 1 && !others.is_empty());
+    let seen = overview_vms(&tenant_a);
+    for (name, tenant) in &seen {
+        assert_eq!(tenant, "tenant-a", "tenant-a sees {name} of {tenant:?}");
+        assert!(!others.contains(name.as_str()), "tenant-a sees {name}");
+    }
+    for name in &own {
+        assert!(seen.contains_key(*name), "tenant-a sees its {name}");
+    }
+    let page = tenant_a.get("/");
+    for name in &others {
+        assert!(
+            !page.contains(&format!(">{name}</a>")),
+            "tenant-a's overview shows {name}"
+        );
+    }
+    let plan = plan_rows(&tenant_a, Some("tenant-a"));
+    let planned: BTreeSet<&str> = plan.keys().map(String::as_str).collect();
+    assert_eq!(planned, own, "tenant-a's plan: its VMs, all of them");
+}
