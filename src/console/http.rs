@@ -743,6 +743,17 @@ async fn api_vm(State(c): State<Arc<Console>>, a: Authed, Path(moref): Path<Stri
         .into_response()
 }
 
+/// 404 unless `point` is one of the VM's restore points (a point id of
+/// another VM, or of another tenant, is not found here).
+async fn has_point(c: &Console, a: &Authed, v: &views::VmRow, point: &str) -> Result<(), Response> {
+    let h = history(c, &v.moref).await;
+    if h.iter().any(|r| r.point.as_deref() == Some(point)) {
+        Ok(())
+    } else {
+        Err(a.not_found(&format!("VM {} has no restore point {point:?}", v.name)))
+    }
+}
+
 /// The VM `moref` if `a` may act on it, with its tenant.
 fn actionable<'s>(
     a: &Authed,
@@ -866,12 +877,8 @@ async fn restore_form(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let h = history(&c, &moref).await;
-    if !h
-        .iter()
-        .any(|r| r.point.as_deref() == Some(q.point.as_str()))
-    {
-        return a.not_found(&format!("VM {} has no restore point {:?}", v.name, q.point));
+    if let Err(r) = has_point(&c, &a, v, &q.point).await {
+        return r;
     }
     html(pages::restore_form(
         &a.ctx(),
@@ -913,12 +920,8 @@ async fn restore(
     if f.confirm != "1" {
         return a.forbidden("confirm the restore (tick the box)");
     }
-    let h = history(&c, &moref).await;
-    if !h
-        .iter()
-        .any(|r| r.point.as_deref() == Some(f.point.as_str()))
-    {
-        return a.not_found(&format!("VM {} has no restore point {:?}", v.name, f.point));
+    if let Err(r) = has_point(&c, &a, v, &f.point).await {
+        return r;
     }
     if !restore_agents(&snap, &tenant).contains(&f.agent) {
         return a.not_found(&format!(
@@ -1085,12 +1088,8 @@ async fn verify_point_form(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let h = history(&c, &moref).await;
-    if !h
-        .iter()
-        .any(|r| r.point.as_deref() == Some(q.point.as_str()))
-    {
-        return a.not_found(&format!("VM {} has no restore point {:?}", v.name, q.point));
+    if let Err(r) = has_point(&c, &a, v, &q.point).await {
+        return r;
     }
     html(pages::verify_form(
         &a.ctx(),
@@ -1125,12 +1124,8 @@ async fn verify_point(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let h = history(&c, &moref).await;
-    if !h
-        .iter()
-        .any(|r| r.point.as_deref() == Some(f.point.as_str()))
-    {
-        return a.not_found(&format!("VM {} has no restore point {:?}", v.name, f.point));
+    if let Err(r) = has_point(&c, &a, v, &f.point).await {
+        return r;
     }
     start_verify(
         &c,
