@@ -12,6 +12,7 @@ use crate::agent::api::{Info, KeySyncResponse};
 use crate::orchestrator::config::Schedule;
 use crate::orchestrator::inventory::InventoryVm;
 use crate::orchestrator::plan::{AgentStatus, Decision, PlanReport};
+use crate::orchestrator::run::Inventories;
 use crate::orchestrator::Orchestrator;
 use crate::state::{now_ms, ItemState, KeyEntry, RunKind, RunState, VmHistoryEntry};
 use crate::transport::select::{Outcome, Refusal, Selection};
@@ -172,7 +173,13 @@ impl Snapshot {
     /// key sync.
     pub async fn read(o: &Orchestrator) -> Snapshot {
         let cfg = o.config().clone();
-        let plan = match o.plan(&[]).await {
+        // Each vCenter's inventory is read once: the plan and the VM list share it.
+        let mut inventories = Inventories::new();
+        for vc in &cfg.vcenters {
+            let read = o.inventory().vms(vc).await.map_err(|e| e.to_string());
+            inventories.insert(vc.name.clone(), read);
+        }
+        let plan = match o.plan_over(&[], &inventories).await {
             Ok(p) => p,
             Err(e) => PlanReport {
                 agents: BTreeMap::new(),
@@ -188,10 +195,11 @@ impl Snapshot {
         };
         let mut inventory: Vec<InventoryVm> = Vec::new();
         let mut inventory_errors = Vec::new();
-        for vc in &cfg.vcenters {
-            match o.inventory().vms(vc).await {
+        for read in inventories.into_values() {
+            match read {
                 Ok(v) => inventory.extend(v),
-                Err(e) => inventory_errors.push(format!("vCenter {}: {e}", vc.name)),
+                // The error names its vCenter.
+                Err(e) => inventory_errors.push(e),
             }
         }
         let store = o.store().clone();

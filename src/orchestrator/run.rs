@@ -10,6 +10,10 @@
 use super::client::{AgentApi, ClientError, ClientSetupError, HttpAgent};
 use super::config::{JobConfig, OrchestratorConfig, Schedule};
 use super::inventory::{Inventory, InventoryVm};
+
+/// Inventories read for one plan, by vCenter name: the VMs, or why they could
+/// not be read.
+pub type Inventories = BTreeMap<String, Result<Vec<InventoryVm>, String>>;
 use super::plan::{
     candidates, plan_job, plan_vm, reported_load, reported_slots, AgentStatus, Decision, JobPlan,
     PlanReport,
@@ -463,27 +467,53 @@ impl Orchestrator {
     }
 
     /// Plan every job (or those named) against the agents as they are now.
-    /// Changes nothing anywhere.
+    /// Changes nothing anywhere. Each vCenter's inventory is read once,
+    /// however many jobs use it.
     pub async fn plan(&self, only: &[String]) -> Result<PlanReport, OrchestratorError> {
+        let jobs = self.jobs(only)?;
+        let mut inventories = Inventories::new();
+        for job in &jobs {
+            let Some(vc) = self.cfg.vcenter(&job.vcenter) else {
+                continue;
+            };
+            if !inventories.contains_key(&vc.name) {
+                let read = self.inventory.vms(vc).await.map_err(|e| e.to_string());
+                inventories.insert(vc.name.clone(), read);
+            }
+        }
+        self.plan_over(only, &inventories).await
+    }
+
+    /// [`Orchestrator::plan`] over inventories already read (by vCenter name),
+    /// for callers that need the VMs too (the console's snapshot). A vCenter
+    /// missing from `inventories` plans as unavailable.
+    pub async fn plan_over(
+        &self,
+        only: &[String],
+        inventories: &Inventories,
+    ) -> Result<PlanReport, OrchestratorError> {
         let jobs = self.jobs(only)?;
         let agents = self.agent_statuses().await;
         let mut load = reported_load(&agents);
         let mut out = Vec::new();
         for job in &jobs {
-            let Some(vc) = self.cfg.vcenter(&job.vcenter) else {
+            if self.cfg.vcenter(&job.vcenter).is_none() {
                 continue;
-            };
-            match self.inventory.vms(vc).await {
-                Ok(inv) => {
-                    let vms = select_vms(job, &inv);
+            }
+            match inventories.get(&job.vcenter) {
+                Some(Ok(inv)) => {
+                    let vms = select_vms(job, inv);
                     out.push(plan_job(&self.cfg, job, &vms, &agents, &mut load));
                 }
-                Err(e) => out.push(JobPlan {
+                other => out.push(JobPlan {
                     job: job.name.clone(),
                     tenant: job.tenant.clone(),
                     vcenter: job.vcenter.clone(),
                     agent_notes: vec![],
-                    error: Some(e.to_string()),
+                    error: Some(match other {
+                        Some(Err(e)) => e.clone(),
+                        _ => format!("vCenter {}: its inventory was not read", job.vcenter),
+                    }),
                     vms: vec![],
                 }),
             }
