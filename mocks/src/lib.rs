@@ -12,6 +12,9 @@
 //!   fault injection).
 //! - [`world`]: the whole simulated provider (mock vCenter, mock ESXi, tenants,
 //!   agents per proxy VM, orchestrator) for `ferry-sim` and end-to-end tests.
+//! - [`scale`], [`provider`]: generated worlds for scale tests and benchmarks (the
+//!   whitepaper provider with n VMs; a provider with N VMs, H hosts, T tenants and
+//!   P proxies).
 //! - [`kms`]: the mock KMS (KMIP 1.4 over mutual TLS, RSA key pairs with states,
 //!   ReKeyKeyPair, persistence, fault injection).
 
@@ -22,6 +25,7 @@ pub mod esxi;
 pub mod fixtures;
 pub mod kms;
 pub mod pki;
+pub mod provider;
 pub mod scale;
 pub mod vcenter;
 pub mod world;

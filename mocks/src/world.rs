@@ -532,7 +532,9 @@ impl World {
         let cfg = OrchestratorConfig::load(&self.orchestrator_config)
             .map_err(|e| start_err("orchestrator", e))?;
         let inv = Arc::new(ConfigInventory {
-            vsphere: Some(Arc::new(ferry::orchestrator::vcenter::VsphereInventory)),
+            vsphere: Some(Arc::new(
+                ferry::orchestrator::vcenter::VsphereInventory::new(),
+            )),
         });
         let (o, _) = self
             .rt

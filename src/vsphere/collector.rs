@@ -7,6 +7,7 @@
 //! re-login is started over once.
 //!
 //! Request bodies and result decoding are pure functions, tested without a server.
+//! Watching for changes instead of reading again is [`super::updates`].
 
 use super::client::{Client, Replay};
 use super::error::{from_fault, VsphereError};
@@ -28,12 +29,21 @@ pub const MAX_PAGES: usize = 100_000;
 
 /// Write a `PropertyFilterSpec` (WSDL order: propSet, objectSet).
 pub fn filter_spec(b: &mut Body, kind: &str, paths: &[&str], sel: Select<'_>) {
-    b.open("specSet");
-    b.open("propSet").leaf("type", kind).leaf("all", "false");
-    for p in paths {
-        b.leaf("pathSet", p);
+    filter_spec_multi(b, "specSet", &[(kind, paths)], sel);
+}
+
+/// Write a `PropertyFilterSpec` as element `tag` (`specSet` for
+/// RetrievePropertiesEx, `spec` for CreateFilter) with one `propSet` per
+/// `(type, paths)`.
+pub fn filter_spec_multi(b: &mut Body, tag: &str, props: &[(&str, &[&str])], sel: Select<'_>) {
+    b.open(tag);
+    for (kind, paths) in props {
+        b.open("propSet").leaf("type", kind).leaf("all", "false");
+        for p in *paths {
+            b.leaf("pathSet", p);
+        }
+        b.close("propSet");
     }
-    b.close("propSet");
     match sel {
         Select::View(view) => {
             b.open("objectSet").moref("obj", view).leaf("skip", "true");
@@ -54,7 +64,7 @@ pub fn filter_spec(b: &mut Body, kind: &str, paths: &[&str], sel: Select<'_>) {
             }
         }
     }
-    b.close("specSet");
+    b.close(tag);
 }
 
 /// Body of `RetrievePropertiesEx`.

@@ -11,6 +11,8 @@
 //! - [`client`]: session: TLS, login, cookie, re-login, retries, timeouts.
 //! - [`collector`]: property collector with container views and paging.
 //! - [`inventory`]: VMs, hosts, clusters, datastores.
+//! - [`updates`]: a property filter watched with `WaitForUpdatesEx` (the
+//!   orchestrator's incremental inventory).
 //! - [`tasks`]: waiting for tasks.
 //! - [`snapshot`]: create/remove/read snapshots, leftover `ferry-*` snapshots.
 //! - [`cbt`]: enable CBT, QueryChangedDiskAreas with paging.
@@ -42,6 +44,7 @@ pub mod soap;
 pub mod tasks;
 pub mod ticket;
 pub mod types;
+pub mod updates;
 pub mod xml;
 
 #[cfg(test)]

@@ -185,6 +185,22 @@ impl Admin {
         self.world.rename_vm(vm, new_name)
     }
 
+    /// Move a VM to another host (vMotion).
+    pub fn move_vm(&self, vm: &str, host: &str) -> Result<(), AdminError> {
+        self.world.move_vm(vm, host)
+    }
+
+    /// Create a workload VM; returns its moref id.
+    pub fn add_vm(&self, spec: &super::scenario::VmSpec) -> Result<String, AdminError> {
+        self.world.add_vm(spec)
+    }
+
+    /// Delete a workload VM (no snapshots, no hot-added disks anywhere, no task
+    /// running: later VMs' indices shift).
+    pub fn remove_vm(&self, vm: &str) -> Result<(), AdminError> {
+        self.world.remove_vm(vm)
+    }
+
     /// A new instance UUID for a VM, as if it had been deleted and recreated
     /// under the same name; returns it.
     pub fn recreate_vm_identity(&self, vm: &str) -> Result<String, AdminError> {

@@ -177,6 +177,7 @@ pub fn dispatch(c: &Call<'_>) -> Result<Reply, Fault> {
             sess.collectors.retain(|x| x != id);
             sess.filters.retain(|f| &f.collector != id);
             sess.update_version.remove(id);
+            sess.pending_updates.remove(id);
             ok(Returns::Void)
         }
         "DestroyPropertyFilter" => {
@@ -408,13 +409,15 @@ fn create_filter(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
 const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 fn wait_for_updates(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
+    use super::updates::{filter_updates, invalid_collector_version, update_set, Pending};
     use std::time::{Duration, Instant};
     let req = c.req;
     expect_this(req, "PropertyCollector")?;
-    let version = req.body.text_of("version").unwrap_or("");
+    let version = req.body.text_of("version").unwrap_or("").trim();
+    let options = req.body.child("options");
     let wait = match req.method.as_str() {
         "CheckForUpdates" => Duration::ZERO,
-        "WaitForUpdatesEx" => match req.body.child("options") {
+        "WaitForUpdatesEx" => match options {
             Some(o) => match num::<i64>(o, "maxWaitSeconds")? {
                 Some(s) => Duration::from_secs(s.max(0) as u64).min(MAX_WAIT),
                 None => MAX_WAIT,
@@ -423,6 +426,13 @@ fn wait_for_updates(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
         },
         _ => MAX_WAIT,
     };
+    // Object updates per answer (WaitForUpdatesEx only); the rest is truncated.
+    let max_objects = match (req.method.as_str(), options) {
+        ("WaitForUpdatesEx", Some(o)) => num::<i64>(o, "maxObjectUpdates")?
+            .filter(|n| *n > 0)
+            .map(|n| n as usize),
+        _ => None,
+    };
     let collector = req.this.value.as_str();
     {
         let mut s = lock(&c.world.sessions);
@@ -430,17 +440,47 @@ fn wait_for_updates(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
         if !sess.has_collector(collector) {
             return Err(vim::not_found(&req.this));
         }
+        let current = sess.update_version.get(collector).copied().unwrap_or(0);
         if version.is_empty() {
             for f in sess.filters.iter_mut().filter(|f| f.collector == collector) {
                 f.reset();
             }
+            sess.pending_updates.remove(collector);
+        } else if version != current.to_string() {
+            return Err(invalid_collector_version(version, current));
         }
     }
+    // One answer of at most `max_objects` object updates from `queue`.
+    let answer = |sess: &mut super::session::Session, mut queue: Pending| -> Reply {
+        let n = max_objects.unwrap_or(usize::MAX).min(queue.updates.len());
+        let part: Vec<(String, Val)> = queue.updates.drain(..n).collect();
+        let truncated = !queue.updates.is_empty();
+        if truncated {
+            sess.pending_updates.insert(collector.to_string(), queue);
+        } else {
+            sess.pending_updates.remove(collector);
+        }
+        let v = sess
+            .update_version
+            .entry(collector.to_string())
+            .or_insert(0);
+        *v += 1;
+        Reply {
+            ret: Returns::Typed(update_set(*v, filter_updates(part), truncated)),
+            set_cookie: None,
+        }
+    };
     let deadline = Instant::now() + wait;
     loop {
-        let (ver, sets) = {
+        {
             let mut s = lock(&c.world.sessions);
             let sess = s.live_mut(key)?;
+            // The rest of a truncated answer comes first.
+            if let Some(p) = sess.pending_updates.remove(collector) {
+                if !p.updates.is_empty() {
+                    return Ok(answer(sess, p));
+                }
+            }
             let mut filters = std::mem::take(&mut sess.filters);
             let result = {
                 let inv = lock(&c.world.inv);
@@ -453,29 +493,27 @@ fn wait_for_updates(c: &Call<'_>, key: &str) -> Result<Reply, Fault> {
                 filters
                     .iter_mut()
                     .filter(|f| f.collector == collector)
-                    .map(|f| f.changes(&ctx))
+                    .map(|f| f.changes(&ctx).map(|u| (f.id.clone(), u)))
                     .collect::<Result<Vec<_>, Fault>>()
             };
             sess.filters = filters;
-            let sets: Vec<Val> = result?.into_iter().flatten().collect();
-            let v = sess
-                .update_version
-                .entry(collector.to_string())
-                .or_insert(0);
-            if !sets.is_empty() {
-                *v += 1;
+            let mut queue = Pending::default();
+            for (f, updates) in result? {
+                queue
+                    .updates
+                    .extend(updates.into_iter().map(|u| (f.clone(), u)));
             }
-            (*v, sets)
-        };
-        if !sets.is_empty() {
-            return ok(Returns::Typed(super::updates::update_set(ver, sets)));
-        }
-        if Instant::now() >= deadline {
-            return if req.method == "WaitForUpdates" {
-                ok(Returns::Typed(super::updates::update_set(ver, Vec::new())))
-            } else {
-                ok(Returns::Void)
-            };
+            if !queue.updates.is_empty() {
+                return Ok(answer(sess, queue));
+            }
+            if Instant::now() >= deadline {
+                let ver = sess.update_version.get(collector).copied().unwrap_or(0);
+                return if req.method == "WaitForUpdates" {
+                    ok(Returns::Typed(update_set(ver, Vec::new(), false)))
+                } else {
+                    ok(Returns::Void)
+                };
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -386,6 +386,11 @@ fn resolve(state_dir: &Path, p: &Option<PathBuf>, default: PathBuf) -> PathBuf {
     }
 }
 
+/// The number of a `<prefix>-<n>` moref id.
+fn id_number(id: &str) -> Option<u64> {
+    id.rsplit('-').next()?.parse().ok()
+}
+
 fn seed_of(name: &str, idx: usize) -> u64 {
     let h = blake3::hash(format!("{name}#{idx}").as_bytes());
     u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
@@ -515,84 +520,185 @@ impl Inventory {
             }));
         for (name, host, ds, kp, cbt, disks, device_dir) in entries {
             let host_idx = inv.hosts.iter().position(|h| &h.name == host).unwrap_or(0);
-            let home = match ds {
-                Some(d) => ds_index(d).unwrap_or(0),
-                None => inv.hosts[host_idx].datastores.first().copied().unwrap_or(0),
-            };
-            let crypto = kp.as_deref().map(CryptoKey::new);
-            let mut vm_disks = Vec::new();
-            for (i, d) in disks.iter().enumerate() {
-                let ds = d.datastore.as_deref().and_then(ds_index).unwrap_or(home);
-                let loc = DiskLocation {
-                    datastore_dir: inv.datastores[ds].dir.clone(),
-                    datastore: inv.datastores[ds].name.clone(),
-                    folder: name.clone(),
-                    stem: if i == 0 {
-                        name.clone()
-                    } else {
-                        format!("{name}_{i}")
-                    },
-                };
-                let gen = d.generator(seed_of(name, i));
-                let disk = Disk::create(loc, d.size_mib << 20, gen.as_ref())?;
-                if cbt {
-                    disk.enable_cbt();
-                }
-                let encrypted = d.encrypted.unwrap_or(crypto.is_some());
-                vm_disks.push(VmDisk {
-                    key: FIRST_DISK_KEY + i as i32,
-                    unit: i as i32 + (i as i32 >= SCSI_CONTROLLER_UNIT) as i32,
-                    label: format!("Hard disk {}", i + 1),
-                    datastore: ds,
-                    crypto: match (&crypto, encrypted) {
-                        (Some(c), true) => Some(CryptoKey::new(&c.provider)),
-                        _ => None,
-                    },
-                    uuid: ids::disk_uuid(),
-                    storage_policy: None,
-                    disk: Arc::new(disk),
-                });
-            }
+            let home = ds.as_deref().and_then(ds_index);
             if let Some(dir) = &device_dir {
                 mkdir(dir)?;
                 clean_stale_entries(dir)?;
             }
-            let id = inv.ids.next("vm-");
-            inv.vms.push(Vm {
-                id,
-                name: name.clone(),
-                uuid: ids::uuid(),
-                instance_uuid: ids::uuid(),
-                host: host_idx,
-                datastore: home,
-                proxy: device_dir.is_some(),
-                device_dir,
-                crypto,
-                cbt,
-                disks: vm_disks,
-                snapshots: Vec::new(),
-                attached: Vec::new(),
-                modified: ids::now(),
-                change_version: 1,
-                op: Arc::new(Mutex::new(())),
-                power_state: "poweredOn".into(),
-                guest: Default::default(),
-                next_snapshot_num: 1,
-            });
+            let vm = inv.new_vm(name, host_idx, home, kp.as_deref(), cbt, disks, device_dir)?;
+            inv.vms.push(vm);
         }
-        for v in &sc.vms {
-            if let Some(vi) = inv.vm_by_name(&v.name) {
-                inv.vms[vi].guest = super::guest::GuestTools {
-                    tools: v.tools,
-                    quiesce: v.quiesce,
-                };
-            }
+        // The scenario's VMs come first, in order (names are unique).
+        for (vi, v) in sc.vms.iter().enumerate() {
+            inv.vms[vi].guest = super::guest::GuestTools {
+                tools: v.tools,
+                quiesce: v.quiesce,
+            };
         }
         Ok(inv)
     }
 
-    /// VM index by moref id.
+    /// A new VM (not yet in `vms`): its disks are created in their datastores'
+    /// directories now. `home`: the home datastore's index (default: the first
+    /// datastore the host sees).
+    #[allow(clippy::too_many_arguments)]
+    fn new_vm(
+        &self,
+        name: &str,
+        host_idx: usize,
+        home: Option<usize>,
+        kp: Option<&str>,
+        cbt: bool,
+        disks: &[DiskSpecToml],
+        device_dir: Option<PathBuf>,
+    ) -> Result<Vm, BuildError> {
+        let home = home.unwrap_or_else(|| {
+            self.hosts[host_idx]
+                .datastores
+                .first()
+                .copied()
+                .unwrap_or(0)
+        });
+        let crypto = kp.map(CryptoKey::new);
+        let mut vm_disks = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let ds = d
+                .datastore
+                .as_deref()
+                .and_then(|n| self.datastores.iter().position(|x| x.name == n))
+                .unwrap_or(home);
+            let loc = DiskLocation {
+                datastore_dir: self.datastores[ds].dir.clone(),
+                datastore: self.datastores[ds].name.clone(),
+                folder: name.to_string(),
+                stem: if i == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name}_{i}")
+                },
+            };
+            let gen = d.generator(seed_of(name, i));
+            let disk = Disk::create(loc, d.size_mib << 20, gen.as_ref())?;
+            if cbt {
+                disk.enable_cbt();
+            }
+            let encrypted = d.encrypted.unwrap_or(crypto.is_some());
+            vm_disks.push(VmDisk {
+                key: FIRST_DISK_KEY + i as i32,
+                unit: i as i32 + (i as i32 >= SCSI_CONTROLLER_UNIT) as i32,
+                label: format!("Hard disk {}", i + 1),
+                datastore: ds,
+                crypto: match (&crypto, encrypted) {
+                    (Some(c), true) => Some(CryptoKey::new(&c.provider)),
+                    _ => None,
+                },
+                uuid: ids::disk_uuid(),
+                storage_policy: None,
+                disk: Arc::new(disk),
+            });
+        }
+        Ok(Vm {
+            id: self.ids.next("vm-"),
+            name: name.to_string(),
+            uuid: ids::uuid(),
+            instance_uuid: ids::uuid(),
+            host: host_idx,
+            datastore: home,
+            proxy: device_dir.is_some(),
+            device_dir,
+            crypto,
+            cbt,
+            disks: vm_disks,
+            snapshots: Vec::new(),
+            attached: Vec::new(),
+            modified: ids::now(),
+            change_version: 1,
+            op: Arc::new(Mutex::new(())),
+            power_state: "poweredOn".into(),
+            guest: Default::default(),
+            next_snapshot_num: 1,
+        })
+    }
+
+    /// Add a workload VM as `spec` describes it (the provider's daily churn: a
+    /// tenant creates a VM); returns its moref id. Its disks are created now.
+    pub fn add_vm(&mut self, spec: &super::scenario::VmSpec) -> Result<String, String> {
+        if self.vm_by_name(&spec.name).is_some() {
+            return Err(format!("a VM named {:?} exists already", spec.name));
+        }
+        let host = self
+            .hosts
+            .iter()
+            .position(|h| h.name == spec.host)
+            .ok_or_else(|| format!("no host {:?}", spec.host))?;
+        let home = match &spec.datastore {
+            Some(d) => Some(
+                self.datastores
+                    .iter()
+                    .position(|x| &x.name == d)
+                    .ok_or_else(|| format!("no datastore {d:?}"))?,
+            ),
+            None => None,
+        };
+        if let Some(kp) = &spec.key_provider {
+            if !self.key_providers.contains(kp) {
+                return Err(format!("no key provider {kp:?}"));
+            }
+        }
+        let mut vm = self
+            .new_vm(
+                &spec.name,
+                host,
+                home,
+                spec.key_provider.as_deref(),
+                spec.cbt,
+                &spec.disks,
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        vm.guest = super::guest::GuestTools {
+            tools: spec.tools,
+            quiesce: spec.quiesce,
+        };
+        let id = vm.id.clone();
+        self.vms.push(vm);
+        Ok(id)
+    }
+
+    /// Remove a workload VM from the inventory (a tenant deletes it); its disk
+    /// files stay. Refused for proxies and for VMs with snapshots or hot-added
+    /// disks (a backup is using them). Later VMs' indices shift by one: only for
+    /// worlds where no task runs (inventory tests).
+    pub fn remove_vm(&mut self, vi: usize) -> Result<(), String> {
+        let vm = self.vms.get(vi).ok_or("no such VM")?;
+        if vm.proxy {
+            return Err(format!("{} is a proxy VM", vm.name));
+        }
+        if !vm.snapshots.is_empty() || self.vms.iter().any(|p| !p.attached.is_empty()) {
+            return Err(format!(
+                "{}: snapshots or hot-added disks exist; remove them first",
+                vm.name
+            ));
+        }
+        self.vms.remove(vi);
+        Ok(())
+    }
+
+    /// VM index by moref id. Ids are handed out in increasing order (`vm-<n>`) and
+    /// VMs only ever appended, so `vms` is sorted by that number: a binary search,
+    /// checked, with a scan as the fallback (10,000-VM worlds look VMs up by id for
+    /// every property read).
     pub fn vm_index(&self, id: &str) -> Option<usize> {
+        if let Some(n) = id_number(id) {
+            if let Ok(i) = self
+                .vms
+                .binary_search_by_key(&Some(n), |v| id_number(&v.id))
+            {
+                if self.vms[i].id == id {
+                    return Some(i);
+                }
+            }
+        }
         self.vms.iter().position(|v| v.id == id)
     }
 

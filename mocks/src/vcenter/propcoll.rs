@@ -394,6 +394,22 @@ fn refs_of(v: &Val) -> Vec<MoRef> {
 /// Objects found by a filter, with the requested properties that are set.
 pub type Collected = Vec<(MoRef, Vec<(String, Val)>)>;
 
+/// Objects reached by a traversal, in order, each once (a set beside the list: a
+/// container view of 10,000 VMs must not cost a quadratic `contains`).
+#[derive(Default)]
+struct Found {
+    list: Vec<MoRef>,
+    set: HashSet<MoRef>,
+}
+
+impl Found {
+    fn add(&mut self, r: &MoRef) {
+        if self.set.insert(r.clone()) {
+            self.list.push(r.clone());
+        }
+    }
+}
+
 /// Run `specSet`: every object reached, in traversal order, with its requested
 /// properties (unset ones left out).
 pub fn collect(ctx: &Ctx<'_>, spec_set: &[&Element]) -> Result<Collected, Fault> {
@@ -408,16 +424,16 @@ pub fn collect(ctx: &Ctx<'_>, spec_set: &[&Element]) -> Result<Collected, Fault>
         for o in &f.objs {
             collect_named(&o.select, &mut named);
         }
-        let mut found: Vec<MoRef> = Vec::new();
+        let mut found = Found::default();
         let mut visited: HashSet<(MoRef, usize)> = HashSet::new();
         for o in &f.objs {
             ctx.props(&o.obj)?;
-            if !o.skip && !found.contains(&o.obj) {
-                found.push(o.obj.clone());
+            if !o.skip {
+                found.add(&o.obj);
             }
             walk(ctx, &o.obj, &o.select, &named, &mut found, &mut visited, 0)?;
         }
-        for obj in found {
+        for obj in found.list {
             let specs: Vec<&PropSpec> = f.props.iter().filter(|p| is_a(&obj.ty, &p.ty)).collect();
             if specs.is_empty() || !reported.insert(obj.clone()) {
                 continue;
@@ -476,7 +492,7 @@ fn walk(
     obj: &MoRef,
     select: &[Sel],
     named: &HashMap<String, Traversal>,
-    found: &mut Vec<MoRef>,
+    found: &mut Found,
     visited: &mut HashSet<(MoRef, usize)>,
     depth: usize,
 ) -> Result<(), Fault> {
@@ -509,8 +525,8 @@ fn walk(
             continue;
         };
         for child in refs_of(&v) {
-            if !t.skip && !found.contains(&child) {
-                found.push(child.clone());
+            if !t.skip {
+                found.add(&child);
             }
             walk(ctx, &child, &t.select, named, found, visited, depth + 1)?;
         }

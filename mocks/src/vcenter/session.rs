@@ -53,6 +53,8 @@ pub struct Session {
     pub filters: Vec<super::updates::Filter>,
     /// Version of the last UpdateSet sent, per PropertyCollector.
     pub update_version: HashMap<String, u64>,
+    /// The rest of a truncated UpdateSet, per PropertyCollector.
+    pub pending_updates: HashMap<String, super::updates::Pending>,
     /// PropertyCollectors created by this session (CreatePropertyCollector).
     pub collectors: Vec<String>,
 }
@@ -123,6 +125,7 @@ impl Sessions {
                 pages: HashMap::new(),
                 filters: Vec::new(),
                 update_version: HashMap::new(),
+                pending_updates: HashMap::new(),
                 collectors: Vec::new(),
             },
         );

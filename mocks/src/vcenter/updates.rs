@@ -3,13 +3,20 @@
 //! (what pyvmomi's `WaitForTask` and many scripts use).
 //!
 //! The mock computes updates by comparing each filter's current values with what
-//! it last reported (values compared in their XML form), per session; one waiter per
-//! session is assumed, and the version string is a counter. Owns that bookkeeping;
-//! traversal and property values come from [`super::propcoll`].
+//! it last reported (values compared structurally), per session; one waiter per
+//! session is assumed, and the version string is a counter. As vCenter does, a
+//! `WaitForUpdatesEx` with a version other than the last one sent (or, while a
+//! truncated set is being handed out, the last part's) is refused with
+//! `InvalidCollectorVersion`, and `options.maxObjectUpdates` cuts an answer into
+//! parts marked `truncated` (the rest is kept in the session, [`Pending`]). Owns
+//! that bookkeeping; traversal and property values come from [`super::propcoll`].
+//!
+//! Must not hold inventory locks longer than one computation of the changes: at
+//! 10,000 VMs one pass over a VM container view is the cost of one wait.
 
-use super::codec::{write_val, Element, Fault, MoRef, Obj, Val};
+use super::codec::{Element, Fault, MoRef, Obj, Val};
 use super::propcoll::{self, Ctx};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// One property filter of a session.
 #[derive(Debug, Clone)]
@@ -20,8 +27,8 @@ pub struct Filter {
     pub collector: String,
     /// The `PropertyFilterSpec` as sent.
     pub spec: Element,
-    /// Last reported values: object → property path → value as XML.
-    seen: BTreeMap<MoRef, BTreeMap<String, String>>,
+    /// Last reported values: object → property path → value.
+    seen: HashMap<MoRef, BTreeMap<String, Val>>,
 }
 
 impl Filter {
@@ -31,7 +38,7 @@ impl Filter {
             id,
             collector,
             spec,
-            seen: BTreeMap::new(),
+            seen: HashMap::new(),
         }
     }
 
@@ -40,22 +47,20 @@ impl Filter {
         self.seen.clear();
     }
 
-    /// Changes since the last report as a `PropertyFilterUpdate`, recorded as seen.
-    pub fn changes(&mut self, ctx: &Ctx<'_>) -> Result<Option<Val>, Fault> {
+    /// Changes since the last report as `ObjectUpdate`s, recorded as seen.
+    pub fn changes(&mut self, ctx: &Ctx<'_>) -> Result<Vec<Val>, Fault> {
         let now = propcoll::collect(ctx, &[&self.spec])?;
         let mut updates = Vec::new();
-        let mut next: BTreeMap<MoRef, BTreeMap<String, String>> = BTreeMap::new();
+        let mut next: HashMap<MoRef, BTreeMap<String, Val>> = HashMap::with_capacity(now.len());
         for (obj, props) in now {
             let old = self.seen.get(&obj);
             let mut changes = Vec::new();
             let mut cur = BTreeMap::new();
             for (name, v) in props {
-                let mut xml = String::new();
-                write_val(&mut xml, "v", &v, true);
-                if old.and_then(|o| o.get(&name)) != Some(&xml) {
-                    changes.push(change(&name, "assign", Some(v)));
+                if old.and_then(|o| o.get(&name)) != Some(&v) {
+                    changes.push(change(&name, "assign", Some(v.clone())));
                 }
-                cur.insert(name, xml);
+                cur.insert(name, v);
             }
             if let Some(o) = old {
                 for gone in o.keys().filter(|k| !cur.contains_key(*k)) {
@@ -78,7 +83,13 @@ impl Filter {
             }
             next.insert(obj, cur);
         }
-        for gone in self.seen.keys().filter(|k| !next.contains_key(*k)) {
+        let mut gone: Vec<&MoRef> = self
+            .seen
+            .keys()
+            .filter(|k| !next.contains_key(*k))
+            .collect();
+        gone.sort();
+        for gone in gone {
             updates.push(Val::Obj(
                 Obj::new("ObjectUpdate")
                     .f("kind", Val::Enum("ObjectUpdateKind", "leave".into()))
@@ -86,15 +97,37 @@ impl Filter {
             ));
         }
         self.seen = next;
-        if updates.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Val::Obj(
-            Obj::new("PropertyFilterUpdate")
-                .f("filter", Val::r("PropertyFilter", &self.id))
-                .f("objectSet", Val::Arr("ObjectUpdate", updates)),
-        )))
+        Ok(updates)
     }
+}
+
+/// What is left of a truncated answer: `(filter id, ObjectUpdate)`s in order, handed
+/// out `maxObjectUpdates` at a time, and the version the client must send to get
+/// the next part.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Object updates not sent yet, with the filter they belong to.
+    pub updates: VecDeque<(String, Val)>,
+}
+
+/// Group `(filter id, ObjectUpdate)`s into `PropertyFilterUpdate`s, in order.
+pub fn filter_updates(items: Vec<(String, Val)>) -> Vec<Val> {
+    let mut out: Vec<(String, Vec<Val>)> = Vec::new();
+    for (f, u) in items {
+        match out.last_mut() {
+            Some((last, v)) if *last == f => v.push(u),
+            _ => out.push((f, vec![u])),
+        }
+    }
+    out.into_iter()
+        .map(|(f, v)| {
+            Val::Obj(
+                Obj::new("PropertyFilterUpdate")
+                    .f("filter", Val::r("PropertyFilter", &f))
+                    .f("objectSet", Val::Arr("ObjectUpdate", v)),
+            )
+        })
+        .collect()
 }
 
 fn change(name: &str, op: &str, v: Option<Val>) -> Val {
@@ -106,11 +139,22 @@ fn change(name: &str, op: &str, v: Option<Val>) -> Val {
     )
 }
 
-/// An `UpdateSet`.
-pub fn update_set(version: u64, filters: Vec<Val>) -> Val {
+/// An `UpdateSet` (`truncated`: more parts follow).
+pub fn update_set(version: u64, filters: Vec<Val>, truncated: bool) -> Val {
     Val::Obj(
         Obj::new("UpdateSet")
             .f("version", Val::s(version.to_string()))
-            .f("filterSet", Val::Arr("PropertyFilterUpdate", filters)),
+            .f("filterSet", Val::Arr("PropertyFilterUpdate", filters))
+            .opt("truncated", truncated.then_some(Val::Bool(true))),
+    )
+}
+
+/// `InvalidCollectorVersion`: the client's version is not the last one sent.
+pub fn invalid_collector_version(sent: &str, current: u64) -> Fault {
+    Fault::new(
+        "InvalidCollectorVersion",
+        format!(
+            "The collector version {sent:?} is not the current one ({current}); start over with an empty version"
+        ),
     )
 }

@@ -171,6 +171,35 @@ impl World {
         Ok(())
     }
 
+    /// Move VM `vm` to the host named `host` (vMotion); its disks stay where they are.
+    pub fn move_vm(&self, vm: &str, host: &str) -> Result<(), AdminError> {
+        let mut inv = lock(&self.inv);
+        let vi = inv
+            .vm_lookup(vm)
+            .ok_or_else(|| AdminError::NotFound(format!("VM {vm:?}")))?;
+        let hi = inv
+            .hosts
+            .iter()
+            .position(|h| h.name == host)
+            .ok_or_else(|| AdminError::NotFound(format!("host {host:?}")))?;
+        inv.vms[vi].host = hi;
+        Ok(())
+    }
+
+    /// Create a workload VM (a tenant's new VM); returns its moref id.
+    pub fn add_vm(&self, spec: &super::scenario::VmSpec) -> Result<String, AdminError> {
+        lock(&self.inv).add_vm(spec).map_err(AdminError::Invalid)
+    }
+
+    /// Delete workload VM `vm` from the inventory (see `Inventory::remove_vm`).
+    pub fn remove_vm(&self, vm: &str) -> Result<(), AdminError> {
+        let mut inv = lock(&self.inv);
+        let vi = inv
+            .vm_lookup(vm)
+            .ok_or_else(|| AdminError::NotFound(format!("VM {vm:?}")))?;
+        inv.remove_vm(vi).map_err(AdminError::Invalid)
+    }
+
     /// Give VM `vm` a new instance UUID: as if it had been deleted and a new VM
     /// created under the same name. Returns the new UUID.
     pub fn recreate_vm_identity(&self, vm: &str) -> Result<String, AdminError> {

@@ -220,7 +220,7 @@ fn account(cmd: AccountCmd, out: &Output) -> anyhow::Result<u8> {
 /// read live with the SOAP client.
 fn inventory(_cfg: &OrchestratorConfig) -> Arc<dyn Inventory> {
     Arc::new(ConfigInventory {
-        vsphere: Some(Arc::new(ferry::orchestrator::vcenter::VsphereInventory)),
+        vsphere: Some(Arc::new(ferry::orchestrator::vcenter::VsphereInventory::new())),
     })
 }
 
