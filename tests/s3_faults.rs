@@ -231,7 +231,7 @@ fn resets_are_retried_or_fail_cleanly() {
         .expect_err("no retry left")
         .to_string();
     assert!(
-        e.contains("/manifest") && e.contains("error sending request"),
+        e.contains("/manifest") && e.contains("Connection reset"),
         "{e}"
     );
     let ids = w.repo().point_ids().unwrap();

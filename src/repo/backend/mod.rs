@@ -11,6 +11,7 @@
 pub mod local;
 pub mod object_lock;
 pub mod s3;
+mod s3_http;
 
 use super::lock::{LockMode, RepoLock};
 use super::{RepoError, Result};

@@ -16,8 +16,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AwsAuthorizer, AwsCredential};
 use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
-    HttpResponseBody, HttpService,
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
 };
 use object_store::path::Path as ObjPath;
 use object_store::{
@@ -320,22 +319,29 @@ struct LockHeaders {
     until: String,
 }
 
-/// object_store's HTTP seam, served by ferry's reqwest client (ring-based
-/// rustls, the configured CA) rather than object_store's own default client.
-#[derive(Debug)]
-struct FerryHttp(reqwest::Client, Arc<Signer>);
+/// object_store's HTTP seam, served by ferry's own client ([`super::s3_http`]:
+/// hyper under ring-based rustls and the configured CA, quick-acking TCP)
+/// rather than object_store's default client.
+#[derive(Clone)]
+struct FerryHttp {
+    client: super::s3_http::Client,
+    signer: Arc<Signer>,
+    timeout: Duration,
+}
 
-impl HttpConnector for FerryHttp {
-    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
-        Ok(HttpClient::new(FerryHttpService(
-            self.0.clone(),
-            self.1.clone(),
-        )))
+impl std::fmt::Debug for FerryHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FerryHttp")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
-#[derive(Debug)]
-struct FerryHttpService(reqwest::Client, Arc<Signer>);
+impl HttpConnector for FerryHttp {
+    fn connect(&self, _: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(self.clone()))
+    }
+}
 
 /// Add the Object Lock headers of `lock` to a request, with the SHA-256
 /// checksum S3 demands alongside them.
@@ -353,29 +359,11 @@ fn add_lock_headers(parts: &mut http::request::Parts, body: &Bytes, lock: &LockH
     );
 }
 
-fn http_error(e: reqwest::Error) -> HttpError {
-    let kind = if e.is_timeout() {
-        HttpErrorKind::Timeout
-    } else if e.is_connect() {
-        HttpErrorKind::Connect
-    } else if e.is_body() || e.is_request() {
-        HttpErrorKind::Request
-    } else if e.is_decode() {
-        HttpErrorKind::Decode
-    } else {
-        // Resets and truncated bodies: retried like a failed request.
-        HttpErrorKind::Interrupted
-    };
-    HttpError::new(kind, e)
-}
-
 #[async_trait::async_trait]
-impl HttpService for FerryHttpService {
+impl HttpService for FerryHttp {
     async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
         use http_body_util::BodyExt;
         let (parts, body) = req.into_parts();
-        let url = reqwest::Url::parse(&parts.uri.to_string())
-            .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
         let body = body
             .collect()
             .await
@@ -384,32 +372,21 @@ impl HttpService for FerryHttpService {
         let mut parts = parts;
         if let Some(lock) = parts.extensions.get::<LockHeaders>().cloned() {
             add_lock_headers(&mut parts, &body, &lock);
-            self.1
+            self.signer
                 .sign(&mut parts, &body)
                 .map_err(|e| HttpError::new(HttpErrorKind::Request, e))?;
         }
-        let mut r = reqwest::Request::new(parts.method, url);
-        *r.headers_mut() = parts.headers;
-        *r.body_mut() = Some(body.into());
+        parts.extensions = http::Extensions::new();
         // A create-only PUT that timed out may be sent again safely: the
         // replay gets 412 when the first one landed, and the caller reads the
         // object back (object_store retries timeouts only on requests it
         // deems idempotent).
-        let create_only = r
-            .headers()
+        let create_only = parts
+            .headers
             .get(http::header::IF_NONE_MATCH)
             .is_some_and(|v| v == "*");
-        let resp = self.0.execute(r).await.map_err(|e| {
-            let mut err = http_error(e);
-            if create_only && err.kind() == HttpErrorKind::Timeout {
-                err = HttpError::new(HttpErrorKind::Request, err);
-            }
-            err
-        })?;
-        let resp: http::Response<reqwest::Body> = resp.into();
-        let (parts, body) = resp.into_parts();
-        let body = HttpResponseBody::new(body.map_err(http_error));
-        Ok(HttpResponse::from_parts(parts, body))
+        let req = http::Request::from_parts(parts, http_body_util::Full::new(body));
+        super::s3_http::send(&self.client, req, self.timeout, create_only).await
     }
 }
 
@@ -486,6 +463,7 @@ impl S3Store {
         };
         http = http.tls_backend_preconfigured((*tls).clone());
         let http = http.build().map_err(|e| invalid(e.to_string()))?;
+        let objects_http = super::s3_http::client(tls, Duration::from_secs(10));
         let signer = Arc::new(Signer {
             cred: AwsCredential {
                 key_id: id.clone(),
@@ -509,7 +487,11 @@ impl S3Store {
             .with_virtual_hosted_style_request(!s.path_style)
             .with_access_key_id(id)
             .with_secret_access_key(secret.as_str())
-            .with_http_connector(FerryHttp(http.clone(), signer.clone()))
+            .with_http_connector(FerryHttp {
+                client: objects_http,
+                signer: signer.clone(),
+                timeout: s.timeout,
+            })
             // Chunks authenticate themselves (AES-GCM) and TLS protects the
             // transfer: hashing every body for the signature would only cost
             // CPU. Requests that need a checksum (Object Lock) carry one.
@@ -720,18 +702,23 @@ impl S3Store {
         remote_error(&self.url(key), &self.inner.bucket, &e)
     }
 
+    /// A GET, sent again after a failure that may pass (object_store retries
+    /// 5xx and resets itself, but not an error answer whose body was cut).
     fn get(&self, key: &str, range: Option<GetRange>) -> Result<Option<object_store::GetResult>> {
         let (store, path) = (self.inner.store.clone(), self.path(key));
-        let r = self.run(async move {
-            store
-                .get_opts(
-                    &path,
-                    GetOptions {
-                        range,
-                        ..Default::default()
-                    },
-                )
-                .await
+        let r = self.retrying(|| {
+            let (store, path, range) = (store.clone(), path.clone(), range.clone());
+            async move {
+                store
+                    .get_opts(
+                        &path,
+                        GetOptions {
+                            range,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+            }
         });
         match r {
             Ok(g) => Ok(Some(g)),
