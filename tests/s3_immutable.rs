@@ -94,6 +94,154 @@ fn immutable_points_on_moto() {
     assert!(out.contains("disk-0.idx"), "{out}");
 }
 
+/// `ferry repo copy` takes the target's retention, not the source's: the copied
+/// objects are retained by the target's `--immutable-days` from the time of the
+/// copy, the target records that date (its prune, verify and points list use
+/// it), the source's manifest date stays the source's; a copy to a bucket
+/// without Object Lock carries no date over (verify there is clean), and
+/// asking that bucket for immutability is refused with the reason.
+#[test]
+fn copies_take_the_targets_retention() {
+    use ferry::repo::backend::s3::S3Store;
+    use ferry::repo::Repository;
+    let server = S3Server::start(S3Peer::Moto);
+    let im = Immutability {
+        days: 30,
+        mode: RetentionMode::Governance,
+    };
+    let w = World::on_s3_with(&server, "src-locked", Some(im));
+    let img = w.image("disk.img", 8 * CS as u64, 5);
+    let r1 = w.backup("vm1", &[&img]);
+    let src_until = w
+        .repo()
+        .read_manifest(&r1.point_id)
+        .unwrap()
+        .1
+        .immutable
+        .expect("an immutable source point")
+        .until;
+
+    // To a locked bucket, with the target's own 100 days (compliance).
+    server.create_bucket("dst-locked", true);
+    let copy = |target: &str, extra: &[&str]| {
+        let mut args = vec!["--json", "repo", "copy", "--to", target];
+        args.extend_from_slice(extra);
+        w.command(&args).output().unwrap()
+    };
+    let before = time::OffsetDateTime::now_utc().unix_timestamp();
+    let o = copy(
+        "s3://dst-locked/copy",
+        &["--immutable-days", "100", "--immutable-mode", "compliance"],
+    );
+    let after = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(o.status.success(), "{}", text(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (lo, hi) = (retention_until(before, 100), retention_until(after, 100));
+    let until = rep["immutable"]["until"].as_i64().expect("the report says");
+    assert!((lo..=hi).contains(&until), "{rep}");
+    assert_ne!(until, src_until);
+    assert_eq!(rep["immutable"]["mode"], "compliance", "{rep}");
+
+    let store = S3Store::connect("dst-locked", "copy", &server.settings()).unwrap();
+    let dst = Repository::open_in(Box::new(store)).unwrap();
+    let h = dst.read_manifest(&r1.point_id).unwrap().1;
+    let got = h.immutable.expect("the target records its retention");
+    assert_eq!((got.until, got.mode), (until, RetentionMode::Compliance));
+    let files = dst.point_files(&r1.point_id).unwrap();
+    assert!(files.iter().any(|f| f == "retention"), "{files:?}");
+    let keys = std::iter::once("manifest".to_string())
+        .chain(files)
+        .map(|f| format!("points/{}/{f}", r1.point_id))
+        .chain(
+            dst.backend()
+                .list("chunks/")
+                .unwrap()
+                .into_iter()
+                .map(|o| o.key),
+        );
+    for key in keys {
+        let r = dst
+            .backend()
+            .retention(&key)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{key} has no retention at the target"));
+        assert_eq!(
+            (r.until, r.mode),
+            (until, RetentionMode::Compliance),
+            "{key}"
+        );
+    }
+    // The source keeps its own date.
+    let src_h = w.repo().read_manifest(&r1.point_id).unwrap().1;
+    assert_eq!(src_h.immutable.unwrap().until, src_until);
+    // The target's views use its date; its verify is clean.
+    let at =
+        |target: &str, args: &[&str]| w.command(args).env("FERRY_REPO", target).output().unwrap();
+    let o = at("s3://dst-locked/copy", &["--json", "points", "list"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let listed = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        listed.contains(&ferry::repo::backend::format_unix(until)),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&ferry::repo::backend::format_unix(src_until)),
+        "{listed}"
+    );
+    let o = at("s3://dst-locked/copy", &["verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A copy of the copy (to another locked bucket, 7 days): its own date again.
+    server.create_bucket("third-locked", true);
+    let o = w
+        .command(&[
+            "--json",
+            "repo",
+            "copy",
+            "--to",
+            "s3://third-locked/c",
+            "--immutable-days",
+            "7",
+        ])
+        .env("FERRY_REPO", "s3://dst-locked/copy")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let store = S3Store::connect("third-locked", "c", &server.settings()).unwrap();
+    let third = Repository::open_in(Box::new(store)).unwrap();
+    let t = third
+        .read_manifest(&r1.point_id)
+        .unwrap()
+        .1
+        .immutable
+        .unwrap();
+    assert!(
+        t.until < until && t.mode == RetentionMode::Governance,
+        "{t:?}"
+    );
+
+    // To a bucket without Object Lock: no date carried over, verify clean.
+    server.create_bucket("dst-plain", false);
+    let o = copy("s3://dst-plain/copy", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(rep["immutable"].is_null(), "{rep}");
+    let store = S3Store::connect("dst-plain", "copy", &server.settings()).unwrap();
+    let plain = Repository::open_in(Box::new(store)).unwrap();
+    assert_eq!(plain.config.immutability, None);
+    let h = plain.read_manifest(&r1.point_id).unwrap().1;
+    assert_eq!(h.immutable, None, "the source's date is not the target's");
+    let o = at("s3://dst-plain/copy", &["verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // ... and immutability asked of it is refused, with the reason.
+    let o = copy("s3://dst-plain/copy", &["--immutable-days", "7"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("Object Lock is not enabled"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// `repo set-immutability --immutable-days 7` in `w` fails, saying `why`.
 fn refused(w: &World, why: &str) -> String {
     let o = w.ferry(&["repo", "set-immutability", "--immutable-days", "7"]);

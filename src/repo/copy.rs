@@ -12,6 +12,14 @@
 //! checked against the target's listing (present, same size) before the point's
 //! manifest goes in. Owns the copy order only; what the bytes mean is
 //! [`crate::repo::format`]'s.
+//!
+//! Retention is the target's own: copied objects get the target's immutability
+//! setting (a date from now), never the source's, and since a copied manifest
+//! stays byte for byte the source's (its header is authenticated with the
+//! point's data key, which a copy does not hold), each copied point gets a
+//! record of what the target gave it, `points/<id>/retention`, written
+//! before the manifest and read in place of the manifest's `immutable` by
+//! [`Repository::read_manifest`] (prune, verify, points list, incrementals).
 
 use super::backend::{self, Backend};
 use super::format::{self, ChunkId, RepoConfig};
@@ -22,6 +30,48 @@ use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::time::Duration;
+
+/// The name of a copied point's retention record (a point file).
+pub const RETENTION_RECORD: &str = "retention";
+
+/// `points/<id>/retention`: the retention a copy gave a point's objects at this
+/// repository (`null`: none), JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RetentionRecord {
+    /// Object Lock retention of the point's objects here.
+    pub immutable: Option<backend::Retention>,
+}
+
+/// The retention record of point `id` in `store`: `None` when the point was not
+/// copied here (its manifest's own `immutable` stands), `Some(r)` when it was.
+pub fn read_retention_record(
+    store: &dyn Backend,
+    id: &str,
+) -> Result<Option<Option<backend::Retention>>> {
+    let key = backend::point_key(id, RETENTION_RECORD);
+    let Some(b) = store.read(&key, 64 << 10)? else {
+        return Ok(None);
+    };
+    let r: RetentionRecord = serde_json::from_slice(&b).map_err(|e| RepoError::Damaged {
+        path: store.location(&key),
+        source: format::FormatError::BadField {
+            what: "copied point's retention record",
+            detail: e.to_string(),
+        },
+    })?;
+    Ok(Some(r.immutable))
+}
+
+/// The points of a listing of `points/` that have a retention record.
+pub fn points_with_record(listing: &[backend::ObjectInfo]) -> HashSet<String> {
+    listing
+        .iter()
+        .filter_map(|o| {
+            let (id, name) = o.key.strip_prefix("points/")?.split_once('/')?;
+            (name == RETENTION_RECORD).then(|| id.to_string())
+        })
+        .collect()
+}
 
 /// What a copy did.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -40,20 +90,36 @@ pub struct CopyReport {
     pub target_created: bool,
     /// Whether the target's keyring was replaced by the source's newer one.
     pub keyring_updated: bool,
+    /// The retention the copied points' objects got at the target (the
+    /// target's setting), when it keeps points immutable.
+    pub immutable: Option<backend::Retention>,
 }
 
 /// Copy `points` (all when empty) from `src` to the repository `dst`: an empty
 /// location (it becomes a replica of `src`) or an earlier copy of `src`.
+///
+/// `immutability`: when given, the target's setting for immutable points
+/// becomes this (checked against its store first) before anything is copied;
+/// otherwise the target keeps its own (a new replica starts without one: the
+/// source's setting is the source's). Copied points are retained by it.
 pub fn copy_points(
     src: &Repository,
     dst: Box<dyn Backend>,
     points: &[String],
+    immutability: Option<format::Immutability>,
     lock_wait: Duration,
     progress: &Progress,
 ) -> Result<CopyReport> {
     let mut rep = CopyReport::default();
     let _src_lock = src.lock(LockMode::Shared, "copy (source)", lock_wait)?;
-    let dst = prepare_target(src, dst, &mut rep)?;
+    if immutability.is_some() {
+        // Refuse before a new replica is made on a store that cannot.
+        dst.check_object_lock()?;
+    }
+    let mut dst = prepare_target(src, dst, &mut rep)?;
+    if immutability.is_some() && dst.config.immutability != immutability {
+        dst.set_immutability(immutability)?;
+    }
     let _dst_lock = dst.lock_for_writing("copy (target)", lock_wait)?;
     rep.keyring_updated |= sync_keyring(src, &dst)?;
 
@@ -128,7 +194,11 @@ fn prepare_target(
                 RepoError::Invalid(format!("{} has no keyring to copy", src.root().display()))
             })?;
             dst.replace("keyring", &kr)?;
-            dst.replace("config", &format::encode_config(&src.config))?;
+            // The target's retention is its own decision (copy_points sets
+            // it when asked), never inherited.
+            let mut config = src.config.clone();
+            config.immutability = None;
+            dst.replace("config", &format::encode_config(&config))?;
             dst.sync()?;
             rep.target_created = true;
             Repository::open_in(dst)
@@ -176,10 +246,13 @@ fn copy_point(
     // A target with immutable points retains what it receives (and what the
     // point references that it already had) by its own setting.
     let retention = dst.point_retention(time::OffsetDateTime::now_utc().unix_timestamp());
+    rep.immutable = retention;
     let mut stage = dst.stage_point(id, retention)?;
     let mut sent: Vec<(String, u64)> = Vec::new();
     let mut buf = Vec::new();
-    for name in &files {
+    // A copy of a copy: the source's record is the source's; the target's
+    // own is written below.
+    for name in files.iter().filter(|n| *n != RETENTION_RECORD) {
         let (mut f, len) = src.open_point_file(id, name)?;
         if name.ends_with(".idx") {
             let ids = index_chunks(
@@ -226,6 +299,15 @@ fn copy_point(
         }
         stage.finish_file(name, out)?;
     }
+    // What the target gave this point, read in place of the manifest's date.
+    let record = serde_json::to_vec(&RetentionRecord {
+        immutable: retention,
+    })
+    .expect("a retention record serializes");
+    let mut out = stage.create_file(RETENTION_RECORD)?;
+    std::io::Write::write_all(&mut out, &record)
+        .map_err(|e| RepoError::io(dst.point_dir(id).join(RETENTION_RECORD), e))?;
+    stage.finish_file(RETENTION_RECORD, out)?;
     dst.sync_all()?;
     // Check what the target now holds before the point becomes visible there.
     let listed: HashMap<String, u64> = dst

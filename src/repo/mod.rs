@@ -533,8 +533,20 @@ impl Repository {
         })
     }
 
-    /// Read a point's manifest bytes and public header.
+    /// Read a point's manifest bytes and public header. For a point copied here
+    /// by `ferry repo copy`, the header's `immutable` is this repository's own
+    /// record (see [`copy::read_retention_record`]), not the source's.
     pub fn read_manifest(&self, id: &str) -> Result<(Vec<u8>, ManifestHeader, usize)> {
+        self.read_manifest_as(id, None)
+    }
+
+    /// [`Repository::read_manifest`]; `copied`: whether the point has a copy's
+    /// retention record (known from a listing), `None`: look.
+    fn read_manifest_as(
+        &self,
+        id: &str,
+        copied: Option<bool>,
+    ) -> Result<(Vec<u8>, ManifestHeader, usize)> {
         if id.contains('/') || id.starts_with('.') || id.is_empty() {
             return Err(RepoError::PointNotFound(id.to_string()));
         }
@@ -543,7 +555,7 @@ impl Repository {
         let Some(b) = self.store.read(&key, MAX_MANIFEST)? else {
             return Err(RepoError::PointNotFound(id.to_string()));
         };
-        let (h, at) = manifest::decode_header(&b).map_err(|source| RepoError::Damaged {
+        let (mut h, at) = manifest::decode_header(&b).map_err(|source| RepoError::Damaged {
             path: p.clone(),
             source,
         })?;
@@ -556,16 +568,24 @@ impl Repository {
                 },
             });
         }
+        if copied != Some(false) {
+            if let Some(here) = copy::read_retention_record(self.store.as_ref(), id)? {
+                h.immutable = here;
+            }
+        }
         Ok((b, h, at))
     }
 
     /// Every point with its header (or the error reading it).
     pub fn list_points(&self) -> Result<Vec<PointListing>> {
-        Ok(self
-            .point_ids()?
+        let listing = self.store.list("points/")?;
+        let copied = copy::points_with_record(&listing);
+        Ok(backend::committed_points(&listing)
             .into_iter()
             .map(|id| PointListing {
-                header: self.read_manifest(&id).map(|(_, h, _)| h),
+                header: self
+                    .read_manifest_as(&id, Some(copied.contains(&id)))
+                    .map(|(_, h, _)| h),
                 id,
             })
             .collect())

@@ -304,8 +304,12 @@ pub fn verify_with(
             }
         }
         if let Some(r) = point.header.immutable {
+            // A copied point's retention record is one of its objects.
+            let record = super::backend::point_key(&id, super::copy::RETENTION_RECORD);
+            let copied = repo.backend().exists(&record)?;
             let files: Vec<String> = std::iter::once("manifest".to_string())
                 .chain(point.body.disks.iter().map(|d| d.index.clone()))
+                .chain(copied.then(|| super::copy::RETENTION_RECORD.to_string()))
                 .map(|f| super::backend::point_key(&id, &f))
                 .chain(
                     point_chunks

@@ -70,6 +70,13 @@ pub enum RepoCmd {
         /// Seconds to wait for either repository's lock.
         #[arg(long, default_value_t = 60)]
         lock_wait: u64,
+        /// The target's own immutability (S3 Object Lock), set before the copy
+        /// (`--immutable-days N`, N > 0): copied points are retained by the
+        /// target's setting from the time of the copy, never by the source's
+        /// dates. Without it the target keeps its setting (a new replica:
+        /// none).
+        #[command(flatten)]
+        immutable: ImmutableArgs,
     },
     /// Disaster recovery: for every restore point, every way the given keys open
     /// it (its own tenant key, the keyring under the newest tenant key, the
@@ -230,6 +237,7 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
             to,
             points,
             lock_wait,
+            immutable,
         } => {
             let src = Repository::open(&repo.repo)?;
             let dst = ferry::repo::backend::connect(&to)?;
@@ -238,12 +246,13 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
                 &src,
                 dst,
                 &points,
+                immutable.setting(),
                 std::time::Duration::from_secs(lock_wait),
                 &ferry::progress::Progress::default(),
             )?;
             out.result(&r, || {
                 format!(
-                    "copied {} point(s) to {} in {:.1}s{}: {} chunk(s) sent ({}), {} already there; {} point(s) were there already{}",
+                    "copied {} point(s) to {} in {:.1}s{}: {} chunk(s) sent ({}), {} already there; {} point(s) were there already{}{}",
                     r.points_copied.len(),
                     to.display(),
                     started.elapsed().as_secs_f64(),
@@ -253,6 +262,14 @@ pub fn run(cmd: RepoCmd, out: &Output) -> anyhow::Result<u8> {
                     r.chunks_present,
                     r.points_present.len(),
                     if r.keyring_updated { "; keyring updated" } else { "" },
+                    match &r.immutable {
+                        Some(i) => format!(
+                            "; immutable at the target until {} ({})",
+                            ferry::repo::backend::format_unix(i.until),
+                            i.mode
+                        ),
+                        None => String::new(),
+                    },
                 )
             });
             Ok(exit::OK)
