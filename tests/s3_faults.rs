@@ -13,6 +13,10 @@
 //! - Answers slower than the request timeout: GETs, listings and create-only
 //!   PUTs are sent again (a replayed PUT that had landed gets 412 and is read
 //!   back); the backup succeeds.
+//! - A clock an hour off (the proxy moves each request's signed date; s3s-fs
+//!   answers RequestTimeTooSkewed itself): one error naming the clock and NTP,
+//!   not retried; a backup refused at its index leaves no point, and prune
+//!   collects its chunks.
 //! - SIGKILL of `ferry backup` mid-upload and while its manifest is in flight:
 //!   no point, the earlier one restores, verify passes; the dead processes'
 //!   lock objects (same host, pid gone) do not hold off prune, which collects
@@ -462,4 +466,70 @@ fn sigkill_mid_backup_leaves_no_point_and_prune_collects() {
     assert_eq!(w.repo().point_ids().unwrap(), [r1.point_id.as_str()]);
     restores(&w, &r1.point_id, h1, "after prune");
     verify_ok(&w, "after prune");
+}
+
+/// `e` names the cause (the clock, RequestTimeTooSkewed) and the fix (NTP).
+fn names_the_clock(e: &str) {
+    assert!(
+        e.contains("clock") && e.contains("RequestTimeTooSkewed") && e.contains("NTP"),
+        "{e}"
+    );
+}
+
+#[test]
+fn clock_skew_is_one_clear_error() {
+    // The proxy moves each request's signed date an hour back, as a client
+    // whose clock is an hour slow would sign it; s3s-fs itself answers 403
+    // RequestTimeTooSkewed (it checks the skew before the signature).
+    let (_server, proxy, mut w) = setup("faults-skew");
+    tune(&mut w, 3, Duration::from_secs(30));
+    let img = w.image("disk.img", 16 * CS as u64, 13);
+    let r1 = w.try_backup("vm1", &[&img]).unwrap();
+    let h1 = hash(&img);
+    let (points0, chunks0) = (keys(&w, "points/"), keys(&w, "chunks/"));
+    let skew = Fault::ShiftDate(-3600);
+
+    // Every request skewed (the binary): the first, reading the
+    // repository's config, is refused and not retried; one error, the cause
+    // and the fix, once.
+    proxy.reset_counts();
+    proxy.set(vec![Rule::new(When::Always, skew.clone())]);
+    let t = Instant::now();
+    let o = w.ferry(&["backup", "--name", "vm1", "--image", img.to_str().unwrap()]);
+    proxy.clear();
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    names_the_clock(&err);
+    assert_eq!(err.matches("RequestTimeTooSkewed").count(), 1, "{err}");
+    assert_eq!(
+        proxy.count(|s| s.status == Some(403)),
+        1,
+        "refused once, not retried: {:?}",
+        proxy.seen()
+    );
+    assert_eq!(keys(&w, "points/"), points0);
+
+    // Only the point's files skewed: the new chunks are stored, the index is
+    // refused, the backup fails with the same clear error, and no point
+    // exists (the manifest was never sent).
+    let img2 = w.image("disk2.img", 16 * CS as u64, 14);
+    proxy.reset_counts();
+    let rule = Rule::new(When::Always, skew).method("PUT").path("/points/");
+    let e = fails(&w, &proxy, rule, &img2);
+    names_the_clock(&e);
+    assert!(e.contains("disk-0.idx"), "{e}");
+    assert_eq!(proxy.count(is("PUT", "/points/")), 1, "not retried");
+    assert_eq!(proxy.count(is("PUT", "/manifest")), 0);
+    assert_eq!(keys(&w, "points/"), points0, "nothing of the point stored");
+    assert!(keys(&w, "chunks/").len() > chunks0.len());
+
+    // The clock right again: prune collects the failed backup's chunks; the
+    // earlier point restores and verifies.
+    let o = w.ferry(&["prune", "--keep-last", "5"]);
+    assert!(o.status.success(), "prune: {}", text(&o));
+    assert_eq!(keys(&w, "chunks/"), chunks0);
+    assert_eq!(w.repo().point_ids().unwrap(), [r1.point_id.as_str()]);
+    restores(&w, &r1.point_id, h1, "after the skew");
+    verify_ok(&w, "after the skew");
 }

@@ -42,6 +42,10 @@ pub enum Fault {
     /// Hold the request this long before forwarding it; dropped (never
     /// forwarded) if the client hangs up meanwhile (a client timeout).
     Delay(Duration),
+    /// Forward it with its `x-amz-date` moved by this many seconds, as a
+    /// client whose clock is that far off would sign it: the server judges
+    /// the skew itself (s3s-fs checks it before the signature).
+    ShiftDate(i64),
 }
 
 /// When a rule fires, counting the requests it matches (1, 2, 3...).
@@ -318,6 +322,46 @@ fn client_gone(s: &TcpStream) -> bool {
     gone
 }
 
+/// Move the `x-amz-date: YYYYMMDDTHHMMSSZ` value in a request head by `secs`
+/// (same length: nothing else moves).
+fn shift_date(head: &mut [u8], secs: i64) {
+    let name = b"\r\nx-amz-date:";
+    let Some(at) = head
+        .windows(name.len())
+        .position(|w| w.eq_ignore_ascii_case(name))
+    else {
+        return;
+    };
+    let mut v = at + name.len();
+    while head.get(v) == Some(&b' ') {
+        v += 1;
+    }
+    let Some(old) = head
+        .get(v..v + 16)
+        .and_then(|b| std::str::from_utf8(b).ok())
+    else {
+        return;
+    };
+    let n = |r: std::ops::Range<usize>| old[r].parse::<i64>().unwrap_or(0);
+    let month = time::Month::try_from(n(4..6) as u8).unwrap_or(time::Month::January);
+    let date = time::Date::from_calendar_date(n(0..4) as i32, month, n(6..8) as u8).unwrap();
+    let t = date
+        .with_hms(n(9..11) as u8, n(11..13) as u8, n(13..15) as u8)
+        .unwrap()
+        .assume_utc()
+        + time::Duration::seconds(secs);
+    let new = format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    head[v..v + 16].copy_from_slice(new.as_bytes());
+}
+
 /// An S3 error answer.
 fn s3_error(status: u16, path: &str) -> Vec<u8> {
     let (code, msg) = match status {
@@ -339,7 +383,7 @@ fn s3_error(status: u16, path: &str) -> Vec<u8> {
 fn serve(client: TcpStream, upstream: &str, shared: &Shared) -> io::Result<()> {
     let mut out = client.try_clone()?;
     let mut reader = BufReader::new(client);
-    while let Some(req) = read_message(&mut reader, None)? {
+    while let Some(mut req) = read_message(&mut reader, None)? {
         let [method, path] = req.first.clone();
         // Every matching rule counts the request; the first that fires wins.
         let mut fault = Fault::Pass;
@@ -376,6 +420,7 @@ fn serve(client: TcpStream, upstream: &str, shared: &Shared) -> io::Result<()> {
                 reset(out);
                 return Ok(());
             }
+            Fault::ShiftDate(secs) => shift_date(&mut req.raw[..req.body_at], secs),
             Fault::Delay(d) => {
                 let until = Instant::now() + d;
                 while let Some(left) = until.checked_duration_since(Instant::now()) {
