@@ -22,6 +22,8 @@ const PROTECTED: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/some-id"),
     ("POST", "/v1/jobs/some-id/cancel"),
     ("POST", "/v1/keys/sync"),
+    ("POST", "/v1/keys/check"),
+    ("GET", "/v1/repositories"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
 ];
@@ -1064,6 +1066,58 @@ async fn verify_jobs_check_the_repository_and_fail_on_a_damaged_chunk() {
             "/v1/verifies",
             &json!({"tenant": "tenant-a", "repair": true}),
         )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+
+    // What the repository holds, as the console's overview shows it.
+    let (st, v) = f.get("/v1/repositories").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let repos = v["repositories"].as_array().unwrap();
+    assert_eq!(repos.len(), 1, "{v}");
+    let r = &repos[0];
+    assert_eq!(r["tenant"], "tenant-a");
+    assert_eq!(r["backend"], "local");
+    assert_eq!(r["points"], 2, "{r}");
+    let chunk_files = common::files_under(&w.repo_dir.join("chunks"));
+    assert_eq!(r["chunks"], chunk_files.len() as u64, "{r}");
+    let on_disk: u64 = chunk_files
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(r["stored_bytes"], on_disk, "{r}");
+    assert!(
+        r["filesystem_free_bytes"].as_u64().unwrap()
+            <= r["filesystem_total_bytes"].as_u64().unwrap()
+    );
+    assert!(r["error"].is_null(), "{r}");
+
+    // The disaster-recovery key check: both points open with the tenant's key.
+    let (st, v) = f
+        .post("/v1/keys/check", &json!({"tenant": "tenant-a"}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["tenant"], "tenant-a");
+    assert_eq!(v["keyring_opens"], true, "{v}");
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{v}");
+    assert!(
+        points.iter().all(|p| p["status"] == "opens"
+            && p["opens_with"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w == "own_key")),
+        "{v}"
+    );
+    assert!(points.iter().any(|p| p["point_id"] == p1.as_str()), "{v}");
+    assert!(v["missing_keys"].as_array().unwrap().is_empty(), "{v}");
+    assert!(!v.to_string().contains("PRIVATE"), "no key material: {v}");
+    let (st, v) = f
+        .post("/v1/keys/check", &json!({"tenant": "tenant-x"}))
+        .await;
+    assert_error(st, &v, StatusCode::UNPROCESSABLE_ENTITY, "unknown_tenant");
+    let (st, v) = f
+        .post("/v1/keys/check", &json!({"tenant": "tenant-a", "x": 1}))
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
 

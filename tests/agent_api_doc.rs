@@ -50,7 +50,7 @@ fn document_declares_bearer_auth_everywhere_but_health() {
     );
     assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 13);
+    assert_eq!(paths.len(), 15);
     for (p, item) in paths {
         for (m, op) in item.as_object().unwrap() {
             let public = op.get("security") == Some(&serde_json::json!([{}]));

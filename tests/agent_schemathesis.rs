@@ -67,8 +67,8 @@ fn run(work: &Path, what: &str, args: &[String], hooks: bool) {
         "schemathesis ({what}) failed:\n{text}"
     );
     assert!(
-        text.contains("Tested: 13"),
-        "schemathesis ({what}) did not test all 13 operations:\n{text}"
+        text.contains("Tested: 15"),
+        "schemathesis ({what}) did not test all 15 operations:\n{text}"
     );
 }
 

@@ -133,6 +133,14 @@ impl Browser {
         )
     }
 
+    /// A JSON call as the console's script makes it (CSRF token in the header).
+    fn post_json(&mut self, path: &str, csrf: &str, body: &str) -> Answer {
+        let mut h = HeaderMap::new();
+        h.insert("x-csrf-token", HeaderValue::from_str(csrf).unwrap());
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        self.send(reqwest::Method::POST, path, Some(body.to_string()), h)
+    }
+
     fn login(&mut self, name: &str, password: &str) -> Answer {
         self.post(
             "/login",
@@ -543,6 +551,98 @@ fn console_isolates_tenants_and_runs_actions() {
         op_b.get("/tenants/no-such-tenant/verify").status,
         StatusCode::NOT_FOUND
     );
+
+    // Verify through JSON: a point and the whole repository; the agent
+    // defaults to one serving the tenant. Another tenant's: 404.
+    let r = op_a.post_json(
+        &format!("/api/vms/{}/verify", a_vm.1),
+        &csrf,
+        &format!(r#"{{"point": "{point}"}}"#),
+    );
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["job"]["kind"], "verify", "{j}");
+    assert_eq!(j["job"]["subject"], point.as_str(), "{j}");
+    let r = op_a.post_json("/api/tenants/tenant-a/verify", &csrf, "{}");
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.json()["job"]["subject"], "repository");
+    let r = op_b.post_json("/api/tenants/tenant-a/verify", &bcsrf, "{}");
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = op_b.post_json(
+        &format!("/api/vms/{}/verify", a_vm.1),
+        &bcsrf,
+        &format!(r#"{{"point": "{point}"}}"#),
+    );
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    // The disaster-recovery key check (`repo import`'s report) from the keys
+    // page: every point of tenant-a opens with its KMS key.
+    let r = op_a.post("/keys/tenant-a/check", &[("csrf", &csrf)]);
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let keys_page = op_a.get("/keys").body;
+    assert!(keys_page.contains("Disaster-recovery key check"));
+    let check = op_a.post_json("/api/keys/tenant-a/check", &csrf, "");
+    assert_eq!(check.status, StatusCode::OK, "{}", check.body);
+    let check = check.json();
+    let points = check["report"]["points"].as_array().unwrap();
+    assert!(
+        points.iter().any(|p| p["point_id"] == point.as_str()),
+        "{check}"
+    );
+    assert!(points.iter().all(|p| p["status"] == "opens"), "{check}");
+    assert_eq!(check["report"]["keyring_opens"], true, "{check}");
+    let n = points.len();
+    assert!(op_a
+        .get("/keys")
+        .body
+        .contains(&format!("{n} of {n} restore point(s) open")));
+    let listed = op_a.get("/api/keys").json();
+    let a_keys = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "tenant-a")
+        .unwrap();
+    assert_eq!(a_keys["key_check"]["report"]["tenant"], "tenant-a");
+    // Viewers may not run it; tenant-b may neither run nor see tenant-a's.
+    let r = view_a.post("/keys/tenant-a/check", &[("csrf", &vcsrf)]);
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = op_b.post("/keys/tenant-a/check", &[("csrf", &bcsrf)]);
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(!op_b.get("/keys").body.contains("tenant-a"));
+    assert!(op_b
+        .get("/api/keys")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["tenant"] == "tenant-b"));
+
+    // Repository usage on the overview: per tenant, as the agents measured it
+    // (local directories: the file system's space too); tenants see their own.
+    let admin_repos = admin.get("/api/overview").json()["repositories"].clone();
+    let admin_repos = admin_repos.as_array().unwrap();
+    for t in ["tenant-a", "tenant-b"] {
+        let row = admin_repos
+            .iter()
+            .find(|r| r["tenant"] == t)
+            .unwrap_or_else(|| panic!("no repository row for {t}: {admin_repos:?}"));
+        assert!(row["error"].is_null(), "{row}");
+        assert_eq!(row["backend"], "local", "{row}");
+        assert!(row["fs_total_bytes"].as_u64().unwrap() > 0, "{row}");
+        assert!(
+            row["points"].is_u64() && row["stored_bytes"].is_u64(),
+            "{row}"
+        );
+    }
+    let a_repos = op_a.get("/api/overview").json()["repositories"].clone();
+    assert!(!a_repos.as_array().unwrap().is_empty());
+    assert!(a_repos
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["tenant"] == "tenant-a"));
+    assert!(op_a.get("/").body.contains("id=\"repositories\""));
 
     // The audit log has the refusals and the actions, for admins.
     let audit = admin.get("/audit").body;

@@ -1316,6 +1316,179 @@ pub struct KeySyncResponse {
     pub results: Vec<KeySyncResult>,
 }
 
+/// `GET /v1/repositories`: every tenant's repository as stored now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RepositoryList {
+    /// One entry per tenant of the agent.
+    pub repositories: Vec<RepositoryUsage>,
+}
+
+/// One tenant's repository: what it holds and, on a local directory, the space
+/// left. Counts come from a listing of the repository at the time of the call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RepositoryUsage {
+    /// Tenant.
+    pub tenant: String,
+    /// `local` or `s3`; absent when the repository could not be opened.
+    pub backend: Option<String>,
+    /// Where it is stored (directory or bucket/prefix/endpoint; no credentials).
+    pub location: String,
+    /// Committed restore points.
+    pub points: Option<u64>,
+    /// Stored chunks.
+    pub chunks: Option<u64>,
+    /// Bytes of the stored chunks (compressed and encrypted, as stored).
+    pub stored_bytes: Option<u64>,
+    /// Size of the file system under a local repository.
+    pub filesystem_total_bytes: Option<u64>,
+    /// Space left on it for ferry (unprivileged).
+    pub filesystem_free_bytes: Option<u64>,
+    /// When it was measured (RFC 3339).
+    pub measured_at: String,
+    /// Why the repository could not be read (not yet initialised, unreachable).
+    pub error: Option<JobError>,
+}
+
+/// `POST /v1/keys/check` body: the disaster-recovery key check of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCheckRequest {
+    /// Tenant, as configured on the agent.
+    #[schema(min_length = 1, max_length = 256)]
+    pub tenant: String,
+}
+
+impl Validate for KeyCheckRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_name("tenant", &self.tenant)
+    }
+}
+
+/// Whether a restore point opens with the tenant's keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PointKeyView {
+    /// Point id.
+    pub point_id: String,
+    /// VM or image the point is of.
+    pub source: Option<String>,
+    /// Creation time.
+    pub created: Option<String>,
+    /// The tenant key that wrapped its data key (`kmip key ID vN on KMS (fingerprint ...)`).
+    pub key: Option<String>,
+    /// Every path that opens it: `own_key`, `keyring`, `recovery_key`.
+    pub opens_with: Vec<String>,
+    /// `opens`, `key_missing` or `damaged`.
+    pub status: String,
+    /// Why not, when it does not open.
+    pub why: Option<String>,
+}
+
+/// A key to obtain from the KMS (or its backup) and the points that need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MissingKeyView {
+    /// The key.
+    pub key: String,
+    /// Points only it (or the recovery key) opens.
+    pub points: Vec<String>,
+    /// The provider's recovery key that opens them too, if they were protected.
+    pub or_recovery_key: Option<String>,
+}
+
+/// `POST /v1/keys/check`: for every restore point of the tenant's repository,
+/// whether the tenant's keys (as the agent's key source reaches them now)
+/// open it, and which keys to obtain for those that do not: the report `ferry
+/// repo import` prints for disaster recovery. Key ids and fingerprints only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyCheckResponse {
+    /// Tenant.
+    pub tenant: String,
+    /// When the check ran (RFC 3339).
+    pub checked_at: String,
+    /// Whether the repository's keyring opens with the tenant's current key.
+    pub keyring_opens: bool,
+    /// Why not.
+    pub keyring_error: Option<String>,
+    /// The provider's recovery key the keyring records (key-loss protection).
+    pub recovery_key: Option<String>,
+    /// Per point, oldest first.
+    pub points: Vec<PointKeyView>,
+    /// Keys to obtain, only for points no available path opens.
+    pub missing_keys: Vec<MissingKeyView>,
+    /// Why the check could not run (the KMS or the repository cannot be
+    /// reached or read); the other fields are then empty.
+    pub error: Option<JobError>,
+}
+
+impl KeyCheckResponse {
+    /// The wire form of a key check report.
+    pub fn from_report(
+        tenant: &str,
+        checked_at: String,
+        r: &crate::repo::keycheck::KeyCheckReport,
+    ) -> Self {
+        use crate::repo::keycheck::PointKeyStatus as S;
+        let word = |p: &crate::repo::KeyPath| {
+            match p {
+                crate::repo::KeyPath::OwnKey => "own_key",
+                crate::repo::KeyPath::Keyring => "keyring",
+                crate::repo::KeyPath::RecoveryKey => "recovery_key",
+            }
+            .to_string()
+        };
+        KeyCheckResponse {
+            tenant: tenant.to_string(),
+            checked_at,
+            keyring_opens: r.keyring_opens,
+            keyring_error: r.keyring_error.clone(),
+            recovery_key: r.recovery.as_ref().map(|k| k.to_string()),
+            points: r
+                .points
+                .iter()
+                .map(|p| {
+                    let (status, why) = match &p.status {
+                        S::Opens => ("opens", None),
+                        S::KeyMissing { why } => ("key_missing", Some(why.clone())),
+                        S::Damaged { why } => ("damaged", Some(why.clone())),
+                    };
+                    PointKeyView {
+                        point_id: p.point_id.clone(),
+                        source: p.source.clone(),
+                        created: p.created.clone(),
+                        key: p.key.as_ref().map(|k| k.to_string()),
+                        opens_with: p.opens_with.iter().map(word).collect(),
+                        status: status.into(),
+                        why,
+                    }
+                })
+                .collect(),
+            missing_keys: r
+                .missing_keys()
+                .into_iter()
+                .map(|m| MissingKeyView {
+                    key: m.key.to_string(),
+                    points: m.points,
+                    or_recovery_key: m.or_recovery_key.map(|k| k.to_string()),
+                })
+                .collect(),
+            error: None,
+        }
+    }
+
+    /// The answer when the check could not run.
+    pub fn failed(tenant: &str, checked_at: String, error: JobError) -> Self {
+        KeyCheckResponse {
+            tenant: tenant.to_string(),
+            checked_at,
+            keyring_opens: false,
+            keyring_error: None,
+            recovery_key: None,
+            points: vec![],
+            missing_keys: vec![],
+            error: Some(error),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

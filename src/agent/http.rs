@@ -51,6 +51,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/keys/sync", post(keys_sync))
+        .route("/v1/keys/check", post(keys_check))
+        .route("/v1/repositories", get(repositories))
         .route("/v1/files/list", post(files_list))
         .route("/v1/files/find", post(files_find))
         .route("/metrics", get(get_metrics))
@@ -891,6 +893,109 @@ pub(crate) async fn keys_sync(
         });
     }
     Ok(Json(KeySyncResponse { results }))
+}
+
+/// Every tenant's repository as stored now.
+///
+/// Per tenant: backend and location, committed points, stored chunks and
+/// their bytes, and for a local directory the file system's size and free
+/// space. Lists each repository (one directory walk, or one S3 listing): poll
+/// it every few minutes, not every second. A repository that cannot be read
+/// is reported in its entry's `error`.
+#[utoipa::path(get, path = "/v1/repositories", tag = "keys",
+    responses(
+        (status = 200, description = "One entry per tenant.", body = RepositoryList),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+    ))]
+pub(crate) async fn repositories(State(s): S) -> Json<RepositoryList> {
+    let mut out = Vec::new();
+    for t in s.settings.tenants.clone() {
+        let runner = s.runner.clone();
+        let tt = t.clone();
+        let got = tokio::task::spawn_blocking(move || runner.repository_usage(&tt))
+            .await
+            .unwrap_or_else(|e| Err(RunError::Repository(format!("reading it crashed: {e}"))));
+        let measured_at = crate::state::rfc3339_ms(crate::state::now_ms());
+        out.push(match got {
+            Ok(u) => RepositoryUsage {
+                tenant: t.name.clone(),
+                backend: Some(u.backend.to_string()),
+                location: u.location,
+                points: Some(u.points),
+                chunks: Some(u.chunks),
+                stored_bytes: Some(u.stored_bytes),
+                filesystem_total_bytes: u.fs.map(|f| f.total_bytes),
+                filesystem_free_bytes: u.fs.map(|f| f.free_bytes),
+                measured_at,
+                error: None,
+            },
+            Err(e) => RepositoryUsage {
+                tenant: t.name.clone(),
+                backend: None,
+                location: t.repository.display().to_string(),
+                points: None,
+                chunks: None,
+                stored_bytes: None,
+                filesystem_total_bytes: None,
+                filesystem_free_bytes: None,
+                measured_at,
+                error: Some(JobError {
+                    code: RunError::code(&e).to_string(),
+                    message: e.to_string(),
+                }),
+            },
+        });
+    }
+    Json(RepositoryList { repositories: out })
+}
+
+/// Disaster-recovery key check of one tenant.
+///
+/// For every restore point of the tenant's repository: whether the tenant's
+/// keys, as the agent's key source reaches them now, open it (its own key, the
+/// keyring, the provider's recovery key), and which keys to obtain for those
+/// that no path opens — the report `ferry repo import` prints. Read-only: a
+/// missing KMS key is reported, never created. Key ids and fingerprints only.
+/// When the KMS or the repository cannot be reached, the answer is still 200
+/// with `error` saying why (as the key sync reports per-tenant failures).
+#[utoipa::path(post, path = "/v1/keys/check", tag = "keys",
+    request_body = KeyCheckRequest,
+    responses(
+        (status = 200, description = "The report.", body = KeyCheckResponse),
+        (status = 400, description = "Malformed or invalid body.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong token.", body = ErrorBody),
+        (status = 413, description = "Body too large.", body = ErrorBody),
+        (status = 415, description = "Body is not JSON.", body = ErrorBody),
+        (status = 422, description = "unknown_tenant.", body = ErrorBody),
+    ))]
+pub(crate) async fn keys_check(
+    State(s): S,
+    ApiJson(req): ApiJson<KeyCheckRequest>,
+) -> Result<Json<KeyCheckResponse>, ApiError> {
+    let tenant = tenant_or_422(&s, &req.tenant)?.clone();
+    let runner = s.runner.clone();
+    let t = tenant.clone();
+    let got = tokio::task::spawn_blocking(move || runner.check_keys(&t))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("key check crashed: {e}")))?;
+    let at = crate::state::rfc3339_ms(crate::state::now_ms());
+    Ok(Json(match got {
+        Ok(report) => {
+            tracing::info!(tenant = %tenant.name, points = report.points.len(), missing = report.missing_keys().len(), "key check");
+            KeyCheckResponse::from_report(&tenant.name, at, &report)
+        }
+        Err(e) => {
+            tracing::warn!(tenant = %tenant.name, error = %e, "key check could not run");
+            KeyCheckResponse::failed(
+                &tenant.name,
+                at,
+                JobError {
+                    code: RunError::code(&e).to_string(),
+                    message: e.to_string(),
+                },
+            )
+        }
+    }))
 }
 
 /// Prometheus metrics.

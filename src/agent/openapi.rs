@@ -46,6 +46,8 @@ impl utoipa::Modify for BearerScheme {
         http::get_job,
         http::cancel_job,
         http::keys_sync,
+        http::keys_check,
+        http::repositories,
         http::files_list,
         http::files_find,
         http::get_metrics,
@@ -56,6 +58,7 @@ impl utoipa::Modify for BearerScheme {
         KeySourceKind, PolicySpec, BackupRequest, DiskPlacement, VmSpec, DiskSpec, RetentionSpec,
         RestoreRequest, RestoreTargetSpec, VerifyRequest, Job, JobList, DiskView, JobError,
         KeySyncRequest, KeySyncResponse, KeySyncResult,
+        KeyCheckRequest, KeyCheckResponse, PointKeyView, MissingKeyView, RepositoryList, RepositoryUsage,
         FilesListRequest, FilesFindRequest, FilesResponse,
         crate::files::VolumeInfo, crate::files::Entry, crate::files::EntryKind, crate::files::FsKind,
         crate::transport::select::Mode, crate::state::JobState, crate::state::JobKind,
@@ -66,7 +69,7 @@ impl utoipa::Modify for BearerScheme {
     tags(
         (name = "agent", description = "Health, description, metrics, this document."),
         (name = "jobs", description = "Backups, restores, verifies and their life cycle."),
-        (name = "keys", description = "Tenant key sync (ids and versions only)."),
+        (name = "keys", description = "Tenant key sync, disaster-recovery key check and repository usage (ids, versions and counts only)."),
         (name = "files", description = "File-level access to restore points: list and find (restores are jobs with a `files` target)."),
     )
 )]

@@ -389,6 +389,42 @@ pub trait JobRunner: Send + Sync + 'static {
             "this agent's runner does not read files from restore points".into(),
         ))
     }
+
+    /// What the tenant's repository holds now (points, chunks, bytes, space
+    /// left). Read-only; lists the repository.
+    fn repository_usage(
+        &self,
+        tenant: &TenantSection,
+    ) -> Result<crate::repo::usage::Usage, RunError> {
+        let repo = crate::repo::Repository::open(&tenant.repository)
+            .map_err(|e| RunError::Repository(e.to_string()))?;
+        crate::repo::usage::usage(&repo, &tenant.repository)
+            .map_err(|e| RunError::Repository(e.to_string()))
+    }
+
+    /// The disaster-recovery key check of the tenant's repository with the
+    /// tenant's key source as it is reachable now ([`crate::repo::keycheck`]):
+    /// which points open, and which keys to obtain for the others. Read-only: a
+    /// missing KMS key is reported, never created.
+    fn check_keys(
+        &self,
+        tenant: &TenantSection,
+    ) -> Result<crate::repo::keycheck::KeyCheckReport, RunError> {
+        let mut t = tenant.clone();
+        if let Some(k) = t.kms.as_mut() {
+            k.create_key = false;
+        }
+        let keys = crate::keys::tenant::open_key_source(&t).map_err(|e| {
+            RunError::Key(format!(
+                "tenant {} ({}): {e}",
+                t.name,
+                crate::keys::tenant::describe(&t)
+            ))
+        })?;
+        let repo = crate::repo::Repository::open(&t.repository)
+            .map_err(|e| RunError::Repository(e.to_string()))?;
+        crate::repo::keycheck::check(&repo, &*keys).map_err(|e| RunError::Repository(e.to_string()))
+    }
 }
 
 /// This proxy as vCenter sees it ([`JobRunner::discover_proxy`]).

@@ -15,7 +15,7 @@
 
 use super::auth::{self, Principal, Session, SessionMiss, Sessions, Throttle};
 use super::pages::{self, Ctx};
-use super::views::{self, PlanFilter, Snapshot};
+use super::views::{self, KeyCheck, PlanFilter, Snapshot};
 use crate::agent::api::{RestoreRequest, RestoreTargetSpec, VerifyRequest};
 use crate::orchestrator::Orchestrator;
 use crate::state::AuditEntry;
@@ -26,6 +26,7 @@ use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use maud::Markup;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,7 +66,16 @@ pub struct Console {
     secure_cookies: bool,
     snapshot_ttl: Duration,
     snapshot: tokio::sync::Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    repos: tokio::sync::Mutex<Option<(Instant, Arc<Repos>)>>,
+    key_checks: std::sync::Mutex<BTreeMap<String, KeyCheck>>,
 }
+
+/// The agents' repository reports and the agents that could not be asked.
+type Repos = (Vec<views::RepoRow>, Vec<String>);
+
+/// How long one round of repository reports serves pages (each lists every
+/// repository on the agents).
+const REPOS_TTL: Duration = Duration::from_secs(60);
 
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -92,6 +102,8 @@ impl Console {
             secure_cookies: s.secure_cookies,
             snapshot_ttl: s.snapshot_ttl,
             snapshot: tokio::sync::Mutex::new(None),
+            repos: tokio::sync::Mutex::new(None),
+            key_checks: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -106,6 +118,28 @@ impl Console {
         let s = Arc::new(Snapshot::read(&self.orch).await);
         *g = Some((Instant::now(), s.clone()));
         s
+    }
+
+    /// The agents' repository reports, asked at most every [`REPOS_TTL`].
+    async fn repos(&self) -> Arc<Repos> {
+        let mut g = self.repos.lock().await;
+        if let Some((at, r)) = &*g {
+            if at.elapsed() < REPOS_TTL {
+                return r.clone();
+            }
+        }
+        let r = Arc::new(views::repositories(&self.orch).await);
+        *g = Some((Instant::now(), r.clone()));
+        r
+    }
+
+    /// The newest key checks of the tenants `p` may see.
+    fn key_checks_for(&self, p: &auth::Principal) -> BTreeMap<String, KeyCheck> {
+        let g = self.key_checks.lock().unwrap_or_else(|e| e.into_inner());
+        g.iter()
+            .filter(|(t, _)| p.sees(t))
+            .map(|(t, c)| (t.clone(), c.clone()))
+            .collect()
     }
 
     /// Whether the session's account still exists unchanged.
@@ -145,6 +179,7 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/jobs", get(jobs))
         .route("/agents", get(agents))
         .route("/keys", get(keys))
+        .route("/keys/{tenant}/check", post(key_check))
         .route("/audit", get(audit))
         .route("/vms/{moref}", get(vm))
         .route("/vms/{moref}/backup", get(confirm_backup).post(backup_now))
@@ -165,6 +200,9 @@ pub fn router(c: Arc<Console>) -> Router {
         .route("/api/running", get(api_running))
         .route("/api/agents", get(api_agents))
         .route("/api/keys", get(api_keys))
+        .route("/api/keys/{tenant}/check", post(api_key_check))
+        .route("/api/vms/{moref}/verify", post(api_verify_point))
+        .route("/api/tenants/{tenant}/verify", post(api_verify_repository))
         .route("/api/agent-jobs/{agent}/{id}", get(api_agent_job))
         .route("/assets/console.css", get(css))
         .route("/assets/console.js", get(js))
@@ -619,20 +657,30 @@ fn tenant_counts(
     out
 }
 
+/// The repository rows `p` may see, and (for the provider) the agents that
+/// could not be asked.
+fn repos_for<'r>(r: &'r Repos, p: &Principal) -> (Vec<&'r views::RepoRow>, &'r [String]) {
+    let rows = r.0.iter().filter(|x| p.sees(&x.tenant)).collect();
+    (rows, if p.is_provider() { &r.1 } else { &[] })
+}
+
 async fn overview(State(c): State<Arc<Console>>, a: Authed) -> Response {
     let snap = c.snapshot().await;
+    let repos = c.repos().await;
     let counts = tenant_counts(&snap, a.p());
     let vms: Vec<&views::VmRow> = snap.vms_for(a.p()).collect();
-    let errors: &[String] = if a.p().is_provider() {
-        &snap.inventory_errors
-    } else {
-        &[]
-    };
+    let mut errors: Vec<String> = Vec::new();
+    let (repo_rows, repo_errors) = repos_for(&repos, a.p());
+    if a.p().is_provider() {
+        errors.extend(snap.inventory_errors.iter().cloned());
+        errors.extend(repo_errors.iter().cloned());
+    }
     html(pages::overview(
         &a.ctx(),
         &counts,
+        &repo_rows,
         &vms,
-        errors,
+        &errors,
         snap.taken_ms,
     ))
 }
@@ -647,8 +695,13 @@ async fn api_overview(State(c): State<Arc<Console>>, a: Authed) -> Response {
         })
         .collect();
     let vms: Vec<&views::VmRow> = snap.vms_for(a.p()).collect();
-    Json(serde_json::json!({ "as_of": crate::state::rfc3339_ms(snap.taken_ms), "tenants": tenants, "vms": vms }))
-        .into_response()
+    let repos = c.repos().await;
+    let (repo_rows, repo_errors) = repos_for(&repos, a.p());
+    Json(
+        serde_json::json!({ "as_of": crate::state::rfc3339_ms(snap.taken_ms), "tenants": tenants,
+        "repositories": repo_rows, "repository_errors": repo_errors, "vms": vms }),
+    )
+    .into_response()
 }
 
 async fn plan(State(c): State<Arc<Console>>, a: Authed, Query(f): Query<PlanFilter>) -> Response {
@@ -1011,7 +1064,8 @@ fn verifiable_tenant(a: &Authed, snap: &Snapshot, tenant: &str) -> Result<String
 }
 
 /// Start a verify of `tenant`'s repository (`point`: one point of it) on
-/// `agent`, audit it, and show the agent job.
+/// `agent` (empty: the first agent serving the tenant), audit it, and return
+/// the agent and its job.
 #[allow(clippy::too_many_arguments)]
 async fn start_verify(
     c: &Console,
@@ -1022,12 +1076,17 @@ async fn start_verify(
     agent: &str,
     audit_target: &str,
     remote: &str,
-) -> Response {
-    if !restore_agents(snap, tenant).iter().any(|x| x == agent) {
-        return a.not_found(&format!("no agent {agent:?} serving tenant {tenant} is up"));
+) -> Result<(String, crate::agent::api::Job), Response> {
+    let serving = restore_agents(snap, tenant);
+    let agent = match agent {
+        "" => serving.first().map(String::as_str).unwrap_or(""),
+        a => a,
+    };
+    if !serving.iter().any(|x| x == agent) {
+        return Err(a.not_found(&format!("no agent {agent:?} serving tenant {tenant} is up")));
     }
     let Some(api) = c.orch.agent(agent) else {
-        return a.not_found("no such agent");
+        return Err(a.not_found("no such agent"));
     };
     let what = match &point {
         Some(p) => format!("point {p} via {agent}"),
@@ -1051,12 +1110,7 @@ async fn start_verify(
                 remote,
             ))
             .await;
-            Redirect::to(&format!(
-                "/agent-jobs/{}/{}",
-                url_escape(agent),
-                url_escape(&job.id)
-            ))
-            .into_response()
+            Ok((agent.to_string(), job))
         }
         Err(e) => {
             c.audit(audit_entry(
@@ -1069,12 +1123,104 @@ async fn start_verify(
                 remote,
             ))
             .await;
-            html_status(
-                StatusCode::BAD_GATEWAY,
-                pages::message(Some(&a.ctx()), "Verify not started", &e.to_string()),
-            )
+            Err(if a.api {
+                json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "verify_not_started",
+                    &e.to_string(),
+                )
+            } else {
+                html_status(
+                    StatusCode::BAD_GATEWAY,
+                    pages::message(Some(&a.ctx()), "Verify not started", &e.to_string()),
+                )
+            })
         }
     }
+}
+
+/// Where a started agent job is shown: its page (forms) or 202 with its ids
+/// (JSON).
+fn started(a: &Authed, r: Result<(String, crate::agent::api::Job), Response>) -> Response {
+    match r {
+        Ok((agent, job)) if a.api => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "agent": agent, "job": job })),
+        )
+            .into_response(),
+        Ok((agent, job)) => Redirect::to(&format!(
+            "/agent-jobs/{}/{}",
+            url_escape(&agent),
+            url_escape(&job.id)
+        ))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Body of `POST /api/vms/{moref}/verify` and `/api/tenants/{tenant}/verify`.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct VerifyJson {
+    /// The point (VM calls only).
+    point: String,
+    /// The agent; empty: the first agent serving the tenant.
+    agent: String,
+}
+
+async fn api_verify_point(
+    State(c): State<Arc<Console>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    a: Authed,
+    Path(moref): Path<String>,
+    Json(f): Json<VerifyJson>,
+) -> Response {
+    let snap = c.snapshot().await;
+    let (v, tenant) = match actionable(&a, &snap, &moref) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if let Err(r) = has_point(&c, &a, v, &f.point).await {
+        return r;
+    }
+    let r = start_verify(
+        &c,
+        &a,
+        &snap,
+        &tenant,
+        Some(f.point.clone()),
+        &f.agent,
+        &moref,
+        &peer.ip().to_string(),
+    )
+    .await;
+    started(&a, r)
+}
+
+async fn api_verify_repository(
+    State(c): State<Arc<Console>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    a: Authed,
+    Path(tenant): Path<String>,
+    Json(f): Json<VerifyJson>,
+) -> Response {
+    let snap = c.snapshot().await;
+    let tenant = match verifiable_tenant(&a, &snap, &tenant) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let r = start_verify(
+        &c,
+        &a,
+        &snap,
+        &tenant,
+        None,
+        &f.agent,
+        &format!("repository of {tenant}"),
+        &peer.ip().to_string(),
+    )
+    .await;
+    started(&a, r)
 }
 
 async fn verify_point_form(
@@ -1127,7 +1273,7 @@ async fn verify_point(
     if let Err(r) = has_point(&c, &a, v, &f.point).await {
         return r;
     }
-    start_verify(
+    let r = start_verify(
         &c,
         &a,
         &snap,
@@ -1137,7 +1283,8 @@ async fn verify_point(
         &moref,
         &peer.ip().to_string(),
     )
-    .await
+    .await;
+    started(&a, r)
 }
 
 async fn verify_repository_form(
@@ -1173,7 +1320,7 @@ async fn verify_repository(
         Ok(t) => t,
         Err(r) => return r,
     };
-    start_verify(
+    let r = start_verify(
         &c,
         &a,
         &snap,
@@ -1183,7 +1330,8 @@ async fn verify_repository(
         &format!("repository of {tenant}"),
         &peer.ip().to_string(),
     )
-    .await
+    .await;
+    started(&a, r)
 }
 
 /// An agent job, if it belongs to a tenant `a` may see.
@@ -1272,12 +1420,120 @@ async fn api_agents(State(c): State<Arc<Console>>, a: Authed) -> Response {
 
 async fn keys(State(c): State<Arc<Console>>, a: Authed) -> Response {
     let snap = c.snapshot().await;
-    html(pages::keys(&a.ctx(), &snap.keys_for(a.p())))
+    html(pages::keys(
+        &a.ctx(),
+        &snap.keys_for(a.p()),
+        &c.key_checks_for(a.p()),
+    ))
 }
 
 async fn api_keys(State(c): State<Arc<Console>>, a: Authed) -> Response {
     let snap = c.snapshot().await;
-    Json(snap.keys_for(a.p())).into_response()
+    let checks = c.key_checks_for(a.p());
+    let out: Vec<serde_json::Value> = snap
+        .keys_for(a.p())
+        .into_iter()
+        .map(|t| {
+            let check = checks.get(&t.tenant);
+            serde_json::json!({"tenant": t.tenant, "kms": t.kms, "keys": t.keys, "key_check": check})
+        })
+        .collect();
+    Json(out).into_response()
+}
+
+/// Run the disaster-recovery key check of `tenant` on an agent serving it,
+/// keep the report for the keys page, and audit it.
+async fn run_key_check(
+    c: &Console,
+    a: &Authed,
+    tenant: &str,
+    remote: &str,
+) -> Result<KeyCheck, Response> {
+    let snap = c.snapshot().await;
+    let tenant = verifiable_tenant(a, &snap, tenant)?;
+    let Some(agent) = restore_agents(&snap, &tenant).into_iter().next() else {
+        return Err(a.not_found(&format!("no agent serving tenant {tenant} is up")));
+    };
+    let Some(api) = c.orch.agent(&agent) else {
+        return Err(a.not_found("no such agent"));
+    };
+    let got = api.check_keys(&tenant).await;
+    let (outcome, detail) = match &got {
+        Ok(r) if r.error.is_some() => (
+            "failed",
+            format!(
+                "via {agent}: {}",
+                r.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+            ),
+        ),
+        Ok(r) => (
+            "ok",
+            format!(
+                "via {agent}: {} point(s), {} open, {} key(s) missing",
+                r.points.len(),
+                r.points.iter().filter(|p| p.status == "opens").count(),
+                r.missing_keys.len()
+            ),
+        ),
+        Err(e) => ("failed", format!("via {agent}: {e}")),
+    };
+    c.audit(audit_entry(
+        &a.p().name,
+        Some(&tenant),
+        "key_check",
+        &tenant,
+        outcome,
+        &detail,
+        remote,
+    ))
+    .await;
+    match got {
+        Ok(report) => {
+            tracing::info!(account = %a.p().name, %tenant, %agent, "console: key check");
+            let check = KeyCheck { agent, report };
+            c.key_checks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(tenant, check.clone());
+            Ok(check)
+        }
+        Err(e) => Err(if a.api {
+            json_error(StatusCode::BAD_GATEWAY, "key_check_failed", &e.to_string())
+        } else {
+            html_status(
+                StatusCode::BAD_GATEWAY,
+                pages::message(Some(&a.ctx()), "Key check failed", &e.to_string()),
+            )
+        }),
+    }
+}
+
+async fn key_check(
+    State(c): State<Arc<Console>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    a: Authed,
+    Path(tenant): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    if let Err(r) = csrf_ok(&a, &f.csrf) {
+        return r;
+    }
+    match run_key_check(&c, &a, &tenant, &peer.ip().to_string()).await {
+        Ok(_) => Redirect::to(&format!("/keys#tenant-{}", url_escape(&tenant))).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn api_key_check(
+    State(c): State<Arc<Console>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    a: Authed,
+    Path(tenant): Path<String>,
+) -> Response {
+    match run_key_check(&c, &a, &tenant, &peer.ip().to_string()).await {
+        Ok(check) => Json(check).into_response(),
+        Err(r) => r,
+    }
 }
 
 async fn audit(State(c): State<Arc<Console>>, a: Authed) -> Response {

@@ -7,10 +7,13 @@
 //! it is given.
 
 use super::auth::Principal;
-use super::views::{AgentRow, HistoryRow, PlanFilter, PlanRow, TenantKeys, VmRow, VmStatus};
+use super::views::{
+    AgentRow, HistoryRow, KeyCheck, PlanFilter, PlanRow, RepoRow, TenantKeys, VmRow, VmStatus,
+};
 use crate::state::{rfc3339_ms, AuditEntry};
 use crate::transport::select::Selection;
 use maud::{html, Markup, DOCTYPE};
+use std::collections::BTreeMap;
 
 /// What every signed-in page needs: who, and the CSRF token for its forms.
 pub struct Ctx<'a> {
@@ -121,6 +124,7 @@ fn status_class(s: VmStatus) -> &'static str {
 pub fn overview(
     ctx: &Ctx<'_>,
     tenants: &[(String, [usize; 5], Option<super::views::KmsState>)],
+    repos: &[&RepoRow],
     vms: &[&VmRow],
     errors: &[String],
     taken_ms: i64,
@@ -145,6 +149,41 @@ pub fn overview(
                                     Some(k) => { span.bad { "UNREACHABLE" } " " small { (k.detail) " at " (when(k.at_ms)) } },
                                     None => { span.muted { "no key sync yet" } },
                                 }
+                            }
+                        }
+                    }
+                }
+            }
+            h2 { "Repositories" }
+            @if repos.is_empty() {
+                p.muted { "No agent reported a repository." }
+            } @else {
+                table #repositories {
+                    thead { tr { th { "Tenant" } th { "Stored in" } th { "Agents" } th { "Restore points" }
+                        th { "Stored" } th { "Space left" } th { "Measured" } } }
+                    tbody {
+                        @for r in repos {
+                            tr data-tenant=(r.tenant) {
+                                td { (r.tenant) }
+                                td { (r.location) }
+                                td { (r.agents.join(", ")) }
+                                @if let Some(e) = &r.error {
+                                    td.bad colspan="3" { (e) }
+                                } @else {
+                                    td { (r.points.unwrap_or(0)) }
+                                    td { (human_bytes(r.stored_bytes.unwrap_or(0))) }
+                                    td {
+                                        @match (r.fs_free_bytes, r.fs_total_bytes) {
+                                            (Some(f), Some(t)) if t > 0 => {
+                                                span class=(if f.saturating_mul(10) < t { "bad" } else { "" }) {
+                                                    (human_bytes(f)) " of " (human_bytes(t))
+                                                }
+                                            },
+                                            _ => { span.muted { "object storage" } },
+                                        }
+                                    }
+                                }
+                                td { small { (r.measured_at.split('.').next().unwrap_or("").replacen('T', " ", 1)) } }
                             }
                         }
                     }
@@ -541,7 +580,7 @@ pub fn agents(ctx: &Ctx<'_>, rows: &[AgentRow]) -> Markup {
 }
 
 /// Keys per tenant.
-pub fn keys(ctx: &Ctx<'_>, tenants: &[TenantKeys]) -> Markup {
+pub fn keys(ctx: &Ctx<'_>, tenants: &[TenantKeys], checks: &BTreeMap<String, KeyCheck>) -> Markup {
     layout(
         "Keys",
         Some(ctx),
@@ -569,10 +608,68 @@ pub fn keys(ctx: &Ctx<'_>, tenants: &[TenantKeys]) -> Markup {
                             }
                         }
                     }
+                    (key_check(ctx, &t.tenant, checks.get(&t.tenant)))
                 }
             }
         },
     )
+}
+
+/// The disaster-recovery key check of a tenant (`ferry repo import`'s report):
+/// the newest result, and the button that runs it again.
+fn key_check(ctx: &Ctx<'_>, tenant: &str, check: Option<&KeyCheck>) -> Markup {
+    html! {
+        div.key-check id={ "tenant-" (tenant) } {
+            h3 { "Disaster-recovery key check" }
+            @match check {
+                None => { p.muted { "Not run since the orchestrator started: it asks the tenant's KMS, through an agent, whether every restore point still opens." } },
+                Some(c) if c.report.error.is_some() => {
+                    p { "Checked " (c.report.checked_at.split('.').next().unwrap_or("").replacen('T', " ", 1)) " via " (c.agent) ": "
+                        span.bad { "could not run: " (c.report.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")) } }
+                },
+                Some(c) => {
+                    @let r = &c.report;
+                    @let opens = r.points.iter().filter(|p| p.status == "opens").count();
+                    p {
+                        "Checked " (r.checked_at.split('.').next().unwrap_or("").replacen('T', " ", 1)) " via " (c.agent) ": "
+                        span class=(if opens == r.points.len() { "ok" } else { "bad" }) {
+                            (opens) " of " (r.points.len()) " restore point(s) open"
+                        }
+                        "; keyring " @if r.keyring_opens { span.ok { "opens" } } @else { span.bad { "does not open" } }
+                        @if let Some(e) = &r.keyring_error { " (" (e) ")" }
+                        @if let Some(k) = &r.recovery_key { "; key-loss protection with " code { (k) } }
+                    }
+                    @if !r.missing_keys.is_empty() {
+                        p.bad { "Keys to obtain (from the KMS or its backup):" }
+                        ul.missing-keys {
+                            @for m in &r.missing_keys {
+                                li { code { (m.key) } " for " (m.points.len()) " point(s): " (m.points.join(", "))
+                                    @if let Some(k) = &m.or_recovery_key { " (or the recovery key " code { (k) } ")" } }
+                            }
+                        }
+                    }
+                    @let bad: Vec<_> = r.points.iter().filter(|p| p.status != "opens").collect();
+                    @if !bad.is_empty() {
+                        table.key-check-points {
+                            thead { tr { th { "Point" } th { "Of" } th { "Status" } th { "Why" } } }
+                            tbody {
+                                @for p in bad {
+                                    tr { td { code { (p.point_id) } } td { (p.source.as_deref().unwrap_or("-")) }
+                                         td.bad { (p.status) } td { (p.why.as_deref().unwrap_or("")) } }
+                                }
+                            }
+                        }
+                    }
+                },
+            }
+            @if ctx.p.acts_on(tenant) {
+                form.inline method="post" action={ "/keys/" (tenant) "/check" } {
+                    input type="hidden" name="csrf" value=(ctx.csrf);
+                    button.key-check-run type="submit" { "Run key check now" }
+                }
+            }
+        }
+    }
 }
 
 /// Audit log.

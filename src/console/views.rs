@@ -780,6 +780,113 @@ pub struct RunningItem {
     pub error: Option<String>,
 }
 
+/// The newest disaster-recovery key check of a tenant, as an agent ran it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyCheck {
+    /// The agent that ran it.
+    pub agent: String,
+    /// Its report.
+    pub report: crate::agent::api::KeyCheckResponse,
+}
+
+/// One tenant's repository as the agents serving it report it (the
+/// overview's "Repositories").
+#[derive(Debug, Clone, Serialize)]
+pub struct RepoRow {
+    /// Tenant.
+    pub tenant: String,
+    /// Agents that reported this repository (several share an S3 bucket).
+    pub agents: Vec<String>,
+    /// `local` or `s3`; `None` when it could not be read.
+    pub backend: Option<String>,
+    /// Where it is stored.
+    pub location: String,
+    /// Committed restore points.
+    pub points: Option<u64>,
+    /// Bytes stored.
+    pub stored_bytes: Option<u64>,
+    /// File system size (local directories).
+    pub fs_total_bytes: Option<u64>,
+    /// Space left on it.
+    pub fs_free_bytes: Option<u64>,
+    /// When the agent measured it (RFC 3339).
+    pub measured_at: String,
+    /// Why it could not be read (or the agent could not be asked).
+    pub error: Option<String>,
+}
+
+/// How long one agent may take to report its repositories.
+const REPO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every configured agent's repositories, one row per tenant and place: an S3
+/// location reported by several agents is one row naming them all; a local
+/// directory is one row per agent (the same path on two proxies is two
+/// repositories). Agents that cannot be asked give no rows; their error is
+/// returned beside.
+pub async fn repositories(o: &Orchestrator) -> (Vec<RepoRow>, Vec<String>) {
+    let ids: Vec<String> = o.config().agents.iter().map(|a| a.id.clone()).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in ids {
+        if let Some(api) = o.agent(&id) {
+            tasks.spawn(async move {
+                let r = tokio::time::timeout(REPO_TIMEOUT, api.repositories()).await;
+                (id, r)
+            });
+        }
+    }
+    let mut got = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(x) = r {
+            got.push(x);
+        }
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut rows: Vec<RepoRow> = Vec::new();
+    let mut errors = Vec::new();
+    for (agent, r) in got {
+        let list = match r {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                errors.push(e.to_string());
+                continue;
+            }
+            Err(_) => {
+                errors.push(format!(
+                    "agent {agent}: no repository report within {}s",
+                    REPO_TIMEOUT.as_secs()
+                ));
+                continue;
+            }
+        };
+        for u in list.repositories {
+            let shared = u.backend.as_deref() == Some("s3");
+            if shared {
+                if let Some(row) = rows
+                    .iter_mut()
+                    .find(|r| r.tenant == u.tenant && r.location == u.location && r.error.is_none())
+                {
+                    row.agents.push(agent.clone());
+                    continue;
+                }
+            }
+            rows.push(RepoRow {
+                tenant: u.tenant,
+                agents: vec![agent.clone()],
+                backend: u.backend,
+                location: u.location,
+                points: u.points,
+                stored_bytes: u.stored_bytes,
+                fs_total_bytes: u.filesystem_total_bytes,
+                fs_free_bytes: u.filesystem_free_bytes,
+                measured_at: u.measured_at,
+                error: u.error.map(|e| format!("{}: {}", e.code, e.message)),
+            });
+        }
+    }
+    rows.sort_by(|a, b| a.tenant.cmp(&b.tenant).then(a.location.cmp(&b.location)));
+    (rows, errors)
+}
+
 /// The running backup runs and their items, cut to what `p` may see, with
 /// live progress from the agents for dispatched items.
 pub async fn running(o: &Orchestrator, p: &Principal) -> Result<Vec<RunningItem>, String> {

@@ -6,8 +6,8 @@
 use super::config::AgentConfig;
 use super::inventory::BoxFuture;
 use crate::agent::api::{
-    BackupRequest, FilesFindRequest, FilesListRequest, FilesResponse, Info, Job, KeySyncResponse,
-    RestoreRequest, VerifyRequest,
+    BackupRequest, FilesFindRequest, FilesListRequest, FilesResponse, Info, Job, KeyCheckRequest,
+    KeyCheckResponse, KeySyncResponse, RepositoryList, RestoreRequest, VerifyRequest,
 };
 use crate::agent::error::ErrorBody;
 use serde::de::DeserializeOwned;
@@ -84,6 +84,32 @@ pub trait AgentApi: Send + Sync {
         &'a self,
         req: &'a VerifyRequest,
     ) -> BoxFuture<'a, Result<Job, ClientError>>;
+    /// `GET /v1/repositories`: what each tenant's repository holds (the
+    /// console's overview). Clients that cannot ask answer `Protocol`.
+    fn repositories(&self) -> BoxFuture<'_, Result<RepositoryList, ClientError>> {
+        let agent = self.id().to_string();
+        Box::pin(async move {
+            Err(ClientError::Protocol {
+                agent,
+                message: "this agent client does not read repositories".into(),
+            })
+        })
+    }
+    /// `POST /v1/keys/check`: the disaster-recovery key check of one tenant
+    /// (the console's keys page).
+    fn check_keys<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<KeyCheckResponse, ClientError>> {
+        let agent = self.id().to_string();
+        let _ = tenant;
+        Box::pin(async move {
+            Err(ClientError::Protocol {
+                agent,
+                message: "this agent client does not check keys".into(),
+            })
+        })
+    }
 }
 
 /// An agent over HTTPS.
@@ -315,6 +341,21 @@ impl AgentApi for HttpAgent {
         Box::pin(async move {
             let body = self.body(req)?;
             self.call(reqwest::Method::POST, "/v1/verifies", Some(body))
+                .await
+        })
+    }
+    fn repositories(&self) -> BoxFuture<'_, Result<RepositoryList, ClientError>> {
+        Box::pin(self.call(reqwest::Method::GET, "/v1/repositories", None))
+    }
+    fn check_keys<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<KeyCheckResponse, ClientError>> {
+        Box::pin(async move {
+            let body = self.body(&KeyCheckRequest {
+                tenant: tenant.to_string(),
+            })?;
+            self.call(reqwest::Method::POST, "/v1/keys/check", Some(body))
                 .await
         })
     }

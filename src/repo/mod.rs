@@ -16,6 +16,7 @@ pub mod keyring;
 pub mod lock;
 pub mod manifest;
 pub mod retention;
+pub mod usage;
 pub mod verify;
 
 use crate::keys::{unwrap_secret, KeyError, KeyId, KeySource, RecoveryKey, SecretKey};
