@@ -42,6 +42,9 @@ struct Live {
     slots: u32,
     running: bool,
     cancel_reason: Option<&'static str>,
+    /// The job's outcome is decided and being recorded: a cancel now is too
+    /// late (409), and its slots are already free.
+    finishing: bool,
 }
 
 #[derive(Default)]
@@ -265,6 +268,7 @@ impl Jobs {
                     slots: a.slots,
                     running: false,
                     cancel_reason: None,
+                    finishing: false,
                 },
             );
         }
@@ -293,6 +297,21 @@ impl Jobs {
             me.drive(id, spec, plan, slots, progress).await;
         });
         Ok(rec)
+    }
+
+    /// The outcome is decided: from now on a cancel answers 409, and the
+    /// job's slots are free (before its record is written, so that a client
+    /// that sees the job finished also sees its slots free). Returns the
+    /// cancellation asked before this point, if any.
+    fn finishing(&self, id: &str) -> Option<&'static str> {
+        let mut g = self.lock();
+        let l = g.live.get_mut(id)?;
+        l.finishing = true;
+        let (slots, reason) = (std::mem::take(&mut l.slots), l.cancel_reason);
+        g.used = g.used.saturating_sub(slots);
+        drop(g);
+        self.changed.notify_waiters();
+        reason
     }
 
     fn release(&self, id: &str) {
@@ -337,7 +356,7 @@ impl Jobs {
             }
         };
         let snap = progress.snapshot();
-        let cancel_reason = self.cancel_reason(&id);
+        let cancel_reason = self.finishing(&id);
         let (state, error, disks, point_id, notes) = match result {
             Ok(out) => {
                 let disks: Vec<DiskView> = if out.disks.is_empty() {
@@ -453,7 +472,7 @@ impl Jobs {
     pub(crate) async fn cancel(&self, id: &str, reason: &'static str) -> Result<(), ApiError> {
         {
             let mut g = self.lock();
-            if let Some(l) = g.live.get_mut(id) {
+            if let Some(l) = g.live.get_mut(id).filter(|l| !l.finishing) {
                 if l.cancel_reason.is_none() {
                     l.cancel_reason = Some(reason);
                 }
