@@ -6,6 +6,7 @@
 //! - [`pki`]: an in-process test CA (rcgen) issuing server and client certificates.
 //! - [`console`]: the web console on a simulated world, with its accounts.
 //! - [`demo`]: the `ferry-sim demo` scenario.
+//! - [`night`]: `ferry-sim night`, one measured backup night over a generated world.
 //! - [`vcenter`]: the mock vCenter (vim25 SOAP over HTTPS, scenarios, snapshots, CBT,
 //!   hot-add rules, NBD tickets, admin API).
 //! - [`esxi`]: the mock ESXi NBD service (TLS required, exports by name/ticket,
@@ -24,6 +25,7 @@ pub mod diskgen;
 pub mod esxi;
 pub mod fixtures;
 pub mod kms;
+pub mod night;
 pub mod pki;
 pub mod provider;
 pub mod scale;

@@ -1,5 +1,5 @@
 //! The orchestrator's own TOML file (documented in docs/orchestrator.md):
-//! `[orchestrator]`, `[key_sync]`, `[[vcenter]]`, `[[tenant]]`, `[[agent]]`,
+//! `[orchestrator]`, `[key_sync]`, `[dispatch]`, `[[vcenter]]`, `[[tenant]]`, `[[agent]]`,
 //! `[[job]]`. Parsing and validation only, with the same rules as the agent
 //! config: unknown keys are errors, relative paths resolve against the file's
 //! directory, secrets live in `*_file` files. Holds no key material: agents own
@@ -23,6 +23,9 @@ pub struct OrchestratorConfig {
     /// `[key_sync]`: the key sync system job.
     #[serde(default)]
     pub key_sync: KeySyncSection,
+    /// `[dispatch]`: snapshot caps per host and per datastore.
+    #[serde(default)]
+    pub dispatch: DispatchSection,
     /// `[[vcenter]]`.
     #[serde(default, rename = "vcenter")]
     pub vcenters: Vec<VcenterConfig>,
@@ -120,6 +123,53 @@ fn default_session_max() -> Duration {
 }
 fn default_console_refresh() -> Duration {
     Duration::from_secs(10)
+}
+
+/// `[dispatch]`: how many VMs may have a backup running (a snapshot: the VM
+/// is stunned when it is taken and when it is removed) at once per ESXi host
+/// and per datastore, across every job and tenant of this orchestrator. A VM
+/// whose host or one of whose datastores is at its cap waits in the queue (it
+/// does not fail) and its run item records why. `0`: no cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchSection {
+    /// VMs with a backup running at once per ESXi host.
+    #[serde(default = "default_per_host")]
+    pub max_snapshots_per_host: u32,
+    /// VMs with a backup running at once per datastore (a VM counts on every
+    /// datastore holding one of its disks).
+    #[serde(default = "default_per_datastore")]
+    pub max_snapshots_per_datastore: u32,
+}
+
+impl Default for DispatchSection {
+    fn default() -> Self {
+        DispatchSection {
+            max_snapshots_per_host: default_per_host(),
+            max_snapshots_per_datastore: default_per_datastore(),
+        }
+    }
+}
+
+impl DispatchSection {
+    /// The caps as the dispatch queue takes them.
+    pub fn caps(&self) -> super::dispatch::Caps {
+        super::dispatch::Caps {
+            per_host: self.max_snapshots_per_host,
+            per_datastore: self.max_snapshots_per_datastore,
+        }
+    }
+}
+
+/// Default `max_snapshots_per_host`: 4 (a host's VMs are stunned one by one,
+/// not all at once).
+fn default_per_host() -> u32 {
+    4
+}
+/// Default `max_snapshots_per_datastore`: 4, the usual limit of backup
+/// products (snapshot deltas and consolidation load the datastore).
+fn default_per_datastore() -> u32 {
+    4
 }
 
 /// `[key_sync]`: the key sync system job (seed 001: Veeam runs it every 24 h and
@@ -738,6 +788,18 @@ schedule = { every = "1h" }
         let min = "[orchestrator]\nstate_dir = \"s\"\n";
         let c = OrchestratorConfig::parse(min, Path::new("x.toml")).unwrap();
         assert_eq!(c.key_sync.every, Duration::from_secs(86400));
+        // Snapshot caps default to 4 per host and 4 per datastore.
+        assert_eq!(c.dispatch, DispatchSection::default());
+        assert_eq!(c.dispatch.caps().per_host, 4);
+        assert_eq!(c.dispatch.caps().per_datastore, 4);
+        let text = format!(
+            "{min}[dispatch]\nmax_snapshots_per_host = 1\nmax_snapshots_per_datastore = 0\n"
+        );
+        let c = OrchestratorConfig::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.dispatch.max_snapshots_per_host, 1);
+        assert_eq!(c.dispatch.caps().per_datastore, 0, "0: no cap");
+        let bad = format!("{min}[dispatch]\nmax_snapshots = 1\n");
+        assert!(OrchestratorConfig::parse(&bad, Path::new("x.toml")).is_err());
     }
 
     #[test]

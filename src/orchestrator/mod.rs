@@ -13,13 +13,15 @@
 //! Files: [`config`] (its TOML format), [`inventory`] (the inventory seam),
 //! [`client`] (the agent API seam and its HTTPS client), [`plan`] (pure
 //! placement), [`scheduler`] (pure capacity over time: the slot ledger and
-//! the jobs' wait policies), [`schedule`] (pure schedules and VM selection), [`run`]
+//! the jobs' wait policies), [`dispatch`] (pure fair queuing across tenants,
+//! snapshot caps per host and datastore, back-off after busy answers), [`schedule`] (pure schedules and VM selection), [`run`]
 //! (dispatch, polling, history, key sync, scheduler), [`vcenter`] (the live
 //! inventory over the SOAP client). Documented for operators in
 //! docs/orchestrator.md.
 
 pub mod client;
 pub mod config;
+pub mod dispatch;
 pub mod inventory;
 pub mod plan;
 pub mod run;

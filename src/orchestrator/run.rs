@@ -14,6 +14,7 @@ use super::inventory::{Inventory, InventoryVm};
 /// Inventories read for one plan, by vCenter name: the VMs, or why they could
 /// not be read.
 pub type Inventories = BTreeMap<String, Result<Vec<InventoryVm>, String>>;
+use super::dispatch::{DispatchStats, Dispatcher, Footprint};
 use super::plan::{
     candidates, plan_job, plan_vm, reported_load, reported_slots, AgentStatus, Decision, JobPlan,
     PlanReport,
@@ -154,7 +155,68 @@ pub struct Orchestrator {
     active: Mutex<BTreeSet<String>>,
     /// Slots this orchestrator's dispatches hold, across concurrent runs.
     ledger: Mutex<Ledger>,
+    /// The dispatch queue of every run: per tenant, round-robin, snapshot caps,
+    /// agents in back-off.
+    dispatcher: Mutex<Dispatcher>,
+    /// Runs whose VMs are in the dispatch queue or running, by run id.
+    runs: Mutex<BTreeMap<String, Arc<RunCtx>>>,
+    /// Held while a dispatch round runs (one at a time, whichever run calls it).
+    round: tokio::sync::Mutex<RoundClock>,
+    /// Bumped whenever something that may let a waiting VM go happens (a VM
+    /// queued, a job ended): a round with nothing new to look at is skipped.
+    changes: std::sync::atomic::AtomicU64,
     _lock: Option<crate::state::StateLock>,
+}
+
+/// When the last dispatch round ran, and what it had seen.
+#[derive(Default)]
+struct RoundClock {
+    last: Option<tokio::time::Instant>,
+    changes: u64,
+}
+
+/// A run whose VMs are being dispatched and polled: what a dispatch round
+/// needs to place its VMs.
+struct RunCtx {
+    run_id: String,
+    job: JobConfig,
+    tenant: super::config::TenantConfig,
+    /// End of the job's backup window (ms since the epoch).
+    window_end: u64,
+    items: tokio::sync::Mutex<Vec<Item>>,
+}
+
+/// A run's place in the orchestrator's dispatch. Dropped when the run ends,
+/// or when its task is aborted (the scheduler stopping), it takes the run's
+/// VMs out of the queue and off the snapshot caps, so that no round ever
+/// dispatches a VM of a run that is over.
+struct RunRegistration<'a> {
+    orch: &'a Orchestrator,
+    run_id: String,
+    keys: Vec<String>,
+}
+
+impl Drop for RunRegistration<'_> {
+    fn drop(&mut self) {
+        self.orch.lock_runs().remove(&self.run_id);
+        let mut d = self.orch.lock_dispatcher();
+        for k in &self.keys {
+            d.dequeue(k);
+            d.finish(k);
+        }
+        drop(d);
+        self.orch.changed();
+    }
+}
+
+/// What became of a VM offered in a dispatch round.
+enum Placed {
+    /// Sent to an agent, which accepted it.
+    Dispatched,
+    /// It waits in the queue.
+    Waits,
+    /// It left the queue (refused, failed).
+    Gone,
 }
 
 /// The ledger's key of a run's VM.
@@ -224,6 +286,11 @@ struct Item {
     waiting_since: Option<u64>,
     /// How long it waited for a slot before its dispatch, in ms.
     waited_ms: u64,
+    /// What it waited for, by kind (`slot`, `host esx-01`, `datastore ds-a`,
+    /// `agent proxy-a busy`), recorded as `waited_for`.
+    wait_reasons: BTreeSet<String>,
+    /// The kind of what it waits for now.
+    wait_kind: Option<String>,
     selector: serde_json::Value,
     plan: serde_json::Value,
     result: serde_json::Value,
@@ -253,6 +320,8 @@ impl Item {
             waiting: None,
             waiting_since: None,
             waited_ms: 0,
+            wait_reasons: BTreeSet::new(),
+            wait_kind: None,
             selector: serde_json::Value::Null,
             plan: serde_json::Value::Null,
             result: serde_json::Value::Null,
@@ -277,6 +346,7 @@ impl Item {
                 "note": self.note,
                 "waiting": self.waiting,
                 "waited_ms": self.waited_ms,
+                "waited_for": self.wait_reasons,
                 "tried": self.tried,
                 "selector": self.selector,
                 "plan": self.plan,
@@ -302,6 +372,49 @@ impl Item {
     fn open(&self) -> bool {
         matches!(self.state, ItemState::Pending | ItemState::Dispatched)
     }
+    /// Where its snapshot lands, for the caps per host and datastore.
+    fn footprint(&self, vcenter: &str) -> Footprint {
+        Footprint {
+            vcenter: vcenter.to_string(),
+            host: self.inv.vm.host.clone(),
+            datastores: self
+                .inv
+                .vm
+                .disks
+                .iter()
+                .map(|d| d.datastore.clone())
+                .filter(|d| !d.is_empty())
+                .collect(),
+        }
+    }
+    /// Mark it waiting for `reason` (logged once at info when it starts to
+    /// wait, and again when the reason's kind is new).
+    fn wait(&mut self, kind: &str, reason: String) {
+        let new_kind = self.wait_reasons.insert(kind.to_string());
+        if self.waiting.is_none() || new_kind {
+            tracing::info!(vm = %self.inv.vm.name, reason = %reason, "waiting");
+        }
+        self.waiting = Some(reason);
+        self.wait_kind = Some(kind.to_string());
+        self.waiting_since.get_or_insert(now_ms() as u64);
+    }
+    /// What decides whether a planner answer for it holds for another VM in
+    /// the same round: the same tenant and job, the same disks (datastores,
+    /// encryption), host and agents already tried.
+    fn signature(&self, job: &str) -> String {
+        let v = &self.inv.vm;
+        let mut s = format!(
+            "{job}|{}|{}|{:?}|{:?}",
+            v.host, v.encrypted, v.key_provider, self.tried
+        );
+        for d in &v.disks {
+            s.push_str(&format!(
+                "|{}:{}:{:?}",
+                d.datastore, d.encrypted, d.key_provider
+            ));
+        }
+        s
+    }
 }
 
 impl Orchestrator {
@@ -312,6 +425,7 @@ impl Orchestrator {
         agents: Vec<Arc<dyn AgentApi>>,
         store: Arc<StateStore>,
     ) -> Orchestrator {
+        let caps = cfg.dispatch.caps();
         Orchestrator {
             cfg: Arc::new(cfg),
             inventory,
@@ -321,6 +435,10 @@ impl Orchestrator {
                 .collect(),
             store,
             active: Mutex::new(BTreeSet::new()),
+            dispatcher: Mutex::new(Dispatcher::new(caps)),
+            runs: Mutex::new(BTreeMap::new()),
+            round: tokio::sync::Mutex::new(RoundClock::default()),
+            changes: std::sync::atomic::AtomicU64::new(0),
             ledger: Mutex::new(Ledger::default()),
             _lock: None,
         }
@@ -643,7 +761,7 @@ impl Orchestrator {
             .vms(&vc)
             .await
             .map_err(|e| format!("inventory: {e}"))?;
-        let mut items: Vec<Item> = select_vms(job, &inv)
+        let items: Vec<Item> = select_vms(job, &inv)
             .into_iter()
             .filter(|v| only.is_none_or(|m| v.vm.moref == m))
             .map(Item::new)
@@ -660,38 +778,50 @@ impl Orchestrator {
         }
         let deadline = tokio::time::Instant::now() + o.run_timeout;
         let window_end = now_ms() as u64 + job.window.unwrap_or(o.run_timeout).as_millis() as u64;
-        loop {
-            if items.iter().any(|i| i.state == ItemState::Pending) {
-                let statuses = self.agent_statuses().await;
-                let mut reported = reported_slots(&statuses);
-                let mut cands = candidates(&tenant, &statuses);
-                // First in, first placed: the run's queue in inventory order.
-                for it in items.iter_mut().filter(|i| i.state == ItemState::Pending) {
-                    self.place(
-                        run_id,
-                        it,
-                        job,
-                        &tenant,
-                        &mut cands,
-                        &mut reported,
-                        window_end,
-                    )
-                    .await;
-                    self.put(run_id, it).await;
-                }
+        let keys: Vec<String> = items.iter().map(|it| ledger_key(run_id, it)).collect();
+        let footprints: Vec<Footprint> =
+            items.iter().map(|it| it.footprint(&job.vcenter)).collect();
+        let ctx = Arc::new(RunCtx {
+            run_id: run_id.to_string(),
+            job: job.clone(),
+            tenant: tenant.clone(),
+            window_end,
+            items: tokio::sync::Mutex::new(items),
+        });
+        // The run is known before its VMs are queued: a round never meets a
+        // queued VM of a run it does not know.
+        self.lock_runs().insert(run_id.to_string(), ctx.clone());
+        // Leaves the queue however the run ends (also when its task is aborted).
+        let _registered = RunRegistration {
+            orch: self,
+            run_id: run_id.to_string(),
+            keys: keys.clone(),
+        };
+        {
+            // Every VM joins its tenant's queue, in inventory order.
+            let mut d = self.lock_dispatcher();
+            for (key, f) in keys.iter().zip(footprints) {
+                d.enqueue(&tenant.name, key, f);
             }
+        }
+        self.changed();
+        loop {
+            self.dispatch_round().await;
+            let mut items = ctx.items.lock().await;
             if !items.iter().any(Item::open) {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
                 for it in items.iter_mut().filter(|i| i.open()) {
+                    let key = ledger_key(run_id, it);
                     if let Some(agent) = &it.agent {
-                        self.lock_ledger().release(
-                            agent,
-                            &ledger_key(run_id, it),
-                            now_ms() as u64,
-                            false,
-                        );
+                        self.lock_ledger()
+                            .release(agent, &key, now_ms() as u64, false);
+                    }
+                    {
+                        let mut d = self.lock_dispatcher();
+                        d.dequeue(&key);
+                        d.finish(&key);
                     }
                     it.state = ItemState::Failed;
                     it.error = Some(format!(
@@ -706,28 +836,34 @@ impl Orchestrator {
                 }
                 break;
             }
+            drop(items);
             tokio::time::sleep(o.poll_interval).await;
-            for it in items
-                .iter_mut()
-                .filter(|i| i.state == ItemState::Dispatched)
-            {
-                if self.poll(it).await {
+            let mut items = ctx.items.lock().await;
+            for (i, changed) in self.poll_all(&mut items).await {
+                let it = &mut items[i];
+                if changed {
                     if !it.open() {
+                        let key = ledger_key(run_id, it);
                         if let Some(agent) = &it.agent {
                             self.lock_ledger().release(
                                 agent,
-                                &ledger_key(run_id, it),
+                                &key,
                                 now_ms() as u64,
                                 it.state == ItemState::Succeeded,
                             );
+                            let mut d = self.lock_dispatcher();
+                            d.finish(&key);
+                            d.agent_freed(agent);
                         }
+                        self.changed();
                     }
                     self.put(run_id, it).await;
                 }
             }
         }
+        let items = ctx.items.lock().await;
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-        for it in &items {
+        for it in items.iter() {
             *counts.entry(it.state.as_str().to_string()).or_default() += 1;
             log_outcome(run_id, &tenant.name, it);
         }
@@ -738,28 +874,206 @@ impl Orchestrator {
         self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_dispatcher(&self) -> std::sync::MutexGuard<'_, Dispatcher> {
+        self.dispatcher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_runs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<RunCtx>>> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Something happened that may let a waiting VM go.
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Dispatch counters since the orchestrator started: VMs dispatched, busy
+    /// answers (`429`) from agents, VMs held back by a snapshot cap, and the
+    /// most VMs that ran at once per host and per datastore.
+    pub fn dispatch_stats(&self) -> DispatchStats {
+        self.lock_dispatcher().stats().clone()
+    }
+
+    /// One dispatch round over the queue of every run: fresh `/v1/info`
+    /// answers, then the waiting VMs offered to the planner round-robin across
+    /// tenants ([`super::dispatch::Round`]), as long as their tenant's agents
+    /// have room and no snapshot cap holds them back. One round at a time;
+    /// skipped when the last one ran less than `poll_interval` ago and nothing
+    /// happened since.
+    async fn dispatch_round(&self) {
+        // Wait for a round in progress: it may have started before what
+        // this caller saw happen (a job ending).
+        let mut clock = self.round.lock().await;
+        let changes = self.changes.load(std::sync::atomic::Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        if let Some(last) = clock.last {
+            if changes == clock.changes
+                && started.duration_since(last) < self.cfg.orchestrator.poll_interval
+            {
+                return;
+            }
+        }
+        clock.last = Some(started);
+        clock.changes = changes;
+        if self.lock_dispatcher().queued_len() == 0 {
+            return;
+        }
+        let runs: Vec<Arc<RunCtx>> = self.lock_runs().values().cloned().collect();
+        let statuses = self.agent_statuses().await;
+        let mut reported = reported_slots(&statuses);
+        for a in self.lock_dispatcher().agents_backing_off(now_ms() as u64) {
+            if let Some(r) = reported.get_mut(&a) {
+                r.1 = 0;
+            }
+        }
+        let mut cands: Vec<super::plan::Candidates> = runs
+            .iter()
+            .map(|r| candidates(&r.tenant, &statuses))
+            .collect();
+        let mut guards = Vec::with_capacity(runs.len());
+        for r in &runs {
+            guards.push(r.items.lock().await);
+        }
+        // Where each pending VM is: (run, item).
+        let mut index: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (ri, g) in guards.iter().enumerate() {
+            for (ii, it) in g.iter().enumerate() {
+                if it.state == ItemState::Pending {
+                    index.insert(ledger_key(&runs[ri].run_id, it), (ri, ii));
+                }
+            }
+        }
+        // Within a round free slots only shrink (no job of ours ends while
+        // the round holds every run's items), so a VM like one that had to
+        // wait waits too, without asking the planner again.
+        let mut deferred: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut round = self.lock_dispatcher().round();
+        loop {
+            let offer = round.next(&self.lock_dispatcher());
+            let Some(offer) = offer else { break };
+            let Some(&(ri, ii)) = index.get(&offer.key) else {
+                let run = offer.key.split_once('/').map(|(r, _)| r).unwrap_or("");
+                if runs.iter().any(|r| r.run_id == run) {
+                    // A VM of a run this round knows that is not pending
+                    // any more: it has no business in the queue.
+                    self.lock_dispatcher().dequeue(&offer.key);
+                    round.gone();
+                } else {
+                    // A run that started after this round took its list.
+                    round.waits();
+                }
+                continue;
+            };
+            let ctx = &runs[ri];
+            let it = &mut guards[ri][ii];
+            let needed = it.inv.vm.disks.len() as u32;
+            let room = {
+                let load = self.lock_ledger().load(&reported);
+                let free: Vec<u32> = cands[ri]
+                    .agents
+                    .iter()
+                    .filter(|(a, _)| !it.tried.contains(a))
+                    .map(|(a, _)| load.free_of(a))
+                    .collect();
+                let fits_ever = cands[ri]
+                    .agents
+                    .iter()
+                    .any(|(_, info)| info.slots.total >= needed);
+                (
+                    free.iter().any(|f| *f > 0),
+                    free.iter().any(|f| *f >= needed),
+                    fits_ever,
+                )
+            };
+            if !cands[ri].agents.is_empty() && !room.0 {
+                if it.waiting.is_none() {
+                    it.wait(
+                        "slot",
+                        format!(
+                            "waiting for a free slot: every agent of tenant {} is busy",
+                            ctx.tenant.name
+                        ),
+                    );
+                    self.put(&ctx.run_id, it).await;
+                }
+                round.tenant_full();
+                continue;
+            }
+            let sig = it.signature(&ctx.job.name);
+            let memo = ctx.job.lesser_mode == LesserMode::Never;
+            if memo && ((room.2 && !room.1) || deferred.contains_key(&sig)) {
+                let (kind, reason) = deferred.get(&sig).cloned().unwrap_or_else(|| {
+                    (
+                        "slot".to_string(),
+                        format!(
+                            "waiting for a free slot: no agent of tenant {} has {needed} free",
+                            ctx.tenant.name
+                        ),
+                    )
+                });
+                if it.waiting.as_deref() != Some(reason.as_str()) {
+                    it.wait(&kind, reason);
+                    self.put(&ctx.run_id, it).await;
+                }
+                round.waits();
+                continue;
+            }
+            let placed = self.place(ctx, it, &mut cands[ri], &mut reported).await;
+            self.put(&ctx.run_id, it).await;
+            match placed {
+                Placed::Dispatched => {
+                    if !self.lock_dispatcher().start(&offer.key) {
+                        tracing::warn!(vm = %it.inv.vm.name, "dispatched VM was not in the queue any more");
+                    }
+                    round.dispatched();
+                }
+                Placed::Waits => {
+                    if memo {
+                        if let (Some(kind), Some(reason)) = (&it.wait_kind, &it.waiting) {
+                            deferred.insert(sig, (kind.clone(), reason.clone()));
+                        }
+                    }
+                    round.waits();
+                }
+                Placed::Gone => {
+                    self.lock_dispatcher().dequeue(&offer.key);
+                    round.gone();
+                }
+            }
+        }
+        for (key, why) in round.blocked() {
+            if let Some(&(ri, ii)) = index.get(key) {
+                let it = &mut guards[ri][ii];
+                let reason = why.to_string();
+                if it.waiting.as_deref() != Some(reason.as_str()) {
+                    it.wait(&why.kind(), reason);
+                    self.put(&runs[ri].run_id, it).await;
+                }
+            }
+        }
+        self.lock_dispatcher().end_round(round);
+    }
+
     /// Plan one pending VM against the load now and hold its slots in the
     /// ledger when it is to be dispatched: what the job's wait policy grants
     /// it (after `waited`, or, for `when-idle`, when its wait would outlast the
     /// window and an agent sits idle).
-    #[allow(clippy::too_many_arguments)]
     fn plan_now(
         &self,
-        run_id: &str,
+        ctx: &RunCtx,
         it: &Item,
-        job: &JobConfig,
-        tenant: &super::config::TenantConfig,
         cands: &super::plan::Candidates,
         reported: &BTreeMap<String, (u32, u32)>,
-        window_end: u64,
     ) -> super::plan::VmPlan {
+        let (job, tenant) = (&ctx.job, &ctx.tenant);
         let now = now_ms() as u64;
         let waited = it.waited(now);
         let mut ledger = self.lock_ledger();
         let mut wait = WaitState {
             waited,
             window_left: Some(std::time::Duration::from_millis(
-                window_end.saturating_sub(now),
+                ctx.window_end.saturating_sub(now),
             )),
             expected_wait: None,
         };
@@ -800,7 +1114,7 @@ impl Orchestrator {
         if let Decision::Dispatch { agent, .. } = &plan.decision {
             ledger.hold(
                 agent,
-                &ledger_key(run_id, it),
+                &ledger_key(&ctx.run_id, it),
                 &it.inv.vm.name,
                 it.inv.vm.disks.len() as u32,
                 now,
@@ -809,38 +1123,33 @@ impl Orchestrator {
         plan
     }
 
-    /// Try to dispatch one pending VM; leaves it pending when it must wait.
-    #[allow(clippy::too_many_arguments)]
+    /// Try to dispatch one pending VM offered by the round: the planner's
+    /// decision for this moment is sent as it is (ferry decides, the agent
+    /// obeys); the VM is left pending when it must wait.
     async fn place(
         &self,
-        run_id: &str,
+        ctx: &RunCtx,
         it: &mut Item,
-        job: &JobConfig,
-        tenant: &super::config::TenantConfig,
         cands: &mut super::plan::Candidates,
         reported: &mut BTreeMap<String, (u32, u32)>,
-        window_end: u64,
-    ) {
+    ) -> Placed {
+        let (run_id, job, tenant) = (ctx.run_id.as_str(), &ctx.job, &ctx.tenant);
         let max = self.cfg.orchestrator.dispatch_attempts;
         loop {
-            let plan = self.plan_now(run_id, it, job, tenant, cands, reported, window_end);
+            let plan = self.plan_now(ctx, it, cands, reported);
             let waited = it.waited(now_ms() as u64);
             if let Some(sel) = &plan.selection {
                 it.selector = serde_json::Value::Array(super::plan::disk_summaries(sel, waited));
             }
             match plan.decision {
                 Decision::Deferred { reason } => {
-                    if it.waiting.is_none() {
-                        tracing::info!(vm = %it.inv.vm.name, reason = %reason, "waiting for a slot");
-                    }
-                    it.waiting = Some(reason);
-                    it.waiting_since.get_or_insert(now_ms() as u64);
-                    return;
+                    it.wait("slot", reason);
+                    return Placed::Waits;
                 }
                 Decision::Refused { reason } => {
                     it.state = ItemState::Refused;
                     it.error = Some(reason);
-                    return;
+                    return Placed::Gone;
                 }
                 Decision::Unavailable { reason } => {
                     it.state = ItemState::Failed;
@@ -848,7 +1157,7 @@ impl Orchestrator {
                         Some(last) => format!("{reason}; last dispatch error: {last}"),
                         None => reason,
                     });
-                    return;
+                    return Placed::Gone;
                 }
                 Decision::Dispatch { agent, note } => {
                     let key = ledger_key(run_id, it);
@@ -883,7 +1192,8 @@ impl Orchestrator {
                     match api.start_backup(&req).await {
                         Ok(j) => {
                             it.waited_ms = it.waited(now_ms() as u64).as_millis() as u64;
-                            tracing::info!(vm = %it.inv.vm.name, agent = %agent, job = %j.id, waited_ms = it.waited_ms, "dispatched");
+                            tracing::info!(run = %run_id, tenant = %tenant.name, vm = %it.inv.vm.name, agent = %agent, job = %j.id, waited_ms = it.waited_ms, "dispatched");
+                            self.lock_dispatcher().agent_freed(&agent);
                             it.state = ItemState::Dispatched;
                             it.agent = Some(agent);
                             it.agent_job_id = Some(j.id);
@@ -891,7 +1201,7 @@ impl Orchestrator {
                             it.note = note;
                             it.waiting = None;
                             it.error = None;
-                            return;
+                            return Placed::Dispatched;
                         }
                         Err(e) => {
                             self.lock_ledger()
@@ -899,17 +1209,14 @@ impl Orchestrator {
                             it.error = Some(e.to_string());
                             match &e {
                                 ClientError::Api { status: 429, .. } => {
-                                    // Busy, not broken: back in the queue, no
-                                    // attempt used up; the agent counts as full
-                                    // until its next /v1/info.
-                                    tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, "agent has no free slot after all; the VM waits in the queue");
+                                    // Busy, not broken: the ledger was wrong
+                                    // (jobs started elsewhere). The agent counts
+                                    // as full until one of our jobs there ends
+                                    // or its back-off passes; the VM keeps its
+                                    // place in the queue, no attempt used.
                                     it.attempts -= 1;
-                                    if let Some(r) = reported.get_mut(&agent) {
-                                        r.1 = 0;
-                                    }
-                                    it.waiting = Some(format!("agent {agent} answered busy: {e}"));
-                                    it.waiting_since.get_or_insert(now_ms() as u64);
-                                    return;
+                                    self.agent_busy(&agent, &api, reported, it, &e).await;
+                                    return Placed::Waits;
                                 }
                                 ClientError::Api { code, .. }
                                     if code == "vm_refused" || code == "exceeds_slots" =>
@@ -919,7 +1226,7 @@ impl Orchestrator {
                                 ClientError::Api { status: 400, .. } => {
                                     tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch rejected");
                                     it.state = ItemState::Failed;
-                                    return;
+                                    return Placed::Gone;
                                 }
                                 _ => {
                                     tracing::info!(vm = %it.inv.vm.name, agent = %agent, error = %e, "dispatch failed; trying another agent");
@@ -934,7 +1241,7 @@ impl Orchestrator {
                                     it.attempts,
                                     it.tried.iter().cloned().collect::<Vec<_>>().join(", ")
                                 ));
-                                return;
+                                return Placed::Gone;
                             }
                         }
                     }
@@ -943,15 +1250,92 @@ impl Orchestrator {
         }
     }
 
-    /// Poll a dispatched VM's agent job; true when something changed.
-    async fn poll(&self, it: &mut Item) -> bool {
+    /// Agent `agent` answered busy (`429`) to a dispatch the ledger gave room
+    /// for: refresh what it reports, count it as full for a back-off with
+    /// jitter (or until one of our jobs on it ends), and say so once at info.
+    async fn agent_busy(
+        &self,
+        agent: &str,
+        api: &Arc<dyn AgentApi>,
+        reported: &mut BTreeMap<String, (u32, u32)>,
+        it: &mut Item,
+        e: &ClientError,
+    ) {
+        let jitter: f64 = rand::Rng::gen(&mut rand::thread_rng());
+        let backoff = self
+            .lock_dispatcher()
+            .busy(agent, now_ms() as u64, None, jitter);
+        let held = self.lock_ledger().used(agent);
+        let now = match api.info().await {
+            Ok(info) => {
+                reported.insert(agent.to_string(), (info.slots.total, 0));
+                format!(
+                    "it reports {} of {} slot(s) free, this orchestrator holds {held}",
+                    info.slots.free, info.slots.total
+                )
+            }
+            Err(ie) => {
+                if let Some(r) = reported.get_mut(agent) {
+                    r.1 = 0;
+                }
+                format!("its /v1/info failed too: {ie}")
+            }
+        };
+        tracing::info!(
+            vm = %it.inv.vm.name, agent = %agent, error = %e, backoff_ms = backoff.as_millis() as u64,
+            "agent answered busy although the slot ledger gave it room ({now}); it counts as full until one of our jobs there ends or the back-off passes, and the VM keeps its place in the queue"
+        );
+        it.wait(
+            &format!("agent {agent} busy"),
+            format!(
+                "agent {agent} answered busy ({now}); waiting for one of its jobs to end or {} ms",
+                backoff.as_millis()
+            ),
+        );
+    }
+
+    /// Poll the agent jobs of every dispatched VM of `items` at once; true
+    /// per VM when something changed.
+    async fn poll_all(&self, items: &mut [Item]) -> Vec<(usize, bool)> {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, it) in items.iter().enumerate() {
+            if it.state != ItemState::Dispatched {
+                continue;
+            }
+            let (Some(agent), Some(job_id)) = (&it.agent, &it.agent_job_id) else {
+                continue;
+            };
+            let Some(api) = self.agents.get(agent).cloned() else {
+                continue;
+            };
+            let job_id = job_id.clone();
+            set.spawn(async move {
+                let r = api.job(&job_id).await;
+                (i, r)
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok((i, answer)) => out.push((i, self.absorb_poll(&mut items[i], answer))),
+                Err(e) => tracing::error!(error = %e, "poll task failed"),
+            }
+        }
+        out.sort_unstable_by_key(|(i, _)| *i);
+        out
+    }
+
+    /// Take in what polling a dispatched VM's agent job answered; true when
+    /// something changed.
+    fn absorb_poll(
+        &self,
+        it: &mut Item,
+        answer: Result<crate::agent::api::Job, ClientError>,
+    ) -> bool {
         let (Some(agent), Some(job_id)) = (it.agent.clone(), it.agent_job_id.clone()) else {
             return false;
         };
-        let Some(api) = self.agents.get(&agent).cloned() else {
-            return false;
-        };
-        match api.job(&job_id).await {
+        match answer {
             Ok(j) => {
                 it.poll_failures = 0;
                 let before = (it.state, it.bytes);

@@ -49,6 +49,37 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// One backup night over a generated world (the whitepaper's provider with
+    /// N small VMs): every VM backed up once through the orchestrator; prints
+    /// wall time, jobs per second, busy answers (429), the most backups at once
+    /// per host and datastore, and how long agents sat idle while work for
+    /// them was queued (docs/performance.md, "Dispatch at scale").
+    Night {
+        /// Generated VMs.
+        #[arg(long, default_value_t = 200)]
+        vms: usize,
+        /// Scenario seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Slots of each agent.
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        /// The orchestrator's poll interval, ms.
+        #[arg(long, default_value_t = 50)]
+        poll_ms: u64,
+        /// `[dispatch] max_snapshots_per_host` (0: no cap).
+        #[arg(long, default_value_t = 4)]
+        max_per_host: u32,
+        /// `[dispatch] max_snapshots_per_datastore` (0: no cap).
+        #[arg(long, default_value_t = 4)]
+        max_per_datastore: u32,
+        /// Keep the world's directory here instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start the whole simulated provider and keep it running: prints every
     /// endpoint and example `curl`/`ferry` commands; Ctrl-C stops it.
     Up {
@@ -409,6 +440,22 @@ fn run_demo(
     Ok(())
 }
 
+fn run_night(
+    opts: ferry_mocks::night::NightOptions,
+    keep: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    init_logs("warn");
+    let (_tmp, work) = workdir(keep)?;
+    let report = ferry_mocks::night::run(&work, &opts, &mut |m| eprintln!("ferry-sim: {m}"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", ferry_mocks::night::render(&report));
+    }
+    Ok(())
+}
+
 fn run_up(
     scenario: Option<PathBuf>,
     disk_mib_max: Option<u64>,
@@ -661,5 +708,27 @@ fn main() -> ExitCode {
             dir,
             console,
         } => exit(run_up(scenario, disk_mib_max, dir, console)),
+        Cmd::Night {
+            vms,
+            seed,
+            slots,
+            poll_ms,
+            max_per_host,
+            max_per_datastore,
+            keep,
+            json,
+        } => exit(run_night(
+            ferry_mocks::night::NightOptions {
+                vms,
+                seed,
+                agent_slots: slots,
+                poll: std::time::Duration::from_millis(poll_ms.max(1)),
+                max_snapshots_per_host: max_per_host,
+                max_snapshots_per_datastore: max_per_datastore,
+                workers: 1,
+            },
+            keep,
+            json,
+        )),
     }
 }
