@@ -291,6 +291,8 @@ struct Item {
     wait_reasons: BTreeSet<String>,
     /// The kind of what it waits for now.
     wait_kind: Option<String>,
+    /// When its progress (bytes) was last recorded, ms since the epoch.
+    progress_recorded_ms: u64,
     selector: serde_json::Value,
     plan: serde_json::Value,
     result: serde_json::Value,
@@ -322,6 +324,7 @@ impl Item {
             waited_ms: 0,
             wait_reasons: BTreeSet::new(),
             wait_kind: None,
+            progress_recorded_ms: 0,
             selector: serde_json::Value::Null,
             plan: serde_json::Value::Null,
             result: serde_json::Value::Null,
@@ -523,6 +526,16 @@ impl Orchestrator {
         let rec = it.record(run_id);
         if let Err(e) = self.db(move |s| s.put_run_item(&rec)).await {
             tracing::error!(error = %e, "cannot record run item");
+        }
+    }
+
+    /// Record several run items in one commit.
+    async fn put_all(&self, records: Vec<RunItem>) {
+        if records.is_empty() {
+            return;
+        }
+        if let Err(e) = self.db(move |s| s.put_run_items(&records)).await {
+            tracing::error!(error = %e, "cannot record run items");
         }
     }
 
@@ -839,9 +852,13 @@ impl Orchestrator {
             drop(items);
             tokio::time::sleep(o.poll_interval).await;
             let mut items = ctx.items.lock().await;
+            let mut records = Vec::new();
+            let now = now_ms() as u64;
             for (i, changed) in self.poll_all(&mut items).await {
                 let it = &mut items[i];
-                if changed {
+                // Progress alone is recorded at most once a second per VM;
+                // an end at once. All in one commit.
+                if changed && (!it.open() || now.saturating_sub(it.progress_recorded_ms) >= 1000) {
                     if !it.open() {
                         let key = ledger_key(run_id, it);
                         if let Some(agent) = &it.agent {
@@ -857,9 +874,11 @@ impl Orchestrator {
                         }
                         self.changed();
                     }
-                    self.put(run_id, it).await;
+                    it.progress_recorded_ms = now;
+                    records.push(it.record(run_id));
                 }
             }
+            self.put_all(records).await;
         }
         let items = ctx.items.lock().await;
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
@@ -948,6 +967,10 @@ impl Orchestrator {
         // the round holds every run's items), so a VM like one that had to
         // wait waits too, without asking the planner again.
         let mut deferred: BTreeMap<String, (String, String)> = BTreeMap::new();
+        // What changed, recorded in one commit at the end of the round (while
+        // the round still holds the items: no older record can overwrite a
+        // newer one).
+        let mut records: Vec<RunItem> = Vec::new();
         let mut round = self.lock_dispatcher().round();
         loop {
             let offer = round.next(&self.lock_dispatcher());
@@ -995,7 +1018,7 @@ impl Orchestrator {
                             ctx.tenant.name
                         ),
                     );
-                    self.put(&ctx.run_id, it).await;
+                    records.push(it.record(&ctx.run_id));
                 }
                 round.tenant_full();
                 continue;
@@ -1014,13 +1037,13 @@ impl Orchestrator {
                 });
                 if it.waiting.as_deref() != Some(reason.as_str()) {
                     it.wait(&kind, reason);
-                    self.put(&ctx.run_id, it).await;
+                    records.push(it.record(&ctx.run_id));
                 }
                 round.waits();
                 continue;
             }
             let placed = self.place(ctx, it, &mut cands[ri], &mut reported).await;
-            self.put(&ctx.run_id, it).await;
+            records.push(it.record(&ctx.run_id));
             match placed {
                 Placed::Dispatched => {
                     if !self.lock_dispatcher().start(&offer.key) {
@@ -1048,11 +1071,12 @@ impl Orchestrator {
                 let reason = why.to_string();
                 if it.waiting.as_deref() != Some(reason.as_str()) {
                     it.wait(&why.kind(), reason);
-                    self.put(&runs[ri].run_id, it).await;
+                    records.push(it.record(&runs[ri].run_id));
                 }
             }
         }
         self.lock_dispatcher().end_round(round);
+        self.put_all(records).await;
     }
 
     /// Plan one pending VM against the load now and hold its slots in the

@@ -726,6 +726,45 @@ impl StateStore {
         Ok(())
     }
 
+    /// Insert or replace several items of runs in one transaction: one commit
+    /// (one sync) for all of them. The orchestrator's dispatch rounds and
+    /// polls record many VMs at once; one commit per VM made the database
+    /// the bottleneck of a night with many small VMs.
+    pub fn put_run_items(&self, items: &[RunItem]) -> Result<(), StateError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.lock();
+        let tx = c
+            .transaction()
+            .map_err(self.sql("starting to record run items"))?;
+        let now = now_ms();
+        for item in items {
+            tx.execute(
+                "INSERT INTO orch_run_items (run_id, item, agent, agent_job_id, state, attempts, detail, error, bytes, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (run_id, item) DO UPDATE SET agent = excluded.agent, agent_job_id = excluded.agent_job_id,
+                    state = excluded.state, attempts = excluded.attempts, detail = excluded.detail,
+                    error = excluded.error, bytes = excluded.bytes, updated_at = excluded.updated_at",
+                params![
+                    item.run_id,
+                    item.item,
+                    item.agent,
+                    item.agent_job_id,
+                    item.state.as_str(),
+                    item.attempts,
+                    item.detail.to_string(),
+                    item.error,
+                    item.bytes as i64,
+                    now
+                ],
+            )
+            .map_err(self.sql("recording run item"))?;
+        }
+        tx.commit().map_err(self.sql("committing run items"))?;
+        Ok(())
+    }
+
     /// Close a run with its final state and a JSON summary.
     pub fn finish_run(
         &self,
