@@ -150,7 +150,7 @@ pub fn generate(spec: &ProviderSpec) -> Provider {
         capacity_gib: 65536,
     }];
     let mut hosts = Vec::new();
-    for c in 0..clusters {
+    for (c, cluster_hosts) in hosts_of.iter().enumerate() {
         for x in ["a", "b"] {
             datastores.push(DatastoreSpec {
                 name: ds(c, x),
@@ -158,7 +158,7 @@ pub fn generate(spec: &ProviderSpec) -> Provider {
                 capacity_gib: 65536,
             });
         }
-        for h in &hosts_of[c] {
+        for h in cluster_hosts {
             hosts.push(HostSpec {
                 name: h.clone(),
                 cluster: cname(c),
@@ -420,17 +420,19 @@ mod tests {
         let spec = ProviderSpec::new(2000, 50, 60, 21);
         let a = generate(&spec);
         let b = generate(&spec);
-        let key = |p: &Provider| -> Vec<(String, String, Option<String>, Option<String>, usize)> {
+        // Name, host, datastore, key provider and disk count of every VM.
+        let key = |p: &Provider| -> Vec<String> {
             p.scenario
                 .vms
                 .iter()
                 .map(|v| {
-                    (
-                        v.name.clone(),
-                        v.host.clone(),
-                        v.datastore.clone(),
-                        v.key_provider.clone(),
-                        v.disks.len(),
+                    format!(
+                        "{} {} {:?} {:?} {}",
+                        v.name,
+                        v.host,
+                        v.datastore,
+                        v.key_provider,
+                        v.disks.len()
                     )
                 })
                 .collect()
