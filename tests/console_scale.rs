@@ -203,8 +203,20 @@ fn console_with_500_vms() {
     let disks: usize = vms.iter().map(|v| v.disks).sum();
     assert!(
         plan_page.contains(&format!("{disks} disk(s)")),
-        "the plan page shows every disk"
+        "the plan page counts every disk"
     );
+    // The plan page is paged (200 rows a page); together the pages show
+    // every disk once.
+    let pages = disks.div_ceil(200);
+    assert!(pages > 1, "{disks} disks fit one page");
+    assert!(plan_page.contains(&format!("page 1 of {pages}")));
+    let mut shown = 0;
+    for p in 1..=pages {
+        let page = admin.get(&format!("/plan?page={p}"));
+        shown += page.matches("data-vm=\"").count();
+        assert_eq!(page.contains("next →"), p < pages, "page {p}");
+    }
+    assert_eq!(shown, disks, "rows over all plan pages");
 
     // A tenant-a account: only tenant-a's VMs (encrypted and plain), only
     // tenant-a's plan.

@@ -708,7 +708,14 @@ async fn plan(State(c): State<Arc<Console>>, a: Authed, Query(f): Query<PlanFilt
     let snap = c.snapshot().await;
     let rows = snap.plan_rows(a.p(), &f);
     let tenants: Vec<String> = snap.tenants_for(a.p()).cloned().collect();
-    html(pages::plan(&a.ctx(), &tenants, &f, &rows))
+    let (page, n, of) = views::page_of(&rows, f.page.unwrap_or(1), views::PLAN_PAGE);
+    html(pages::plan(
+        &a.ctx(),
+        &tenants,
+        &f,
+        page,
+        (n, of, rows.len()),
+    ))
 }
 
 async fn api_plan(
@@ -717,7 +724,11 @@ async fn api_plan(
     Query(f): Query<PlanFilter>,
 ) -> Response {
     let snap = c.snapshot().await;
-    Json(snap.plan_rows(a.p(), &f)).into_response()
+    let rows = snap.plan_rows(a.p(), &f);
+    match f.page {
+        None => Json(rows).into_response(),
+        Some(p) => Json(views::page_of(&rows, p, views::PLAN_PAGE).0).into_response(),
+    }
 }
 
 async fn raw_history(c: &Console, moref: &str) -> Vec<crate::state::VmHistoryEntry> {

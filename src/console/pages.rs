@@ -221,7 +221,16 @@ pub fn overview(
 }
 
 /// The plan: every disk's proxy, mode and why, with every candidate.
-pub fn plan(ctx: &Ctx<'_>, tenants: &[String], f: &PlanFilter, rows: &[PlanRow]) -> Markup {
+/// The plan: one page of its rows; `at` = (page, pages, rows in all).
+pub fn plan(
+    ctx: &Ctx<'_>,
+    tenants: &[String],
+    f: &PlanFilter,
+    rows: &[PlanRow],
+    at: (usize, usize, usize),
+) -> Markup {
+    let (page, pages, total) = at;
+    let first = (page - 1) * super::views::PLAN_PAGE;
     layout(
         "Plan",
         Some(ctx),
@@ -240,7 +249,18 @@ pub fn plan(ctx: &Ctx<'_>, tenants: &[String], f: &PlanFilter, rows: &[PlanRow])
                 label { input type="checkbox" name="refused_only" value="1" checked[f.refused_only]; " refused only" }
                 button type="submit" { "Filter" }
             }
-            p.muted { (rows.len()) " disk(s). Open a row to see every candidate proxy and mode and why it was or was not taken." }
+            p.muted {
+                (total) " disk(s)"
+                @if pages > 1 { ", " (first + 1) "–" (first + rows.len()) " shown" }
+                ". Open a row to see every candidate proxy and mode and why it was or was not taken."
+            }
+            @if pages > 1 {
+                nav.pages {
+                    @if page > 1 { a.prev href={ "/plan?" (f.query(page - 1)) } { "← previous" } " " }
+                    "page " (page) " of " (pages)
+                    @if page < pages { " " a.next href={ "/plan?" (f.query(page + 1)) } { "next →" } }
+                }
+            }
             table #plan {
                 thead { tr { th { "Tenant" } th { "VM" } th { "Disk" } th { "Proxy" } th { "Mode" } th { "Decision" } th { "Why" } } }
                 tbody {

@@ -592,6 +592,57 @@ pub struct PlanFilter {
     /// Only refused (or not dispatchable) disks.
     #[serde(deserialize_with = "bool_flag")]
     pub refused_only: bool,
+    /// Which page of [`PLAN_PAGE`] rows (from 1); the page shows page 1
+    /// without it, the JSON every row.
+    #[serde(deserialize_with = "page_number")]
+    pub page: Option<usize>,
+}
+
+/// Rows per plan page (the whole plan of 500 VMs is ~0.9 MB of HTML).
+pub const PLAN_PAGE: usize = 200;
+
+impl PlanFilter {
+    /// The query string of these filters at `page` (for page links).
+    pub fn query(&self, page: usize) -> String {
+        let esc = |s: &str| {
+            let mut o = String::new();
+            for b in s.bytes() {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    o.push(b as char);
+                } else {
+                    o.push_str(&format!("%{b:02X}"));
+                }
+            }
+            o
+        };
+        let mut q = Vec::new();
+        if let Some(t) = &self.tenant {
+            q.push(format!("tenant={}", esc(t)));
+        }
+        if let Some(m) = &self.mode {
+            q.push(format!("mode={}", esc(m)));
+        }
+        if self.refused_only {
+            q.push("refused_only=1".into());
+        }
+        q.push(format!("page={page}"));
+        q.join("&")
+    }
+}
+
+/// One page of `rows` (1-based, clamped to the last page) and how many pages
+/// there are.
+pub fn page_of<T>(rows: &[T], page: usize, per: usize) -> (&[T], usize, usize) {
+    let pages = rows.len().div_ceil(per.max(1)).max(1);
+    let page = page.clamp(1, pages);
+    let start = ((page - 1) * per).min(rows.len());
+    let end = (start + per).min(rows.len());
+    (&rows[start..end], page, pages)
+}
+
+fn page_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    Ok(s.and_then(|s| s.trim().parse().ok()).filter(|n| *n >= 1))
 }
 
 fn empty_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -1034,6 +1085,28 @@ mod tests {
         assert_eq!(f.tenant, None);
         assert_eq!(f.mode.as_deref(), Some("hotadd"));
         assert!(f.refused_only);
+        assert_eq!(f.page, None);
+        assert_eq!(f.query(3), "mode=hotadd&refused_only=1&page=3");
+        let f: PlanFilter = serde_urlencoded_like("tenant=a b&page=2");
+        assert_eq!(f.page, Some(2));
+        assert_eq!(f.query(1), "tenant=a%20b&page=1");
+        for bad in ["page=0", "page=-1", "page=x", "page="] {
+            assert_eq!(serde_urlencoded_like(bad).page, None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_cut_rows_and_clamp() {
+        let rows: Vec<u32> = (0..450).collect();
+        let (p, n, of) = page_of(&rows, 1, 200);
+        assert_eq!((p.len(), p[0], n, of), (200, 0, 1, 3));
+        let (p, n, _) = page_of(&rows, 3, 200);
+        assert_eq!((p.len(), p[0], n), (50, 400, 3));
+        let (p, n, _) = page_of(&rows, 99, 200);
+        assert_eq!((p.len(), n), (50, 3));
+        let none: Vec<u32> = vec![];
+        let (p, n, of) = page_of(&none, 5, 200);
+        assert_eq!((p.len(), n, of), (0, 1, 1));
     }
 
     fn serde_urlencoded_like(q: &str) -> PlanFilter {
