@@ -418,3 +418,41 @@ fn verify_repair_quarantines_damaged_chunks_and_the_next_backup_mends_every_poin
         assert_eq!(&hash(&t), h, "{p}");
     }
 }
+
+/// Restores a remote request names (the agent's directory targets) write a new
+/// regular file only: a symlink already at the name, to a file or to a block
+/// device, is refused and never followed.
+#[test]
+fn a_restore_to_a_new_file_never_follows_a_symlink() {
+    let w = World::new();
+    let a = w.image("a.img", 1 << 20, 31);
+    let point = w.backup("vm1", &[&a]).point_id;
+    let area = w.path("area");
+    std::fs::create_dir_all(&area).unwrap();
+    let victim = w.path("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let link = area.join("vm1-disk0.img");
+    let restore = |target: &Path| {
+        ferry::job::restore_new_file(
+            &w.repo(),
+            &w.source(),
+            &point,
+            0,
+            target,
+            ferry::pipeline::PipelineConfig::new(Some(2), CS, 16 << 20),
+            &Progress::default(),
+        )
+    };
+    for to in [victim.clone(), "/dev/null".into()] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&to, &link).unwrap();
+        let e = restore(&link).unwrap_err().to_string();
+        assert!(e.contains("exists"), "{e}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    // A new name restores.
+    let fresh = area.join("fresh.img");
+    restore(&fresh).unwrap();
+    assert_eq!(hash(&fresh), hash(&a));
+}

@@ -6,6 +6,10 @@
 //! no `..` component, and resolve (the longest existing ancestor canonicalized,
 //! so symlinks are followed, then the rest appended) to a location at or under
 //! one of the equally resolved allowed directories. Must not create anything.
+//! The writers close the gap between this check and their writes: the job
+//! re-resolves the directory once created (`job::runner::prepare_restore_dir`),
+//! creates images with `O_EXCL` (`job::restore_new_file`), and file restores
+//! never write through a symlink (`files::restore`).
 
 use std::path::{Component, Path, PathBuf};
 

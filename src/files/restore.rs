@@ -93,11 +93,29 @@ pub fn get(
         .map(|(e, _)| e.size)
         .sum();
     progress.total.fetch_add(total, Ordering::Relaxed);
+    // Directories not restored: nothing is written under them (one could be a
+    // symlink that a file below would be written through).
+    let mut not_restored: std::collections::HashSet<PathBuf> = Default::default();
     for (entry, dest) in &plan {
         if progress.cancelled() {
             break;
         }
+        if dest.parent().is_some_and(|p| not_restored.contains(p)) {
+            not_restored.insert(dest.clone());
+            report.failures.push(GetFailure {
+                path: entry.path.clone(),
+                damage: false,
+                error: format!(
+                    "{}: its directory was not restored, so neither is it",
+                    dest.display()
+                ),
+            });
+            continue;
+        }
         if let Err(e) = restore_one(fs, entry, dest, &mut report, progress) {
+            if entry.kind == EntryKind::Dir {
+                not_restored.insert(dest.clone());
+            }
             tracing::warn!(path = %entry.path, error = %e, "file not restored");
             report.failures.push(GetFailure {
                 path: entry.path.clone(),
@@ -111,7 +129,8 @@ pub fn get(
     for (entry, dest) in plan.iter().rev() {
         // The operator's own --out directory keeps its mode and times (a 0700
         // restore area must not become 0755 because the volume's root is).
-        if entry.kind == EntryKind::Dir && dest.is_dir() && dest != out_dir {
+        let real_dir = fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir());
+        if entry.kind == EntryKind::Dir && real_dir && dest != out_dir {
             if let Err(e) = set_attributes(entry, dest) {
                 report.failures.push(GetFailure {
                     path: entry.path.clone(),
@@ -186,7 +205,18 @@ fn restore_one(
         EntryKind::Dir => {
             match fs::create_dir(dest) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dest.is_dir() => {}
+                // An existing directory is merged into; a symlink there is
+                // never followed (it could lead out of the restore area: a
+                // link restored earlier, then a directory of that name).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AlreadyExists
+                        && fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(output(std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "exists and is not a directory (a symlink is not followed)",
+                    )))
+                }
                 Err(e) => return Err(output(e)),
             }
             report.dirs += 1;
@@ -268,6 +298,107 @@ fn set_attributes(entry: &Entry, dest: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::FsKind;
+    use std::collections::BTreeMap;
+
+    /// A volume in memory: paths to entries (and file contents).
+    struct MemFs(BTreeMap<String, (Entry, Vec<u8>)>);
+
+    impl MemFs {
+        fn new(items: &[(&str, EntryKind, &str)]) -> MemFs {
+            let mut m = BTreeMap::new();
+            let root = entry("", "/", EntryKind::Dir, None);
+            m.insert("/".to_string(), (root, vec![]));
+            for (path, kind, data) in items {
+                let name = path.rsplit('/').next().unwrap();
+                let link = (*kind == EntryKind::Symlink).then(|| data.to_string());
+                let e = entry(name, path, *kind, link);
+                m.insert(path.to_string(), (e, data.as_bytes().to_vec()));
+            }
+            MemFs(m)
+        }
+    }
+
+    fn entry(name: &str, path: &str, kind: EntryKind, link: Option<String>) -> Entry {
+        Entry {
+            name: name.into(),
+            path: path.into(),
+            kind,
+            size: 0,
+            mode: None,
+            uid: None,
+            gid: None,
+            mtime: None,
+            mtime_nanos: 0,
+            link_target: link,
+        }
+    }
+
+    impl FileSystem for MemFs {
+        fn kind(&self) -> FsKind {
+            FsKind::Ext
+        }
+        fn stat(&mut self, path: &str) -> Result<Entry, FileError> {
+            self.0
+                .get(path)
+                .map(|(e, d)| Entry {
+                    size: d.len() as u64,
+                    ..e.clone()
+                })
+                .ok_or_else(|| FileError::NotFound { path: path.into() })
+        }
+        fn list(&mut self, path: &str) -> Result<Vec<Entry>, FileError> {
+            let prefix = if path == "/" {
+                "/".to_string()
+            } else {
+                format!("{path}/")
+            };
+            Ok(self
+                .0
+                .iter()
+                .filter(|(p, _)| {
+                    p.len() > prefix.len()
+                        && p.starts_with(&prefix)
+                        && !p[prefix.len()..].contains('/')
+                })
+                .map(|(_, (e, d))| Entry {
+                    size: d.len() as u64,
+                    ..e.clone()
+                })
+                .collect())
+        }
+        fn copy_to(&mut self, path: &str, out: &mut dyn std::io::Write) -> Result<u64, FileError> {
+            let d = &self.0[path].1;
+            out.write_all(d).unwrap();
+            Ok(d.len() as u64)
+        }
+    }
+
+    #[test]
+    fn a_symlink_restored_earlier_is_never_followed_by_a_later_restore() {
+        let area = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let progress = Progress::default();
+        // First restore: a volume whose `x` is a symlink leading out of the area.
+        let target = outside.path().to_str().unwrap().to_string();
+        let mut first = MemFs::new(&[("/x", EntryKind::Symlink, &target)]);
+        let r = get(&mut first, "/x", area.path(), &progress).unwrap();
+        assert_eq!(r.symlinks, 1);
+        // Second restore into the same area: a directory `x` with a file.
+        let mut second = MemFs::new(&[
+            ("/x", EntryKind::Dir, ""),
+            ("/x/evil", EntryKind::File, "payload"),
+        ]);
+        let r = get(&mut second, "/x", area.path(), &progress).unwrap();
+        assert_eq!(r.files, 0, "nothing written through the link");
+        assert!(!r.failures.is_empty());
+        assert!(
+            r.failures[0].error.contains("not followed"),
+            "{:?}",
+            r.failures
+        );
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn names_that_would_escape_are_refused() {

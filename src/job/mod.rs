@@ -587,6 +587,54 @@ pub fn restore(
     pipeline: PipelineConfig,
     progress: &Progress,
 ) -> Result<RestoreStats, JobError> {
+    restore_to(
+        repo,
+        keys,
+        point_id,
+        disk,
+        target_path,
+        pipeline,
+        progress,
+        true,
+    )
+}
+
+/// [`restore`] into a new regular file only: whatever exists at `target_path`
+/// (a file, a symlink, a device node) is refused, and the file is created with
+/// `O_EXCL`, so a symlink placed there (even between a check and the open) is
+/// never followed. For restores a remote request names (the agent API).
+pub fn restore_new_file(
+    repo: &Repository,
+    keys: &dyn KeySource,
+    point_id: &str,
+    disk: u32,
+    target_path: &Path,
+    pipeline: PipelineConfig,
+    progress: &Progress,
+) -> Result<RestoreStats, JobError> {
+    restore_to(
+        repo,
+        keys,
+        point_id,
+        disk,
+        target_path,
+        pipeline,
+        progress,
+        false,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore_to(
+    repo: &Repository,
+    keys: &dyn KeySource,
+    point_id: &str,
+    disk: u32,
+    target_path: &Path,
+    pipeline: PipelineConfig,
+    progress: &Progress,
+    devices: bool,
+) -> Result<RestoreStats, JobError> {
     let _lock = repo.lock(LockMode::Shared, "restore", Duration::from_secs(5))?;
     let span = tracing::info_span!("restore", point = %point_id, disk);
     let _g = span.enter();
@@ -595,7 +643,7 @@ pub fn restore(
     let index = repo.open_index(&point, disk)?;
     let size = index.header.disk_size;
     Progress::add(&progress.total, size);
-    let is_block = crate::transport::file::is_block_device(target_path);
+    let is_block = devices && crate::transport::file::is_block_device(target_path);
     let target = if is_block {
         FileTarget::open_existing(target_path, size, false).map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidInput {

@@ -468,7 +468,10 @@ impl VmJobRunner {
                 disk,
                 partition,
                 paths,
-            } => return super::files::restore(ctx, &spec.point, path, *disk, *partition, paths),
+            } => {
+                prepare_restore_dir(path)?;
+                return super::files::restore(ctx, &spec.point, path, *disk, *partition, paths);
+            }
             RestoreTarget::Vm {
                 moref,
                 datastore,
@@ -506,12 +509,7 @@ impl VmJobRunner {
                 )));
             }
         }
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            RunError::Failed(format!(
-                "cannot create restore directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        prepare_restore_dir(&dir)?;
         let source = point.header.source.clone();
         let mut out = Vec::new();
         for d in disks {
@@ -520,7 +518,7 @@ impl VmJobRunner {
             }
             let target = restore_path(&dir, &source, d);
             let started = Instant::now();
-            let stats = super::restore(
+            let stats = super::restore_new_file(
                 &repo,
                 keys.as_ref(),
                 &point_id,
@@ -572,6 +570,34 @@ fn runtime_handle() -> Result<(Option<tokio::runtime::Runtime>, tokio::runtime::
         .map_err(|e| RunError::Failed(format!("cannot start a runtime: {e}")))?;
     let h = rt.handle().clone();
     Ok((Some(rt), h))
+}
+
+/// Create a restore directory the agent resolved (`dir` is canonical: the
+/// agent's `restore_dirs` check resolved every symlink) and make sure it
+/// still resolves to itself once created: a symlink put in its way since
+/// the check (by another restore's files, say) is refused instead of
+/// followed out of the allowed directories.
+pub fn prepare_restore_dir(dir: &Path) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        RunError::Failed(format!(
+            "cannot create restore directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let now = std::fs::canonicalize(dir).map_err(|e| {
+        RunError::Failed(format!(
+            "cannot resolve restore directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    if now != dir {
+        return Err(RunError::Failed(format!(
+            "restore directory {} now resolves to {} (a symlink appeared in its path after the agent checked it); nothing was written",
+            dir.display(),
+            now.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Where disk `disk` of a point of `source` is restored inside `dir`.
