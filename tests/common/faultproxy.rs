@@ -322,8 +322,9 @@ fn client_gone(s: &TcpStream) -> bool {
     gone
 }
 
-/// Move the `x-amz-date: YYYYMMDDTHHMMSSZ` value in a request head by `secs`
-/// (same length: nothing else moves).
+/// Move the `x-amz-date: YYYYMMDDTHHMMSSZ` value in a request head by `secs`,
+/// and the date of its credential scope with it (same lengths: nothing else
+/// moves).
 fn shift_date(head: &mut [u8], secs: i64) {
     let name = b"\r\nx-amz-date:";
     let Some(at) = head
@@ -360,6 +361,18 @@ fn shift_date(head: &mut [u8], secs: i64) {
         t.second()
     );
     head[v..v + 16].copy_from_slice(new.as_bytes());
+    // The credential scope's date (`Credential=KEY/YYYYMMDD/...`) follows,
+    // as a client with that clock would write it (a scope of another day
+    // than x-amz-date is refused before the skew is looked at).
+    let cred = b"Credential=";
+    if let Some(c) = head.windows(cred.len()).position(|w| w == cred) {
+        if let Some(slash) = head[c..].iter().position(|b| *b == b'/') {
+            let d = c + slash + 1;
+            if d + 8 <= head.len() {
+                head[d..d + 8].copy_from_slice(&new.as_bytes()[..8]);
+            }
+        }
+    }
 }
 
 /// An S3 error answer.
