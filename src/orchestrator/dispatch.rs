@@ -126,8 +126,9 @@ pub struct Dispatcher {
     /// The tenant the next round starts with (index into `ring`).
     next: usize,
     queues: BTreeMap<String, VecDeque<Waiting>>,
-    /// Tenant of each queued key.
-    queued: BTreeMap<String, String>,
+    /// Tenant and footprint of each queued key (offers look them up by key:
+    /// no walk along a queue of thousands).
+    queued: BTreeMap<String, (String, Footprint)>,
     running: BTreeMap<String, Footprint>,
     on_host: BTreeMap<(String, String), u32>,
     on_datastore: BTreeMap<(String, String), u32>,
@@ -178,7 +179,8 @@ impl Dispatcher {
         if !self.ring.iter().any(|t| t == tenant) {
             self.ring.push(tenant.to_string());
         }
-        self.queued.insert(key.to_string(), tenant.to_string());
+        self.queued
+            .insert(key.to_string(), (tenant.to_string(), footprint.clone()));
         self.queues
             .entry(tenant.to_string())
             .or_default()
@@ -191,7 +193,7 @@ impl Dispatcher {
     /// Take `key` out of the queue without dispatching it (refused, failed,
     /// run over). Returns whether it was queued.
     pub fn dequeue(&mut self, key: &str) -> bool {
-        let Some(tenant) = self.queued.remove(key) else {
+        let Some((tenant, _)) = self.queued.remove(key) else {
             return false;
         };
         if let Some(q) = self.queues.get_mut(&tenant) {
@@ -257,9 +259,12 @@ impl Dispatcher {
     /// Returns false (and changes nothing) when a cap forbids it — callers
     /// offer only what [`Round::next`] gave them, so that does not happen.
     pub fn start(&mut self, key: &str) -> bool {
-        let Some(tenant) = self.queued.get(key).cloned() else {
+        let Some((tenant, footprint)) = self.queued.get(key).cloned() else {
             return false;
         };
+        if self.blocked(&footprint).is_some() {
+            return false;
+        }
         let Some(pos) = self
             .queues
             .get(&tenant)
@@ -267,9 +272,6 @@ impl Dispatcher {
         else {
             return false;
         };
-        if self.blocked(&self.queues[&tenant][pos].footprint).is_some() {
-            return false;
-        }
         let Some(w) = self.queues.get_mut(&tenant).and_then(|q| q.remove(pos)) else {
             return false;
         };
@@ -434,12 +436,7 @@ impl Dispatcher {
     }
 
     fn footprint(&self, key: &str) -> Option<&Footprint> {
-        let t = self.queued.get(key)?;
-        self.queues
-            .get(t)?
-            .iter()
-            .find(|w| w.key == key)
-            .map(|w| &w.footprint)
+        self.queued.get(key).map(|(_, f)| f)
     }
 }
 
