@@ -172,6 +172,20 @@ fn deltas_match_a_full_read_on_the_mock_vcenter() {
         // And incremental again after it.
         inv.vms(&cfg).await.unwrap();
         assert!(matches!(kind(&inv), ReadKind::Incremental { .. }));
+
+        // Closed (a one-shot plan exits): logged out; a later read starts over.
+        let logouts = || {
+            admin
+                .calls()
+                .iter()
+                .filter(|c| c.starts_with("Logout "))
+                .count()
+        };
+        let before = logouts();
+        inv.close().await;
+        assert_eq!(logouts(), before + 1, "the inventory's session logged out");
+        inv.vms(&cfg).await.unwrap();
+        assert_eq!(kind(&inv), ReadKind::Full { reason: None });
     });
 }
 

@@ -52,6 +52,12 @@ pub trait Inventory: Send + Sync {
         &'a self,
         vcenter: &'a VcenterConfig,
     ) -> BoxFuture<'a, Result<Vec<InventoryVm>, InventoryError>>;
+
+    /// Release what is kept between reads (the live inventory's vCenter
+    /// sessions), before the process exits. Reads after it start over.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A fixed list, whatever the vCenter.
@@ -134,6 +140,13 @@ pub struct ConfigInventory {
 }
 
 impl Inventory for ConfigInventory {
+    fn close(&self) -> BoxFuture<'_, ()> {
+        match &self.vsphere {
+            Some(v) => v.close(),
+            None => Box::pin(async {}),
+        }
+    }
+
     fn vms<'a>(
         &'a self,
         vcenter: &'a VcenterConfig,

@@ -252,6 +252,23 @@ impl Inventory for VsphereInventory {
     ) -> BoxFuture<'a, Result<Vec<InventoryVm>, InventoryError>> {
         Box::pin(self.read(vcenter))
     }
+
+    /// Destroy every watch and log out of every vCenter (a one-shot `plan` or
+    /// `run --once` must not leave sessions behind until vCenter's idle expiry).
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let slots: Vec<Slot> = {
+                let m = self.live.lock().unwrap_or_else(|e| e.into_inner());
+                m.values().cloned().collect()
+            };
+            for slot in slots {
+                if let Some(live) = slot.lock().await.take() {
+                    live.client.destroy_watch(&live.watch).await;
+                    live.client.logout().await;
+                }
+            }
+        })
+    }
 }
 
 /// Why a change could not be applied: the watch is dropped and the read is full.

@@ -220,7 +220,9 @@ fn account(cmd: AccountCmd, out: &Output) -> anyhow::Result<u8> {
 /// read live with the SOAP client.
 fn inventory(_cfg: &OrchestratorConfig) -> Arc<dyn Inventory> {
     Arc::new(ConfigInventory {
-        vsphere: Some(Arc::new(ferry::orchestrator::vcenter::VsphereInventory::new())),
+        vsphere: Some(Arc::new(
+            ferry::orchestrator::vcenter::VsphereInventory::new(),
+        )),
     })
 }
 
@@ -244,6 +246,7 @@ pub fn run(cmd: OrchestratorCmd, out: &Output) -> anyhow::Result<u8> {
             runtime()?.block_on(async move {
                 let o = Orchestrator::open_reader(cfg, inv).await?;
                 let report = o.plan(&jobs).await?;
+                o.inventory().close().await;
                 out.result(&report, || report.render(explain));
                 Ok(crate::exit::OK)
             })
@@ -264,6 +267,7 @@ pub fn run(cmd: OrchestratorCmd, out: &Output) -> anyhow::Result<u8> {
                 let o = Arc::new(o);
                 if once {
                     let runs = o.run_once(&jobs, !no_key_sync).await?;
+                    o.inventory().close().await;
                     let ok = runs
                         .iter()
                         .all(|r| r.state == ferry::state::RunState::Succeeded);
@@ -285,7 +289,9 @@ pub fn run(cmd: OrchestratorCmd, out: &Output) -> anyhow::Result<u8> {
                     }
                     None => None,
                 };
+                let inventory = o.inventory().clone();
                 o.run_scheduled(signals.wait()).await?;
+                inventory.close().await;
                 if let Some(h) = console {
                     h.stop().await;
                 }
