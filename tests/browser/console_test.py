@@ -442,10 +442,30 @@ def check_admin_pages(b):
     b.shot("agents")
     b.open("/keys")
     expect(len(b.els("main section[data-tenant]")) >= 2, "the keys page has a section per tenant")
+    # The disaster-recovery key check of the first tenant: run it, see the report.
+    tenant = b.els("main section[data-tenant]")[0].get_attribute("data-tenant")
+    b.el(f"main section[data-tenant='{tenant}'] button.key-check-run").click()
+    def reported(_d):
+        try:
+            t = b.el(f"#tenant-{tenant}").text
+        except Exception:
+            return False
+        return "restore point(s) open" in t or "could not run" in t
+
+    try:
+        b.wait(30).until(reported)
+    except TimeoutException:
+        raise CheckFailed(f"no key check report for {tenant}: {b.text()[:500]!r}")
+    report = b.el(f"#tenant-{tenant}").text
+    expect("restore point(s) open" in report, f"the key check of {tenant} reports its points: {report!r}")
+    expect("could not run" not in report, f"the key check of {tenant} ran: {report!r}")
     b.shot("keys")
+    b.open("/")
+    rows = b.els("#repositories tbody tr")
+    expect(len(rows) >= 2, f"the overview lists the tenants' repositories ({len(rows)} rows)")
     b.open("/audit")
     actions = b.column("#audit", 4)
-    for a in ("login", "backup_now", "restore"):
+    for a in ("login", "backup_now", "restore", "key_check"):
         expect(a in actions, f"the audit log records {a}, it has {sorted(set(actions))}")
     b.shot("audit")
 
