@@ -1186,26 +1186,38 @@ async fn api_verify_point(
     Path(moref): Path<String>,
     Json(f): Json<VerifyJson>,
 ) -> Response {
+    verify_point_of(&c, &a, &moref, &f.point, &f.agent, &peer.ip().to_string()).await
+}
+
+/// Verify `point` of VM `moref` if `a` may (forms and JSON).
+async fn verify_point_of(
+    c: &Console,
+    a: &Authed,
+    moref: &str,
+    point: &str,
+    agent: &str,
+    remote: &str,
+) -> Response {
     let snap = c.snapshot().await;
-    let (v, tenant) = match actionable(&a, &snap, &moref) {
+    let (v, tenant) = match actionable(a, &snap, moref) {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(r) = has_point(&c, &a, v, &f.point).await {
+    if let Err(r) = has_point(c, a, v, point).await {
         return r;
     }
     let r = start_verify(
-        &c,
-        &a,
+        c,
+        a,
         &snap,
         &tenant,
-        Some(f.point.clone()),
-        &f.agent,
-        &moref,
-        &peer.ip().to_string(),
+        Some(point.to_string()),
+        agent,
+        moref,
+        remote,
     )
     .await;
-    started(&a, r)
+    started(a, r)
 }
 
 async fn api_verify_repository(
@@ -1215,23 +1227,34 @@ async fn api_verify_repository(
     Path(tenant): Path<String>,
     Json(f): Json<VerifyJson>,
 ) -> Response {
+    verify_repository_of(&c, &a, &tenant, &f.agent, &peer.ip().to_string()).await
+}
+
+/// Verify `tenant`'s whole repository if `a` may (forms and JSON).
+async fn verify_repository_of(
+    c: &Console,
+    a: &Authed,
+    tenant: &str,
+    agent: &str,
+    remote: &str,
+) -> Response {
     let snap = c.snapshot().await;
-    let tenant = match verifiable_tenant(&a, &snap, &tenant) {
+    let tenant = match verifiable_tenant(a, &snap, tenant) {
         Ok(t) => t,
         Err(r) => return r,
     };
     let r = start_verify(
-        &c,
-        &a,
+        c,
+        a,
         &snap,
         &tenant,
         None,
-        &f.agent,
+        agent,
         &format!("repository of {tenant}"),
-        &peer.ip().to_string(),
+        remote,
     )
     .await;
-    started(&a, r)
+    started(a, r)
 }
 
 async fn verify_point_form(
@@ -1276,26 +1299,7 @@ async fn verify_point(
     if let Err(r) = csrf_ok(&a, &f.csrf) {
         return r;
     }
-    let snap = c.snapshot().await;
-    let (v, tenant) = match actionable(&a, &snap, &moref) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    if let Err(r) = has_point(&c, &a, v, &f.point).await {
-        return r;
-    }
-    let r = start_verify(
-        &c,
-        &a,
-        &snap,
-        &tenant,
-        Some(f.point.clone()),
-        &f.agent,
-        &moref,
-        &peer.ip().to_string(),
-    )
-    .await;
-    started(&a, r)
+    verify_point_of(&c, &a, &moref, &f.point, &f.agent, &peer.ip().to_string()).await
 }
 
 async fn verify_repository_form(
@@ -1326,23 +1330,7 @@ async fn verify_repository(
     if let Err(r) = csrf_ok(&a, &f.csrf) {
         return r;
     }
-    let snap = c.snapshot().await;
-    let tenant = match verifiable_tenant(&a, &snap, &tenant) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    let r = start_verify(
-        &c,
-        &a,
-        &snap,
-        &tenant,
-        None,
-        &f.agent,
-        &format!("repository of {tenant}"),
-        &peer.ip().to_string(),
-    )
-    .await;
-    started(&a, r)
+    verify_repository_of(&c, &a, &tenant, &f.agent, &peer.ip().to_string()).await
 }
 
 /// An agent job, if it belongs to a tenant `a` may see.
