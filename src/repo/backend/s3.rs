@@ -950,20 +950,40 @@ impl Backend for S3Store {
     }
 
     fn read(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>> {
-        let Some(g) = self.get(key, None)? else {
-            return Ok(None);
-        };
-        if g.meta.size > max {
-            return Err(RepoError::Damaged {
+        enum Got {
+            Missing,
+            TooLarge(u64),
+            Body(Bytes),
+        }
+        // The GET and its body in one task (one hand-over between the
+        // calling thread and the runtime per object, not two).
+        let (store, path) = (self.inner.store.clone(), self.path(key));
+        let got = self.retrying(|| {
+            let (store, path) = (store.clone(), path.clone());
+            async move {
+                let g = match store.get_opts(&path, GetOptions::default()).await {
+                    Err(object_store::Error::NotFound { .. }) => return Ok(Got::Missing),
+                    r => r?,
+                };
+                if g.meta.size > max {
+                    return Ok(Got::TooLarge(g.meta.size));
+                }
+                Ok(Got::Body(g.bytes().await?))
+            }
+        });
+        match got.map_err(|e| self.err(key, e))? {
+            Got::Missing => Ok(None),
+            Got::TooLarge(len) => Err(RepoError::Damaged {
                 path: self.location(key),
                 source: crate::repo::format::FormatError::TooLarge {
                     what: "repository object",
-                    len: g.meta.size,
+                    len,
                     max,
                 },
-            });
+            }),
+            // Without a copy when the body arrived as one buffer.
+            Got::Body(b) => Ok(Some(Vec::from(b))),
         }
-        Ok(Some(self.body(key, g)?.to_vec()))
     }
 
     fn read_head(&self, key: &str, n: usize) -> Result<Option<(Vec<u8>, u64)>> {
