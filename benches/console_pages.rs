@@ -24,9 +24,8 @@
 use ferry::console::views::Snapshot;
 use ferry::orchestrator::plan::{plan_job, reported_load};
 use ferry::orchestrator::schedule::select_vms;
-use ferry_mocks::console::SimConsole;
+use ferry_mocks::console::{ConsoleClient, SimConsole};
 use ferry_mocks::world::{World, WorldOptions};
-use reqwest::header::{COOKIE, SET_COOKIE};
 use std::time::{Duration, Instant};
 
 /// `SimConsole`'s snapshot refresh.
@@ -41,83 +40,19 @@ fn env_list(name: &str, default: &str) -> Vec<usize> {
         .collect()
 }
 
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-struct Client {
-    base: String,
-    http: reqwest::Client,
-    cookie: String,
-    rt: tokio::runtime::Runtime,
-}
+/// A logged-in client that times its page reads.
+struct Client(ConsoleClient);
 
 impl Client {
     /// Logged in as `name`.
     fn login(base: &str, name: &str, password: &str) -> Client {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        // reqwest's rustls has no provider of its own (rustls-no-provider).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        let body = format!(
-            "name={}&password={}&next=%2F",
-            url_encode(name),
-            url_encode(password)
-        );
-        let r = rt
-            .block_on(
-                http.post(format!("{base}/login"))
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .body(body)
-                    .send(),
-            )
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 303, "login as {name}");
-        let cookie = r
-            .headers()
-            .get_all(SET_COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|s| s.strip_prefix("ferry_session="))
-            .and_then(|s| s.split(';').next())
-            .expect("a session cookie")
-            .to_string();
-        Client {
-            base: base.to_string(),
-            http,
-            cookie,
-            rt,
-        }
+        Client(ConsoleClient::login(base, name, password).unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// GET `path`: (seconds to the whole body, body).
     fn get(&self, path: &str) -> (f64, String) {
         let t = Instant::now();
-        let body = self.rt.block_on(async {
-            let r = self
-                .http
-                .get(format!("{}{path}", self.base))
-                .header(COOKIE, format!("ferry_session={}", self.cookie))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200, "GET {path}");
-            r.text().await.unwrap()
-        });
+        let body = self.0.get(path).unwrap_or_else(|e| panic!("{e}"));
         (t.elapsed().as_secs_f64(), body)
     }
 }

@@ -5,95 +5,27 @@
 //! tenant-a account sees only tenant-a's VMs and plan. Correctness only: how
 //! fast the pages are is `cargo bench --bench console_pages`.
 
-use ferry_mocks::console::SimConsole;
+use ferry_mocks::console::{ConsoleClient, SimConsole};
 use ferry_mocks::scale::{self, ScaleVm};
 use ferry_mocks::world::{World, WorldOptions};
-use reqwest::header::{COOKIE, SET_COOKIE};
 use std::collections::{BTreeMap, BTreeSet};
 
 const VMS: usize = 500;
 
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// A logged-in client of the console.
-struct Client {
-    base: String,
-    http: reqwest::Client,
-    cookie: String,
-    rt: tokio::runtime::Runtime,
-}
+/// A logged-in client of the console (mocks::console's, panicking here).
+struct Client(ConsoleClient);
 
 impl Client {
     fn login(c: &SimConsole, name: &str) -> Client {
-        let a = c.account(name).unwrap_or_else(|| panic!("account {name}"));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        // reqwest's rustls has no provider of its own (rustls-no-provider).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        let body = format!(
-            "name={}&password={}&next=%2F",
-            url_encode(&a.name),
-            url_encode(&a.password)
-        );
-        let r = rt
-            .block_on(
-                http.post(format!("{}/login", c.url()))
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .body(body)
-                    .send(),
-            )
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 303, "login as {name}");
-        let cookie = r
-            .headers()
-            .get_all(SET_COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|s| s.strip_prefix("ferry_session="))
-            .and_then(|s| s.split(';').next())
-            .expect("a session cookie")
-            .to_string();
-        Client {
-            base: c.url(),
-            http,
-            cookie,
-            rt,
-        }
+        Client(ConsoleClient::login_as(c, name).unwrap_or_else(|e| panic!("{e}")))
     }
 
     fn get(&self, path: &str) -> String {
-        self.rt.block_on(async {
-            let r = self
-                .http
-                .get(format!("{}{path}", self.base))
-                .header(COOKIE, format!("ferry_session={}", self.cookie))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200, "GET {path}");
-            r.text().await.unwrap()
-        })
+        self.0.get(path).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn json(&self, path: &str) -> serde_json::Value {
-        let body = self.get(path);
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e})"))
+        self.0.json(path).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

@@ -130,3 +130,106 @@ impl Drop for SimConsole {
         }
     }
 }
+
+/// A logged-in client of a console, blocking (its own current-thread runtime):
+/// what scale tests and the page benchmark use to read pages as an account.
+pub struct ConsoleClient {
+    base: String,
+    http: reqwest::Client,
+    cookie: String,
+    rt: tokio::runtime::Runtime,
+}
+
+fn form_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+impl ConsoleClient {
+    /// Log in at `base` (`http://ADDR`) as `name`; errors say what the console
+    /// answered.
+    pub fn login(base: &str, name: &str, password: &str) -> Result<ConsoleClient, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?;
+        // reqwest's rustls has no provider of its own (rustls-no-provider).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        let body = format!(
+            "name={}&password={}&next=%2F",
+            form_escape(name),
+            form_escape(password)
+        );
+        let r = rt
+            .block_on(
+                http.post(format!("{base}/login"))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body)
+                    .send(),
+            )
+            .map_err(|e| format!("login as {name}: {e}"))?;
+        if r.status().as_u16() != 303 {
+            return Err(format!("login as {name}: {}", r.status()));
+        }
+        let cookie = r
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|s| s.strip_prefix("ferry_session="))
+            .and_then(|s| s.split(';').next())
+            .ok_or_else(|| format!("login as {name}: no session cookie"))?
+            .to_string();
+        Ok(ConsoleClient {
+            base: base.to_string(),
+            http,
+            cookie,
+            rt,
+        })
+    }
+
+    /// Log in to `console` as one of its accounts.
+    pub fn login_as(console: &SimConsole, name: &str) -> Result<ConsoleClient, String> {
+        let a = console
+            .account(name)
+            .ok_or_else(|| format!("no account {name}"))?;
+        Self::login(&console.url(), &a.name, &a.password)
+    }
+
+    /// GET `path`: its body when the answer is 200.
+    pub fn get(&self, path: &str) -> Result<String, String> {
+        self.rt.block_on(async {
+            let r = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .header(
+                    reqwest::header::COOKIE,
+                    format!("ferry_session={}", self.cookie),
+                )
+                .send()
+                .await
+                .map_err(|e| format!("GET {path}: {e}"))?;
+            if r.status().as_u16() != 200 {
+                return Err(format!("GET {path}: {}", r.status()));
+            }
+            r.text().await.map_err(|e| format!("GET {path}: {e}"))
+        })
+    }
+
+    /// GET `path` as JSON.
+    pub fn json(&self, path: &str) -> Result<serde_json::Value, String> {
+        let body = self.get(path)?;
+        serde_json::from_str(&body).map_err(|e| format!("{path}: not JSON ({e})"))
+    }
+}
