@@ -629,3 +629,40 @@ async fn an_agent_busy_with_jobs_started_elsewhere_is_backed_off_not_hammered() 
         r.items[0].detail
     );
 }
+
+/// A VM refused by the only agent with room waits for the others, but does not
+/// hold back the VMs behind it that the refusing agent can take (review
+/// finding: one such VM at the head of its tenant's queue ended the tenant's
+/// turn in every round until another agent freed up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_refused_where_there_is_room_does_not_hold_back_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    // "a": one slot, its job runs long. "b": one slot, quick jobs, refuses v1.
+    let mut a = Fake::new("a", Some("KMS-A"), &[Mode::HotAdd], 1);
+    a.polls_to_finish = 150;
+    let a = Arc::new(a);
+    let mut b = Fake::new("b", Some("KMS-A"), &[Mode::HotAdd], 1);
+    b.refuse = vec!["v1".into()];
+    let b = Arc::new(b);
+    let o = orchestrator(
+        dir.path(),
+        vec![a.clone(), b.clone()],
+        &["v0", "v1", "v2", "v3"],
+    );
+    let job = o.config().jobs[0].clone();
+    let r = o.run_job(&job).await.unwrap();
+    assert_eq!(r.state, RunState::Succeeded, "{}", r.render());
+    let agents: Vec<Option<&str>> = r.items.iter().map(|i| i.agent.as_deref()).collect();
+    // v0 on a (the lower id); v1 refused by b, so it waits for a; v2 and v3
+    // go to b, one after the other.
+    assert_eq!(agents, [Some("a"), Some("a"), Some("b"), Some("b")]);
+    assert_eq!(*b.accepted.lock().unwrap(), ["v2", "v3"]);
+    // v3 went to b as soon as b was free again, long before a freed up for v1.
+    let waited = |i: usize| r.items[i].detail["waited_ms"].as_u64().unwrap_or(0);
+    assert!(
+        waited(3) * 3 < waited(1),
+        "v3 waited {} ms, v1 (waiting for a) {} ms",
+        waited(3),
+        waited(1)
+    );
+}

@@ -522,13 +522,6 @@ impl Orchestrator {
             .map_err(OrchestratorError::from)
     }
 
-    async fn put(&self, run_id: &str, it: &Item) {
-        let rec = it.record(run_id);
-        if let Err(e) = self.db(move |s| s.put_run_item(&rec)).await {
-            tracing::error!(error = %e, "cannot record run item");
-        }
-    }
-
     /// Record several run items in one commit.
     async fn put_all(&self, records: Vec<RunItem>) {
         if records.is_empty() {
@@ -786,9 +779,8 @@ impl Orchestrator {
             ));
         }
         tracing::info!(run = %run_id, vms = items.len(), "VMs selected");
-        for it in &items {
-            self.put(run_id, it).await;
-        }
+        self.put_all(items.iter().map(|it| it.record(run_id)).collect())
+            .await;
         let deadline = tokio::time::Instant::now() + o.run_timeout;
         let window_end = now_ms() as u64 + job.window.unwrap_or(o.run_timeout).as_millis() as u64;
         let keys: Vec<String> = items.iter().map(|it| ledger_key(run_id, it)).collect();
@@ -825,6 +817,7 @@ impl Orchestrator {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
+                let mut records = Vec::new();
                 for it in items.iter_mut().filter(|i| i.open()) {
                     let key = ledger_key(run_id, it);
                     if let Some(agent) = &it.agent {
@@ -845,8 +838,9 @@ impl Orchestrator {
                             .map(|j| format!("; agent job {j} may still finish"))
                             .unwrap_or_default()
                     ));
-                    self.put(run_id, it).await;
+                    records.push(it.record(run_id));
                 }
+                self.put_all(records).await;
                 break;
             }
             drop(items);
@@ -1003,24 +997,39 @@ impl Orchestrator {
                     .agents
                     .iter()
                     .any(|(_, info)| info.slots.total >= needed);
+                // Whether any agent of the tenant has room at all, whatever
+                // this VM was refused by: only then is the tenant full.
+                let tenant_room = cands[ri].agents.iter().any(|(a, _)| load.free_of(a) > 0);
                 (
                     free.iter().any(|f| *f > 0),
                     free.iter().any(|f| *f >= needed),
                     fits_ever,
+                    tenant_room,
                 )
             };
             if !cands[ri].agents.is_empty() && !room.0 {
                 if it.waiting.is_none() {
-                    it.wait(
-                        "slot",
+                    let why = if room.3 {
+                        format!(
+                            "waiting for a free slot: the agents of tenant {} that did not refuse this VM are busy",
+                            ctx.tenant.name
+                        )
+                    } else {
                         format!(
                             "waiting for a free slot: every agent of tenant {} is busy",
                             ctx.tenant.name
-                        ),
-                    );
+                        )
+                    };
+                    it.wait("slot", why);
                     records.push(it.record(&ctx.run_id));
                 }
-                round.tenant_full();
+                // A VM that only its refusing agents could take now must not
+                // hold back the tenant's other VMs, which those agents may take.
+                if room.3 {
+                    round.waits();
+                } else {
+                    round.tenant_full();
+                }
                 continue;
             }
             let sig = it.signature(&ctx.job.name);
