@@ -702,28 +702,7 @@ impl StateStore {
 
     /// Insert or replace one item (a VM, or an agent for key sync) of a run.
     pub fn put_run_item(&self, item: &RunItem) -> Result<(), StateError> {
-        self.lock()
-            .execute(
-                "INSERT INTO orch_run_items (run_id, item, agent, agent_job_id, state, attempts, detail, error, bytes, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                 ON CONFLICT (run_id, item) DO UPDATE SET agent = excluded.agent, agent_job_id = excluded.agent_job_id,
-                    state = excluded.state, attempts = excluded.attempts, detail = excluded.detail,
-                    error = excluded.error, bytes = excluded.bytes, updated_at = excluded.updated_at",
-                params![
-                    item.run_id,
-                    item.item,
-                    item.agent,
-                    item.agent_job_id,
-                    item.state.as_str(),
-                    item.attempts,
-                    item.detail.to_string(),
-                    item.error,
-                    item.bytes as i64,
-                    now_ms()
-                ],
-            )
-            .map_err(self.sql("recording run item"))?;
-        Ok(())
+        self.put_run_items(std::slice::from_ref(item))
     }
 
     /// Insert or replace several items of runs in one transaction: one commit
