@@ -13,7 +13,7 @@
 //! to their session), which [`Watch::is_current`] tells.
 
 use super::client::{Client, Replay};
-use super::collector::{filter_spec_multi, hidden_not_authenticated, Select};
+use super::collector::{filter_spec_multi, Select};
 use super::error::{from_fault, VsphereError};
 use super::soap;
 use super::types::{DecodeError, MoRef, ObjectContent};
@@ -203,6 +203,20 @@ impl Watch {
     }
 }
 
+/// A `NotAuthenticated` fault hidden in an update set's `missingSet`
+/// (`returnval/filterSet/objectSet/missingSet`, the WaitForUpdatesEx layout;
+/// `collector::hidden_not_authenticated` reads RetrievePropertiesEx's), so
+/// that a session lost during a read is renewed as after a SOAP fault.
+fn hidden_not_authenticated_in_updates(resp: &Element) -> Option<soap::Fault> {
+    resp.child("returnval")?
+        .children_named("filterSet")
+        .flat_map(|f| f.children_named("objectSet"))
+        .flat_map(|o| o.children_named("missingSet"))
+        .filter_map(|m| m.child("fault"))
+        .map(soap::Fault::from_localized)
+        .find(|f| f.fault_type == "NotAuthenticated")
+}
+
 impl Client {
     /// Make a watch: a private collector, a recursive container view of `types`
     /// under the root folder and one filter per entry of `filters`, each asking,
@@ -278,18 +292,31 @@ impl Client {
                     &body,
                     Replay::Safe,
                     doing,
-                    hidden_not_authenticated,
+                    hidden_not_authenticated_in_updates,
                 )
                 .await?
                 .map_err(|f| from_fault(&f, &self.ctx(doing)))?;
             let Some(set) = decode_update_set(&resp).map_err(|e| self.malformed(doing, e))? else {
                 return Ok(out);
             };
-            if let Some(u) = set.objects.iter().find(|u| {
+            if let Some((u, path)) = set.objects.iter().find_map(|u| {
                 u.missing
                     .iter()
-                    .any(|(_, f)| f == "NoPermission" || f == "NotAuthenticated")
+                    .find(|(_, f)| f == "NoPermission")
+                    .map(|(p, _)| (u, p))
             }) {
+                return Err(VsphereError::NoPermission {
+                    vcenter: self.url().to_string(),
+                    doing: format!("{doing}: reading {path} of {}", u.obj),
+                    privilege: "System.Read".into(),
+                    message: "the account may not read this property".into(),
+                });
+            }
+            if let Some(u) = set
+                .objects
+                .iter()
+                .find(|u| u.missing.iter().any(|(_, f)| f == "NotAuthenticated"))
+            {
                 return Err(self.malformed(
                     doing,
                     format!(
@@ -375,6 +402,21 @@ impl Client {
 mod tests {
     use super::*;
     use crate::vsphere::xml::{parse, Limits};
+
+    #[test]
+    fn a_lost_session_hidden_in_an_update_set_is_found() {
+        let lost = br#"<WaitForUpdatesExResponse xmlns="urn:vim25" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><returnval><version>3</version><filterSet><filter type="PropertyFilter">f1</filter>
+          <objectSet><kind>modify</kind><obj type="VirtualMachine">vm-2</obj><missingSet><path>name</path><fault><fault xsi:type="NotAuthenticated"/><localizedMessage>session gone</localizedMessage></fault></missingSet></objectSet>
+          </filterSet></returnval></WaitForUpdatesExResponse>"#;
+        let e = parse(lost, &Limits::default()).unwrap();
+        let f = hidden_not_authenticated_in_updates(&e).expect("found");
+        assert_eq!(f.fault_type, "NotAuthenticated");
+        // The RetrievePropertiesEx detector does not read this layout.
+        assert!(crate::vsphere::collector::hidden_not_authenticated(&e).is_none());
+        let other = String::from_utf8_lossy(lost).replace("NotAuthenticated", "SystemError");
+        let e = parse(other.as_bytes(), &Limits::default()).unwrap();
+        assert!(hidden_not_authenticated_in_updates(&e).is_none());
+    }
 
     #[test]
     fn update_sets_decode_enter_modify_leave_and_truncation() {
