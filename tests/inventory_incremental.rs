@@ -7,6 +7,9 @@
 //! destroy through vim25 tasks). A lost session and a stale collector version
 //! fall back to a full read, and say so.
 
+mod common;
+
+use common::vcsim::vcsim;
 use ferry::orchestrator::config::VcenterConfig;
 use ferry::orchestrator::inventory::{Inventory, InventoryVm};
 use ferry::orchestrator::vcenter::{full_read, ReadKind, VsphereInventory};
@@ -15,9 +18,7 @@ use ferry::vsphere::{soap, Client, MoRef, Replay};
 use ferry_mocks::provider::{generate, ProviderSpec};
 use ferry_mocks::vcenter::scenario::{Content, DiskSpecToml, VmSpec};
 use ferry_mocks::vcenter::{VcenterMock, VcenterOptions};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -226,60 +227,6 @@ fn a_stale_collector_version_is_refused_and_reported() {
 }
 
 // ---- govmomi vcsim ----
-
-struct Vcsim {
-    child: Child,
-    url: String,
-    ca: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Vcsim {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// vcsim on a free port, serving a test-PKI certificate (as tests/vsphere_vcsim.rs).
-fn vcsim() -> Vcsim {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/vcsim");
-    assert!(
-        bin.exists(),
-        "{} missing: .ci/run builds it (shared/PEERS.md)",
-        bin.display()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ferry_mocks::pki::Ca::new("vcsim test CA").unwrap();
-    let srv = ca.server(&["127.0.0.1", "localhost"]).unwrap();
-    let ca_path = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, ca.cert_pem()).unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, &srv.cert_pem).unwrap();
-    std::fs::write(&key, &srv.key_pem).unwrap();
-    let mut child = Command::new(&bin)
-        .args(["-listen", "127.0.0.1:0", "-tls=true", "-tls-cert"])
-        .arg(&cert)
-        .arg("-tls-key")
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vcsim");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("vcsim prints its URL");
-    let url = reqwest::Url::parse(line.trim()).expect("vcsim URL");
-    Vcsim {
-        child,
-        url: format!("https://127.0.0.1:{}/sdk", url.port().unwrap()),
-        ca: ca_path,
-        _dir: dir,
-    }
-}
 
 /// Run a vim25 task method on `this` and wait for it.
 async fn task(c: &Client, method: &str, this: &MoRef, args: impl FnOnce(&mut soap::Body)) {

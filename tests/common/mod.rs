@@ -5,6 +5,7 @@
 pub mod faultproxy;
 pub mod fsimage;
 pub mod s3;
+pub mod vcsim;
 pub mod vsphere;
 
 use ferry::job::{self, BackupReport, BackupRequest, DiskInput};
